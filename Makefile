@@ -1,0 +1,31 @@
+# The two README commands: `make demo` and `make test`. Both create .venv and install everything when needed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.raygpt-installed
+export DS_ACCELERATOR ?= cpu
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# Torch first (the CPU wheel), then DeepSpeed built against it, then the project in editable mode.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt --no-build-isolation deepspeed==0.19.8
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raygpt run configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs

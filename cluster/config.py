@@ -1,0 +1,145 @@
+"""The typed run configuration: one YAML file plus dotted `section.key=value` overrides → a validated `RunConfig`.
+
+    raygpt prepare configs/demo.yaml data.seq_len=128 cluster.num_cpus=2
+
+Each section's fields live next to the code that owns them (`data_pipeline.config.DataConfig`, ...); this module
+composes them into the root, loads and validates it, and writes the resolved config to `RUN_DIR/config.yaml`.
+Every field carries its docstring (pydantic reads attribute docstrings into the field description); unknown keys
+and bad values raise `ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from data_pipeline.config import DataConfig, Section
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line meant for the user."""
+
+
+class ClusterConfig(Section):
+    """Where the Ray work runs."""
+
+    address: str | None = None
+    """Ray cluster to connect to ('auto', 'ray://host:10001', 'host:6379'); None reads RAY_ADDRESS, else starts a local Ray."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs of the local Ray started when there is no address; None uses every core of this machine."""
+
+
+class RunConfig(Section):
+    """The root of a raygpt run: every stage reads its section from here."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name of the run (letters, digits, '_', '-', '.'); the default run_dir is runs/<name>."""
+    run_dir: str = ""
+    """Folder holding everything the run writes (data/, checkpoints, eval/, config.yaml); empty means runs/<name>."""
+    seed: int = 1337
+    """Seed of every random choice in the run (model init, data order, sampling)."""
+    data: DataConfig
+    """Corpus → tokenizer → webdataset shards (`raygpt prepare`)."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Ray connection and local resources."""
+
+    def model_post_init(self, __context: Any) -> None:
+        if not self.run_dir:
+            self.run_dir = str(Path("runs") / self.name)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.run_dir) / "data"
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is None:
+                raise ConfigError(f"environment variable {name} is not set (used as ${{{name}}} in the config)")
+            return default
+
+        return _ENV_VAR.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, booleans, lists, null)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(error: ValidationError) -> str:
+    """The first validation error as `dotted.key: message (got value)`."""
+    first = error.errors()[0]
+    key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in first["loc"]).replace(".[", "[")
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] != "missing" and "input" in first:
+        message += f" (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    return f"{key or 'config'}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply overrides, validate. Raises ConfigError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides or []:
+        apply_override(tree, override)
+    try:
+        return RunConfig.model_validate(_expand_env(tree))
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_one_line(e)}") from None
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def save_resolved(config: RunConfig) -> Path:
+    """Write the resolved config to RUN_DIR/config.yaml (temp name, then rename)."""
+    out = Path(config.run_dir) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(config_to_yaml(config))
+    tmp.replace(out)
+    return out

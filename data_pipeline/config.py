@@ -1,0 +1,137 @@
+"""The `data` section of the run config: sources, cleaning, tokenizer, packing and sharding.
+
+Loaded as part of the root config by `cluster.config.load_config`; used by `raygpt prepare CONFIG`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DataError(ValueError):
+    """Bad input to the data pipeline (missing path, unreadable source, empty corpus); one line for the user."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, attribute docstrings are the field docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+SourceType = Literal["auto", "text", "jsonl", "parquet", "hf", "python-stdlib"]
+
+
+class SourceConfig(Section):
+    """One input of the corpus."""
+
+    path: str = ""
+    """A file, directory, glob or URI (s3://, gs://); a Hugging Face dataset name or saved-dataset folder for type 'hf';
+    unused for 'python-stdlib'."""
+    type: SourceType = "auto"
+    """'text' (txt/md/code files), 'jsonl', 'parquet', 'hf', 'python-stdlib' (this interpreter's standard library
+    .py files); 'auto' infers it from the file extension or the path 'python-stdlib'."""
+    split_by: Literal["file", "paragraph", "line"] = "file"
+    """Text files only: one document per file, per blank-line-separated paragraph, or per line."""
+    text_field: str = "text"
+    """JSONL / Parquet / Hugging Face sources: the field holding the document text."""
+    extensions: list[str] = [".txt", ".md", ".rst", ".py"]
+    """Text sources given as a directory: the file extensions taken from it (recursively)."""
+    hf_config: str | None = None
+    """Hugging Face sources: the dataset configuration name (e.g. 'wikitext-103-raw-v1')."""
+    hf_split: str = "train"
+    """Hugging Face sources: the split to read."""
+
+    @model_validator(mode="after")
+    def _path_given(self) -> SourceConfig:
+        if self.type != "python-stdlib" and not self.path:
+            raise ValueError("path is required for this source type")
+        return self
+
+
+class MinHashConfig(Section):
+    """Near-duplicate removal with MinHash + locality-sensitive hashing."""
+
+    enabled: bool = False
+    """Drop documents whose MinHash signature collides in some LSH band with a document of smaller hash."""
+    ngram: int = Field(default=5, ge=1)
+    """Word n-gram size of the shingles."""
+    bands: int = Field(default=16, ge=1)
+    """LSH bands; a pair is a candidate when all rows of one band agree."""
+    rows: int = Field(default=8, ge=1)
+    """Rows per band; bands × rows permutations, Jaccard threshold ≈ (1/bands)^(1/rows) (16 × 8 → 0.71)."""
+
+
+class CleanConfig(Section):
+    """Per-document cleaning and filtering; every drop is counted by reason in the manifest."""
+
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    """Unicode normalization form applied to every document."""
+    invalid_utf8: Literal["replace", "drop"] = "replace"
+    """Text files with invalid UTF-8: replace bad bytes with U+FFFD (counted) or drop the document."""
+    strip_control_chars: bool = True
+    """Remove C0/C1 control characters except tab and newline; CRLF and CR become LF."""
+    min_chars: int = Field(default=1, ge=1)
+    """Documents shorter than this (after cleaning) are dropped as 'too_short'."""
+    max_chars: int | None = Field(default=None, ge=1)
+    """Documents longer than this are dropped as 'too_long'; None keeps every length."""
+    dedup: bool = True
+    """Exact deduplication by content hash across the whole corpus (hash-partitioned in Ray Data)."""
+    minhash: MinHashConfig = MinHashConfig()
+    """Near-duplicate removal (off by default)."""
+
+
+class TokenizerConfig(Section):
+    """The tokenizer: trained on a sample of the cleaned corpus, or loaded from a file."""
+
+    path: str | None = None
+    """An existing Hugging Face `tokenizer.json` to use instead of training one."""
+    type: Literal["bpe", "wordpiece"] = "bpe"
+    """Model trained: byte-level BPE (lossless, GPT-2 style) or WordPiece (BERT style, lowercases nothing)."""
+    vocab_size: int = Field(default=8192, ge=64, le=1 << 20)
+    """Vocabulary size of the trained tokenizer, special tokens included."""
+    min_frequency: int = Field(default=2, ge=1)
+    """Merges of pairs seen fewer times than this are not learned."""
+    special_tokens: list[str] = ["<|endoftext|>"]
+    """Special tokens added to the vocabulary first (ids 0, 1, ...)."""
+    eot_token: str = "<|endoftext|>"
+    """End-of-text token that separates packed documents; must be a special token of the tokenizer."""
+    sample_bytes: int = Field(default=50_000_000, ge=1)
+    """Bytes of cleaned text to train on: a deterministic sample of documents chosen by content hash."""
+
+    @model_validator(mode="after")
+    def _eot_is_special(self) -> TokenizerConfig:
+        if self.path is None and self.eot_token not in self.special_tokens:
+            raise ValueError(f"eot_token {self.eot_token!r} must be one of special_tokens")
+        return self
+
+
+class DataConfig(Section):
+    """Corpus → cleaned documents → tokenizer → packed token blocks in webdataset shards."""
+
+    sources: list[SourceConfig] = Field(min_length=1)
+    """The inputs of the corpus, read in this order."""
+    clean: CleanConfig = CleanConfig()
+    """Cleaning, filtering and deduplication."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    """Tokenizer training or loading."""
+    seq_len: int = Field(default=256, ge=1)
+    """Training context length; every stored block holds seq_len + 1 token ids (inputs and shifted targets)."""
+    val_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
+    """Fraction of documents (chosen by content hash, so deterministic) that go to the val split."""
+    shard_bytes: int = Field(default=100_000_000, ge=1024)
+    """Target size of one webdataset shard in bytes (the shard count is estimated from the corpus size)."""
+    tokenize_actors: int | None = Field(default=None, ge=1)
+    """Size of the tokenizer actor pool; None uses one actor per CPU of the cluster."""
+    tokenize_batch_size: int = Field(default=128, ge=1)
+    """Documents per `encode_batch` call."""
+    overwrite: bool = False
+    """Re-prepare even when RUN_DIR/data holds a finished manifest of the same config (or of another config)."""
+
+    def output_hash(self) -> str:
+        """Hash of every field that changes the prepared bytes (not overwrite or parallelism knobs)."""
+        fields = self.model_dump(mode="json", exclude={"overwrite", "tokenize_actors", "tokenize_batch_size"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,210 @@
+"""Corpus sources → one Ray Dataset of document rows (text, source, nbytes, drop, utf8_replaced).
+
+Run by `raygpt prepare CONFIG`. Paths are expanded on the driver (globs, directories, URIs; Ray's readers reject
+globs), checked, and handed to Ray Data's readers: `read_binary_files` for text, `read_json`, `read_parquet`,
+`from_huggingface` (streamed) — the per-document work happens in Ray Data batches, never in a driver loop.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray.data
+
+from data_pipeline.clean import documents_batch, field_batch
+from data_pipeline.config import CleanConfig, DataError, SourceConfig
+
+TEXT_EXTENSIONS = {".txt", ".md", ".rst", ".py", ".text", ".markdown", ".c", ".h", ".js", ".ts", ".java", ".rs", ".go"}
+JSONL_EXTENSIONS = {".jsonl", ".json", ".ndjson"}
+PARQUET_EXTENSIONS = {".parquet"}
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class SourceFiles:
+    """A source resolved on the driver: its type, the files to read and what was found unreadable."""
+
+    index: int
+    type: str
+    label: str
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+
+def stdlib_files() -> list[str]:
+    """This interpreter's standard-library .py files (site-packages excluded), sorted: the offline demo corpus."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts
+    )
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _list_uri(uri: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"no such file or directory: {uri}")
+    if info.type == pafs.FileType.File:
+        return [uri]
+    scheme = uri.split("://", 1)[0]
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File)
+
+
+def _list_local(path: str, extensions: set[str] | None) -> list[str]:
+    if any(c in path for c in _GLOB_CHARS):
+        matches = sorted(os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise DataError(f"glob matched no files: {path}")
+        return matches
+    p = Path(path)
+    if p.is_file():
+        return [str(p.resolve())]
+    if p.is_dir():
+        files = sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file() and (extensions is None or f.suffix in extensions))
+        if not files:
+            raise DataError(f"directory holds no files of the source's extensions: {path}")
+        return files
+    raise DataError(f"no such file or directory: {path}")
+
+
+def infer_type(src: SourceConfig) -> str:
+    """The source type from the config, else from the path's extension."""
+    if src.type != "auto":
+        return src.type
+    if src.path == "python-stdlib":
+        return "python-stdlib"
+    candidates = [src.path] if not os.path.isdir(src.path) else _list_local(src.path, None)
+    kinds = set()
+    for path in candidates:
+        suffix = Path(path.removesuffix(".gz")).suffix.lower()
+        if suffix in JSONL_EXTENSIONS:
+            kinds.add("jsonl")
+        elif suffix in PARQUET_EXTENSIONS:
+            kinds.add("parquet")
+        elif suffix in TEXT_EXTENSIONS or suffix in src.extensions:
+            kinds.add("text")
+        else:
+            kinds.add("?")
+    if len(kinds) != 1 or "?" in kinds:
+        raise DataError(
+            f"cannot infer the type of source {src.path!r}; set its type (text, jsonl, parquet, hf, python-stdlib)"
+        )
+    return kinds.pop()
+
+
+def resolve(index: int, src: SourceConfig) -> SourceFiles:
+    """Expand one source's paths on the driver and check them."""
+    kind = infer_type(src)
+    resolved = SourceFiles(index=index, type=kind, label=src.path or kind)
+    if kind == "hf":
+        return resolved
+    if kind == "python-stdlib":
+        files = stdlib_files()
+    elif _is_uri(src.path):
+        files = _list_uri(src.path)
+    else:
+        files = _list_local(src.path, set(src.extensions) if kind == "text" else None)
+    for f in files:
+        if not _is_uri(f) and not os.access(f, os.R_OK):
+            resolved.unreadable.append(f)
+        else:
+            resolved.files.append(f)
+            resolved.bytes += 0 if _is_uri(f) else os.path.getsize(f)
+    return resolved
+
+
+def _check_field(kind: str, path: str, text_field: str) -> None:
+    """Fail early, with the file named, when the text field is absent from the first record."""
+    if _is_uri(path):
+        return
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(path).names
+        except Exception as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    else:
+        with open(path, "rb") as f:
+            first = f.readline()
+        if not first.strip():
+            return
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: the first line is not a JSON object (type jsonl expects one object per line)")
+        names = list(record) if isinstance(record, dict) else []
+    if text_field not in names:
+        raise DataError(f"{path}: no text field {text_field!r} (fields: {', '.join(names)}); set the source's text_field")
+
+
+def _read_hf(src: SourceConfig) -> ray.data.Dataset:
+    import datasets
+
+    saved = Path(src.path)
+    if any((saved / marker).is_file() for marker in ("state.json", "dataset_dict.json")):  # Dataset.save_to_disk
+        loaded = datasets.load_from_disk(src.path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if src.hf_split not in loaded:
+                raise DataError(f"{src.path}: no split {src.hf_split!r} (splits: {', '.join(loaded)})")
+            loaded = loaded[src.hf_split]
+    else:
+        try:
+            loaded = datasets.load_dataset(src.path, src.hf_config, split=src.hf_split, streaming=True)
+        except Exception as e:
+            raise DataError(f"cannot load Hugging Face dataset {src.path!r}: {str(e).splitlines()[0]}") from None
+    columns = loaded.column_names
+    if columns is not None and src.text_field not in columns:
+        raise DataError(f"{src.path}: no text field {src.text_field!r} (columns: {', '.join(columns)})")
+    return ray.data.from_huggingface(loaded)
+
+
+def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig) -> ray.data.Dataset:
+    """One resolved source → a Dataset of document rows."""
+    if resolved.type == "hf":
+        records = _read_hf(src)
+    elif resolved.type in ("text", "python-stdlib"):
+        split_by = "file" if resolved.type == "python-stdlib" else src.split_by
+        return ray.data.read_binary_files(resolved.files).map_batches(
+            documents_batch,
+            fn_kwargs={"source": resolved.index, "split_by": split_by, "invalid_utf8": clean.invalid_utf8},
+            batch_size=32,
+            batch_format="numpy",
+        )
+    else:
+        _check_field(resolved.type, resolved.files[0], src.text_field)
+        if resolved.type == "jsonl":
+            records = ray.data.read_json(resolved.files, lines=True, file_extensions=None)
+        else:
+            records = ray.data.read_parquet(resolved.files, columns=[src.text_field], file_extensions=None)
+    return records.map_batches(
+        field_batch, fn_kwargs={"source": resolved.index, "field": src.text_field}, batch_format="numpy"
+    )
+
+
+def read_sources(sources: list[SourceConfig], clean: CleanConfig) -> tuple[ray.data.Dataset, list[SourceFiles]]:
+    """Every source → one Dataset of document rows, plus what the driver found for each source."""
+    resolved = []
+    for i, src in enumerate(sources):
+        try:
+            resolved.append(resolve(i, src))
+        except DataError as e:
+            raise DataError(f"data.sources[{i}]: {e}") from None
+    readable = [(r, src) for r, src in zip(resolved, sources) if r.type == "hf" or r.files]
+    if not readable:
+        raise DataError("no readable input: every file of every source is unreadable")
+    parts = [read_source(r, src, clean) for r, src in readable]
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), resolved
