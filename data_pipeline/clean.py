@@ -19,7 +19,7 @@ from data_pipeline.config import CleanConfig
 TEXT, SOURCE, NBYTES, DROP, REPLACED, HASH = "text", "source", "nbytes", "drop", "utf8_replaced", "hash"
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 _BINARY_PROBE = 8192
 
 
@@ -67,10 +67,13 @@ def doc_hash(text: str) -> int:
 
 
 def unit_interval(hashes: np.ndarray, salt: int) -> np.ndarray:
-    """Map int64 hashes to [0, 1) deterministically; different salts give independent-looking draws."""
-    mixed = hashes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(salt)
-    mixed ^= mixed >> np.uint64(31)
-    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    """Map int64 hashes to [0, 1) with the splitmix64 finalizer; different salts give independent draws."""
+    with np.errstate(over="ignore"):
+        z = hashes.astype(np.uint64) + np.uint64(salt) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def documents_batch(batch: dict[str, np.ndarray], source: int, split_by: str, invalid_utf8: str) -> dict[str, Any]:

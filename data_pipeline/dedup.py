@@ -119,10 +119,10 @@ def deduplicate(docs: ray.data.Dataset, cfg: CleanConfig, buckets: int) -> ray.d
         markers = (
             docs.filter(expr=col(DROP) == "")
             .map_batches(_band_rows, fn_kwargs={"cfg": cfg.minhash, "buckets": buckets}, batch_format="numpy")
-            .groupby(BUCKET)
+            .groupby(BUCKET, num_partitions=buckets)
             .map_groups(band_collisions, batch_format="numpy")
             .map_batches(_as_markers, batch_format="numpy")
         )
         docs = docs.union(markers)
     with_bucket = docs.map_batches(lambda b: {**b, BUCKET: b[HASH] % buckets}, batch_format="numpy")
-    return with_bucket.groupby(BUCKET).map_groups(dedup_group, fn_kwargs={"exact": cfg.dedup}, batch_format="numpy")
+    return with_bucket.groupby(BUCKET, num_partitions=buckets).map_groups(dedup_group, fn_kwargs={"exact": cfg.dedup}, batch_format="numpy")

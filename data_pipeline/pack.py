@@ -35,6 +35,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def tar_bytes_per_block(block_len: int, dtype: np.dtype) -> int:
+    """Bytes one block takes in a tar: a 512-byte member header plus the .npy (128-byte header + data), 512-padded."""
+    return 512 + -(-(128 + block_len * dtype.itemsize) // 512) * 512
+
+
 def token_stream(docs: list[np.ndarray], eot_id: int, dtype: np.dtype) -> np.ndarray:
     """Documents joined in order, an end-of-text id after each: doc0 EOT doc1 EOT ..."""
     eot = np.array([eot_id], dtype=dtype)

@@ -31,7 +31,15 @@ from tokenizers import Tokenizer
 from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT, clean_batch
 from data_pipeline.config import DataConfig, DataError, TokenizerConfig
 from data_pipeline.dedup import deduplicate
-from data_pipeline.pack import in_sample, is_val, pack_blocks, shard_index, token_dtype, token_stream
+from data_pipeline.pack import (
+    in_sample,
+    is_val,
+    pack_blocks,
+    shard_index,
+    tar_bytes_per_block,
+    token_dtype,
+    token_stream,
+)
 from data_pipeline.shards import MANIFEST, TOKENIZER, read_manifest, sha256_file, write_json_atomic, write_shard
 from data_pipeline.sources import SourceFiles, read_sources
 from data_pipeline.tokenizer import eot_id, load_tokenizer, train_tokenizer
@@ -214,8 +222,9 @@ def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int) -> dict[str, Any]:
     how = f"loaded {cfg.tokenizer.path}" if loaded else f"trained on {_mb(fitted['bytes'])} in {fitted['seconds']:.1f} s"
     _log(f"tokenizer: {how}, vocab {tokenizer.get_vocab_size():,}, {fitted['bytes_per_token']:.2f} bytes/token")
 
+    bytes_per_text_byte = tar_bytes_per_block(cfg.seq_len + 1, dtype) / (cfg.seq_len + 1) / fitted["bytes_per_token"]
     num_shards = {
-        s: max(1, math.ceil(kept_bytes[s] / fitted["bytes_per_token"] * dtype.itemsize / cfg.shard_bytes))
+        s: max(1, math.ceil(kept_bytes[s] * bytes_per_text_byte / cfg.shard_bytes))
         for s in SPLITS
         if kept_bytes[s]
     }

@@ -1,0 +1,104 @@
+"""The typed config: recipes load, overrides apply, bad keys and values give one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from cluster.config import ConfigError, RunConfig, apply_override, load_config, save_resolved
+from tests.conftest import REPO
+
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "name: t\ndata:\n  sources:\n    - path: a.txt\n"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_loads(recipe: Path) -> None:
+    cfg = load_config(recipe)
+    assert cfg.name == recipe.stem and cfg.run_dir == f"runs/{recipe.stem}"
+
+
+def test_recipes_exist() -> None:
+    assert {"demo", "shakespeare"} <= {p.stem for p in RECIPES}
+
+
+def _models(model: type[BaseModel]) -> list[type[BaseModel]]:
+    found = [model]
+    for field in model.model_fields.values():
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel) and candidate not in found:
+                found += _models(candidate)
+    return found
+
+
+def test_every_field_is_documented() -> None:
+    for model in _models(RunConfig):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
+    cfg = load_config(
+        _write(tmp_path, MINIMAL),
+        ["data.seq_len=64", "data.clean.dedup=false", "data.val_fraction=0.25", "cluster.address=auto", "seed=7"],
+    )
+    assert (cfg.data.seq_len, cfg.data.clean.dedup, cfg.data.val_fraction) == (64, False, 0.25)
+    assert cfg.cluster.address == "auto" and cfg.seed == 7
+    tree: dict = {}
+    apply_override(tree, "data.sources=[{path: x.jsonl, text_field: body}]")
+    assert tree == {"data": {"sources": [{"path": "x.jsonl", "text_field": "body"}]}}
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        (MINIMAL, ["data.seq_lenn=3"], r"data\.seq_lenn: unknown key$"),
+        (MINIMAL, ["data.seq_len=-1"], r"data\.seq_len: Input should be greater than or equal to 1 \(got -1\)$"),
+        (MINIMAL, ["data.val_fraction=1.5"], r"data\.val_fraction: .*less than 1"),
+        (MINIMAL, ["data.tokenizer.type=sentencepiece"], r"data\.tokenizer\.type: Input should be 'bpe' or"),
+        (MINIMAL, ["data.sources[0]=x"], r"data\.sources\[0\]: unknown key"),
+        (MINIMAL, ["bogus"], r"override 'bogus' is not of the form"),
+        (MINIMAL, ["name.x=1"], r"name: is not a section"),
+        ("name: t\ndata:\n  sources: []\n", [], r"data\.sources: List should have at least 1 item"),
+        ("name: t\n", [], r"data: Field required$"),
+        ("name: bad name\ndata:\n  sources:\n    - path: a\n", [], r"name: String should match pattern"),
+        ("name: t\ndata:\n  sources:\n    - type: text\n", [], r"data\.sources\[0\]: Value error, path is required"),
+        ("name: t\ndata: [1, 2\n", [], r"not valid YAML"),
+        ("- a\n- b\n", [], r"top level must be a mapping"),
+        (MINIMAL, ["data.tokenizer.eot_token=<eos>"], r"eot_token '<eos>' must be one of special_tokens"),
+    ],
+)
+def test_bad_configs_fail_with_one_line(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(_write(tmp_path, text), overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_file_and_env_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    text = "name: t\ndata:\n  sources:\n    - path: ${CORPUS}/a.txt\n    - path: ${UNSET_VAR:-/d}/b.txt\n"
+    monkeypatch.setenv("CORPUS", "/corpus")
+    cfg = load_config(_write(tmp_path, text))
+    assert [s.path for s in cfg.data.sources] == ["/corpus/a.txt", "/d/b.txt"]
+    monkeypatch.delenv("CORPUS")
+    with pytest.raises(ConfigError, match="environment variable CORPUS is not set"):
+        load_config(_write(tmp_path, text))
+
+
+def test_resolved_config_is_written_and_reloads(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, MINIMAL), [f"run_dir={tmp_path / 'run'}", "data.seq_len=32"])
+    out = save_resolved(cfg)
+    assert out == tmp_path / "run" / "config.yaml"
+    assert RunConfig.model_validate(yaml.safe_load(out.read_text())) == cfg
