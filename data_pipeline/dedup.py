@@ -1,8 +1,11 @@
 """Corpus-wide deduplication in Ray Data: exact (content hash) and near-duplicate (MinHash + LSH) removal.
 
-Run by `raygpt prepare CONFIG` (see `data_pipeline.prepare`). Both are hash-partitioned: rows are grouped by a bucket
-of their key, so all copies of a document (or all members of an LSH band bucket) meet in one `map_groups` call and
-no driver-side loop over documents is needed. Dropped documents keep their row with a reason in `drop`.
+Run by `raygpt prepare CONFIG` (see `data_pipeline.prepare`). Both are hash-partitioned, so no driver-side loop over
+documents is needed:
+  - near duplicates: LSH band keys are grouped by a bucket of the key, so all documents sharing a band meet in one
+    `map_groups` call, which names every one but the smallest hash as a near duplicate;
+  - exact duplicates: documents are assigned to shards by content hash, so all copies of a document (and the near-
+    duplicate names) meet in the `map_groups` call that writes their shard, where `duplicate_reasons` decides.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from typing import Any
 import numpy as np
 import ray.data
 
-from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT
-from data_pipeline.config import CleanConfig, MinHashConfig
+from data_pipeline.clean import DROP, HASH, TEXT
+from data_pipeline.config import MinHashConfig
 
 BUCKET = "bucket"
-_MARKER = "near_duplicate_marker"  # a row that only says "the document with this hash is a near duplicate"
 _PRIME = np.uint64((1 << 31) - 1)
 
 
@@ -53,7 +55,8 @@ def _band_rows(batch: dict[str, np.ndarray], cfg: MinHashConfig, buckets: int) -
     a, b = _permutations(cfg.bands * cfg.rows)
     keys: list[int] = []
     hashes: list[int] = []
-    for text, h in zip(batch[TEXT], batch[HASH]):
+    kept = batch[DROP] == ""
+    for text, h in zip(batch[TEXT][kept], batch[HASH][kept]):
         for key in band_keys(minhash_signature(text, cfg.ngram, a, b), cfg.bands):
             keys.append(key)
             hashes.append(int(h))
@@ -73,56 +76,22 @@ def band_collisions(group: dict[str, np.ndarray]) -> dict[str, Any]:
     return {HASH: np.unique(hashes[follower])}
 
 
-def _as_markers(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    n = len(batch[HASH])
-    return {
-        TEXT: np.full(n, "", dtype=object),
-        SOURCE: np.full(n, -1, dtype=np.int32),
-        NBYTES: np.zeros(n, dtype=np.int64),
-        DROP: np.full(n, _MARKER, dtype=object),
-        REPLACED: np.zeros(n, dtype=bool),
-        HASH: batch[HASH],
-    }
+def near_duplicates(docs: ray.data.Dataset, cfg: MinHashConfig, buckets: int) -> ray.data.Dataset:
+    """Hashes (column `hash`) of the kept documents that near-duplicate a document of smaller hash."""
+    return (
+        docs.map_batches(_band_rows, fn_kwargs={"cfg": cfg, "buckets": buckets}, batch_format="numpy")
+        .groupby(BUCKET, num_partitions=buckets)
+        .map_groups(band_collisions, batch_format="numpy")
+    )
 
 
-def dedup_group(group: dict[str, np.ndarray], exact: bool) -> dict[str, Any]:
-    """All rows of one hash bucket → the same rows with near (and, if exact, exact) duplicates marked, markers removed."""
-    drops = group[DROP].copy()
-    hashes = group[HASH]
-    near = set(hashes[drops == _MARKER].tolist())
-    seen: set[int] = set()
-    for i in np.argsort(hashes, kind="stable"):
-        if drops[i]:
-            continue
-        h = int(hashes[i])
-        if h in near:
-            drops[i] = "near_duplicate"
-        elif exact and h in seen:
-            drops[i] = "duplicate"
-        else:
-            seen.add(h)
-    keep = drops != _MARKER
-    out = {k: v[keep] for k, v in group.items() if k != BUCKET}
-    out[DROP] = drops[keep]
-    out[TEXT] = np.where(out[DROP] == "", out[TEXT], "").astype(object)  # dropped rows carry no text
-    return out
-
-
-def deduplicate(docs: ray.data.Dataset, cfg: CleanConfig, buckets: int) -> ray.data.Dataset:
-    """Mark exact and (optionally) near duplicates across the whole corpus; rows are kept, with reasons in `drop`."""
-    if not cfg.dedup and not cfg.minhash.enabled:
-        return docs
-    if cfg.minhash.enabled:
-        from ray.data.expressions import col
-
-        docs = docs.materialize()  # read twice: for signatures and for the dedup pass
-        markers = (
-            docs.filter(expr=col(DROP) == "")
-            .map_batches(_band_rows, fn_kwargs={"cfg": cfg.minhash, "buckets": buckets}, batch_format="numpy")
-            .groupby(BUCKET, num_partitions=buckets)
-            .map_groups(band_collisions, batch_format="numpy")
-            .map_batches(_as_markers, batch_format="numpy")
-        )
-        docs = docs.union(markers)
-    with_bucket = docs.map_batches(lambda b: {**b, BUCKET: b[HASH] % buckets}, batch_format="numpy")
-    return with_bucket.groupby(BUCKET, num_partitions=buckets).map_groups(dedup_group, fn_kwargs={"exact": cfg.dedup}, batch_format="numpy")
+def duplicate_reasons(hashes: np.ndarray, near: np.ndarray, exact: bool) -> np.ndarray:
+    """Per document: 'near_duplicate' if its hash is in `near`, 'duplicate' for every copy after the first of a hash
+    (when exact), else ''. Rows must be ordered by hash; ties (exact copies) keep their order."""
+    reasons = np.full(len(hashes), "", dtype=object)
+    if exact and len(hashes):
+        repeat = np.zeros(len(hashes), dtype=bool)
+        repeat[1:] = hashes[1:] == hashes[:-1]
+        reasons[repeat] = "duplicate"
+    reasons[np.isin(hashes, near)] = "near_duplicate"
+    return reasons

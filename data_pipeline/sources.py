@@ -172,13 +172,20 @@ def _read_hf(src: SourceConfig) -> ray.data.Dataset:
     return ray.data.from_huggingface(loaded)
 
 
-def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig) -> ray.data.Dataset:
+def _read_tasks(resolved: SourceFiles, num_cpus: int) -> int:
+    """Read tasks (= blocks) of a file source: ~16 MB each, at least 8 per CPU so the tokenizer actors share the work
+    evenly (Ray's default of 200 tiny read tasks costs seconds of scheduling on a small machine)."""
+    return max(1, min(len(resolved.files), max(8 * num_cpus, resolved.bytes // 16_000_000)))
+
+
+def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig, num_cpus: int) -> ray.data.Dataset:
     """One resolved source → a Dataset of document rows."""
     if resolved.type == "hf":
         records = _read_hf(src)
     elif resolved.type in ("text", "python-stdlib"):
         split_by = "file" if resolved.type == "python-stdlib" else src.split_by
-        return ray.data.read_binary_files(resolved.files).map_batches(
+        blocks = _read_tasks(resolved, num_cpus)
+        return ray.data.read_binary_files(resolved.files, override_num_blocks=blocks).map_batches(
             documents_batch,
             fn_kwargs={"source": resolved.index, "split_by": split_by, "invalid_utf8": clean.invalid_utf8},
             batch_size=32,
@@ -187,7 +194,9 @@ def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig) ->
     else:
         _check_field(resolved.type, resolved.files[0], src.text_field)
         if resolved.type == "jsonl":
-            records = ray.data.read_json(resolved.files, lines=True, file_extensions=None)
+            records = ray.data.read_json(
+                resolved.files, lines=True, file_extensions=None, override_num_blocks=_read_tasks(resolved, num_cpus)
+            )
         else:
             records = ray.data.read_parquet(resolved.files, columns=[src.text_field], file_extensions=None)
     return records.map_batches(
@@ -195,7 +204,9 @@ def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig) ->
     )
 
 
-def read_sources(sources: list[SourceConfig], clean: CleanConfig) -> tuple[ray.data.Dataset, list[SourceFiles]]:
+def read_sources(
+    sources: list[SourceConfig], clean: CleanConfig, num_cpus: int
+) -> tuple[ray.data.Dataset, list[SourceFiles]]:
     """Every source → one Dataset of document rows, plus what the driver found for each source."""
     resolved = []
     for i, src in enumerate(sources):
@@ -206,5 +217,5 @@ def read_sources(sources: list[SourceConfig], clean: CleanConfig) -> tuple[ray.d
     readable = [(r, src) for r, src in zip(resolved, sources) if r.type == "hf" or r.files]
     if not readable:
         raise DataError("no readable input: every file of every source is unreadable")
-    parts = [read_source(r, src, clean) for r, src in readable]
+    parts = [read_source(r, src, clean, num_cpus) for r, src in readable]
     return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), resolved
