@@ -80,29 +80,32 @@ def _list_local(path: str, extensions: set[str] | None) -> list[str]:
     raise DataError(f"no such file or directory: {path}")
 
 
+def _kind_of(path: str, extensions: list[str]) -> str | None:
+    suffix = Path(path.removesuffix(".gz")).suffix.lower()
+    if suffix in JSONL_EXTENSIONS:
+        return "jsonl"
+    if suffix in PARQUET_EXTENSIONS:
+        return "parquet"
+    if suffix in TEXT_EXTENSIONS or suffix in extensions:
+        return "text"
+    return None
+
+
 def infer_type(src: SourceConfig) -> str:
-    """The source type from the config, else from the path's extension."""
+    """The source type from the config, else from the extension of the path (or of the files of a directory)."""
     if src.type != "auto":
         return src.type
     if src.path == "python-stdlib":
         return "python-stdlib"
-    candidates = [src.path] if not os.path.isdir(src.path) else _list_local(src.path, None)
-    kinds = set()
-    for path in candidates:
-        suffix = Path(path.removesuffix(".gz")).suffix.lower()
-        if suffix in JSONL_EXTENSIONS:
-            kinds.add("jsonl")
-        elif suffix in PARQUET_EXTENSIONS:
-            kinds.add("parquet")
-        elif suffix in TEXT_EXTENSIONS or suffix in src.extensions:
-            kinds.add("text")
-        else:
-            kinds.add("?")
-    if len(kinds) != 1 or "?" in kinds:
+    if os.path.isdir(src.path):
+        kinds = {k for f in _list_local(src.path, None) if (k := _kind_of(f, src.extensions))}
+    else:
+        kinds = {_kind_of(src.path, src.extensions)}
+    if len(kinds) != 1 or None in kinds:
         raise DataError(
             f"cannot infer the type of source {src.path!r}; set its type (text, jsonl, parquet, hf, python-stdlib)"
         )
-    return kinds.pop()
+    return str(kinds.pop())
 
 
 def resolve(index: int, src: SourceConfig) -> SourceFiles:

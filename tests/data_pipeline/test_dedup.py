@@ -7,7 +7,14 @@ import ray.data
 
 from data_pipeline.clean import clean_batch, doc_hash, documents_batch
 from data_pipeline.config import CleanConfig, MinHashConfig
-from data_pipeline.dedup import _permutations, band_collisions, band_keys, dedup_group, deduplicate, minhash_signature
+from data_pipeline.dedup import (
+    _permutations,
+    band_collisions,
+    band_keys,
+    duplicate_reasons,
+    minhash_signature,
+    near_duplicates,
+)
 
 WORDS = " ".join(f"word{i}" for i in range(300))
 
@@ -38,34 +45,21 @@ def test_near_duplicates_share_a_band_and_all_but_one_are_marked() -> None:
     assert marked == [max(hashes[0], hashes[1])]
 
 
-def test_dedup_group_marks_exact_and_near_duplicates() -> None:
-    group = {
-        "text": np.array(["a", "b", "a", "c", ""], dtype=object),
-        "hash": np.array([1, 2, 1, 3, 3], dtype=np.int64),
-        "drop": np.array(["", "", "", "", "near_duplicate_marker"], dtype=object),
-        "bucket": np.zeros(5, dtype=np.int64),
-    }
-    out = dedup_group(group, exact=True)
-    assert out["drop"].tolist() == ["", "", "duplicate", "near_duplicate"]
-    assert out["text"].tolist() == ["a", "b", "", ""] and "bucket" not in out
-    assert dedup_group(group, exact=False)["drop"].tolist() == ["", "", "", "near_duplicate"]
+def test_duplicate_reasons_keeps_the_first_copy() -> None:
+    hashes = np.array([1, 1, 1, 2, 3, 3], dtype=np.int64)
+    assert duplicate_reasons(hashes, np.array([3]), exact=True).tolist() == [
+        "", "duplicate", "duplicate", "", "near_duplicate", "near_duplicate"
+    ]
+    assert duplicate_reasons(hashes, np.array([], dtype=np.int64), exact=False).tolist() == [""] * 6
 
 
-def test_deduplicate_on_ray_across_blocks(ray_session: None) -> None:
+def test_near_duplicates_on_ray_across_blocks(ray_session: None) -> None:
     distinct = [" ".join(f"d{k}w{j}" for j in range(200)) for k in range(40)]
-    texts = [distinct[i % 40] for i in range(100)]  # 40 distinct documents and 60 exact copies
-    texts.append(distinct[7].replace("d7w100", "changed"))  # a near duplicate of one of them
+    texts = distinct + [distinct[7].replace("d7w100", "changed"), distinct[9] + " extra words at the end"]
+    texts += ["", "short"]  # dropped rows are ignored
     raw = {"bytes": np.array([t.encode() for t in texts], dtype=object)}
-    docs = clean_batch(documents_batch(raw, 0, "file", "replace"), CleanConfig())
+    docs = clean_batch(documents_batch(raw, 0, "file", "replace"), CleanConfig(min_chars=10))
     ds = ray.data.from_items([{k: v[i] for k, v in docs.items()} for i in range(len(texts))]).repartition(8)
-
-    exact = deduplicate(ds, CleanConfig(), buckets=4).take_all()
-    assert len(exact) == 101 and [r["drop"] for r in exact].count("duplicate") == 60
-    assert sum(not r["drop"] for r in exact) == 41
-
-    near = deduplicate(ds, CleanConfig(minhash=MinHashConfig(enabled=True)), buckets=4).take_all()
-    kept = [r["text"] for r in near if not r["drop"]]
-    assert len(near) == 101 and len(kept) == 40  # one of the near pair goes, with all its exact copies
-    assert {r["drop"] for r in near} == {"", "duplicate", "near_duplicate"}
-    assert len(set(kept)) == 40 and sum(t in distinct for t in kept) >= 39
-    assert all(r["text"] == "" for r in near if r["drop"])
+    marked = sorted({r["hash"] for r in near_duplicates(ds, MinHashConfig(enabled=True), buckets=4).take_all()})  # one row per band hit
+    pairs = [(doc_hash(distinct[7]), doc_hash(texts[40])), (doc_hash(distinct[9]), doc_hash(texts[41]))]
+    assert marked == sorted(max(pair) for pair in pairs)  # the larger hash of each similar pair goes

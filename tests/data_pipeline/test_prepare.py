@@ -1,0 +1,267 @@
+"""`raygpt prepare` end to end on local Ray: the real CLI on tinyshakespeare, exact reconstruction of the token stream
+from the shards with plain webdataset, determinism, re-run no-op, crash resume, every source type and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from tokenizers import Tokenizer
+
+from cluster.cli import main
+from data_pipeline.clean import clean_text, doc_hash, split_documents
+from data_pipeline.config import CleanConfig
+from data_pipeline.pack import is_val, pack_blocks, shard_index, token_stream
+from data_pipeline.shards import sha256_file
+from tests.conftest import REPO
+
+SHAKESPEARE = str(REPO / "configs" / "shakespeare.yaml")
+RAYGPT = str(Path(sys.executable).parent / "raygpt")
+
+
+def _read_blocks(path: Path) -> np.ndarray:
+    samples = list(wds.WebDataset(str(path), shardshuffle=False).decode())
+    return np.stack([s["input_ids.npy"] for s in samples]) if samples else np.empty((0, 0))
+
+
+def _files(data_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(data_dir)): p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real console script, in its own process with its own local Ray."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = subprocess.run(
+        [RAYGPT, "prepare", SHAKESPEARE, f"run_dir={run_dir}", "cluster.num_cpus=2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[prepare" in result.stdout and "done in" in result.stdout
+    return run_dir / "data"
+
+
+def test_cli_shards_reproduce_the_cleaned_token_stream(cli_run: Path, shared_data: Path) -> None:
+    manifest = json.loads((cli_run / "manifest.json").read_text())
+    assert (manifest["seq_len"], manifest["block_len"], manifest["dtype"]) == (256, 257, "uint16")
+    assert (cli_run.parent / "config.yaml").is_file()
+    tokenizer = Tokenizer.from_file(str(cli_run / "tokenizer.json"))
+    assert manifest["vocab_size"] == tokenizer.get_vocab_size() == 2048
+    eot = manifest["eot_id"]
+    assert tokenizer.id_to_token(eot) == "<|endoftext|>"
+
+    # The expected stream, computed here from the raw file with the unit-tested pieces.
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
+    docs = [clean_text(d, CleanConfig())[0] for d in split_documents(text, "paragraph")]
+    assert all(docs) and manifest["documents"] == {"read": len(docs), "kept": len(docs)}
+    hashes = np.array([doc_hash(d) for d in docs], dtype=np.int64)
+    ids = [np.array(e.ids, dtype=np.uint16) for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
+    val = is_val(hashes, 0.1)
+    assert manifest["splits"]["val"]["documents"] == int(val.sum())
+
+    for split, in_split in (("train", ~val), ("val", val)):
+        entry = manifest["splits"][split]
+        members = np.flatnonzero(in_split)
+        shards = shard_index(hashes[members], entry["num_shards"])
+        listed = {s["file"]: s for s in entry["shards"]}
+        total_blocks = 0
+        for shard in range(entry["num_shards"]):
+            chosen = members[shards == shard]
+            chosen = chosen[np.argsort(hashes[chosen], kind="stable")]
+            expected, tail = pack_blocks(token_stream([ids[i] for i in chosen], eot, np.dtype(np.uint16)), 257)
+            name = f"{split}/shard-{shard:06d}.tar"
+            if not len(expected):
+                assert name not in listed
+                continue
+            blocks = _read_blocks(cli_run / name)
+            assert blocks.dtype == np.uint16 and blocks.shape == expected.shape
+            assert (blocks == expected).all()  # same tokens, same order, EOT after every document
+            assert listed[name]["sha256"] == sha256_file(cli_run / name)
+            assert listed[name]["bytes"] == (cli_run / name).stat().st_size
+            assert listed[name]["sequences"] == len(blocks) and listed[name]["tokens"] == blocks.size
+            total_blocks += len(blocks)
+        # No loss, no duplication: every document token and one EOT per document is in a block or the counted tail.
+        assert entry["sequences"] == total_blocks
+        assert entry["doc_tokens"] == sum(len(ids[i]) for i in members)
+        assert entry["tokens"] + entry["tail_tokens"] == entry["doc_tokens"] + entry["documents"]
+        assert entry["text_bytes"] == sum(len(docs[i].encode()) for i in members)
+
+
+def test_determinism_noop_and_crash_resume(cli_run: Path, tmp_path: Path, ray_session: None, capsys) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}"]) == 0
+    data = run_dir / "data"
+    assert _files(data) == _files(cli_run)  # another process, another Ray: identical bytes
+
+    # A finished run_dir with the same config is a no-op.
+    stamps = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}"]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == stamps
+
+    # Another config on the same run_dir: refused, nothing touched; with overwrite it is redone.
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}", "data.seq_len=128"]) == 2
+    assert "already holds data prepared with another config" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == stamps
+
+    # A crash mid-run: no manifest, a truncated shard, temp files and a stale shard. The re-run completes identically.
+    original = _files(data)
+    (data / "manifest.json").unlink()
+    shard = data / "train" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    (data / "train" / "shard-000000.tar.tmp").write_bytes(b"partial")
+    (data / "train" / "shard-000042.tar").write_bytes(b"stale")
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}"]) == 0
+    assert _files(data) == original
+
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}", "data.seq_len=128", "data.overwrite=true"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["seq_len"] == 128 and _read_blocks(data / "train" / "shard-000000.tar").shape[1] == 129
+
+
+def _mixed_corpus(root: Path) -> dict[str, str]:
+    """Text files (with a binary, bad UTF-8, a copy, a too-short file and a near copy), JSONL, Parquet and a saved HF
+    dataset; returns what each source should contribute."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    long_doc = " ".join(f"alpha{i} beta{i % 7}" for i in range(400))
+    texts = root / "texts"
+    texts.mkdir(parents=True)
+    (texts / "a.txt").write_text("The first document.\nIt has two lines.\n")
+    (texts / "b.md").write_text("The first document.\nIt has two lines.\n")  # exact duplicate of a.txt
+    (texts / "c.txt").write_bytes(b"caf\xe9 au lait, in Latin-1\n")  # invalid UTF-8 → replaced
+    (texts / "d.txt").write_bytes(b"\x00\x01\x02 binary")  # binary → dropped
+    (texts / "e.txt").write_text("x")  # too short
+    (texts / "f.py").write_text(long_doc)
+    (texts / "g.txt").write_text(long_doc.replace("alpha200 ", "omega "))  # near duplicate of f.py
+    (texts / "ignored.csv").write_text("not, a, listed, extension")
+    rows = [{"body": f"json record number {i} with some words"} for i in range(20)] + [{"other": "no body"}]
+    (root / "records.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pq.write_table(pa.table({"content": [f"parquet row {i} says hello" for i in range(15)]}), root / "t.parquet")
+    datasets.Dataset.from_dict({"text": [f"hf example {i} of a saved dataset" for i in range(12)]}).save_to_disk(
+        str(root / "hf")
+    )
+    return {"long_doc": long_doc}
+
+
+def test_every_source_type_cleaning_and_dedup(tmp_path: Path, ray_session: None) -> None:
+    corpus = _mixed_corpus(tmp_path / "corpus")
+    config = tmp_path / "mixed.yaml"
+    config.write_text(
+        f"""
+name: mixed
+run_dir: {tmp_path / "run"}
+data:
+  sources:
+    - path: {tmp_path / "corpus" / "texts"}
+    - path: {tmp_path / "corpus" / "records.jsonl"}
+      text_field: body
+    - path: {tmp_path / "corpus" / "*.parquet"}
+      text_field: content
+    - path: {tmp_path / "corpus" / "hf"}
+      type: hf
+  clean:
+    min_chars: 5
+    minhash: {{enabled: true}}
+  tokenizer: {{vocab_size: 300, min_frequency: 1}}
+  seq_len: 16
+  val_fraction: 0.2
+"""
+    )
+    assert main(["prepare", str(config)]) == 0
+    data = tmp_path / "run" / "data"
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert [(s["type"], s["files"], s["documents"]) for s in manifest["sources"]] == [
+        ("text", 7, 7),
+        ("jsonl", 1, 21),
+        ("parquet", 1, 15),
+        ("hf", 0, 12),
+    ]
+    dropped = {k: v["documents"] for k, v in manifest["dropped"].items()}
+    assert dropped == {"binary": 1, "duplicate": 1, "near_duplicate": 1, "no_text": 1, "too_short": 1}
+    assert manifest["utf8_replaced_documents"] == 1
+    assert manifest["documents"]["kept"] == 55 - 5
+    assert manifest["splits"]["val"]["documents"] > 0
+
+    # Decode every shard back to text: each shard starts at a document, so every piece before its last EOT is a
+    # whole document; each must be one we expect to keep, and none may appear twice.
+    long_doc = corpus["long_doc"]
+    expected = {"The first document.\nIt has two lines.\n", "caf\ufffd au lait, in Latin-1\n"}
+    expected |= {f"json record number {i} with some words" for i in range(20)}
+    expected |= {f"parquet row {i} says hello" for i in range(15)}
+    expected |= {f"hf example {i} of a saved dataset" for i in range(12)}
+    near_pair = {long_doc, long_doc.replace("alpha200 ", "omega ")}
+    tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
+    decoded: list[str] = []
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            stream = _read_blocks(data / shard["file"]).reshape(-1)
+            ends = np.flatnonzero(stream == manifest["eot_id"])
+            starts = np.concatenate([[0], ends[:-1] + 1])
+            decoded += [tokenizer.decode(stream[a:b].tolist()) for a, b in zip(starts, ends)]
+    assert len(decoded) == len(set(decoded)) >= 40  # tails (< 17 tokens per shard) may cut a few documents
+    assert set(decoded) <= expected | near_pair
+    assert len(set(decoded) & near_pair) <= 1
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("path: /no/such/file.txt", r"data\.sources\[0\]: no such file or directory: /no/such/file\.txt"),
+        ("path: /no/such/*.txt", r"data\.sources\[0\]: glob matched no files"),
+        ("path: {tmp}/data.xyz", r"cannot infer the type of source .*data\.xyz.*; set its type"),
+        ("path: {tmp}/r.jsonl\n      text_field: body", r"r\.jsonl: no text field 'body' \(fields: text\)"),
+        ("path: {tmp}/bad.jsonl", r"bad\.jsonl: the first line is not a JSON object"),
+        ("path: {tmp}/r.jsonl\n      type: parquet", r"r\.jsonl: not a readable Parquet file"),
+        ("path: {tmp}/empty_dir", r"directory holds no files of the source's extensions"),
+    ],
+)
+def test_bad_sources_fail_before_any_work(tmp_path: Path, capsys, source: str, message: str) -> None:
+    (tmp_path / "data.xyz").write_text("?")
+    (tmp_path / "r.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    (tmp_path / "empty_dir").mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: bad\nrun_dir: {tmp_path / 'run'}\ndata:\n  sources:\n    - {source.format(tmp=tmp_path)}\n")
+    assert main(["prepare", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("raygpt: error: ")
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "run" / "data" / "manifest.json").exists()
+
+
+def test_nothing_left_after_filtering(tmp_path: Path, ray_session: None, capsys) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("tiny")
+    (corpus / "b.txt").write_bytes(b"\x00binary")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: e\nrun_dir: {tmp_path / 'run'}\ndata:\n  sources:\n    - path: {corpus}\n")
+    assert main(["prepare", str(config), "data.clean.min_chars=100"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing left after filtering: 2 documents read, dropped: binary=1, too_short=1" in err
+    assert not (tmp_path / "run" / "data" / "manifest.json").exists()
+
+
+def test_cli_bad_config_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [RAYGPT, "prepare", SHAKESPEARE, "data.seq_len=zero"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"raygpt: error: {SHAKESPEARE}: data.seq_len: Input should be a valid integer, unable to parse string as an "
+        "integer (got 'zero')"
+    ]
