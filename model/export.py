@@ -1,0 +1,131 @@
+"""Export a raygpt checkpoint to Hugging Face format: `raygpt export CHECKPOINT --out DIR`.
+
+    raygpt export runs/demo/checkpoint --out /tmp/demo-hf
+    python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('/tmp/demo-hf')"
+
+Mappings (faithful: the exported model computes the same function):
+  rope + rmsnorm + swiglu                        → LlamaForCausalLM (biases → attention_bias / mlp_bias, GQA kept)
+  learned | sinusoidal + layernorm + gelu, MHA    → GPT2LMHeadModel (a sinusoidal table becomes wpe's weights;
+                                                    bias=false exports zero biases)
+Anything else has no Hugging Face equivalent and is refused with one line saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from model.checkpoint import load_checkpoint
+from model.gpt import GPT, ModelConfig
+
+
+class ExportError(ValueError):
+    """A model config with no Hugging Face equivalent."""
+
+
+def architecture(cfg: ModelConfig) -> str:
+    if cfg.pos_encoding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
+        return "llama"
+    if cfg.pos_encoding in ("learned", "sinusoidal") and cfg.norm == "layernorm" and cfg.mlp == "gelu":
+        if cfg.kv_heads != cfg.n_head:
+            raise ExportError("GPT-2 has no grouped-query attention: export needs n_kv_head == n_head")
+        return "gpt2"
+    raise ExportError(
+        f"no Hugging Face equivalent for pos_encoding={cfg.pos_encoding}, norm={cfg.norm}, mlp={cfg.mlp} "
+        "(exportable: rope+rmsnorm+swiglu → Llama, learned|sinusoidal+layernorm+gelu → GPT-2)"
+    )
+
+
+def _llama(model: GPT) -> LlamaForCausalLM:
+    cfg = model.cfg
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_size, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=cfg.bias, mlp_bias=cfg.bias, bos_token_id=None, eos_token_id=None,
+    )
+    sd = model.state_dict()
+    hs, nh, nkv = cfg.head_size, cfg.n_head, cfg.kv_heads
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["norm_f.weight"]}
+    out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        p, q = f"blocks.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias") if cfg.bias else ("weight",):
+            wq, wk, wv = sd[p + f"attn.qkv.{kind}"].split([nh * hs, nkv * hs, nkv * hs], dim=0)
+            out |= {q + f"self_attn.q_proj.{kind}": wq, q + f"self_attn.k_proj.{kind}": wk}
+            out |= {q + f"self_attn.v_proj.{kind}": wv, q + f"self_attn.o_proj.{kind}": sd[p + f"attn.proj.{kind}"]}
+            for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                out[q + f"mlp.{theirs}.{kind}"] = sd[p + f"mlp.{ours}.{kind}"]
+        out[q + "input_layernorm.weight"] = sd[p + "norm1.weight"]
+        out[q + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
+    hf = LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(out, strict=True)
+    return hf
+
+
+def _gpt2(model: GPT) -> GPT2LMHeadModel:
+    cfg = model.cfg
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=cfg.hidden_size, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None, eos_token_id=None,
+    )
+    sd = model.state_dict()
+
+    wpe = sd["wpe.weight"] if cfg.pos_encoding == "learned" else model.pe
+    out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": wpe, "lm_head.weight": sd["lm_head.weight"]}
+    out["transformer.ln_f.weight"] = sd["norm_f.weight"]
+    out["transformer.ln_f.bias"] = sd.get("norm_f.bias", torch.zeros_like(sd["norm_f.weight"]))
+    for i in range(cfg.n_layer):
+        p, q = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out[q + f"{theirs}.weight"] = sd[p + f"{ours}.weight"]
+            out[q + f"{theirs}.bias"] = sd.get(p + f"{ours}.bias", torch.zeros_like(sd[p + f"{ours}.weight"]))
+        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                             ("mlp.down", "mlp.c_proj")):
+            weight = sd[p + f"{ours}.weight"]  # (out, in); HF's Conv1D stores (in, out)
+            out[q + f"{theirs}.weight"] = weight.t().contiguous()
+            out[q + f"{theirs}.bias"] = sd.get(p + f"{ours}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+    hf = GPT2LMHeadModel(hf_cfg)
+    missing, unexpected = hf.load_state_dict(out, strict=False)
+    if unexpected or [k for k in missing if not k.endswith(".attn.bias")]:  # attn.bias: HF's causal-mask buffer
+        raise ExportError(f"GPT-2 mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def to_hf(model: GPT) -> torch.nn.Module:
+    """The equivalent transformers model (in memory)."""
+    return _llama(model) if architecture(model.cfg) == "llama" else _gpt2(model)
+
+
+def hf_tokenizer(tokenizer_file: Path, eot_token: str) -> PreTrainedTokenizerFast:
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    if tokenizer.convert_tokens_to_ids(eot_token) is not None:
+        tokenizer.eos_token = eot_token
+        tokenizer.bos_token = eot_token
+    return tokenizer
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write config.json, model.safetensors and tokenizer files for transformers; temp folder, then rename."""
+    model, cfg, tokenizer_file = load_checkpoint(checkpoint)
+    meta = json.loads((Path(checkpoint) / "config.json").read_text())
+    hf = to_hf(model).eval()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp, safe_serialization=True)
+    hf_tokenizer(tokenizer_file, meta.get("eot_token", "<|endoftext|>")).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+

@@ -1,0 +1,101 @@
+"""FLOPs per token and model FLOPs utilization (MFU): a peak table for GPUs, a measured peak for CPUs.
+
+    python -m model.flops            # prints this machine's measured CPU peak per dtype
+
+FLOPs per trained token = 6·N + 12·n_layer·n_embd·T (PaLM, appendix B): N counts the parameters used in matmuls
+(everything but the embedding lookup tables; a tied output projection counts once), the second term is attention
+scores and values over a context of T. A forward pass alone is a third of that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from model.gpt import ModelConfig
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
+# Longer keys are matched first ("H100 PCIe" before "H100").
+GPU_PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
+    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "H100 PCIe": {torch.bfloat16: 756e12, torch.float16: 756e12, torch.float32: 51e12},
+    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12},
+    "A10G": {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 35e12},
+    "L40S": {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12},
+    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30e12},
+    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
+    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
+}
+_CACHE = Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt")) / "cpu_peak.json"
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in matmuls per token: attention, MLP and output projection (biases and norms are noise)."""
+    hs, C = cfg.head_size, cfg.n_embd
+    attn = C * (cfg.n_head + 2 * cfg.kv_heads) * hs + C * C
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * C * cfg.hidden_size
+    return cfg.n_layer * (attn + mlp) + C * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """FLOPs to process one token at context seq_len: 6N + 12·L·C·T for a training step, a third for a forward."""
+    total = 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+    return total if training else total / 3
+
+
+@cache
+def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
+    """FLOP/s of a large square matmul on this CPU with `threads` threads; cached per CPU model on disk."""
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}|{dtype}"
+    stored = json.loads(_CACHE.read_text()) if _CACHE.is_file() else {}
+    if key in stored:
+        return float(stored[key])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 4)
+    torch.set_num_threads(previous)
+    peak = 2 * n**3 / best
+    _CACHE.parent.mkdir(parents=True, exist_ok=True)
+    _CACHE.write_text(json.dumps({**stored, key: peak}, indent=1))
+    return peak
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype, threads: int | None = None) -> float | None:
+    """Peak FLOP/s of one device: the table for known GPUs, a measurement on CPU, None for an unknown device."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return measured_cpu_peak(dtype, threads or torch.get_num_threads())
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+            if key in name:
+                return GPU_PEAK_FLOPS[key].get(dtype)
+    return None
+
+
+def mfu(tokens_per_sec: float, flops_per_tok: float, peak_per_device: float | None, devices: int = 1) -> float | None:
+    """Achieved FLOP/s over the peak of all devices; None when the peak is unknown (never a guess)."""
+    if peak_per_device is None:
+        return None
+    return tokens_per_sec * flops_per_tok / (peak_per_device * devices)
+
+
+if __name__ == "__main__":
+    for dt in (torch.float32, torch.bfloat16):
+        print(f"{dt}: {measured_cpu_peak(dt, torch.get_num_threads()) / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")

@@ -1,0 +1,307 @@
+"""The raygpt transformer, top to bottom in one file: config, presets, norms, positions, attention, MLP, blocks, GPT.
+
+    python -c "from model.gpt import GPT, ModelConfig; print(GPT(ModelConfig.preset('tiny', vocab_size=8192)))"
+
+A decoder-only, pre-norm transformer that covers the GPT-2 family (learned positions, LayerNorm, GELU, biases, tied
+embeddings) and the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases) with one set of modules.
+Attention goes through `F.scaled_dot_product_attention`. Incremental decoding uses a pre-allocated `KVCache`.
+Shapes: B batch, T time (tokens), C n_embd, nh heads, nkv key/value heads, hs head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.utils.checkpoint import checkpoint
+
+
+class ModelConfig(BaseModel):
+    """Architecture of the transformer; saved as config.json in every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    vocab_size: int = Field(default=50257, ge=1)
+    """Number of token ids (the tokenizer's vocabulary size)."""
+    block_size: int = Field(default=1024, ge=1)
+    """Longest sequence the model attends over (learned/sinusoidal position tables and KV caches have this length)."""
+    n_layer: int = Field(default=12, ge=1)
+    """Transformer blocks."""
+    n_head: int = Field(default=12, ge=1)
+    """Query heads per attention layer."""
+    n_kv_head: int | None = Field(default=None, ge=1)
+    """Key/value heads (grouped-query attention); None means n_head (multi-head attention)."""
+    n_embd: int = Field(default=768, ge=1)
+    """Width of the residual stream."""
+    intermediate_size: int | None = Field(default=None, ge=1)
+    """Hidden width of the MLP; None means 4·n_embd for gelu and the Llama rule (⅔·4·n_embd, rounded up to 256) for swiglu."""
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
+    """Positions: a learned table (GPT-2), the fixed sin/cos table of "Attention Is All You Need", or rotary (Llama)."""
+    rope_theta: float = Field(default=10000.0, gt=0)
+    """Base of the rotary frequencies (Llama 2: 1e4, Llama 3: 5e5)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """MLP type: GELU (tanh approximation, as GPT-2) or SwiGLU (gate · up, as Llama)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalization before attention, before the MLP and at the end."""
+    norm_eps: float = Field(default=1e-5, gt=0)
+    """Epsilon of the norms."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorms (GPT-2: yes, Llama: no)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on embeddings, attention probabilities and residual branches (training only)."""
+    tie_embeddings: bool = True
+    """The output projection shares the token-embedding matrix."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them (less memory, ~30% more compute)."""
+    init_std: float = Field(default=0.02, gt=0)
+    """Std of the normal init; residual output projections get init_std / sqrt(2·n_layer) (GPT-2)."""
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.kv_heads}")
+        if self.pos_encoding == "rope" and self.head_size % 2:
+            raise ValueError("rope needs an even head size")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 256 * math.ceil(int(2 * 4 * self.n_embd / 3) / 256)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named architecture (see PRESETS), with some fields replaced."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_GPT2 = dict(pos_encoding="learned", mlp="gelu", norm="layernorm", bias=True, tie_embeddings=True)
+_LLAMA = dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm", bias=False)
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: every path in milliseconds.
+    "debug": dict(**_LLAMA, vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
+    # The CPU demo: ~7M parameters with an 8k vocabulary.
+    "tiny": dict(**_LLAMA, vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256, tie_embeddings=True),
+    "gpt2-124m": dict(**_GPT2, vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-350m": dict(**_GPT2, vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    # Llama 3.2 1B.
+    "llama-1b": dict(
+        **_LLAMA, vocab_size=128256, block_size=8192, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+        intermediate_size=8192, rope_theta=500000.0, tie_embeddings=True,
+    ),
+    # Llama 2 7B.
+    "llama-7b": dict(
+        **_LLAMA, vocab_size=32000, block_size=4096, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008,
+        tie_embeddings=False,
+    ),
+}
+
+
+def norm_layer(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/dim)), PE(pos, 2i+1) = cos(pos / 10000^(2i/dim)) → (length, dim)."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]  # (L, 1)
+    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]
+    return table.float()
+
+
+def rope_tables(length: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, (length, hs), halves repeated (the Llama / HF `rotate_half` layout)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv)  # (L, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, hs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, h, T, hs) by position: x·cos + rotate_half(x)·sin, cos/sin (T, hs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer for incremental decoding: (n_layer, B, nkv, max_len, hs) each."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values up to there."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hs = cfg.head_size
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * hs, bias=cfg.bias)  # fused q, k, v
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual = True  # type: ignore[assignment]  # scaled init
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, start: int
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, nkv, hs = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_size
+        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
+        S = k.shape[2]
+        if T == S:  # no cached prefix: plain causal attention
+            mask, causal = None, True
+        elif T == 1:  # one new token attends to everything before it
+            mask, causal = None, False
+        else:  # a chunk after a cached prefix: token i sees positions ≤ start + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.cfg.dropout if self.training else 0.0, enable_gqa=nkv != nh,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = cfg.hidden_size
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if self.swiglu else None
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.down.residual = True  # type: ignore[assignment]  # scaled init
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) → (B, T, C)
+        if self.gate is not None:
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
+        else:
+            h = F.gelu(self.up(x), approximate="tanh")  # (B, T, hidden)
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = norm_layer(cfg), Attention(cfg, layer)
+        self.norm2, self.mlp = norm_layer(cfg), MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, start: int
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, cache, start)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
+        if cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        if cfg.pos_encoding == "rope":
+            cos, sin = rope_tables(cfg.block_size, cfg.head_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = norm_layer(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init)
+
+    def _init(self, module: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2·n_layer)."""
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            scale = 1 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual", False) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameters (shared tensors once); without the embedding tables if asked (the 6N of FLOP counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids at positions start..start+T → logits (B, T, V) and, given targets (B, T), the mean
+        cross-entropy. With a cache, keys/values of earlier positions come from it and these are added to it."""
+        B, T = idx.shape
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[start : start + T]
+        elif self.cfg.pos_encoding == "sinusoidal":
+            x = x + self.pe[start : start + T].to(x.dtype)
+        x = self.drop(x)
+        rope = None
+        if self.cfg.pos_encoding == "rope":
+            rope = (self.rope_cos[start : start + T].to(x.dtype), self.rope_sin[start : start + T].to(x.dtype))
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, cache, start, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, start)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
