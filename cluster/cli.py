@@ -1,7 +1,9 @@
 """The `raygpt` command line: one entry point, a subcommand per stage.
 
-    raygpt prepare CONFIG [section.key=value ...]    corpus → tokenizer + shards in RUN_DIR/data
-    raygpt run     CONFIG [section.key=value ...]    the main job: every stage in order
+    raygpt prepare  CONFIG [section.key=value ...]   corpus → tokenizer + shards in RUN_DIR/data
+    raygpt run      CONFIG [section.key=value ...]   the main job: every stage in order
+    raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
 
 Bad configs, paths and inputs exit with status 2 and one line on stderr naming the problem, never a traceback.
 """
@@ -14,6 +16,11 @@ import sys
 from cluster import pipeline
 from cluster.config import ConfigError, load_config
 from data_pipeline.config import DataError
+from model.checkpoint import CheckpointError
+from model.export import ExportError, export
+from model.sample import stream_text
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,14 +33,25 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
+    gen = commands.add_parser("generate", help="stream a checkpoint's continuation of a prompt")
+    gen.add_argument("checkpoint", help="folder with model.safetensors, config.json, tokenizer.json")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    exp = commands.add_parser("export", help="write a checkpoint in Hugging Face format")
+    exp.add_argument("checkpoint")
+    exp.add_argument("--out", required=True, help="output folder")
     return parser
 
 
 def _user_error(error: BaseException) -> BaseException | None:
-    """The ConfigError/DataError behind an exception, also when it was raised inside a Ray task or actor."""
+    """The user error (bad config, input or checkpoint) behind an exception, also when it was raised inside a Ray task or actor."""
     seen = error
     while seen is not None:
-        if isinstance(seen, (ConfigError, DataError)):
+        if isinstance(seen, USER_ERRORS):
             return seen
         seen = seen.__cause__ or getattr(seen, "cause", None)
     return None
@@ -42,11 +60,18 @@ def _user_error(error: BaseException) -> BaseException | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "prepare":
-            pipeline.run_prepare(cfg)
+        if args.command == "generate":
+            stream_text(
+                args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
+            )
+        elif args.command == "export":
+            print(f"exported to {export(args.checkpoint, args.out)}")
         else:
-            pipeline.run(cfg)
+            cfg = load_config(args.config, args.overrides)
+            if args.command == "prepare":
+                pipeline.run_prepare(cfg)
+            else:
+                pipeline.run(cfg)
     except Exception as e:
         if (user := _user_error(e)) is None:
             raise

@@ -1,0 +1,123 @@
+"""Checkpoint round trip, bad folders, and Hugging Face export parity (logits and greedy generations)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cluster.cli import main
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.export import ExportError, architecture, export
+from model.generate import generate
+from model.gpt import GPT, ModelConfig
+from tests.model.conftest import perturbed_model
+
+
+def test_round_trip_is_exact(checkpoint: Path) -> None:
+    model, cfg, tokenizer = load_checkpoint(checkpoint)
+    assert tokenizer == checkpoint / "tokenizer.json"
+    state = load_file(str(checkpoint / "model.safetensors"))
+    assert ("lm_head.weight" in state) == (not cfg.tie_embeddings)
+    arch = "llama" if cfg.pos_encoding == "rope" else "gpt2"
+    original = perturbed_model(arch)
+    for (name, a), b in zip(original.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    if cfg.tie_embeddings:
+        assert model.lm_head.weight is model.wte.weight
+    assert not list(checkpoint.parent.glob("*.tmp"))
+
+
+def _broken(checkpoint: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    return copy
+
+
+def test_bad_checkpoint_folders(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        load_checkpoint(tmp_path / "nope")
+    missing = _broken(checkpoint, tmp_path / "a")
+    (missing / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="missing tokenizer.json"):
+        load_checkpoint(missing)
+    corrupt = _broken(checkpoint, tmp_path / "b")
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="corrupt safetensors file"):
+        load_checkpoint(corrupt)
+    wrong = _broken(checkpoint, tmp_path / "c")
+    meta = json.loads((wrong / "config.json").read_text())
+    meta["model"]["n_embd"] = 128
+    (wrong / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"wte.weight has shape \(300, 64\), the config needs \(300, 128\)"):
+        load_checkpoint(wrong)
+    bad_cfg = _broken(checkpoint, tmp_path / "d")
+    (bad_cfg / "config.json").write_text('{"model": {"n_layer": -1}}')
+    with pytest.raises(CheckpointError, match="model.n_layer: Input should be greater than or equal to 1"):
+        load_checkpoint(bad_cfg)
+    extra = _broken(checkpoint, tmp_path / "e")
+    state = load_file(str(extra / "model.safetensors"))
+    save_file({**state, "stray": torch.zeros(1)}, str(extra / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected tensor stray"):
+        load_checkpoint(extra)
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == f"raygpt: error: {tmp_path}: missing model.safetensors\n"
+
+
+def test_export_parity_with_transformers(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    ours, cfg, _ = load_checkpoint(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == ("LlamaForCausalLM" if cfg.pos_encoding == "rope" else "GPT2LMHeadModel")
+    torch.manual_seed(1)
+    idx = torch.randint(0, cfg.vocab_size, (3, 48))
+    with torch.no_grad():
+        diff = (ours(idx)[0] - hf(idx).logits).abs().max().item()
+    assert diff < 1e-4
+    prompt = idx[:2, :6]
+    expected = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(generate(ours, prompt, 30), expected)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.decode(tokenizer("To be, or not to be")["input_ids"]) == "To be, or not to be"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(pos_encoding="sinusoidal", bias=False, tie_embeddings=False), dict(bias=True, tie_embeddings=False)],
+    ids=["gpt2-sinusoidal-nobias", "llama-bias-untied"],
+)
+def test_export_faithful_mappings(overrides: dict, tmp_path: Path, tokenizer_file: Path) -> None:
+    arch = "gpt2" if "pos_encoding" in overrides else "llama"
+    model = perturbed_model(arch, **overrides)
+    out = export(save_checkpoint(model, tmp_path / "ckpt", tokenizer_file), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_configs_without_an_hf_equivalent_are_refused() -> None:
+    with pytest.raises(ExportError, match="no Hugging Face equivalent for pos_encoding=rope, norm=layernorm"):
+        architecture(ModelConfig(pos_encoding="rope", norm="layernorm", mlp="gelu"))
+    with pytest.raises(ExportError, match="GPT-2 has no grouped-query attention"):
+        architecture(ModelConfig(n_kv_head=4))
+
+
+def test_save_is_atomic_and_replaces(tmp_path: Path, tokenizer_file: Path) -> None:
+    model = GPT(ModelConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    folder = save_checkpoint(model, tmp_path / "c", tokenizer_file, extra={"step": 3})
+    save_checkpoint(model, folder, tokenizer_file, extra={"step": 4})
+    assert json.loads((folder / "config.json").read_text())["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]

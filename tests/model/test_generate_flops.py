@@ -1,0 +1,86 @@
+"""Sampling (greedy, temperature, top-k, top-p, seeds, EOT), the streaming CLI, FLOP counting and MFU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.cli import main
+from model.flops import flops_per_token, matmul_params, mfu, peak_flops
+from model.generate import filter_logits, generate, generate_tokens
+from model.gpt import GPT, ModelConfig
+from tests.model.conftest import perturbed_model
+
+
+def test_filter_logits_top_k_and_top_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 2, None)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, None, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, None, 0.5)).tolist() == [[False, True, True, True]]
+    assert not torch.isinf(filter_logits(logits, None, 1.0)).any()
+
+
+def test_greedy_is_the_argmax_of_full_forwards() -> None:
+    model = perturbed_model("llama")
+    prompt = torch.randint(0, 300, (2, 5))
+    out = generate(model, prompt, 12)
+    seq = prompt
+    for _ in range(12):  # no cache: recompute everything each step
+        seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_sampling_is_seeded_and_respects_top_k() -> None:
+    model = perturbed_model("gpt2")
+    prompt = torch.randint(0, 300, (1, 4))
+    a = generate(model, prompt, 20, temperature=1.0, top_k=5, seed=3)
+    b = generate(model, prompt, 20, temperature=1.0, top_k=5, seed=3)
+    c = generate(model, prompt, 20, temperature=1.0, top_k=5, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    one = generate(model, prompt, 10, temperature=1.0, top_k=1, seed=5)
+    assert torch.equal(one, generate(model, prompt, 10))  # top-k 1 is greedy
+
+
+def test_stops_at_end_of_text_and_block_size() -> None:
+    model = perturbed_model("llama")
+    prompt = torch.randint(0, 300, (1, 4))
+    greedy = generate(model, prompt, 10)
+    eos = int(greedy[0, 6])
+    stopped = list(generate_tokens(model, prompt, 10, eos_id=eos))
+    assert [t.item() for t in stopped] == greedy[0, 4:].tolist()[: greedy[0, 4:].tolist().index(eos) + 1]
+    assert generate(model, torch.zeros(1, 60, dtype=torch.long), 100).shape == (1, 64)  # block_size 64
+    with pytest.raises(ValueError, match="leaves no room"):
+        generate(model, torch.zeros(1, 64, dtype=torch.long), 1)
+
+
+def test_cli_generate_streams_text(checkpoint: Path, capsys) -> None:
+    args = ["generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("ROMEO:") and len(first) > len("ROMEO:\n")
+    assert main(args) == 0 and capsys.readouterr().out == first  # greedy is deterministic
+    assert main([*args[:-2], "--temperature", "1", "--top-p", "0.9", "--seed", "1"]) == 0
+
+
+def test_flops_per_token_gpt2_small() -> None:
+    cfg = ModelConfig.preset("gpt2-124m")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    # Matmul weights: all parameters minus the position table, norms and biases (the tied wte is the lm_head).
+    norms_and_biases = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
+    assert matmul_params(cfg) == model.num_params() - cfg.block_size * cfg.n_embd - norms_and_biases
+    assert flops_per_token(cfg, 1024) == 6 * matmul_params(cfg) + 12 * 12 * 768 * 1024
+    assert flops_per_token(cfg, 1024, training=False) == flops_per_token(cfg, 1024) / 3
+
+
+def test_mfu_uses_measured_cpu_peak_and_refuses_unknown_devices() -> None:
+    peak = peak_flops("cpu", torch.float32, threads=1)
+    assert peak is not None and 1e9 < peak < 1e13  # measured, cached
+    assert peak_flops("cpu", torch.float32, threads=1) == peak
+    assert mfu(1000.0, 1e6, 2e9, devices=2) == pytest.approx(0.25)
+    assert mfu(1000.0, 1e6, None) is None
+    assert peak_flops("meta", torch.float32) is None
+    assert math.isfinite(mfu(1.0, 1.0, peak))
