@@ -1,6 +1,7 @@
 """The `raygpt` command line: one entry point, a subcommand per stage.
 
     raygpt prepare  CONFIG [section.key=value ...]   corpus → tokenizer + shards in RUN_DIR/data
+    raygpt train    CONFIG [section.key=value ...]   shards → checkpoints (Ray Train + DeepSpeed), resumes
     raygpt run      CONFIG [section.key=value ...]   the main job: every stage in order
     raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("prepare", "corpus → tokenizer + webdataset shards in RUN_DIR/data"),
+        ("train", "shards → checkpoints with Ray Train + DeepSpeed (resumes from the newest checkpoint)"),
         ("run", "the main job: every stage in order"),
     ):
         sub = commands.add_parser(name, help=help_text)
@@ -68,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported to {export(args.checkpoint, args.out)}")
         else:
             cfg = load_config(args.config, args.overrides)
-            if args.command == "prepare":
-                pipeline.run_prepare(cfg)
-            else:
+            if args.command == "run":
                 pipeline.run(cfg)
+            else:
+                pipeline.STAGES[args.command](cfg)
     except Exception as e:
         if (user := _user_error(e)) is None:
             raise

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from data_pipeline.config import DataConfig, Section
+from model.gpt import ModelConfig
+from trainer.config import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -26,12 +28,44 @@ class ConfigError(ValueError):
 
 
 class ClusterConfig(Section):
-    """Where the Ray work runs."""
+    """Where the Ray work runs and with what resources."""
 
     address: str | None = None
     """Ray cluster to connect to ('auto', 'ray://host:10001', 'host:6379'); None reads RAY_ADDRESS, else starts a local Ray."""
     num_cpus: int | None = Field(default=None, ge=1)
     """CPUs of the local Ray started when there is no address; None uses every core of this machine."""
+    num_workers: int = Field(default=2, ge=1)
+    """Ray Train workers (data-parallel DeepSpeed ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); False trains on CPU (gloo)."""
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    """CPUs reserved per worker; below 1 on a small machine so Ray Data and the driver keep a share."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes."""
+    storage_path: str | None = None
+    """Ray Train storage for training checkpoints (local path or s3:// / gs:// URI); None means RUN_DIR/train."""
+    max_failures: int = Field(default=0, ge=-1)
+    """Worker-group restarts (from the last checkpoint) before the run fails; -1 retries forever."""
+    num_to_keep: int = Field(default=2, ge=1)
+    """Training checkpoints kept in storage (the newest ones)."""
+
+
+class ModelSection(Section):
+    """The architecture: a preset plus fields replaced; vocab_size comes from the prepared data."""
+
+    preset: str = "tiny"
+    """A model.gpt preset: debug, tiny, gpt2-124m, gpt2-350m, llama-1b, llama-7b."""
+    overrides: dict[str, Any] = {}
+    """ModelConfig fields replacing the preset's (e.g. {n_layer: 6, dropout: 0.1}); block_size defaults to data.seq_len."""
+
+    @model_validator(mode="after")
+    def _resolves(self) -> ModelSection:
+        self.resolve(vocab_size=self.overrides.get("vocab_size", 256), block_size=None)
+        return self
+
+    def resolve(self, vocab_size: int, block_size: int | None) -> ModelConfig:
+        fields = {"vocab_size": vocab_size, **({"block_size": block_size} if block_size else {}), **self.overrides}
+        return ModelConfig.preset(self.preset, **fields)
 
 
 class RunConfig(Section):
@@ -45,12 +79,32 @@ class RunConfig(Section):
     """Seed of every random choice in the run (model init, data order, sampling)."""
     data: DataConfig
     """Corpus → tokenizer → webdataset shards (`raygpt prepare`)."""
+    model: ModelSection = ModelSection()
+    """The transformer (`model/gpt.py`)."""
+    train: TrainConfig = TrainConfig()
+    """Optimization and DeepSpeed (`raygpt train`)."""
     cluster: ClusterConfig = ClusterConfig()
-    """Ray connection and local resources."""
+    """Ray connection and resources."""
 
     def model_post_init(self, __context: Any) -> None:
         if not self.run_dir:
             self.run_dir = str(Path("runs") / self.name)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        t, c = self.train, self.cluster
+        if t.global_batch_size is not None and t.global_batch_size != t.micro_batch_size * t.grad_accum_steps * c.num_workers:
+            raise ValueError(
+                f"train.global_batch_size {t.global_batch_size} ≠ micro_batch_size {t.micro_batch_size} × "
+                f"grad_accum_steps {t.grad_accum_steps} × cluster.num_workers {c.num_workers}"
+            )
+        if t.precision == "fp16" and not c.use_gpu:
+            raise ValueError("train.precision fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU")
+        if t.offload_optimizer and t.zero_stage < 2:
+            raise ValueError("train.offload_optimizer needs train.zero_stage 2 or 3")
+        if t.offload_params and t.zero_stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage 3")
+        return self
 
     @property
     def data_dir(self) -> Path:

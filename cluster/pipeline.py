@@ -11,9 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from pathlib import Path
+
+from ray.train import ScalingConfig
+
 from cluster.config import RunConfig, save_resolved
 from cluster.ray_connect import connect
 from data_pipeline.prepare import prepare
+from trainer.driver import check_data, check_model, train
 
 
 def run_prepare(cfg: RunConfig) -> dict[str, Any]:
@@ -23,7 +28,28 @@ def run_prepare(cfg: RunConfig) -> dict[str, Any]:
     return prepare(cfg.data, cfg.data_dir, num_cpus)
 
 
-STAGES: dict[str, Callable[[RunConfig], Any]] = {"prepare": run_prepare}
+def run_train(cfg: RunConfig) -> Any:
+    """Shards → checkpoints (resuming from the newest one in storage). Everything checkable fails before workers start."""
+    manifest = check_data(cfg.data_dir)
+    model_cfg = cfg.model.resolve(vocab_size=manifest["vocab_size"], block_size=manifest["seq_len"])
+    check_model(manifest, model_cfg)
+    connect(cfg.cluster)
+    save_resolved(cfg)
+    c = cfg.cluster
+    scaling = ScalingConfig(
+        num_workers=c.num_workers,
+        use_gpu=c.use_gpu,
+        resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})},
+        placement_strategy=c.placement_strategy,
+    )
+    storage = c.storage_path or str((Path(cfg.run_dir) / "train").resolve())
+    return train(
+        cfg.train, model_cfg, cfg.data_dir, Path(cfg.run_dir), cfg.seed, scaling, storage, c.max_failures,
+        c.num_to_keep, manifest["eot_token"],
+    )
+
+
+STAGES: dict[str, Callable[[RunConfig], Any]] = {"prepare": run_prepare, "train": run_train}
 
 
 def run(cfg: RunConfig) -> None:

@@ -1,0 +1,99 @@
+"""The `train` section of the run config and the DeepSpeed config generated from it (in one place).
+
+Used by `raygpt train CONFIG`; `deepspeed_config` is the only place a DeepSpeed dict is built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field
+
+from data_pipeline.config import Section
+
+
+class TrainConfig(Section):
+    """Optimization, precision, parallelism, evaluation and checkpoint cadence."""
+
+    max_steps: int = Field(default=1000, ge=1)
+    """Optimizer steps to train for (each sees micro_batch_size × grad_accum_steps × num_workers sequences)."""
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Sequences per worker per forward/backward pass."""
+    grad_accum_steps: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    global_batch_size: int | None = Field(default=None, ge=1)
+    """If set, checked to equal micro_batch_size × grad_accum_steps × cluster.num_workers."""
+    lr: float = Field(default=6e-4, gt=0)
+    """Peak learning rate (after warmup)."""
+    min_lr: float = Field(default=6e-5, ge=0)
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear warmup from 0 to lr over these steps, then cosine decay to min_lr at max_steps."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW weight decay of matrices; norms, biases and embeddings get none."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global gradient norm to this (0 disables)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Mixed precision: bf16, fp16 (dynamic loss scaling; GPU only) or plain fp32."""
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
+    offload_optimizer: bool = False
+    """ZeRO 2/3: keep optimizer states on CPU."""
+    offload_params: bool = False
+    """ZeRO 3: keep parameters on CPU."""
+    eval_every: int = Field(default=100, ge=1)
+    """Steps between validations (val loss and bits per byte); also at the last step."""
+    eval_batches: int = Field(default=10, ge=1)
+    """Micro-batches of val data per worker in one validation."""
+    checkpoint_every: int = Field(default=200, ge=1)
+    """Steps between checkpoints; one is always written at the last step."""
+    log_every: int = Field(default=10, ge=1)
+    """Steps between metric lines (metrics.jsonl, TensorBoard, Ray Train report, the progress line)."""
+    time_budget_s: float | None = Field(default=None, gt=0)
+    """Stop (with a checkpoint) once training has run this long; None trains for max_steps."""
+    deepspeed: dict[str, Any] = {}
+    """Escape hatch: merged (recursively) over the generated DeepSpeed config."""
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config: batch, precision, ZeRO, optimizer, clipping. Only micro-batch and accumulation are set,
+    never train_batch_size (DeepSpeed derives it from the world size)."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    adam: dict[str, Any] = {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8, "weight_decay": cfg.weight_decay}
+    if not use_gpu:
+        adam["torch_adam"] = True  # FusedAdam needs CUDA; DeepSpeed picks it on GPU
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, cfg.deepspeed)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at a step: linear warmup, then cosine decay to min_lr/lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

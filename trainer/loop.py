@@ -1,0 +1,201 @@
+"""`train_loop_per_worker`: what each Ray Train worker runs — a DeepSpeed engine over the `model/` transformer, fed by
+its part of the shards, with validation, metrics and checkpoints that resume exactly.
+
+Started by `trainer.driver.train` (`raygpt train CONFIG`); not run by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from model.checkpoint import save_checkpoint
+from model.flops import flops_per_token, mfu, peak_flops
+from model.gpt import GPT, ModelConfig
+from trainer.config import TrainConfig, deepspeed_config, lr_at
+from trainer.data import Position, ShardStream, read_manifest, val_blocks
+
+DS_TAG = "ds"
+STATE = "raygpt_state_rank{rank}.json"  # step, data position and RNG of one rank
+MODEL_DIR = "model"  # the consolidated checkpoint (model.safetensors + config.json + tokenizer.json)
+
+
+def log_rank0(message: str) -> None:
+    if ray.train.get_context().get_world_rank() == 0:
+        print(message, flush=True)
+
+
+def param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases and embeddings (including a tied output projection) get none."""
+    embeddings = {id(model.wte.weight)} | ({id(model.wpe.weight)} if model.wpe is not None else set())
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict[str, str]:
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+
+
+def _consolidated_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (ZeRO-3 shards are gathered first; every rank must call this)."""
+    import deepspeed
+
+    module = engine.module
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    else:
+        state = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    return state if dist.get_rank() == 0 else None
+
+
+def _evaluate(engine: Any, data_dir: Path, cfg: TrainConfig, tokens_per_byte: float) -> tuple[float, float]:
+    """Mean val loss over eval_batches micro-batches per rank (all-reduced) and bits per byte."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine.eval()
+    blocks = list(val_blocks(data_dir, rank, world, cfg.eval_batches * cfg.micro_batch_size))
+    total = torch.zeros(2)
+    with torch.no_grad():
+        for i in range(0, len(blocks), cfg.micro_batch_size):
+            batch = torch.from_numpy(np.stack(blocks[i : i + cfg.micro_batch_size]).astype(np.int64))
+            _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
+            total += torch.tensor([loss.float().item() * len(batch), len(batch)])
+    dist.all_reduce(total)
+    engine.train()
+    val_loss = (total[0] / total[1]).item()
+    return val_loss, val_loss / math.log(2) * tokens_per_byte
+
+
+def _save(
+    engine: Any, tmp: Path, step: int, stream: ShardStream, cfg: dict[str, Any], model_cfg: ModelConfig
+) -> None:
+    """Every rank: its DeepSpeed shard and its state; rank 0 also the consolidated model checkpoint."""
+    rank = dist.get_rank()
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"step": step})
+    state = {"step": step, "position": json.loads(stream.position.to_json()), "rng": _rng_state()}
+    (tmp / STATE.format(rank=rank)).write_text(json.dumps(state))
+    full = _consolidated_state(engine, cfg["train"]["zero_stage"])
+    if full is not None:
+        model = GPT(model_cfg)
+        model.load_state_dict(full)
+        extra = {"step": step, "eot_token": cfg["eot_token"]}
+        save_checkpoint(model, tmp / MODEL_DIR, Path(cfg["data_dir"]) / "tokenizer.json", extra=extra)
+        latest = Path(cfg["run_dir"]) / "checkpoint"  # the newest consolidated checkpoint, for eval/generate/export
+        save_checkpoint(model, latest, Path(cfg["data_dir"]) / "tokenizer.json", extra=extra)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg = TrainConfig.model_validate(config["train"])
+    model_cfg = ModelConfig.model_validate(config["model"])
+    data_dir, run_dir = Path(config["data_dir"]), Path(config["run_dir"])
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    manifest = read_manifest(data_dir)
+    val = manifest["splits"]["val"]
+    tokens_per_byte = (val["doc_tokens"] + val["documents"]) / max(val["text_bytes"], 1)
+
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    model = GPT(model_cfg)
+    ds_config = deepspeed_config(cfg, config["use_gpu"])
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)),
+    )
+    step, position = 0, Position()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag=DS_TAG)
+            state = json.loads((Path(folder) / STATE.format(rank=rank)).read_text())
+        step, position = state["step"], Position(**state["position"])
+        _set_rng_state(state["rng"])
+        log_rank0(f"[train] resumed at step {step} (rank 0 data position {position})")
+    else:
+        torch.manual_seed(config["seed"] + 1 + rank)  # dropout differs across ranks
+    stream = ShardStream(data_dir, "train", rank, world, config["seed"], position)
+    batches = stream.batches(cfg.micro_batch_size)
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    device = engine.device
+    fpt = flops_per_token(model_cfg, manifest["seq_len"])
+    peak = peak_flops(device, dtype, threads=torch.get_num_threads())
+    writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * manifest["seq_len"]
+    fault_step = config.get("fail_at_step")  # test-only fault hook
+    first_step, start = step, time.perf_counter()
+    window_start, window_steps = time.perf_counter(), 0
+    while step < cfg.max_steps:
+        for _ in range(cfg.grad_accum_steps):
+            batch = next(batches).to(device)
+            _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
+            engine.backward(loss)
+            engine.step()
+        step += 1
+        window_steps += 1
+        if step == fault_step and rank == world - 1 and checkpoint is None:
+            os._exit(1)  # simulate a worker dying mid-run (only on the first attempt)
+        out_of_time = cfg.time_budget_s is not None and time.perf_counter() - start >= cfg.time_budget_s
+        last = step == cfg.max_steps or out_of_time
+        metrics: dict[str, Any] = {}
+        if step % cfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            tps = tokens_per_step * window_steps / elapsed
+            achieved = mfu(tps / world, fpt, peak)
+            loss_value = loss.detach().float()
+            dist.all_reduce(loss_value)
+            metrics = {
+                "step": step,
+                "loss": loss_value.item() / world,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "tokens_per_sec": tps,
+                "mfu": achieved,
+                "elapsed_s": time.perf_counter() - start,
+            }
+            window_start, window_steps = time.perf_counter(), 0
+        if step % cfg.eval_every == 0 or last:
+            metrics["val_loss"], metrics["val_bpb"] = _evaluate(engine, data_dir, cfg, tokens_per_byte)
+        if metrics:
+            metrics.setdefault("step", step)
+            if rank == 0:
+                eta = (cfg.max_steps - step) * (time.perf_counter() - start) / max(step - first_step, 1)
+                shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+                print(f"[train] step {step}/{cfg.max_steps} {shown} eta {eta:.0f}s", flush=True)
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+                for key, value in metrics.items():
+                    if isinstance(value, float):
+                        writer.add_scalar(key, value, step)
+        if step % cfg.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save(engine, Path(tmp), step, stream, config, model_cfg)
+                ray.train.report(metrics or {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        elif metrics:
+            ray.train.report(metrics)
+        if out_of_time:
+            break
+    if writer is not None:
+        writer.close()
+        metrics_file.close()
