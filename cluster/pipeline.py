@@ -28,7 +28,7 @@ def run_prepare(cfg: RunConfig) -> dict[str, Any]:
     return prepare(cfg.data, cfg.data_dir, num_cpus)
 
 
-def run_train(cfg: RunConfig) -> Any:
+def run_train(cfg: RunConfig, fail_at_step: int | None = None) -> Any:
     """Shards → checkpoints (resuming from the newest one in storage). Everything checkable fails before workers start."""
     manifest = check_data(cfg.data_dir)
     model_cfg = cfg.model.resolve(vocab_size=manifest["vocab_size"], block_size=manifest["seq_len"])
@@ -45,7 +45,7 @@ def run_train(cfg: RunConfig) -> Any:
     storage = c.storage_path or str((Path(cfg.run_dir) / "train").resolve())
     return train(
         cfg.train, model_cfg, cfg.data_dir, Path(cfg.run_dir), cfg.seed, scaling, storage, c.max_failures,
-        c.num_to_keep, manifest["eot_token"],
+        c.num_to_keep, manifest["eot_token"], fail_at_step,
     )
 
 
