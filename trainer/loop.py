@@ -156,7 +156,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window_steps += 1
         if step == fault_step and rank == world - 1 and checkpoint is None:
             os._exit(1)  # simulate a worker dying mid-run (only on the first attempt)
-        out_of_time = cfg.time_budget_s is not None and time.perf_counter() - start >= cfg.time_budget_s
+        out_of_time = False
+        if cfg.time_budget_s is not None:  # every rank must stop at the same step: rank 0's clock decides
+            flag = torch.tensor([float(time.perf_counter() - start >= cfg.time_budget_s)])
+            dist.broadcast(flag, src=0)
+            out_of_time = bool(flag.item())
         last = step == cfg.max_steps or out_of_time
         metrics: dict[str, Any] = {}
         if step % cfg.log_every == 0 or last:

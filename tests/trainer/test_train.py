@@ -130,3 +130,10 @@ def test_bad_setups_fail_before_workers_start(prepared: Path, tmp_path: Path, ca
     assert main(["train", SHAKESPEARE, f"run_dir={run_dir}", *BASE, "train.precision=fp16"]) == 2
     assert "fp16 needs GPUs" in capsys.readouterr().err
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_time_budget_stops_every_rank_at_the_same_step(prepared: Path, tmp_path: Path) -> None:
+    run_dir = _run_dir(prepared, tmp_path, "budget")
+    _train(run_dir, "train.max_steps=1000", "train.time_budget_s=0.001", "train.checkpoint_every=1000")
+    assert [m["step"] for m in _metrics(run_dir)] == [1]  # rank 0's clock decided; no rank waited on another
+    assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 1
