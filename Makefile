@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt --no-build-isolation deepspeed==0.19.8
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m evaluation.lm_eval_plugin install  # lets plain `lm_eval --model raygpt` find our model
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from data_pipeline.config import DataConfig, Section
+from evaluation.config import EvalConfig
 from model.gpt import ModelConfig
 from trainer.config import TrainConfig
 
@@ -83,6 +84,8 @@ class RunConfig(Section):
     """The transformer (`model/gpt.py`)."""
     train: TrainConfig = TrainConfig()
     """Optimization and DeepSpeed (`raygpt train`)."""
+    eval: EvalConfig = EvalConfig()
+    """Intrinsic metrics and lm-evaluation-harness benchmarks (`raygpt eval`)."""
     cluster: ClusterConfig = ClusterConfig()
     """Ray connection and resources."""
 

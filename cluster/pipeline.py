@@ -18,6 +18,7 @@ from ray.train import ScalingConfig
 from cluster.config import RunConfig, save_resolved
 from cluster.ray_connect import connect
 from data_pipeline.prepare import prepare
+from evaluation.run import run_eval
 from trainer.driver import check_data, check_model, train
 
 
@@ -49,7 +50,14 @@ def run_train(cfg: RunConfig, fail_at_step: int | None = None) -> Any:
     )
 
 
-STAGES: dict[str, Callable[[RunConfig], Any]] = {"prepare": run_prepare, "train": run_train}
+def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
+    """Checkpoints → RUN_DIR/eval/results.json + report.md, one Ray task per checkpoint."""
+    connect(cfg.cluster)
+    save_resolved(cfg)
+    return run_eval(cfg.eval, Path(cfg.run_dir), cfg.data_dir)
+
+
+STAGES: dict[str, Callable[[RunConfig], Any]] = {"prepare": run_prepare, "train": run_train, "eval": run_evaluation}
 
 
 def run(cfg: RunConfig) -> None:

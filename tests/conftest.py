@@ -6,13 +6,32 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
+import torch
+
+from data_pipeline.config import TokenizerConfig
+from data_pipeline.tokenizer import train_tokenizer
+from model.gpt import GPT, ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
+SHAKESPEARE = str(REPO / "configs" / "shakespeare.yaml")
+BASE = [  # the debug model on tinyshakespeare shards of vocab 512, seq_len 64: seconds per run
+    "model.preset=debug",
+    "model.overrides={}",
+    "train.micro_batch_size=4",
+    "train.lr=3e-3",
+    "train.warmup_steps=2",
+    "train.eval_every=5",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    "train.time_budget_s=null",
+    "cluster.num_workers=2",
+]
 
 
 def shared_data_dir() -> Path:
@@ -41,3 +60,54 @@ def ray_session() -> Iterator[None]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+ARCHS = {
+    "llama": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2),
+    "gpt2": dict(pos_encoding="learned", norm="layernorm", mlp="gelu", bias=True),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:200_000]
+    tokenizer = train_tokenizer(iter(text.split("\n\n")), TokenizerConfig(vocab_size=300))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def perturbed_model(arch: str, **overrides: object) -> GPT:
+    """A small model whose norms and biases are not at their init values, so export mistakes show."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64, **{**ARCHS[arch], **overrides})
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Path:
+    """tinyshakespeare prepared once per session: RUN_DIR/data with vocab 512, seq_len 64."""
+    from cluster.cli import main
+
+    run_dir = tmp_path_factory.mktemp("prepared")
+    overrides = ["data.tokenizer.vocab_size=512", "data.seq_len=64", "data.shard_bytes=400000"]
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}", *overrides]) == 0
+    return run_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def trained_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir with the prepared data and the debug model trained for 60 steps (RUN_DIR/checkpoint)."""
+    from cluster import pipeline
+    from cluster.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(prepared, run_dir / "data")
+    overrides = ["train.max_steps=60", "train.checkpoint_every=60", "train.eval_every=60", "train.log_every=20",
+                 "train.precision=fp32", "cluster.num_workers=1", "cluster.cpus_per_worker=1"]
+    pipeline.run_train(load_config(SHAKESPEARE, [f"run_dir={run_dir}", *BASE, *overrides]))
+    return run_dir

@@ -43,11 +43,24 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
     return json.loads((data_dir / "manifest.json").read_text())
 
 
+def tokens_per_byte(manifest: dict[str, Any], split: str = "val") -> float:
+    """Tokens (documents' tokens plus one end-of-text each) per UTF-8 byte of document text: turns nats/token into
+    bits per byte, the tokenizer-independent measure."""
+    s = manifest["splits"][split]
+    return (s["doc_tokens"] + s["documents"]) / max(s["text_bytes"], 1)
+
+
 def _samples(path: Path) -> Iterator[np.ndarray]:
     """Blocks of one tar, in order. `nodesplitter=None`: the rank split is ours, not webdataset's."""
     dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
     for sample in dataset:
         yield np.load(io.BytesIO(sample["input_ids.npy"]))
+
+
+def split_blocks(data_dir: Path, split: str) -> Iterator[np.ndarray]:
+    """Every block of a split once, in shard order (consecutive blocks of a shard are consecutive in its token stream)."""
+    for shard in read_manifest(data_dir)["splits"][split]["shards"]:
+        yield from _samples(data_dir / shard["file"])
 
 
 class ShardStream:

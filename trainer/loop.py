@@ -24,7 +24,7 @@ from model.checkpoint import save_checkpoint
 from model.flops import flops_per_token, mfu, peak_flops
 from model.gpt import GPT, ModelConfig
 from trainer.config import TrainConfig, deepspeed_config, lr_at
-from trainer.data import Position, ShardStream, read_manifest, val_blocks
+from trainer.data import Position, ShardStream, read_manifest, tokens_per_byte, val_blocks
 
 DS_TAG = "ds"
 STATE = "raygpt_state_rank{rank}.json"  # step, data position and RNG of one rank
@@ -110,8 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data_dir, run_dir = Path(config["data_dir"]), Path(config["run_dir"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     manifest = read_manifest(data_dir)
-    val = manifest["splits"]["val"]
-    tokens_per_byte = (val["doc_tokens"] + val["documents"]) / max(val["text_bytes"], 1)
+    per_byte = tokens_per_byte(manifest)
 
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     model = GPT(model_cfg)
@@ -180,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             window_start, window_steps = time.perf_counter(), 0
         if step % cfg.eval_every == 0 or last:
-            metrics["val_loss"], metrics["val_bpb"] = _evaluate(engine, data_dir, cfg, tokens_per_byte)
+            metrics["val_loss"], metrics["val_bpb"] = _evaluate(engine, data_dir, cfg, per_byte)
         if metrics:
             metrics.setdefault("step", step)
             if rank == 0:

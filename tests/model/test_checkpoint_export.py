@@ -16,7 +16,7 @@ from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.export import ExportError, architecture, export
 from model.generate import generate
 from model.gpt import GPT, ModelConfig
-from tests.model.conftest import perturbed_model
+from tests.conftest import perturbed_model
 
 
 def test_round_trip_is_exact(checkpoint: Path) -> None:

@@ -12,7 +12,7 @@ from cluster.cli import main
 from model.flops import flops_per_token, matmul_params, mfu, peak_flops
 from model.generate import filter_logits, generate, generate_tokens
 from model.gpt import GPT, ModelConfig
-from tests.model.conftest import perturbed_model
+from tests.conftest import perturbed_model
 
 
 def test_filter_logits_top_k_and_top_p() -> None:

@@ -16,29 +16,7 @@ from cluster import pipeline
 from cluster.cli import main
 from cluster.config import load_config
 from model.checkpoint import load_checkpoint
-from tests.conftest import REPO
-
-SHAKESPEARE = str(REPO / "configs" / "shakespeare.yaml")
-BASE = [
-    "model.preset=debug",
-    "model.overrides={}",
-    "train.micro_batch_size=4",
-    "train.lr=3e-3",
-    "train.warmup_steps=2",
-    "train.eval_every=5",
-    "train.eval_batches=2",
-    "train.log_every=1",
-    "train.time_budget_s=null",
-    "cluster.num_workers=2",
-]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Path:
-    run_dir = tmp_path_factory.mktemp("prepared")
-    overrides = ["data.tokenizer.vocab_size=512", "data.seq_len=64", "data.shard_bytes=400000"]
-    assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}", *overrides]) == 0
-    return run_dir / "data"
+from tests.conftest import BASE, SHAKESPEARE
 
 
 def _run_dir(prepared: Path, tmp_path: Path, name: str) -> Path:

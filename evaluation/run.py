@@ -1,0 +1,166 @@
+"""`raygpt eval CONFIG`: every configured checkpoint evaluated in its own Ray task → RUN_DIR/eval/{results.json,report.md}.
+
+    raygpt eval configs/demo.yaml
+    raygpt eval configs/demo.yaml eval.checkpoints=[runs/a/checkpoint,runs/b/checkpoint] eval.tasks=[wikitext]
+
+Each task reserves `eval.num_cpus` / `eval.num_gpus`, so several checkpoints run in parallel where resources allow.
+Everything checkable (task names, local files, checkpoints) is checked in the driver before any task starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from evaluation.config import EvalConfig, EvalError
+from evaluation.tasks import code_execution_env, resolve
+from model.checkpoint import CheckpointError, load_config
+
+RESULTS, REPORT = "results.json", "report.md"
+
+
+def _headline(task_results: dict[str, Any]) -> dict[str, float]:
+    """The numeric metrics of one lm-eval task result, without stderr entries ("exact_match,strict-match": 0.1)."""
+    return {k: v for k, v in task_results.items() if isinstance(v, (int, float)) and "_stderr" not in k and k not in ("alias", "sample_len")}
+
+
+def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, work_dir: str) -> dict[str, Any]:
+    """Intrinsic metrics and lm-eval tasks of one checkpoint (runs inside a Ray task, or in-process)."""
+    import lm_eval
+    import torch
+
+    from evaluation.intrinsic import score_text, score_val_shards
+    from evaluation.lm import RaygptLM
+
+    started = time.perf_counter()
+    device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    lm = RaygptLM(checkpoint, batch_size=cfg.batch_size, device=device, dtype=cfg.precision, seed=cfg.seed)
+    context = lm.max_length
+    stride = min(cfg.stride or context, context)
+    out: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "step": lm.step, "params": lm.model.num_params(), "device": device,
+        "precision": cfg.precision, "context": context, "stride": stride, "intrinsic": {}, "tasks": {},
+    }
+    if cfg.val_shards and data_dir and (Path(data_dir) / "manifest.json").is_file():
+        score = score_val_shards(lm.model, Path(data_dir), context, stride, cfg.batch_size, cfg.max_tokens)
+        out["intrinsic"]["val"] = score.to_json()
+    for name, path in cfg.texts.items():
+        text = Path(path).read_text(encoding="utf-8")
+        score = score_text(lm.model, text, lm.tokenizer, lm.eot_token_id, context, stride, cfg.batch_size, cfg.max_tokens, name)
+        out["intrinsic"][name] = score.to_json()
+    if cfg.tasks:
+        os.environ.update(code_execution_env(cfg))
+        specs, skipped, manager = resolve(cfg, Path(work_dir))
+        out["skipped"] = skipped
+        if specs:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=specs, task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
+                bootstrap_iters=1000, log_samples=False, confirm_run_unsafe_code=cfg.allow_code_execution,
+                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed,
+            )
+            out["tasks"] = {task: _headline(r) for task, r in results["results"].items()}
+            out["lm_eval"] = {
+                "results": results["results"], "versions": results.get("versions", {}),
+                "n-shot": results.get("n-shot", {}), "n-samples": results.get("n-samples", {}),
+                "higher_is_better": results.get("higher_is_better", {}),
+                "datasets": {
+                    t: {k: c.get(k) for k in ("dataset_path", "dataset_name", "dataset_kwargs", "test_split",
+                                              "validation_split", "fewshot_split")}
+                    for t, c in results.get("configs", {}).items()
+                },
+            }
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    return out
+
+
+def check(cfg: EvalConfig, checkpoints: list[str], work_dir: Path) -> None:
+    """Fail fast, with one line, on anything that would fail inside a task."""
+    for checkpoint in checkpoints:
+        try:
+            load_config(checkpoint)
+        except CheckpointError as e:
+            raise EvalError(f"eval.checkpoints: {e}") from None
+    for name, path in cfg.texts.items():
+        if not Path(path).is_file():
+            raise EvalError(f"eval.texts.{name}: file not found: {path}")
+    if cfg.tasks or cfg.local_data:
+        resolve(cfg, work_dir)
+
+
+def fingerprint(cfg: EvalConfig, checkpoints: list[str]) -> str:
+    """Identifies an evaluation: its config and the exact weights of every checkpoint."""
+    digest = hashlib.sha256(cfg.model_dump_json().encode())
+    for checkpoint in checkpoints:
+        weights = (Path(checkpoint) / "model.safetensors").stat()
+        digest.update(f"{Path(checkpoint).resolve()}:{weights.st_size}:{weights.st_mtime_ns}".encode())
+        digest.update((Path(checkpoint) / "config.json").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def report_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per (source, metric), one column per checkpoint."""
+    runs = results["checkpoints"]
+    rows: dict[tuple[str, str], list[str]] = {}
+    for i, run in enumerate(runs):
+        for source, metrics in run["intrinsic"].items():
+            for metric in ("bits_per_byte", "token_perplexity", "byte_perplexity"):
+                rows.setdefault((source, metric), [""] * len(runs))[i] = f"{metrics[metric]:.4f}"
+        for task, metrics in run.get("tasks", {}).items():
+            for metric, value in metrics.items():
+                rows.setdefault((task, metric), [""] * len(runs))[i] = f"{value:.4f}"
+        for task, reason in run.get("skipped", {}).items():
+            rows.setdefault((task, "skipped"), [""] * len(runs))[i] = reason
+    header = ["source", "metric", *[f"{Path(r['checkpoint']).name} (step {r['step']})" for r in runs]]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join([source, metric, *values]) + " |" for (source, metric), values in rows.items()]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_eval(cfg: EvalConfig, run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate every checkpoint as a Ray task (Ray must be connected); skipped when results for the same config and
+    weights exist."""
+    import lm_eval
+
+    checkpoints = [str(Path(c)) for c in cfg.checkpoints] or [str(run_dir / "checkpoint")]
+    work_dir = run_dir / "eval"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    check(cfg, checkpoints, work_dir)
+    key = fingerprint(cfg, checkpoints)
+    results_path = work_dir / RESULTS
+    if results_path.is_file():
+        previous = json.loads(results_path.read_text())
+        if previous.get("fingerprint") == key:
+            print(f"[eval] {results_path} is complete for this config and these checkpoints; skipping", flush=True)
+            print(report_table(previous), flush=True)
+            return previous
+    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate_checkpoint).options(
+        runtime_env={"env_vars": {**code_execution_env(cfg), "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
+    )
+    refs = [task.remote(c, cfg, str(data_dir) if data_dir else None, str(work_dir)) for c in checkpoints]
+    print(f"[eval] {len(refs)} checkpoint(s): {', '.join(checkpoints)}", flush=True)
+    results = {
+        "fingerprint": key, "lm_eval_version": lm_eval.__version__, "eval_config": cfg.model_dump(mode="json"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": ray.get(refs),
+    }
+    _write_atomic(results_path, json.dumps(results, indent=2))
+    table = report_table(results)
+    _write_atomic(work_dir / REPORT, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in {RESULTS}.\n")
+    print(table, flush=True)
+    for run in results["checkpoints"]:
+        for task, reason in run.get("skipped", {}).items():
+            print(f"[eval] skipped {task}: {reason}", flush=True)
+    return results
