@@ -3,6 +3,7 @@
     raygpt prepare  CONFIG [section.key=value ...]   corpus → tokenizer + shards in RUN_DIR/data
     raygpt train    CONFIG [section.key=value ...]   shards → checkpoints (Ray Train + DeepSpeed), resumes
     raygpt eval     CONFIG [section.key=value ...]   checkpoints → RUN_DIR/eval/{results.json,report.md}
+    raygpt quantize CONFIG [section.key=value ...]   int8 / 4-bit / bitsandbytes checkpoints + report vs full precision
     raygpt run      CONFIG [section.key=value ...]   the main job: every stage in order
     raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
@@ -21,9 +22,10 @@ from data_pipeline.config import DataError
 from evaluation.config import EvalError
 from model.checkpoint import CheckpointError
 from model.export import ExportError, export
+from model.quantize import QuantizeError
 from model.sample import stream_text
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, EvalError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, EvalError, QuantizeError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         ("prepare", "corpus → tokenizer + webdataset shards in RUN_DIR/data"),
         ("train", "shards → checkpoints with Ray Train + DeepSpeed (resumes from the newest checkpoint)"),
         ("eval", "bits per byte, perplexity and lm-evaluation-harness tasks of the checkpoints"),
+        ("quantize", "post-training int8 / 4-bit quantization of the checkpoint, evaluated against full precision"),
         ("run", "the main job: every stage in order"),
     ):
         sub = commands.add_parser(name, help=help_text)

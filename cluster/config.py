@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from data_pipeline.config import DataConfig, Section
-from evaluation.config import EvalConfig
+from evaluation.config import EvalConfig, QuantizeConfig
 from model.gpt import ModelConfig
 from trainer.config import TrainConfig
 
@@ -86,6 +86,8 @@ class RunConfig(Section):
     """Optimization and DeepSpeed (`raygpt train`)."""
     eval: EvalConfig = EvalConfig()
     """Intrinsic metrics and lm-evaluation-harness benchmarks (`raygpt eval`)."""
+    quantize: QuantizeConfig = QuantizeConfig()
+    """Post-training quantization of the final checkpoint (`raygpt quantize`)."""
     cluster: ClusterConfig = ClusterConfig()
     """Ray connection and resources."""
 

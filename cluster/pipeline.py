@@ -18,6 +18,7 @@ from ray.train import ScalingConfig
 from cluster.config import RunConfig, save_resolved
 from cluster.ray_connect import connect
 from data_pipeline.prepare import prepare
+from evaluation.quantize import run_quantize
 from evaluation.run import run_eval
 from trainer.driver import check_data, check_model, train
 
@@ -57,7 +58,16 @@ def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
     return run_eval(cfg.eval, Path(cfg.run_dir), cfg.data_dir)
 
 
-STAGES: dict[str, Callable[[RunConfig], Any]] = {"prepare": run_prepare, "train": run_train, "eval": run_evaluation}
+def run_quantization(cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint → RUN_DIR/quantized/<method>/ for every configured method + report vs full precision."""
+    connect(cfg.cluster)
+    save_resolved(cfg)
+    return run_quantize(cfg.quantize, cfg.eval, Path(cfg.run_dir), cfg.data_dir)
+
+
+STAGES: dict[str, Callable[[RunConfig], Any]] = {
+    "prepare": run_prepare, "train": run_train, "eval": run_evaluation, "quantize": run_quantization,
+}
 
 
 def run(cfg: RunConfig) -> None:

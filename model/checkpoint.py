@@ -35,8 +35,8 @@ def save_checkpoint(model: GPT, folder: str | Path, tokenizer_file: str | Path, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight")  # the same tensor as wte.weight
+    if model.cfg.tie_embeddings and "wte.weight" in state:
+        state.pop("lm_head.weight")  # the same tensor as wte.weight (a quantized model stores it once already)
     save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "model": model.cfg.model_dump(), **(extra or {})}
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -71,10 +71,20 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
             raise CheckpointError(f"{folder}: missing {name}")
     cfg = load_config(folder)
     try:
-        state = load_file(str(folder / WEIGHTS), device=str(device))
+        state = load_file(str(folder / WEIGHTS), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{folder / WEIGHTS}: corrupt safetensors file ({e})") from None
-    model = GPT(cfg).to(device)
+    record = json.loads((folder / CONFIG).read_text()).get("quantization")
+    if record is not None:  # written by `raygpt quantize` (model/quantize.py)
+        from model.quantize import QuantizeError, build_quantized, load_quantized_state
+
+        model = build_quantized(GPT(cfg), record)
+        try:
+            load_quantized_state(model, state, record)
+        except (QuantizeError, RuntimeError) as e:
+            raise CheckpointError(f"{folder / WEIGHTS}: {str(e).splitlines()[0]}") from None
+        return model.to(device).eval(), cfg, folder / TOKENIZER
+    model = GPT(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -88,4 +98,4 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
                 f"{folder / WEIGHTS}: {name} has shape {tuple(state[name].shape)}, the config needs {tuple(shape)}"
             )
     model.load_state_dict(state, strict=not cfg.tie_embeddings)
-    return model.eval(), cfg, folder / TOKENIZER
+    return model.to(device).eval(), cfg, folder / TOKENIZER

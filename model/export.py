@@ -115,8 +115,10 @@ def hf_tokenizer(tokenizer_file: Path, eot_token: str) -> PreTrainedTokenizerFas
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write config.json, model.safetensors and tokenizer files for transformers; temp folder, then rename."""
+    meta = json.loads((Path(checkpoint) / "config.json").read_text()) if (Path(checkpoint) / "config.json").is_file() else {}
+    if "quantization" in meta:
+        raise ExportError(f"{checkpoint}: a quantized checkpoint ({meta['quantization']['method']}); export the full-precision one")
     model, cfg, tokenizer_file = load_checkpoint(checkpoint)
-    meta = json.loads((Path(checkpoint) / "config.json").read_text())
     hf = to_hf(model).eval()
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")

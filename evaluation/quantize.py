@@ -1,0 +1,205 @@
+"""`raygpt quantize CONFIG`: each configured method in its own Ray task → RUN_DIR/quantized/<method>/, then one
+report comparing them with full precision (RUN_DIR/quantized/report.json, and a table added to RUN_DIR/eval/report.md).
+
+    raygpt quantize configs/demo.yaml
+    raygpt quantize configs/demo.yaml quantize.methods=[int8,gptq] quantize.group_size=64
+
+Phase 1 (parallel tasks): quantize (timing the calibration), save, and evaluate each checkpoint with the `eval`
+section (bits per byte on the val shards and texts; its lm-eval tasks too when `quantize.eval_tasks`); the
+full-precision checkpoint is evaluated the same way. Phase 2 (one task, so timings do not compete for cores): decode
+tokens/s of full precision and every method, measured alternately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from evaluation.config import EvalConfig, QuantizeConfig
+from evaluation.run import evaluate_checkpoint, report_table
+from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_config
+
+FULL = "fp32"
+
+
+def _check_data(data_dir: Path, vocab_size: int, needs_calibration: bool) -> None:
+    from model.quantize import QuantizeError
+
+    manifest = data_dir / "manifest.json"
+    if not manifest.is_file():
+        if needs_calibration:
+            raise QuantizeError(f"gptq/awq need calibration data: no prepared shards at {data_dir} (run raygpt prepare)")
+        return
+    data_vocab = json.loads(manifest.read_text())["vocab_size"]
+    if data_vocab != vocab_size:
+        raise QuantizeError(f"the checkpoint has vocab_size {vocab_size} but the data in {data_dir} has {data_vocab}")
+
+
+def calibration_ids(data_dir: Path, samples: int) -> Any:
+    """The first `samples` train blocks as (N, seq_len) token ids."""
+    import numpy as np
+    import torch
+
+    from trainer.data import split_blocks
+
+    blocks = []
+    for block in split_blocks(data_dir, "train"):
+        blocks.append(block[:-1].astype(np.int64))
+        if len(blocks) == samples:
+            break
+    return torch.from_numpy(np.stack(blocks))
+
+
+def quantize_and_evaluate(
+    method: str, cfg: QuantizeConfig, checkpoint: str, data_dir: str, out_dir: str, eval_cfg: EvalConfig,
+) -> dict[str, Any]:
+    """One method (or FULL): quantize, save, evaluate (runs in a Ray task)."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.quantize import CALIBRATED, METHODS, quantize_model
+
+    folder, record, seconds = Path(checkpoint), None, 0.0
+    if method != FULL:
+        model, _, tokenizer = load_checkpoint(checkpoint)
+        calibration = calibration_ids(Path(data_dir), cfg.calibration_samples) if method in CALIBRATED else None
+        started = time.perf_counter()
+        record = quantize_model(model, method, cfg.group_size, calibration, cfg.act_order, cfg.damp)
+        seconds = time.perf_counter() - started
+        meta = json.loads((Path(checkpoint) / CONFIG).read_text())
+        extra = {"step": meta.get("step"), "eot_token": meta.get("eot_token"), "quantization": record}
+        folder = save_checkpoint(model, Path(out_dir) / method, tokenizer, extra=extra)
+    evaluation = evaluate_checkpoint(str(folder), eval_cfg if cfg.eval_tasks else eval_cfg.model_copy(update={"tasks": []}),
+                                     data_dir, str(Path(out_dir) / "eval-work"))
+    return {
+        "method": method, "bits": METHODS.get(method, 32), "group_size": (record or {}).get("group_size"),
+        "act_order": (record or {}).get("act_order"), "checkpoint": str(folder),
+        "size_bytes": (folder / WEIGHTS).stat().st_size, "calibration_s": round(seconds, 2),
+        "calibration_samples": cfg.calibration_samples if method in CALIBRATED else 0, "eval": evaluation,
+    }
+
+
+def decode_speeds(folders: dict[str, str], new_tokens: int, rounds: int = 3) -> dict[str, float]:
+    """Greedy decode tokens/s (batch 1, no early stop) of each checkpoint, measured round-robin after a warm-up."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.generate import generate_tokens
+
+    models = {name: load_checkpoint(folder)[0] for name, folder in folders.items()}
+    prompt = torch.arange(16)[None, :] % next(iter(models.values())).cfg.vocab_size
+    new_tokens = min(new_tokens, next(iter(models.values())).cfg.block_size - 16)
+
+    def run(model: Any) -> float:
+        started = time.perf_counter()
+        for _ in generate_tokens(model, prompt, new_tokens):
+            pass
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, model in models.items():
+        run(model)
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(run(model))
+    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
+
+
+def _bpb(result: dict[str, Any]) -> float | None:
+    intrinsic = result["eval"]["intrinsic"]
+    source = "val" if "val" in intrinsic else next(iter(intrinsic), None)
+    return intrinsic[source]["bits_per_byte"] if source else None
+
+
+def comparison_table(report: dict[str, Any]) -> str:
+    lines = [
+        "| method | bits | group | size vs fp32 | size vs bf16 | val bpb | Δ bpb | decode tok/s | vs fp32 | calibration s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in [report["full_precision"], *report["methods"]]:
+        bpb = f"{r['val_bpb']:.4f}" if r["val_bpb"] is not None else "-"
+        delta = f"{r['delta_bpb_pct']:+.2f}%" if r.get("delta_bpb_pct") is not None else "-"
+        lines.append(
+            f"| {r['method']} | {r['bits']} | {r['group_size'] or '-'} | {r['size_vs_fp32']:.3f} | {r['size_vs_bf16']:.3f} "
+            f"| {bpb} | {delta} | {r['decode_tokens_per_s']:.1f} | {r['decode_vs_fp32']:.2f} | {r['calibration_s']} |"
+        )
+    return "\n".join(lines)
+
+
+def _fingerprint(cfg: QuantizeConfig, eval_cfg: EvalConfig, checkpoint: Path) -> str:
+    weights = (checkpoint / WEIGHTS).stat()
+    text = f"{cfg.model_dump_json()}{eval_cfg.model_dump_json()}{checkpoint.resolve()}:{weights.st_size}:{weights.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, run_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """Every method as a Ray task (Ray must be connected), then the decode timings and the report."""
+    from model.quantize import CALIBRATED, QuantizeError
+
+    checkpoint = Path(cfg.checkpoint or run_dir / "checkpoint")
+    try:
+        model_cfg = load_config(checkpoint)
+    except CheckpointError as e:
+        raise QuantizeError(f"quantize.checkpoint: {e}") from None
+    meta = json.loads((checkpoint / CONFIG).read_text())
+    if "quantization" in meta:
+        raise QuantizeError(f"quantize.checkpoint: {checkpoint} is already quantized ({meta['quantization']['method']})")
+    _check_data(data_dir, model_cfg.vocab_size, bool(CALIBRATED & set(cfg.methods)))
+    out_dir = run_dir / "quantized"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = _fingerprint(cfg, eval_cfg, checkpoint)
+    report_path = out_dir / "report.json"
+    if report_path.is_file() and json.loads(report_path.read_text()).get("fingerprint") == key:
+        report = json.loads(report_path.read_text())
+        print(f"[quantize] {report_path} is complete for this config and checkpoint; skipping", flush=True)
+        print(comparison_table(report), flush=True)
+        return report
+
+    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(quantize_and_evaluate).options(
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
+    )
+    methods = [FULL, *cfg.methods]
+    print(f"[quantize] {', '.join(cfg.methods)} of {checkpoint}", flush=True)
+    refs = [task.remote(m, cfg, str(checkpoint), str(data_dir), str(out_dir), eval_cfg) for m in methods]
+    results = dict(zip(methods, ray.get(refs)))
+    speeds = ray.get(
+        ray.remote(num_cpus=cfg.num_cpus)(decode_speeds).remote({m: r["checkpoint"] for m, r in results.items()},
+                                                                cfg.decode_tokens)
+    )
+    full = results[FULL]
+    rows = []
+    for method, r in results.items():
+        row = {k: r[k] for k in ("method", "bits", "group_size", "act_order", "checkpoint", "size_bytes",
+                                 "calibration_s", "calibration_samples")}
+        row["size_vs_fp32"] = r["size_bytes"] / full["size_bytes"]
+        row["size_vs_bf16"] = r["size_bytes"] / (full["size_bytes"] / 2)
+        row["val_bpb"] = _bpb(r)
+        row["delta_bpb_pct"] = (100 * (row["val_bpb"] / _bpb(full) - 1)) if row["val_bpb"] and method != FULL else None
+        row["decode_tokens_per_s"] = speeds[method]
+        row["decode_vs_fp32"] = speeds[method] / speeds[FULL]
+        row["eval"] = r["eval"]
+        rows.append(row)
+        if method != FULL:
+            _write_atomic(Path(r["checkpoint"]) / "report.json", json.dumps(row, indent=2))
+    report = {"fingerprint": key, "checkpoint": str(checkpoint), "config": cfg.model_dump(mode="json"),
+              "full_precision": rows[0], "methods": rows[1:]}
+    _write_atomic(report_path, json.dumps(report, indent=2))
+    table = comparison_table(report)
+    eval_report = run_dir / "eval" / "report.md"
+    previous = eval_report.read_text().split("\n## Quantization\n")[0] if eval_report.is_file() else "# Evaluation\n"
+    full_tasks = report_table({"checkpoints": [r["eval"] for r in rows]})
+    eval_report.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(eval_report, f"{previous.rstrip()}\n\n## Quantization\n\n{table}\n\nEvery metric, per checkpoint:"
+                               f"\n\n{full_tasks}\n")
+    print(table, flush=True)
+    return report
