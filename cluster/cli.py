@@ -4,7 +4,10 @@
     raygpt train    CONFIG [section.key=value ...]   shards → checkpoints (Ray Train + DeepSpeed), resumes
     raygpt eval     CONFIG [section.key=value ...]   checkpoints → RUN_DIR/eval/{results.json,report.md}
     raygpt quantize CONFIG [section.key=value ...]   int8 / 4-bit / bitsandbytes checkpoints + report vs full precision
-    raygpt run      CONFIG [section.key=value ...]   the main job: every stage in order
+    raygpt sample   CONFIG [section.key=value ...]   the final checkpoint continues sample.prompt → RUN_DIR/sample.txt
+    raygpt run      CONFIG [section.key=value ...]   the main job: prepare → train → eval → quantize → sample
+    raygpt submit   --address http://HOST:8265 [--no-wait] -- SUBCOMMAND ARGS...   as a Ray job; exits with its status
+    raygpt jobs     list|status|logs|stop [JOB_ID] --address http://HOST:8265
     raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
 
@@ -18,6 +21,7 @@ import sys
 
 from cluster import pipeline
 from cluster.config import ConfigError, load_config
+from cluster.jobs import JobError, jobs_command, submit
 from data_pipeline.config import DataError
 from evaluation.config import EvalError
 from model.checkpoint import CheckpointError
@@ -25,7 +29,7 @@ from model.export import ExportError, export
 from model.quantize import QuantizeError
 from model.sample import stream_text
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, EvalError, QuantizeError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, EvalError, QuantizeError, JobError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         ("train", "shards → checkpoints with Ray Train + DeepSpeed (resumes from the newest checkpoint)"),
         ("eval", "bits per byte, perplexity and lm-evaluation-harness tasks of the checkpoints"),
         ("quantize", "post-training int8 / 4-bit quantization of the checkpoint, evaluated against full precision"),
-        ("run", "the main job: every stage in order"),
+        ("sample", "the final checkpoint continues sample.prompt → RUN_DIR/sample.txt"),
+        ("run", "the main job: prepare → train → eval → quantize → sample"),
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
@@ -49,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
+    sub = commands.add_parser("submit", help="run a raygpt subcommand as a Ray job on a cluster, streaming its logs")
+    sub.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    sub.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's working_dir")
+    sub.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="env var for the job")
+    sub.add_argument("--job-id", help="submission id (default: generated)")
+    sub.add_argument("--no-wait", action="store_true", help="return after submitting")
+    sub.add_argument("argv", nargs=argparse.REMAINDER, help="-- SUBCOMMAND ARGS, e.g. -- run configs/cloud_gpu.yaml")
+    jobs = commands.add_parser("jobs", help="list Ray jobs, or show the status / logs of one, or stop it")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     exp = commands.add_parser("export", help="write a checkpoint in Hugging Face format")
     exp.add_argument("checkpoint")
     exp.add_argument("--out", required=True, help="output folder")
@@ -74,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "export":
             print(f"exported to {export(args.checkpoint, args.out)}")
+        elif args.command == "submit":
+            argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            env = dict(item.split("=", 1) for item in args.env)
+            return submit(args.address, argv, args.working_dir, env, follow=not args.no_wait, job_id=args.job_id)
+        elif args.command == "jobs":
+            return jobs_command(args.action, args.address, args.job_id, args.follow)
         else:
             cfg = load_config(args.config, args.overrides)
             if args.command == "run":

@@ -49,6 +49,24 @@ class ClusterConfig(Section):
     """Worker-group restarts (from the last checkpoint) before the run fails; -1 retries forever."""
     num_to_keep: int = Field(default=2, ge=1)
     """Training checkpoints kept in storage (the newest ones)."""
+    runtime_env: dict[str, Any] = {}
+    """Ray runtime_env for the work this process starts on an existing cluster (working_dir, py_modules, env_vars,
+    pip, ...); unused for a local Ray. Jobs from `raygpt submit` already carry the repository and these env vars."""
+
+
+class SampleConfig(Section):
+    """The last stage of `raygpt run`: a generated sample from the final checkpoint (RUN_DIR/sample.txt)."""
+
+    prompt: str = "def "
+    """Text the sample continues."""
+    max_new_tokens: int = Field(default=128, ge=1)
+    """Tokens generated."""
+    temperature: float = Field(default=0.8, ge=0)
+    """Sampling temperature; 0 is greedy."""
+    top_k: int | None = Field(default=50, ge=1)
+    """Sample among the k most likely tokens; None for all."""
+    seed: int = 0
+    """Seed of the sampling."""
 
 
 class ModelSection(Section):
@@ -88,6 +106,8 @@ class RunConfig(Section):
     """Intrinsic metrics and lm-evaluation-harness benchmarks (`raygpt eval`)."""
     quantize: QuantizeConfig = QuantizeConfig()
     """Post-training quantization of the final checkpoint (`raygpt quantize`)."""
+    sample: SampleConfig = SampleConfig()
+    """A generated sample at the end of `raygpt run`."""
     cluster: ClusterConfig = ClusterConfig()
     """Ray connection and resources."""
 

@@ -17,7 +17,7 @@ def connect(cfg: ClusterConfig) -> int:
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=cfg.runtime_env or None)
         else:
             # address="local" always starts a fresh local instance (a stale ray_current_cluster file can't redirect it);
             # the dashboard stays off locally, so nothing listens beyond what Ray itself needs.
