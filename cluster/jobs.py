@@ -78,11 +78,18 @@ def submit(
         raise JobError("nothing to submit: raygpt submit --address URL -- SUBCOMMAND ARGS")
     jobs = client(address)
     entrypoint = shlex.join(["raygpt", *argv])
-    try:
-        job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir, env_vars or {}),
-                                 submission_id=job_id)
-    except RuntimeError as e:
-        raise JobError(f"the job server refused the job: {str(e).splitlines()[0]}") from None
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir, env_vars or {}),
+                                     submission_id=job_id)
+            break
+        except RuntimeError as e:
+            # a cluster that just started may not have registered its job agent yet: Ray asks to retry
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise JobError(f"the job server refused the job: {str(e).splitlines()[0]}") from None
     print(f"[submit] {job_id}: {entrypoint}", flush=True)
     if not follow:
         return 0

@@ -111,6 +111,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     manifest = read_manifest(data_dir)
     per_byte = tokens_per_byte(manifest)
+    node = ray.get_runtime_context().get_node_id()
+    print(f"[train] rank {rank}/{world} on node {node} ({ray.util.get_node_ip_address()})", flush=True)
 
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     model = GPT(model_cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from ray.cluster_utils import Cluster
 from ray.job_submission import JobSubmissionClient
 
 from cluster.cli import main
-from tests.cluster.test_multinode import _free_port
+from tests.cluster.conftest import free_port
 from tests.conftest import BASE, REPO, SHAKESPEARE
 
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
@@ -36,7 +37,11 @@ def _autoscaling_config(gcs_address: str) -> dict:
         "max_workers": 2,
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": 0.1,
-        "provider": {"type": "external", "module": PROVIDER, "gcs_address": gcs_address},
+        "provider": {
+            "type": "external", "module": PROVIDER, "gcs_address": gcs_address,
+            "use_node_id_as_ip": True,  # every fake node has this machine's IP
+            "disable_node_updaters": True, "disable_launch_config_check": True,  # nothing to ssh into
+        },
         "auth": {},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
@@ -59,8 +64,8 @@ def _alive_nodes(gcs_address: str) -> int:
 
 
 @pytest.fixture
-def autoscaling_cluster(cluster_env: None, ray_session: None, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    port, dashboard = _free_port(), _free_port()
+def autoscaling_cluster(cluster_env: None, ray_session: None, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    port, dashboard = free_port(), free_port()
     gcs_address = f"{ray.util.get_node_ip_address()}:{port}"
     config = tmp_path / "autoscaling.json"
     config.write_text(json.dumps(_autoscaling_config(gcs_address)))
@@ -68,8 +73,9 @@ def autoscaling_cluster(cluster_env: None, ray_session: None, tmp_path: Path) ->
     os.environ.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "port": port, "autoscaling_config": str(config), "include_dashboard": True,
-                        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard},
+        head_node_args={"num_cpus": 0, "gcs_server_port": port, "autoscaling_config": str(config), "include_dashboard": True,
+                        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
+                        "dashboard_agent_listen_port": free_port()},
     )
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 60
@@ -81,25 +87,27 @@ def autoscaling_cluster(cluster_env: None, ray_session: None, tmp_path: Path) ->
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
-    yield url, gcs_address
+    yield url, gcs_address, cluster.head_node.node_id
     cluster.shutdown()
     for key, value in saved.items():
         os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def test_scales_up_for_training_and_down_when_idle(
-    autoscaling_cluster: tuple[str, str], prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    autoscaling_cluster: tuple[str, str, str], prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url, gcs_address = autoscaling_cluster
+    url, gcs_address, head_id = autoscaling_cluster
     assert _alive_nodes(gcs_address) == 1  # the head alone: 0 workers
     run_dir = tmp_path / "run"
     shutil.copytree(prepared, run_dir / "data")
     overrides = [f"run_dir={run_dir}", *BASE, "train.max_steps=4", "train.checkpoint_every=4", "train.eval_every=4",
                  "cluster.num_workers=2", "cluster.cpus_per_worker=1"]
     rc = main(["submit", "--address", url, "--working-dir", str(REPO), "--", "train", SHAKESPEARE, *overrides])
-    out = capsys.readouterr().out
-    assert rc == 0, out[-3000:]
-    assert "node_rank=1" in out  # the head has no CPUs: both workers ran on nodes the autoscaler added
+    captured = capsys.readouterr()
+    out = captured.out
+    assert rc == 0, out[-3000:] + captured.err[-2000:]
+    nodes = dict(re.findall(r"\[train\] rank (\d)/2 on node (\w+)", out))
+    assert set(nodes) == {"0", "1"} and head_id not in nodes.values()  # both ran on nodes the autoscaler added
     assert (run_dir / "checkpoint" / "model.safetensors").is_file()
     deadline = time.monotonic() + 180
     while (alive := _alive_nodes(gcs_address)) > 1:  # idle_timeout_minutes=0.1: the workers go

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import sys
 import time
 import urllib.error
@@ -19,41 +19,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
-import yaml
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cluster.cli import main
 from model.checkpoint import load_checkpoint
+from tests.cluster.conftest import free_port
 from tests.conftest import BASE, REPO, SHAKESPEARE
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cluster_env() -> Iterator[None]:
-    """Token authentication on (as on the cloud clusters), and `raygpt` on PATH for job entrypoints."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PATH")}
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    yield
-    for key, value in saved.items():
-        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")
 def two_nodes(cluster_env: None, ray_session: None) -> Iterator[str]:
     """A head (dashboard + job server on 127.0.0.1) and one worker node, 2 CPUs each; yields the job server URL."""
-    port = _free_port()
+    port = free_port()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                        "dashboard_port": port, "port": _free_port()},
+                        "dashboard_port": port, "gcs_server_port": free_port(),
+                        "dashboard_agent_listen_port": free_port()},
     )
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
@@ -84,10 +67,12 @@ def test_submit_trains_across_two_nodes(
                  f"cluster.storage_path={shared}"]
     rc = main(["submit", "--address", two_nodes, "--working-dir", str(REPO), "--job-id", "raygpt-2node",
                "--", "train", SHAKESPEARE, *overrides])
-    out = capsys.readouterr().out
-    assert rc == 0, out[-3000:]
+    captured = capsys.readouterr()
+    out = captured.out
+    assert rc == 0, out[-3000:] + captured.err[-2000:]
     assert "raygpt-2node SUCCEEDED" in out
-    assert "world_rank=0" in out and "node_rank=1" in out  # the second worker ran on the second node
+    nodes = dict(re.findall(r"\[train\] rank (\d)/2 on node (\w+)", out))
+    assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"]  # the two ranks ran on different nodes
     model, cfg, _ = load_checkpoint(run_dir / "checkpoint")
     assert cfg.n_layer == 2 and json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 6
     assert any(shared.rglob("checkpoint_*"))  # Ray Train's checkpoints in the shared storage
@@ -111,11 +96,10 @@ def test_job_without_the_token_is_refused(two_nodes: str) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code in (401, 403)
-    from ray._private.authentication.authentication_token_setup import AuthenticationTokenLoader
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
-    token = AuthenticationTokenLoader.instance().get_token()  # the same request with the token goes through
-    token = token if isinstance(token, str) else token.get_value() if hasattr(token, "get_value") else str(token)
-    request.add_header("Authorization", f"Bearer {token}")
+    for key, value in get_auth_headers_if_auth_enabled({}).items():  # the same request with the token goes through
+        request.add_header(key, value)
     with urllib.request.urlopen(request, timeout=30) as accepted:
         job_id = json.loads(accepted.read())["submission_id"]
     client = JobSubmissionClient(two_nodes)
