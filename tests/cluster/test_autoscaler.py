@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from ray.job_submission import JobSubmissionClient
 
 from cluster.cli import main
-from tests.cluster.conftest import free_port
+from tests.cluster.conftest import free_port, wait_for_job_server
 from tests.conftest import BASE, REPO, SHAKESPEARE
 
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
@@ -78,15 +77,7 @@ def autoscaling_cluster(cluster_env: None, ray_session: None, tmp_path: Path) ->
                         "dashboard_agent_listen_port": free_port()},
     )
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            JobSubmissionClient(url).list_jobs()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    wait_for_job_server(url)
     yield url, gcs_address, cluster.head_node.node_id
     cluster.shutdown()
     for key, value in saved.items():

@@ -24,7 +24,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cluster.cli import main
 from model.checkpoint import load_checkpoint
-from tests.cluster.conftest import free_port
+from tests.cluster.conftest import free_port, wait_for_job_server
 from tests.conftest import BASE, REPO, SHAKESPEARE
 
 
@@ -41,15 +41,7 @@ def two_nodes(cluster_env: None, ray_session: None) -> Iterator[str]:
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:  # the job server comes up a little after the head
-        try:
-            JobSubmissionClient(url).list_jobs()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    wait_for_job_server(url)
     yield url
     cluster.shutdown()
 
