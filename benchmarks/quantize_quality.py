@@ -1,6 +1,6 @@
 """Quantization quality, size and decode speed against full precision, on a trained ~20M-parameter model, one run.
 
-    .venv/bin/python benchmarks/quantize_quality.py [--config configs/quantize_bench.yaml] [--run-dir runs/quantize-bench]
+    .venv/bin/python benchmarks/quantize_quality.py [--config configs/quantize_bench.yaml] [--run-dir runs/quantize_bench]
 
 Runs `raygpt prepare` → `train` (5-minute budget) → `quantize` (every method, bits per byte on up to 100k val tokens,
 decode tokens/s measured round-robin in one task) and checks the issue's targets: int8 Δbpb ≤ +0.5%; 4-bit GPTQ/AWQ

@@ -26,7 +26,7 @@ MINIMAL = "name: t\ndata:\n  sources:\n    - path: a.txt\n"
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_shipped_recipe_loads(recipe: Path) -> None:
     cfg = load_config(recipe)
-    assert cfg.name == recipe.stem and cfg.run_dir == f"runs/{recipe.stem}"
+    assert cfg.name == recipe.stem and Path(cfg.run_dir).name == recipe.stem  # runs/<name> unless set (cloud)
 
 
 def test_recipes_exist() -> None:
