@@ -56,10 +56,13 @@ def _autoscaling_config(gcs_address: str) -> dict:
 
 def _alive_nodes(gcs_address: str) -> int:
     """Alive nodes, asked from a separate driver (this process is attached to the session's local Ray)."""
-    code = f"import ray; ray.init(address={gcs_address!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+    code = (f"import ray; ray.init(address={gcs_address!r}, logging_level='ERROR', log_to_driver=False); "
+            "print('alive-nodes', sum(n['Alive'] for n in ray.nodes()))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return int(done.stdout.strip().splitlines()[-1])
+    # the driver may also print the autoscaler's events ("Removing 2 nodes ..."): read only our line
+    [count] = re.findall(r"^alive-nodes (\d+)$", done.stdout, flags=re.MULTILINE)
+    return int(count)
 
 
 @pytest.fixture
