@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", nargs="?")
     jobs.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
-    exp = commands.add_parser("export", help="write a checkpoint in Hugging Face format")
+    exp = commands.add_parser(
+        "export", help="write a checkpoint in Hugging Face format (full precision, or quantized bnb-int8 / bnb-nf4)"
+    )
     exp.add_argument("checkpoint")
     exp.add_argument("--out", required=True, help="output folder")
     return parser

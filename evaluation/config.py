@@ -95,6 +95,8 @@ class QuantizeConfig(Section):
     """Sequences from the train shards that calibrate gptq and awq."""
     decode_tokens: int = Field(default=128, ge=8)
     """Greedy tokens generated (batch 1) to measure decode tokens/s of each method against full precision."""
+    fidelity_blocks: int = Field(default=32, ge=1)
+    """Val blocks on which each method's next-token distributions are compared with full precision's (KL, top-1)."""
     eval_tasks: bool = True
     """Also run the eval section's lm-eval tasks on every quantized checkpoint (intrinsic metrics always run)."""
     num_cpus: float = Field(default=1.0, gt=0)

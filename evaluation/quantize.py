@@ -4,10 +4,12 @@ report comparing them with full precision (RUN_DIR/quantized/report.json, and a 
     raygpt quantize configs/demo.yaml
     raygpt quantize configs/demo.yaml quantize.methods=[int8,gptq] quantize.group_size=64
 
-Phase 1 (parallel tasks): quantize (timing the calibration), save, and evaluate each checkpoint with the `eval`
+Phase 1 (parallel tasks): quantize (timing the calibration), save (bnb-int8 / bnb-nf4 also in transformers' format,
+in <method>/hf), and evaluate each checkpoint with the `eval`
 section (bits per byte on the val shards and texts; its lm-eval tasks too when `quantize.eval_tasks`); the
-full-precision checkpoint is evaluated the same way. Phase 2 (one task, so timings do not compete for cores): decode
-tokens/s of full precision and every method, measured alternately.
+full-precision checkpoint is evaluated the same way. Phase 2 (one task, so timings do not compete for cores): each
+method's KL divergence from full precision's next-token distributions on val blocks, then decode tokens/s of full
+precision and every method, measured alternately.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def quantize_and_evaluate(
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.quantize import CALIBRATED, METHODS, quantize_model
 
-    folder, record, seconds = Path(checkpoint), None, 0.0
+    from model.export import BNB_CONFIGS, ExportError, export
+
+    folder, record, seconds, transformers_dir = Path(checkpoint), None, 0.0, None
     if method != FULL:
         model, _, tokenizer = load_checkpoint(checkpoint)
         calibration = calibration_ids(Path(data_dir), cfg.calibration_samples) if method in CALIBRATED else None
@@ -73,24 +77,28 @@ def quantize_and_evaluate(
         meta = json.loads((Path(checkpoint) / CONFIG).read_text())
         extra = {"step": meta.get("step"), "eot_token": meta.get("eot_token"), "quantization": record}
         folder = save_checkpoint(model, Path(out_dir) / method, tokenizer, extra=extra)
+        if method in BNB_CONFIGS:  # a standard format: also written as transformers loads it
+            try:
+                transformers_dir = str(export(folder, folder / "hf"))
+            except ExportError as e:
+                transformers_dir = f"not exported: {e}"
     evaluation = evaluate_checkpoint(str(folder), eval_cfg if cfg.eval_tasks else eval_cfg.model_copy(update={"tasks": []}),
                                      data_dir, str(Path(out_dir) / "eval-work"))
     return {
         "method": method, "bits": METHODS.get(method, 32), "group_size": (record or {}).get("group_size"),
         "act_order": (record or {}).get("act_order"), "checkpoint": str(folder),
         "size_bytes": (folder / WEIGHTS).stat().st_size, "calibration_s": round(seconds, 2),
-        "calibration_samples": cfg.calibration_samples if method in CALIBRATED else 0, "eval": evaluation,
+        "calibration_samples": cfg.calibration_samples if method in CALIBRATED else 0,
+        "transformers": transformers_dir, "eval": evaluation,
     }
 
 
-def decode_speeds(folders: dict[str, str], new_tokens: int, rounds: int = 3) -> dict[str, float]:
-    """Greedy decode tokens/s (batch 1, no early stop) of each checkpoint, measured round-robin after a warm-up."""
+def decode_speeds(models: dict[str, Any], new_tokens: int, rounds: int = 3) -> dict[str, float]:
+    """Greedy decode tokens/s (batch 1, no early stop) of each model, measured round-robin after a warm-up."""
     import torch
 
-    from model.checkpoint import load_checkpoint
     from model.generate import generate_tokens
 
-    models = {name: load_checkpoint(folder)[0] for name, folder in folders.items()}
     prompt = torch.arange(16)[None, :] % next(iter(models.values())).cfg.vocab_size
     new_tokens = min(new_tokens, next(iter(models.values())).cfg.block_size - 16)
 
@@ -109,6 +117,41 @@ def decode_speeds(folders: dict[str, str], new_tokens: int, rounds: int = 3) -> 
     return {name: new_tokens / statistics.median(t) for name, t in times.items()}
 
 
+def output_fidelity(models: dict[str, Any], data_dir: str, blocks: int) -> dict[str, dict[str, float]]:
+    """How closely each model's next-token distributions follow full precision's on `blocks` val blocks: mean
+    KL(p_fp32 ‖ p_method) in nats per token, and the share of tokens whose top-1 prediction is unchanged. More
+    sensitive than bits per byte, which averages out small errors of either sign."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.data import split_blocks
+
+    if not (Path(data_dir) / "manifest.json").is_file():
+        return {}
+    ids = [b[:-1].astype(np.int64) for _, b in zip(range(blocks), split_blocks(Path(data_dir), "val"))]
+    if not ids:
+        return {}
+    sums = {name: [0.0, 0, 0] for name in models}  # KL, same top-1, tokens
+    with torch.no_grad():
+        for x in torch.from_numpy(np.stack(ids)).split(4):  # a few blocks at a time: (B, T, V) log-probs are large
+            reference = F.log_softmax(models[FULL](x)[0].float(), dim=-1)
+            for name, model in models.items():
+                q = reference if name == FULL else F.log_softmax(model(x)[0].float(), dim=-1)
+                sums[name][0] += F.kl_div(q, reference, log_target=True, reduction="sum").item()
+                sums[name][1] += int((q.argmax(-1) == reference.argmax(-1)).sum())
+                sums[name][2] += reference.shape[0] * reference.shape[1]
+    return {name: {"kl_vs_fp32": kl / n, "top1_agreement": same / n} for name, (kl, same, n) in sums.items()}
+
+
+def _phase2(folders: dict[str, str], new_tokens: int, data_dir: str, blocks: int) -> dict[str, Any]:
+    """One task: output fidelity, then decode speeds (so nothing else competes for the cores while timing)."""
+    from model.checkpoint import load_checkpoint
+
+    models = {name: load_checkpoint(folder)[0] for name, folder in folders.items()}
+    return {"fidelity": output_fidelity(models, data_dir, blocks), "speeds": decode_speeds(models, new_tokens)}
+
+
 def _bpb(result: dict[str, Any]) -> float | None:
     intrinsic = result["eval"]["intrinsic"]
     source = "val" if "val" in intrinsic else next(iter(intrinsic), None)
@@ -117,15 +160,19 @@ def _bpb(result: dict[str, Any]) -> float | None:
 
 def comparison_table(report: dict[str, Any]) -> str:
     lines = [
-        "| method | bits | group | size vs fp32 | size vs bf16 | val bpb | Δ bpb | decode tok/s | vs fp32 | calibration s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | bits | group | size vs fp32 | size vs bf16 | val bpb | Δ bpb | KL vs fp32 | top-1 same | decode tok/s "
+        "| vs fp32 | calibration s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in [report["full_precision"], *report["methods"]]:
         bpb = f"{r['val_bpb']:.4f}" if r["val_bpb"] is not None else "-"
         delta = f"{r['delta_bpb_pct']:+.2f}%" if r.get("delta_bpb_pct") is not None else "-"
+        kl = f"{r['kl_vs_fp32']:.5f}" if r.get("kl_vs_fp32") is not None else "-"
+        top1 = f"{r['top1_agreement']:.2%}" if r.get("top1_agreement") is not None else "-"
         lines.append(
             f"| {r['method']} | {r['bits']} | {r['group_size'] or '-'} | {r['size_vs_fp32']:.3f} | {r['size_vs_bf16']:.3f} "
-            f"| {bpb} | {delta} | {r['decode_tokens_per_s']:.1f} | {r['decode_vs_fp32']:.2f} | {r['calibration_s']} |"
+            f"| {bpb} | {delta} | {kl} | {top1} | {r['decode_tokens_per_s']:.1f} | {r['decode_vs_fp32']:.2f} "
+            f"| {r['calibration_s']} |"
         )
     return "\n".join(lines)
 
@@ -172,19 +219,21 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, run_dir: Path, data_
     print(f"[quantize] {', '.join(cfg.methods)} of {checkpoint}", flush=True)
     refs = [task.remote(m, cfg, str(checkpoint), str(data_dir), str(out_dir), eval_cfg) for m in methods]
     results = dict(zip(methods, ray.get(refs)))
-    speeds = ray.get(
-        ray.remote(num_cpus=cfg.num_cpus)(decode_speeds).remote({m: r["checkpoint"] for m, r in results.items()},
-                                                                cfg.decode_tokens)
+    phase2 = ray.get(
+        ray.remote(num_cpus=cfg.num_cpus)(_phase2).remote({m: r["checkpoint"] for m, r in results.items()},
+                                                          cfg.decode_tokens, str(data_dir), cfg.fidelity_blocks)
     )
+    speeds, fidelity = phase2["speeds"], phase2["fidelity"]
     full = results[FULL]
     rows = []
     for method, r in results.items():
         row = {k: r[k] for k in ("method", "bits", "group_size", "act_order", "checkpoint", "size_bytes",
-                                 "calibration_s", "calibration_samples")}
+                                 "calibration_s", "calibration_samples", "transformers")}
         row["size_vs_fp32"] = r["size_bytes"] / full["size_bytes"]
         row["size_vs_bf16"] = r["size_bytes"] / (full["size_bytes"] / 2)
         row["val_bpb"] = _bpb(r)
         row["delta_bpb_pct"] = (100 * (row["val_bpb"] / _bpb(full) - 1)) if row["val_bpb"] and method != FULL else None
+        row.update(fidelity.get(method, {"kl_vs_fp32": None, "top1_agreement": None}))
         row["decode_tokens_per_s"] = speeds[method]
         row["decode_vs_fp32"] = speeds[method] / speeds[FULL]
         row["eval"] = r["eval"]

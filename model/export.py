@@ -8,6 +8,10 @@ Mappings (faithful: the exported model computes the same function):
   learned | sinusoidal + layernorm + gelu, MHA    → GPT2LMHeadModel (a sinusoidal table becomes wpe's weights;
                                                     bias=false exports zero biases)
 Anything else has no Hugging Face equivalent and is refused with one line saying why.
+
+Quantized checkpoints: bnb-int8 / bnb-nf4 (bitsandbytes, a format transformers loads) export to the same model with
+`quantization_config` in config.json; `raygpt quantize` writes that export to RUN_DIR/quantized/<method>/hf. The
+int8 / int4-rtn / gptq / awq checkpoints are raygpt's own packed layout and are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -113,17 +118,57 @@ def hf_tokenizer(tokenizer_file: Path, eot_token: str) -> PreTrainedTokenizerFas
     return tokenizer
 
 
+BNB_CONFIGS: dict[str, dict[str, Any]] = {
+    # threshold 0: like our Linear8bitLt, no outlier columns kept in fp16 (transformers' default is 6.0)
+    "bnb-int8": {"load_in_8bit": True, "llm_int8_threshold": 0.0},
+    "bnb-nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32},
+}
+"""Quantized methods whose format transformers loads (its bitsandbytes integration), as BitsAndBytesConfig kwargs."""
+
+
+def _save_bnb(model: GPT, method: str, folder: Path) -> None:
+    """A bitsandbytes checkpoint in transformers' own layout (quantization_config in config.json).
+
+    The block linears are handed over as the exact values our bitsandbytes modules compute with, and transformers'
+    quantizer (the same bitsandbytes functions, per output row / per 64-value block of each (out, in) weight) maps
+    them back to the same codes: NF4 and row-wise int8 are idempotent on their own dequantized values. The token
+    embedding and output head, int8 in our checkpoint, are stored dequantized in fp32 (transformers keeps lm_head
+    and embeddings unquantized), so the model computes the same function as ours, on a larger file."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from model.quantize import dequantized_model
+
+    plain = folder.with_name(folder.name + ".fp32")
+    shutil.rmtree(plain, ignore_errors=True)
+    to_hf(dequantized_model(model)).save_pretrained(plain, safe_serialization=True)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            plain, quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[method]), device_map="cpu", dtype=torch.float32
+        )
+        hf.save_pretrained(folder, safe_serialization=True)
+    finally:
+        shutil.rmtree(plain, ignore_errors=True)
+
+
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write config.json, model.safetensors and tokenizer files for transformers; temp folder, then rename."""
+    """Write config.json, model.safetensors and tokenizer files for transformers; temp folder, then rename.
+    Full-precision checkpoints and bitsandbytes-quantized ones (bnb-int8, bnb-nf4) can be exported."""
     meta = json.loads((Path(checkpoint) / "config.json").read_text()) if (Path(checkpoint) / "config.json").is_file() else {}
-    if "quantization" in meta:
-        raise ExportError(f"{checkpoint}: a quantized checkpoint ({meta['quantization']['method']}); export the full-precision one")
+    method = meta.get("quantization", {}).get("method")
+    if method is not None and method not in BNB_CONFIGS:
+        raise ExportError(
+            f"{checkpoint}: a quantized checkpoint ({method}) in raygpt's own packed format, which transformers cannot "
+            f"load; export the full-precision checkpoint or a {' / '.join(BNB_CONFIGS)} one"
+        )
     model, cfg, tokenizer_file = load_checkpoint(checkpoint)
-    hf = to_hf(model).eval()
+    architecture(cfg)  # refuse models without a Hugging Face equivalent before any work
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp, safe_serialization=True)
+    if method is None:
+        to_hf(model).eval().save_pretrained(tmp, safe_serialization=True)
+    else:
+        _save_bnb(model, method, tmp)
     hf_tokenizer(tokenizer_file, meta.get("eot_token", "<|endoftext|>")).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

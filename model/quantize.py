@@ -197,8 +197,19 @@ def _group_size(in_features: int, group_size: int) -> int:
     return group_size if in_features % group_size == 0 else in_features
 
 
+def _bitsandbytes() -> Any:
+    """bitsandbytes, with its per-call "inputs will be cast to float16" warning (fp32 inputs to int8 layers, expected
+    here, logged on every matmul: thousands of lines per evaluation) silenced."""
+    import logging
+
+    import bitsandbytes
+
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return bitsandbytes
+
+
 def _bnb_linear(linear: nn.Linear, method: str) -> nn.Module:
-    import bitsandbytes as bnb
+    bnb = _bitsandbytes()
 
     has_bias = linear.bias is not None
     if method == "bnb-int8":
@@ -296,8 +307,10 @@ def _calibrated(
                 codes = gptq(linear.weight.float(), 2 * s["H"] / s["n"], gs, act_order, damp)
                 setattr(parent, attr, QuantLinear.from_linear(linear, 4, gs, codes=codes))
             else:
-                scale = awq_scale(linear.weight.float(), torch.cat(s["rows"]), gs)
-                setattr(parent, attr, QuantLinear.from_linear(linear, 4, gs, input_scale=scale))
+                rows = torch.cat(s["rows"])
+                scale = awq_scale(linear.weight.float(), rows, gs)
+                codes = rtn_int4(awq_clip(linear.weight.float() * scale, rows / scale, gs), gs)
+                setattr(parent, attr, QuantLinear.from_linear(linear, 4, gs, codes=codes, input_scale=scale))
             record["modules"][name] = {"group_size": gs, "input_scale": method == "awq"}
         xs = [block(x, rope, None, 0) for x in xs]
 
@@ -347,7 +360,7 @@ def gptq(
 def awq_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 20) -> torch.Tensor:
     """AWQ: per-input-channel scales s = mean|x|^α (α searched on a grid) that protect the salient channels: the
     weight is quantized as W·s and the input divided by s. Chooses α minimising the output error on calibration rows
-    x (n, in). (AWQ's weight-clipping search is not done.)"""
+    x (n, in). The weight-clipping half of AWQ is `awq_clip`."""
     reference = x @ w.T
     magnitude = x.abs().mean(dim=0).clamp(min=1e-6)
     best, best_err = torch.ones(w.shape[1]), math.inf
@@ -360,6 +373,32 @@ def awq_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 20)
         if err < best_err:
             best, best_err = s, err
     return best
+
+
+def awq_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 20, max_shrink: float = 0.5,
+             max_rows: int = 1024, chunk: int = 256) -> torch.Tensor:
+    """AWQ's clipping search: per output row and input group, the range [-r·max|w|, r·max|w|] (r from 1 down to
+    1 - max_shrink) whose 4-bit RTN minimises that group's share of the output error on calibration rows x (n, in).
+    Clipping outliers gives the remaining weights a finer grid; r = 1 is plain RTN, so on the calibration rows no
+    group gets worse. w (out, in) → the clipped w, computed `chunk` output rows at a time to bound memory."""
+    xg = groups_of(x[:max_rows], group_size)  # (n, G, gs)
+    parts = []
+    for wc in w.split(chunk):
+        rows, cols = wc.shape
+        wg = groups_of(wc, group_size)  # (rows, G, gs)
+        reference = torch.einsum("ngk,ogk->ngo", xg, wg)  # each group's contribution to each output
+        top = wg.abs().amax(dim=-1, keepdim=True)  # (rows, G, 1)
+        best, best_err = wg.clone(), torch.full((rows, wg.shape[1]), math.inf)
+        for i in range(int(grid * max_shrink) + 1):
+            clipped = wg.clamp(-top * (1 - i / grid), top * (1 - i / grid))
+            q, scale, zero = rtn_int4(clipped.reshape(rows, cols), group_size)
+            deq = (groups_of(q, group_size) - zero[..., None]) * scale[..., None]  # (rows, G, gs)
+            err = (torch.einsum("ngk,ogk->ngo", xg, deq) - reference).pow(2).mean(dim=0).T  # (rows, G)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[better] = clipped[better]
+        parts.append(best.reshape(rows, cols))
+    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -385,7 +424,7 @@ def build_quantized(model: GPT, record: dict[str, Any]) -> GPT:
 def load_quantized_state(model: GPT, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
     """Load a quantized state dict; bitsandbytes NF4 weights are rebuilt from their packed data and stats."""
     if record["method"] == "bnb-nf4":
-        import bitsandbytes as bnb
+        bnb = _bitsandbytes()
 
         for name, parent, attr in block_linears(model):
             prefix = f"{name}.weight."
@@ -397,6 +436,39 @@ def load_quantized_state(model: GPT, state: dict[str, torch.Tensor], record: dic
     missing = [k for k in missing if not (record["method"] == "bnb-nf4" and k.endswith(".weight") and "blocks." in k)]
     if missing or unexpected:
         raise QuantizeError(f"quantized weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) fp32 weight a quantized linear layer computes with (ours or bitsandbytes')."""
+    if isinstance(module, QuantLinear):
+        return module.dequantized()
+    bnb = _bitsandbytes()
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):  # row-wise absmax int8: w = CB · SCB / 127
+        return module.weight.data.float() * module.weight.SCB.float()[:, None] / 127
+    return module.weight.detach().float()
+
+
+@torch.no_grad()
+def dequantized_model(model: GPT) -> GPT:
+    """A plain fp32 GPT whose weights are exactly the values the quantized `model` computes with; used to hand the
+    bitsandbytes methods to transformers, whose quantizer maps these values back to the same codes (see export)."""
+    plain = GPT(model.cfg).eval()
+    state = plain.state_dict()
+    source = model.state_dict()
+    for key in state:  # norms, biases, learned positions: stored in full precision
+        if key in source and source[key].shape == state[key].shape and source[key].is_floating_point():
+            state[key] = source[key].float()
+    for name, parent, attr in block_linears(model):
+        state[f"{name}.weight"] = float_weight(getattr(parent, attr))
+    state["lm_head.weight"] = model.lm_head.dequantized()
+    wte = model.wte
+    table = wte.head[0] if wte.head[0] is not None else wte
+    state["wte.weight"] = table.qweight.float() * table.scales.float()[:, None]
+    plain.load_state_dict(state)
+    return plain
 
 
 def quantized_state(model: GPT) -> dict[str, torch.Tensor]:

@@ -38,8 +38,13 @@ def test_quantize_end_to_end(trained_run: Path, tmp_path: Path, capsys: pytest.C
         assert row["size_vs_fp32"] < 0.35 and row["size_vs_bf16"] == pytest.approx(2 * row["size_vs_fp32"])
         assert abs(row["delta_bpb_pct"]) < 10 and row["decode_tokens_per_s"] > 0
         assert row["eval"]["intrinsic"]["val"]["tokens"] == 2000 and row["eval"]["step"] == 60
+    assert full["kl_vs_fp32"] == 0 and full["top1_agreement"] == 1
+    for row in methods.values():  # a quantized model's distributions differ from full precision's, but little
+        assert 0 < row["kl_vs_fp32"] < 0.5 and 0.5 < row["top1_agreement"] <= 1
     assert methods["gptq"]["calibration_samples"] == 16 and methods["gptq"]["group_size"] == 32
     assert methods["gptq"]["calibration_s"] > 0 and methods["int8"]["bits"] == 8
+    assert methods["bnb-nf4"]["transformers"] == str(run_dir / "quantized" / "bnb-nf4" / "hf")
+    assert methods["gptq"]["transformers"] is None  # raygpt's own packed format
     assert "## Quantization" in (run_dir / "eval" / "report.md").read_text()
     assert "| gptq | 4 | 32 |" in capsys.readouterr().out
     lm = RaygptLM(str(run_dir / "quantized" / "gptq"))  # what `raygpt eval` and `lm_eval --model raygpt` load

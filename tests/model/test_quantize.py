@@ -1,5 +1,6 @@
 """Quantization methods on a trained debug model: outputs close to full precision (per-method bounds), save/load
-round trip through load_checkpoint, GPTQ and AWQ beat RTN on a fixed layer, packing, and one-line errors."""
+round trip through load_checkpoint, bitsandbytes checkpoints exported to and loaded by transformers, GPTQ and AWQ beat
+RTN on a fixed layer, packing, and one-line errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from evaluation.quantize import calibration_ids
+from model import quantize as quantize_module
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.export import ExportError, export
 from model.generate import generate
@@ -52,6 +54,37 @@ def test_method_stays_close_and_round_trips(method: str, trained_run: Path, val_
     assert out.shape == (1, 16)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
+def test_bitsandbytes_checkpoint_loads_in_transformers(
+    arch: str, method: str, tokenizer_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import perturbed_model
+
+    model = perturbed_model(arch)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    record = quantize_model(model, method)
+    folder = save_checkpoint(model, tmp_path / method, tokenizer_file, extra={"quantization": record})
+    hf_dir = export(folder, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, device_map="cpu").eval()
+    config = json.loads((hf_dir / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["load_in_4bit" if method == "bnb-nf4" else "load_in_8bit"]
+    kinds = {type(m) for m in hf.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    assert kinds == {bnb.nn.Linear4bit if method == "bnb-nf4" else bnb.nn.Linear8bitLt}
+    ours, _, _ = load_checkpoint(folder)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        close = ours(ids)[0]  # our int8 head also quantizes its input on x86 (fbgemm), transformers' head does not
+        monkeypatch.setattr(quantize_module, "_fbgemm_ok", lambda x: False)  # weight-only: dequantize and matmul
+        same = ours(ids)[0]
+    assert torch.equal(theirs, same)  # the same codes: transformers computes exactly our weight-only function
+    assert ((theirs - close).norm() / close.norm()).item() < 0.03
+    assert hf.generate(ids[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
+
+
 def _layer_problem() -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed layer and correlated calibration inputs with a few large channels (as in trained transformers)."""
     gen = torch.Generator().manual_seed(0)
@@ -74,10 +107,14 @@ def test_gptq_and_awq_reconstruct_better_than_rtn() -> None:
     for act_order in (False, True):
         q = QuantLinear.from_linear(linear, 4, 32, codes=gptq(w, H, 32, act_order=act_order))
         assert _output_error(w, x, q.dequantized()) < 0.7 * rtn
-    from model.quantize import awq_scale
+    from model.quantize import awq_clip, awq_scale
 
-    awq = QuantLinear.from_linear(linear, 4, 32, input_scale=awq_scale(w, x, 32))
-    assert _output_error(w, x, awq.dequantized()) < rtn
+    scale = awq_scale(w, x, 32)
+    scaled_only = _output_error(w, x, QuantLinear.from_linear(linear, 4, 32, input_scale=scale).dequantized())
+    assert scaled_only < rtn
+    clipped = rtn_int4(awq_clip(w * scale, x / scale, 32), 32)
+    awq = QuantLinear.from_linear(linear, 4, 32, codes=clipped, input_scale=scale)
+    assert _output_error(w, x, awq.dequantized()) < scaled_only  # the clipping search helps further
 
 
 def test_int4_packing_and_rtn_grid() -> None:
