@@ -1,6 +1,7 @@
 """Quantization quality, size and decode speed against full precision, on a trained ~20M-parameter model, one run.
 
     .venv/bin/python benchmarks/quantize_quality.py [--config configs/quantize_bench.yaml] [--run-dir runs/quantize_bench]
+        [KEY=VALUE ...]        # config overrides, e.g. quantize.group_size=384 "quantize.methods=[int4-rtn,gptq,awq]"
 
 Runs `raygpt prepare` → `train` (5-minute budget) → `quantize` (every method, bits per byte on up to 100k val tokens,
 decode tokens/s measured round-robin in one task) and checks the issue's targets: int8 Δbpb ≤ +0.5%; 4-bit GPTQ/AWQ
@@ -27,8 +28,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quantize_bench.yaml")
     parser.add_argument("--run-dir", default="")
+    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, as on the raygpt command line")
     args = parser.parse_args()
-    cfg = load_config(args.config, [f"run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = load_config(args.config, args.overrides + ([f"run_dir={args.run_dir}"] if args.run_dir else []))
     for stage in ("prepare", "train"):
         pipeline.STAGES[stage](cfg)
     params = load_checkpoint(Path(cfg.run_dir) / "checkpoint")[0].num_params()
