@@ -126,6 +126,24 @@ def test_int4_packing_and_rtn_grid() -> None:
     assert (deq - w).abs().max() <= scale.max() / 2 + 1e-6  # round to nearest: within half a step
 
 
+@pytest.mark.parametrize("input_scale", [False, True])
+def test_int4_cpu_kernel_matches_dequantized_matmul(input_scale: bool) -> None:
+    """PyTorch's packed int4 CPU kernel (bf16 activations) computes our (q - zero)·scale weight; layers it does not
+    take (group 16, out_features not a multiple of 16) use the exact dequantize-and-matmul path."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 128, generator=gen)
+    for out_features, group_size, kernel in ((96, 32, True), (96, 16, False), (40, 32, False)):
+        linear = torch.nn.Linear(128, out_features)
+        scale = torch.rand(128, generator=gen) + 0.5 if input_scale else None
+        q = QuantLinear.from_linear(linear, 4, group_size, input_scale=scale)
+        assert quantize_module._int4pack_ok(q, x) is kernel
+        with torch.no_grad():
+            y, exact = q(x), torch.nn.functional.linear(x, q.dequantized(), q.bias)
+        assert y.dtype == torch.float32 and y.shape == (3, 7, out_features)
+        error = ((y - exact).norm() / exact.norm()).item()
+        assert (0 < error < 1e-2) if kernel else error < 1e-6, error  # bf16 activations: ~3e-3
+
+
 def test_bad_quantize_input(trained_run: Path, tmp_path: Path) -> None:
     model, _, tokenizer = load_checkpoint(trained_run / "checkpoint")
     with pytest.raises(QuantizeError, match="unknown quantization method 'int3'"):
