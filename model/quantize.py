@@ -166,7 +166,6 @@ class QuantLinear(nn.Module):
             w = ((codes - self.zeros[..., None].to(x.dtype)) * self.scales[..., None].to(x.dtype)).flatten(1)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
-
     def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and grids in the layout of `_weight_int4pack_mm_for_cpu`, which computes w = (q - 8)·scale + zp:
         zp = scale·(8 - zero) gives our (q - zero)·scale. → (packed weight, scales_and_zeros (G, out, 2) bf16)."""
