@@ -28,8 +28,10 @@ from tqdm import tqdm
 from data_pipeline.tokenizer import load_tokenizer
 from model.checkpoint import CONFIG, load_checkpoint
 from model.generate import generate_tokens
+from model.precision import detect
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+"""Weight dtypes by name; "auto" is bf16 where the hardware runs it natively, else fp32 (`model.precision`)."""
 
 
 class RaygptLM(TemplateLM):
@@ -50,6 +52,9 @@ class RaygptLM(TemplateLM):
         if device in (None, "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         model, cfg, tokenizer_path = load_checkpoint(checkpoint, device=device)
+        if dtype == "auto":
+            dtype = "bf16" if detect(device).native_bf16 else "fp32"
+        self.dtype = dtype
         self.model = model.to(DTYPES[dtype]).eval()
         self.tokenizer = load_tokenizer(tokenizer_path)
         eot_token = json.loads((Path(checkpoint) / CONFIG).read_text()).get("eot_token", "<|endoftext|>")

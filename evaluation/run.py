@@ -45,7 +45,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
     stride = min(cfg.stride or context, context)
     out: dict[str, Any] = {
         "checkpoint": str(checkpoint), "step": lm.step, "params": lm.model.num_params(), "device": device,
-        "precision": cfg.precision, "context": context, "stride": stride, "intrinsic": {}, "tasks": {},
+        "precision": lm.dtype, "context": context, "stride": stride, "intrinsic": {}, "tasks": {},
     }
     if cfg.val_shards and data_dir and (Path(data_dir) / "manifest.json").is_file():
         score = score_val_shards(lm.model, Path(data_dir), context, stride, cfg.batch_size, cfg.max_tokens)

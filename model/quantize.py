@@ -11,11 +11,13 @@ Formats (safetensors, loaded back by `model.checkpoint.load_checkpoint`, so gene
 - int8: per-output-channel symmetric int8 + fp32 scale. On x86 CPUs the matmul is PyTorch's fbgemm dynamic int8
   kernel (activations quantized per call); elsewhere the weight is dequantized on the fly.
 - int4-rtn / gptq / awq: asymmetric 4-bit codes, two per byte, with an fp16 scale and uint8 zero point per group of
-  `group_size` input columns; awq adds a per-input-channel scale. On CPU the matmul is PyTorch's packed int4 kernel
-  (`_weight_int4pack_mm_for_cpu`, the one torchao's CPU int4 layout calls) with bf16 activations: with fp32
-  activations it falls back to a slow reference loop (measured ~10x slower than an fp32 matmul), with bf16 it is ~2x
-  faster than the fp32 matmul at batch 1 here. Group sizes it does not take (not 32/64/128/256, or out_features not a
-  multiple of 16) and other devices dequantize the weight on the fly.
+  `group_size` input columns; awq adds a per-input-channel scale. On a CPU with native bf16 (`model.precision`:
+  AVX512_BF16 / AMX) the matmul is PyTorch's packed int4 kernel (`_weight_int4pack_mm_for_cpu`, the one torchao's
+  CPU int4 layout calls) with bf16 activations (with fp32 activations it falls back to a reference loop ~20x slower
+  than an fp32 matmul). Where bf16 is emulated (AVX2) that kernel runs 1.3-2.3x slower than an fp32 matmul (measured
+  with the capability forced to AVX2), so there the weight is dequantized once to fp32 on first use and kept: decode
+  runs at fp32 speed and the checkpoint stays 4-bit. Group sizes the kernel does not take (not 32/64/128/256, or
+  out_features not a multiple of 16) and other devices dequantize the weight on the fly.
 - bnb-int8 / bnb-nf4: bitsandbytes `Linear8bitLt` / `Linear4bit` modules and their own state-dict layout.
 
 GPTQ (Frantar et al. 2022) and AWQ (Lin et al. 2023) are written here rather than taken from GPTQModel /
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.gpt import GPT
+from model.precision import inference_dtype
 
 METHODS: dict[str, int] = {"int8": 8, "int4-rtn": 4, "gptq": 4, "awq": 4, "bnb-int8": 8, "bnb-nf4": 4}
 """Method → bits of the block linears."""
@@ -104,7 +107,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
         self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._packed: Any = None  # the CPU kernel's packed weight (fbgemm int8 / int4pack), built on first use
+        self._packed: Any = None  # the CPU kernel's weight (fbgemm int8 / int4pack / fp32), built on first use
 
     @classmethod
     def from_linear(
@@ -128,11 +131,7 @@ class QuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The effective (out, in) float weight, input scale folded back in."""
-        if self.bits == 8:
-            w = self.qweight.float() * self.scales[:, None]
-        else:
-            codes = groups_of(unpack4(self.qweight).float(), self.group_size)
-            w = ((codes - self.zeros[..., None].float()) * self.scales[..., None].float()).flatten(1)
+        w = self.dequantized_codes(torch.float32)
         return w / self.input_scale if self.input_scale is not None else w
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -150,6 +149,10 @@ class QuantLinear(nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self._packed, True)
             return y.reshape(*x.shape[:-1], self.out_features)
+        if self.bits == 4 and _dense_fp32_ok(x):  # no native bf16: a dense fp32 weight beats the int4 kernel
+            if self._packed is None:
+                self._packed = self.dequantized_codes(torch.float32)
+            return F.linear(x, self._packed, None if self.bias is None else self.bias)
         if self.bits == 4 and _int4pack_ok(self, x):
             if self._packed is None:
                 self._packed = self._int4pack()
@@ -159,12 +162,14 @@ class QuantLinear(nn.Module):
             ).to(x.dtype)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_codes(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def dequantized_codes(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) weight in `dtype`, without the input scale (forward divides the input by it)."""
         if self.bits == 8:
-            w = self.qweight.to(x.dtype) * self.scales[:, None].to(x.dtype)
-        else:
-            codes = groups_of(unpack4(self.qweight).to(x.dtype), self.group_size)
-            w = ((codes - self.zeros[..., None].to(x.dtype)) * self.scales[..., None].to(x.dtype)).flatten(1)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            return self.qweight.to(dtype) * self.scales[:, None].to(dtype)
+        codes = groups_of(unpack4(self.qweight).to(dtype), self.group_size)
+        return ((codes - self.zeros[..., None].to(dtype)) * self.scales[..., None].to(dtype)).flatten(1)
 
     def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and grids in the layout of `_weight_int4pack_mm_for_cpu`, which computes w = (q - 8)·scale + zp:
@@ -182,6 +187,11 @@ def _int4pack_ok(module: QuantLinear, x: torch.Tensor) -> bool:
         x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and module.group_size in (32, 64, 128, 256)
         and module.out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     )
+
+
+def _dense_fp32_ok(x: torch.Tensor) -> bool:
+    """fp32 activations on a CPU where bf16 is emulated (the packed int4 kernel needs bf16 to be fast)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and inference_dtype("cpu") == torch.float32
 
 
 def _fbgemm_ok(x: torch.Tensor) -> bool:

@@ -36,8 +36,9 @@ class TrainConfig(Section):
     """AdamW betas."""
     grad_clip: float = Field(default=1.0, ge=0)
     """Clip the global gradient norm to this (0 disables)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Mixed precision: bf16, fp16 (dynamic loss scaling; GPU only) or plain fp32."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto (bf16 where the hardware runs it natively — bf16 GPUs, CPUs with AVX512_BF16/AMX —, fp16 on older GPUs,
+    else fp32; see `model.precision`), or bf16, fp16 (dynamic loss scaling; GPU only), fp32."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
     offload_optimizer: bool = False
@@ -65,9 +66,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config: batch, precision, ZeRO, optimizer, clipping. Only micro-batch and accumulation are set,
-    never train_batch_size (DeepSpeed derives it from the world size)."""
+def deepspeed_config(cfg: TrainConfig, use_gpu: bool, precision: Literal["fp32", "bf16", "fp16"]) -> dict[str, Any]:
+    """The DeepSpeed config: batch, precision (`cfg.precision` resolved for the hardware), ZeRO, optimizer, clipping.
+    Only micro-batch and accumulation are set, never train_batch_size (DeepSpeed derives it from the world size)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -82,8 +83,8 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": adam},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from model.checkpoint import save_checkpoint
 from model.flops import flops_per_token, mfu, peak_flops
 from model.gpt import GPT, ModelConfig
+from model.precision import Choice, choose, detect
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.data import Position, ShardStream, read_manifest, tokens_per_byte, val_blocks
 
@@ -43,6 +45,14 @@ def param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _agree_on_precision(requested: str, device: torch.device) -> Choice:
+    """Rank 0 decides from its hardware and every rank takes its choice (mixed precisions cannot all-reduce)."""
+    holder: list[Choice | None] = [choose(requested, detect(device)) if dist.get_rank() == 0 else None]  # type: ignore[arg-type]
+    dist.broadcast_object_list(holder, src=0)
+    assert holder[0] is not None
+    return holder[0]
 
 
 def _rng_state() -> dict[str, str]:
@@ -114,9 +124,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     node = ray.get_runtime_context().get_node_id()
     print(f"[train] rank {rank}/{world} on node {node} ({ray.util.get_node_ip_address()})", flush=True)
 
+    precision = _agree_on_precision(cfg.precision, ray.train.torch.get_device())
+    log_rank0(f"[train] precision {precision.precision}: {precision.reason}")
+    if precision.warning:
+        log_rank0(f"[train] warning: {precision.warning}")
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     model = GPT(model_cfg)
-    ds_config = deepspeed_config(cfg, config["use_gpu"])
+    ds_config = deepspeed_config(cfg, config["use_gpu"], precision.precision)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.weight_decay),
@@ -137,10 +151,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = ShardStream(data_dir, "train", rank, world, config["seed"], position)
     batches = stream.batches(cfg.micro_batch_size)
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     device = engine.device
     fpt = flops_per_token(model_cfg, manifest["seq_len"])
-    peak = peak_flops(device, dtype, threads=torch.get_num_threads())
+    peak = peak_flops(device, precision.dtype, threads=torch.get_num_threads())  # MFU against the dtype in use
     writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
     metrics_file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * manifest["seq_len"]
@@ -178,6 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "tokens_per_sec": tps,
                 "mfu": achieved,
                 "elapsed_s": time.perf_counter() - start,
+                "precision": precision.precision,
             }
             window_start, window_steps = time.perf_counter(), 0
         if step % cfg.eval_every == 0 or last:

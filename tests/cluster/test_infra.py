@@ -83,7 +83,7 @@ def test_dockerfile_builds_what_the_cluster_runs() -> None:
 def test_cloud_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAYGPT_RUN_ROOT", raising=False)
     cfg = load_config(REPO / "configs" / "cloud_gpu.yaml")
-    assert cfg.cluster.use_gpu and cfg.cluster.num_workers == 16 and cfg.train.precision == "bf16"
+    assert cfg.cluster.use_gpu and cfg.cluster.num_workers == 16 and cfg.train.precision == "auto"  # bf16 on the H100s
     assert cfg.run_dir.startswith("/mnt/raygpt/") and cfg.cluster.storage_path.startswith("s3://")
     assert not cfg.eval.local_data and not cfg.eval.allow_code_execution  # hub datasets; no code execution
     assert Path(cfg.run_dir).name == cfg.name

@@ -80,7 +80,10 @@ def test_bitsandbytes_checkpoint_loads_in_transformers(
         close = ours(ids)[0]  # our int8 head also quantizes its input on x86 (fbgemm), transformers' head does not
         monkeypatch.setattr(quantize_module, "_fbgemm_ok", lambda x: False)  # weight-only: dequantize and matmul
         same = ours(ids)[0]
-    assert torch.equal(theirs, same)  # the same codes: transformers computes exactly our weight-only function
+    # The same codes and the same weight-only function, but not always the same kernel: bitsandbytes' CPU NF4 matmul
+    # and ours dequantize identically and then accumulate in an order that depends on the ISA (equal bit for bit on
+    # AVX-512, 7e-7 apart on AVX2). fp32 accumulation over n_embd=64 terms of logits ~1 stays within 1e-5.
+    torch.testing.assert_close(theirs, same, rtol=1e-5, atol=1e-5)
     assert ((theirs - close).norm() / close.norm()).item() < 0.03
     assert hf.generate(ids[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
 
@@ -126,10 +129,15 @@ def test_int4_packing_and_rtn_grid() -> None:
     assert (deq - w).abs().max() <= scale.max() / 2 + 1e-6  # round to nearest: within half a step
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
 @pytest.mark.parametrize("input_scale", [False, True])
-def test_int4_cpu_kernel_matches_dequantized_matmul(input_scale: bool) -> None:
-    """PyTorch's packed int4 CPU kernel (bf16 activations) computes our (q - zero)·scale weight; layers it does not
-    take (group 16, out_features not a multiple of 16) use the exact dequantize-and-matmul path."""
+def test_int4_cpu_kernel_matches_dequantized_matmul(
+    input_scale: bool, native_bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With native bf16 (forced here, so both paths run on any CPU) PyTorch's packed int4 kernel (bf16 activations)
+    computes our (q - zero)·scale weight; without it (AVX2) the weight is dequantized once to fp32 and kept. Layers
+    the kernel does not take (group 16, out_features not a multiple of 16) use the dequantize-and-matmul path."""
+    monkeypatch.setattr(quantize_module, "inference_dtype", lambda device: torch.bfloat16 if native_bf16 else torch.float32)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 128, generator=gen)
     for out_features, group_size, kernel in ((96, 32, True), (96, 16, False), (40, 32, False)):
@@ -140,8 +148,12 @@ def test_int4_cpu_kernel_matches_dequantized_matmul(input_scale: bool) -> None:
         with torch.no_grad():
             y, exact = q(x), torch.nn.functional.linear(x, q.dequantized(), q.bias)
         assert y.dtype == torch.float32 and y.shape == (3, 7, out_features)
+        assert (q._packed is not None) is (kernel or not native_bf16)  # a kernel weight was built and kept
+        if not native_bf16:
+            assert q._packed.dtype == torch.float32 and q._packed.shape == (out_features, 128)
         error = ((y - exact).norm() / exact.norm()).item()
-        assert (0 < error < 1e-2) if kernel else error < 1e-6, error  # bf16 activations: ~3e-3
+        # bf16 activations: ~3e-3; fp32 paths differ only by where the input scale is applied (rounding, ~1e-7)
+        assert (0 < error < 1e-2) if kernel and native_bf16 else error < 1e-6, error
 
 
 def test_bad_quantize_input(trained_run: Path, tmp_path: Path) -> None:

@@ -20,17 +20,17 @@ from tests.conftest import REPO
 
 def test_deepspeed_config_from_the_typed_config() -> None:
     cfg = TrainConfig(micro_batch_size=4, grad_accum_steps=2, zero_stage=2, precision="bf16", offload_optimizer=True)
-    ds = deepspeed_config(cfg, use_gpu=False)
+    ds = deepspeed_config(cfg, use_gpu=False, precision="bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert "train_batch_size" not in ds
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["optimizer"]["params"]["torch_adam"] is True
-    assert "torch_adam" not in deepspeed_config(cfg, use_gpu=True)["optimizer"]["params"]  # FusedAdam on GPU
-    fp16 = deepspeed_config(TrainConfig(precision="fp16"), use_gpu=True)["fp16"]
+    assert "torch_adam" not in deepspeed_config(cfg, use_gpu=True, precision="bf16")["optimizer"]["params"]  # FusedAdam on GPU
+    fp16 = deepspeed_config(TrainConfig(precision="fp16"), use_gpu=True, precision="fp16")["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
     hatch = TrainConfig(deepspeed={"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5})
-    merged = deepspeed_config(hatch, use_gpu=False)
+    merged = deepspeed_config(hatch, use_gpu=False, precision="fp32")
     assert merged["zero_optimization"] == {"stage": 1, "overlap_comm": True} and merged["gradient_clipping"] == 0.5
 
 
