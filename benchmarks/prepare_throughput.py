@@ -5,6 +5,7 @@
 Corpus: this interpreter's standard-library .py files (~31 MB here). One tokenizer is trained first and used by both
 sides, so both do the same encoding work:
   - baseline: read every file and `encode_batch` them all in one process (tokenizers' own thread pool, every core);
+              `encode_batch_fast` (no offsets, what `prepare` calls) is timed the same way and shown too;
   - raygpt:   `prepare` with that tokenizer on a warm local Ray (read, clean, survey, tokenize on the actor pool,
               dedup, pack, write shards and manifest), end to end.
 The steady-state figure is the marginal rate between a run on half of the files and a run on all of them
@@ -25,6 +26,8 @@ from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cluster.ray_connect import start_local  # noqa: E402
+from model.flops import machine_header  # noqa: E402
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
 from data_pipeline.prepare import prepare  # noqa: E402
 from data_pipeline.sources import stdlib_files  # noqa: E402
@@ -59,6 +62,7 @@ def main() -> None:
     files = stdlib_files()
     texts = [Path(f).read_bytes().decode("utf-8", errors="replace") for f in files]
     total = sum(os.path.getsize(f) for f in files)
+    print(machine_header())
     print(f"corpus: {len(files):,} stdlib files, {total / 1e6:.1f} MB; {args.cpus} CPUs")
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -72,8 +76,12 @@ def main() -> None:
         baseline_s = time.perf_counter() - start
         baseline = total / 1e6 / baseline_s
         print(f"baseline encode_batch: {baseline_s:.1f} s, {baseline:.2f} MB/s")
+        start = time.perf_counter()
+        tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        fast = total / 1e6 / (time.perf_counter() - start)
+        print(f"encode_batch_fast: {fast:.2f} MB/s")
 
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        start_local(args.cpus, log_to_driver=False)
         half_bytes = _link_corpus(files[::2], tmp / "half")
         _link_corpus(files, tmp / "full")
         _prepare_seconds(tmp / "half", tokenizer_path, tmp / "warmup", args.cpus)  # warm workers and caches
@@ -87,6 +95,7 @@ def main() -> None:
     print("| measure | MB/s | ratio to encode_batch |")
     print("| --- | --- | --- |")
     print(f"| raw `encode_batch` ({args.cpus} threads) | {baseline:.2f} | 1.00 |")
+    print(f"| raw `encode_batch_fast` ({args.cpus} threads) | {fast:.2f} | {fast / baseline:.2f} |")
     print(f"| `prepare` end to end, {total / 1e6:.1f} MB, warm Ray ({full_s:.1f} s) | {end_to_end:.2f} | {end_to_end / baseline:.2f} |")
     print(f"| `prepare` steady state (marginal, half → full corpus) | {marginal:.2f} | {marginal / baseline:.2f} |")
 

@@ -20,6 +20,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster import pipeline  # noqa: E402
+from cluster.ray_connect import start_local  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ def plot(metrics: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    start_local(os.cpu_count(), log_to_driver=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(REPO / "configs" / "shakespeare.yaml", [f"run_dir={tmp}/run"])
         pipeline.run_prepare(cfg)

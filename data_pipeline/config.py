@@ -123,15 +123,13 @@ class DataConfig(Section):
     val_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
     """Fraction of documents (chosen by content hash, so deterministic) that go to the val split."""
     shard_bytes: int = Field(default=100_000_000, ge=1024)
-    """Target size of one webdataset shard in bytes (the shard count is estimated from the corpus size)."""
-    tokenize_actors: int | None = Field(default=None, ge=1)
-    """Size of the tokenizer actor pool; None uses one actor per CPU of the cluster."""
+    """Target size of one webdataset shard in bytes (the shard count comes from the token count before dedup)."""
     tokenize_batch_size: int = Field(default=128, ge=1)
-    """Documents per `encode_batch` call."""
+    """Documents per `encode_batch_fast` call (each read task tokenizes its own documents on one core)."""
     overwrite: bool = False
     """Re-prepare even when RUN_DIR/data holds a finished manifest of the same config (or of another config)."""
 
     def output_hash(self) -> str:
         """Hash of every field that changes the prepared bytes (not overwrite or parallelism knobs)."""
-        fields = self.model_dump(mode="json", exclude={"overwrite", "tokenize_actors", "tokenize_batch_size"})
+        fields = self.model_dump(mode="json", exclude={"overwrite", "tokenize_batch_size"})
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

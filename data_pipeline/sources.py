@@ -176,8 +176,8 @@ def _read_hf(src: SourceConfig) -> ray.data.Dataset:
 
 
 def _read_tasks(resolved: SourceFiles, num_cpus: int) -> int:
-    """Read tasks (= blocks) of a file source: ~16 MB each, at least 8 per CPU so the tokenizer actors share the work
-    evenly (Ray's default of 200 tiny read tasks costs seconds of scheduling on a small machine)."""
+    """Read tasks (= blocks) of a file source: ~16 MB each, at least 8 per CPU so the cores share the tokenizing evenly
+    (Ray's default of 200 tiny read tasks costs seconds of scheduling on a small machine)."""
     return max(1, min(len(resolved.files), max(8 * num_cpus, resolved.bytes // 16_000_000)))
 
 

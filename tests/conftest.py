@@ -14,6 +14,7 @@ import pytest
 import ray
 import torch
 
+from cluster.ray_connect import start_local
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.tokenizer import train_tokenizer
 from model.gpt import GPT, ModelConfig
@@ -57,7 +58,7 @@ def _env(shared_data: Path) -> None:
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray for every test that needs it (address='local' ignores stale cluster files)."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local(2, log_to_driver=False)
     yield
     ray.shutdown()
 
