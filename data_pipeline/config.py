@@ -124,12 +124,10 @@ class DataConfig(Section):
     """Fraction of documents (chosen by content hash, so deterministic) that go to the val split."""
     shard_bytes: int = Field(default=100_000_000, ge=1024)
     """Target size of one webdataset shard in bytes (the shard count comes from the token count before dedup)."""
-    tokenize_batch_size: int = Field(default=128, ge=1)
-    """Documents per `encode_batch_fast` call (each read task tokenizes its own documents on one core)."""
     overwrite: bool = False
     """Re-prepare even when RUN_DIR/data holds a finished manifest of the same config (or of another config)."""
 
     def output_hash(self) -> str:
-        """Hash of every field that changes the prepared bytes (not overwrite or parallelism knobs)."""
-        fields = self.model_dump(mode="json", exclude={"overwrite", "tokenize_batch_size"})
+        """Hash of every field that changes the prepared bytes (all but overwrite)."""
+        fields = self.model_dump(mode="json", exclude={"overwrite"})
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 from tokenizers import Tokenizer
@@ -224,6 +225,37 @@ def _dedup_pack_write(
     }
 
 
+def _columns(table: pa.Table) -> dict[str, np.ndarray]:
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+@ray.remote
+def _survey_block(table: pa.Table) -> dict[str, np.ndarray]:
+    return _survey_rows(_columns(table))
+
+
+@ray.remote
+def _partition_block(
+    table: pa.Table, near: bool, num_shards: dict[str, int], val_fraction: float
+) -> list[dict[str, np.ndarray]] | dict[str, np.ndarray]:
+    """Map side of the hash partition: one block of tokenized documents (or of near-duplicate names) → one part per
+    (split, shard) group, train shards first. The groups are functions of the content hash only."""
+    batch = _columns(table)
+    rows = _near_rows(batch, val_fraction, num_shards) if near else _kept_rows(batch, num_shards)
+    group = np.where(rows["split"] == "val", num_shards["train"] + rows["shard"], rows["shard"])
+    parts = [{k: v[group == g] for k, v in rows.items()} for g in range(num_shards["train"] + num_shards["val"])]
+    return parts if len(parts) > 1 else parts[0]
+
+
+@ray.remote
+def _write_group(pack: dict[str, Any], *parts: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """Reduce side: every part of one (split, shard) group → its tar and stats row (None for an empty group)."""
+    group = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if not len(group[HASH]):
+        return None
+    return {k: v[0] for k, v in _dedup_pack_write(group, **pack).items()}
+
+
 def _config_hash(cfg: DataConfig) -> str:
     if cfg.tokenizer.path is None:
         return cfg.output_hash()
@@ -288,12 +320,14 @@ def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int) -> dict[str, Any]:
     tokens = docs.map_batches(
         tokenize_batch,
         fn_kwargs={"tokenizer_json": fit["json"], "dtype": dtype.str, "val_fraction": cfg.val_fraction},
-        batch_size=cfg.tokenize_batch_size,
+        batch_size=None,  # a whole block per call: blocks are never merged, so the cores share the work evenly
         batch_format="numpy",
     ).materialize()
+    token_blocks = tokens.to_arrow_refs()
     survey = _Survey()
-    for row in tokens.map_batches(_survey_rows, batch_format="numpy").take_all():
-        survey.add(row)
+    for rows in ray.get([_survey_block.remote(ref) for ref in token_blocks]):
+        for i in range(len(rows[SOURCE])):
+            survey.add({k: v[i] for k, v in rows.items()})
     counts = [{SOURCE: s, DROP: d, "documents": v[0], "bytes": v[1], "replaced": v[2]} for (s, d), v in survey.counts.items()]
     dropped = _dropped(counts, resolved)
     read_docs = sum(c["documents"] for c in counts)
@@ -316,27 +350,23 @@ def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         (data_dir / split).mkdir(exist_ok=True)
-    placed = tokens.map_batches(_kept_rows, fn_kwargs={"num_shards": num_shards}, batch_format="numpy")
+    blocks = [(ref, False) for ref in token_blocks]
     if cfg.clean.minhash.enabled:
         buckets = max(4 * num_cpus, math.ceil(input_bytes / 64e6))
-        near = near_duplicates(docs, cfg.clean.minhash, buckets)
-        placement = {"val_fraction": cfg.val_fraction, "num_shards": num_shards}
-        placed = placed.union(near.map_batches(_near_rows, fn_kwargs=placement, batch_format="numpy"))
-    written = (
-        placed.groupby(["split", "shard"], num_partitions=min(sum(num_shards.values()), 4 * num_cpus))
-        .map_groups(
-            _dedup_pack_write,
-            fn_kwargs={
-                "data_dir": str(data_dir),
-                "seq_len": cfg.seq_len,
-                "eot": eot,
-                "dtype": dtype.str,
-                "exact": cfg.clean.dedup,
-            },
-            batch_format="numpy",
-        )
-        .take_all()
-    )
+        blocks += [(ref, True) for ref in near_duplicates(docs, cfg.clean.minhash, buckets).to_arrow_refs()]
+    groups = [("train", i) for i in range(num_shards["train"])] + [("val", i) for i in range(num_shards["val"])]
+    _log(f"deduplicating, packing and writing {len(groups)} shard(s)")
+    parts = [
+        _partition_block.options(num_returns=len(groups)).remote(ref, near, num_shards, cfg.val_fraction)
+        for ref, near in blocks
+    ]
+    parts = [p if isinstance(p, list) else [p] for p in parts]  # num_returns=1 gives one ref, not a list
+    pack = {"data_dir": str(data_dir), "seq_len": cfg.seq_len, "eot": eot, "dtype": dtype.str, "exact": cfg.clean.dedup}
+    written = [
+        row
+        for row in ray.get([_write_group.remote(pack, *[p[g] for p in parts]) for g in range(len(groups))])
+        if row is not None
+    ]
     for reason in ("duplicate", "near_duplicate"):
         if count := sum(int(w[reason]) for w in written):
             dropped[reason] = {"documents": count, "bytes": sum(int(w[f"{reason}_bytes"]) for w in written)}

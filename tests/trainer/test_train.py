@@ -1,5 +1,5 @@
 """`raygpt train` on local Ray: 2 DeepSpeed workers (gloo on CPU), the debug model, tinyshakespeare shards.
-ZeRO 1/2/3 train, bf16 runs, fp32 resume and worker-failure recovery are bit-identical to an uninterrupted run,
+ZeRO 1/2/3 train in bf16 / fp32 / auto, fp32 resume and worker-failure recovery are bit-identical to an uninterrupted run,
 gradient accumulation equals a larger batch, and bad setups fail before any worker starts."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from cluster import pipeline
 from cluster.cli import main
 from cluster.config import load_config
 from model.checkpoint import load_checkpoint
+from model.precision import detect
 from tests.conftest import BASE, SHAKESPEARE
 
 
@@ -38,12 +39,16 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stages_train_in_bf16(prepared: Path, tmp_path: Path, stage: int) -> None:
+@pytest.mark.parametrize(("stage", "precision"), [(1, "bf16"), (2, "fp32"), (3, "auto")])
+def test_zero_stages_train(prepared: Path, tmp_path: Path, stage: int, precision: str) -> None:
+    """Every ZeRO stage; bf16 (emulated and slower on an AVX2 CPU, still correct), fp32, and auto (the rule of
+    `model.precision` on this CPU) — each recorded in the metrics."""
     run_dir = _run_dir(prepared, tmp_path, f"zero{stage}")
-    _train(run_dir, f"train.zero_stage={stage}", "train.precision=bf16", "train.max_steps=25",
+    _train(run_dir, f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=25",
            "train.checkpoint_every=25")
     metrics = _metrics(run_dir)
+    expected = ("bf16" if detect().native_bf16 else "fp32") if precision == "auto" else precision
+    assert {m.get("precision") for m in metrics if "loss" in m} == {expected}
     assert [m["step"] for m in metrics] == list(range(1, 26))
     first, last = metrics[0], metrics[-1]
     early, late = sum(m["loss"] for m in metrics[:5]) / 5, sum(m["loss"] for m in metrics[-5:]) / 5
