@@ -31,6 +31,7 @@ from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 from evaluation.lm import RaygptLM  # noqa: E402
 from evaluation.tasks import wikitext_articles  # noqa: E402
 from model.export import export  # noqa: E402
+from model.flops import machine_header  # noqa: E402
 
 SHARED = Path(os.environ.get("RAYGPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--wikitext-docs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print(machine_header())
 
     tmp = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     ours = RaygptLM(args.checkpoint, batch_size=16, device="cpu")

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.export import to_hf  # noqa: E402
+from model.flops import machine_header  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.gpt import GPT, ModelConfig  # noqa: E402
 
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
+    print(f"{machine_header()}\ntorch {torch.__version__}, fp32")
     rows = []
     for name, arch in SHAPES.items():
         torch.manual_seed(0)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cluster import pipeline  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from model.flops import machine_header  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NANOGPT_BPB = 2.72
@@ -48,6 +49,7 @@ def plot(metrics: list[dict], out: Path) -> None:
 
 
 def main() -> None:
+    print(machine_header())
     start_local(os.cpu_count(), log_to_driver=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(REPO / "configs" / "shakespeare.yaml", [f"run_dir={tmp}/run"])

@@ -38,6 +38,7 @@ from trainer.data import ShardStream  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = 8
+PROFILES: list[str] = []  # rank 0's step profile per run (from the time_* metrics)
 
 
 def _raygpt(run_dir: Path, workers: int, steps: int) -> tuple[float, str]:
@@ -51,6 +52,11 @@ def _raygpt(run_dir: Path, workers: int, steps: int) -> tuple[float, str]:
     )
     pipeline.run_train(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    profile = {k: statistics.median(r[k] for r in rows[1:]) for k in rows[1] if k.startswith("time_")}
+    shown = ", ".join(f"{k.removeprefix('time_')} {v:.0%}" for k, v in profile.items())
+    step_s = 1 / statistics.median(r["tokens_per_sec"] for r in rows[1:]) * MICRO * workers * 256
+    PROFILES.append(f"{workers} worker(s){' under load' if 'loaded' in run_dir.name else ''}: step {step_s * 1e3:.0f} ms = "
+                    f"{shown}, other {1 - sum(profile.values()):.0%}")
     return statistics.median(r["tokens_per_sec"] for r in rows[1:]), rows[-1]["precision"]
 
 
@@ -128,6 +134,10 @@ def main() -> None:
           f"{one / baseline:.2f} |")
     print(f"| raygpt train, 2 workers, one core kept busy by another process | {loaded:,.0f} | – | "
           f"{loaded / baseline:.2f} |")
+    print("\nrank 0 step profile (median window; backward includes the gradient all-reduce, step the optimizer and "
+          "the parameter all-gather):")
+    for line in PROFILES:
+        print(f"  {line}")
     print(f"\n1 → 2 worker scaling efficiency: {two / (2 * one):.2f}; under load: {loaded / two:.2f} of unloaded tokens/s")
 
 

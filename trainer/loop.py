@@ -30,6 +30,7 @@ from trainer.data import Position, ShardStream, read_manifest, tokens_per_byte, 
 
 DS_TAG = "ds"
 STATE = "raygpt_state_rank{rank}.json"  # step, data position and RNG of one rank
+PHASES = ("data", "forward", "backward", "step")  # the parts of a training step timed into the metrics
 MODEL_DIR = "model"  # the consolidated checkpoint (model.safetensors + config.json + tokenizer.json)
 
 
@@ -159,13 +160,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * manifest["seq_len"]
     fault_step = config.get("fail_at_step")  # test-only fault hook
     first_step, start = step, time.perf_counter()
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, phases = time.perf_counter(), 0, np.zeros(len(PHASES))
     while step < cfg.max_steps:
         for _ in range(cfg.grad_accum_steps):
+            t0 = time.perf_counter()
             batch = next(batches).to(device)
+            t1 = time.perf_counter()
             _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
-            engine.backward(loss)
-            engine.step()
+            t2 = time.perf_counter()
+            engine.backward(loss)  # includes the gradient all-reduce / reduce-scatter at the accumulation boundary
+            t3 = time.perf_counter()
+            engine.step()  # optimizer on this rank's partition, then the parameter all-gather (ZeRO ≥ 1)
+            phases += np.array([t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3])
         step += 1
         window_steps += 1
         if step == fault_step and rank == world - 1 and checkpoint is None:
@@ -192,15 +198,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "mfu": achieved,
                 "elapsed_s": time.perf_counter() - start,
                 "precision": precision.precision,
+                # rank 0's profile of the window: where the time of a step goes, as fractions (the rest: logging,
+                # reporting, the time-budget broadcast)
+                **{f"time_{name}": float(t / elapsed) for name, t in zip(PHASES, phases)},
             }
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, phases = time.perf_counter(), 0, np.zeros(len(PHASES))
         if step % cfg.eval_every == 0 or last:
             metrics["val_loss"], metrics["val_bpb"] = _evaluate(engine, data_dir, cfg, per_byte)
         if metrics:
             metrics.setdefault("step", step)
             if rank == 0:
                 eta = (cfg.max_steps - step) * (time.perf_counter() - start) / max(step - first_step, 1)
-                shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+                shown = " ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("time_")
+                )
                 print(f"[train] step {step}/{cfg.max_steps} {shown} eta {eta:.0f}s", flush=True)
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
