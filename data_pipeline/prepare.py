@@ -10,9 +10,9 @@ All per-document work runs in Ray Data tasks, never in a driver loop:
      only token ids — materialized, a third of the text's size; per-batch aggregates give the counts by source and
      drop reason and the token count per split, which sizes the shards;
   2. each kept document is placed by content hash (split, shard); with MinHash on, near duplicates are found (band
-     keys grouped by bucket); a groupby by (split, shard) brings every copy of a document together, where each group
-     drops exact and near duplicates, orders its documents by hash, joins them with EOT, cuts seq_len + 1 blocks and
-     writes its tar.
+     keys grouped by bucket); a hash partition (`data_pipeline.partition`, Ray tasks) brings every copy of a document
+     together, where each group drops exact and near duplicates, orders its documents by hash, joins them with EOT,
+     cuts seq_len + 1 blocks and writes its tar.
 Because split and shard are functions of the content hash, all copies of a document meet in one group: exact dedup
 is corpus-wide. The manifest is written last and atomically: a crashed run leaves none, and a re-run redoes the work.
 """
@@ -36,17 +36,10 @@ from tokenizers import Tokenizer
 
 from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT, clean_batch
 from data_pipeline.config import DataConfig, DataError, TokenizerConfig
-from data_pipeline.dedup import duplicate_reasons, near_duplicates
-from data_pipeline.pack import (
-    in_sample,
-    is_val,
-    pack_blocks,
-    shard_index,
-    tar_bytes_per_block,
-    token_dtype,
-    token_stream,
-)
-from data_pipeline.shards import MANIFEST, TOKENIZER, read_manifest, sha256_file, write_json_atomic, write_shard
+from data_pipeline.dedup import near_duplicates
+from data_pipeline.pack import in_sample, is_val, tar_bytes_per_block, token_dtype
+from data_pipeline.partition import columns, write_shards
+from data_pipeline.shards import MANIFEST, TOKENIZER, read_manifest, sha256_file, write_json_atomic
 from data_pipeline.sources import SourceFiles, read_sources
 from data_pipeline.tokenizer import eot_id, load_tokenizer, train_tokenizer
 
@@ -162,98 +155,9 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_json: str, dtype: str
     }
 
 
-def _placement(hashes: np.ndarray, val: np.ndarray, num_shards: dict[str, int]) -> dict[str, np.ndarray]:
-    """Split and shard of each document: functions of its content hash only."""
-    shards = np.where(val, shard_index(hashes, num_shards["val"]), shard_index(hashes, num_shards["train"]))
-    return {HASH: hashes, "split": np.where(val, "val", "train").astype(object), "shard": shards}
-
-
-def _kept_rows(batch: dict[str, np.ndarray], num_shards: dict[str, int]) -> dict[str, Any]:
-    """Tokenized rows → the kept documents with their (split, shard), in the schema `_dedup_pack_write` groups."""
-    kept = batch[DROP] == ""
-    return {
-        **_placement(batch[HASH][kept], batch["val"][kept], num_shards),
-        "ids": batch["ids"][kept],
-        "text_bytes": batch[NBYTES][kept],
-        "near": np.zeros(int(kept.sum()), dtype=bool),
-    }
-
-
-def _near_rows(batch: dict[str, np.ndarray], val_fraction: float, num_shards: dict[str, int]) -> dict[str, Any]:
-    """Near-duplicate names as rows of the tokenized schema, so they land in their document's (split, shard) group."""
-    n = len(batch[HASH])
-    return {
-        **_placement(batch[HASH], is_val(batch[HASH], val_fraction), num_shards),
-        "ids": np.full(n, b"", dtype=object),
-        "text_bytes": np.zeros(n, dtype=np.int64),
-        "near": np.ones(n, dtype=bool),
-    }
-
-
-def _dedup_pack_write(
-    group: dict[str, np.ndarray], data_dir: str, seq_len: int, eot: int, dtype: str, exact: bool
-) -> dict[str, Any]:
-    """All documents of one (split, shard) → drop duplicates, order by hash, pack, write one tar → its stats row."""
-    split, shard = str(group["split"][0]), int(group["shard"][0])
-    near = group["near"]
-    hashes, ids, text_bytes = group[HASH][~near], group["ids"][~near], group["text_bytes"][~near]
-    order = np.argsort(hashes, kind="stable")
-    hashes, ids, text_bytes = hashes[order], ids[order], text_bytes[order]
-    reasons = duplicate_reasons(hashes, group[HASH][near], exact)
-    keep = reasons == ""
-    docs = [np.frombuffer(b, dtype=dtype) for b in ids[keep]]
-    blocks, tail = pack_blocks(token_stream(docs, eot, np.dtype(dtype)), seq_len + 1)
-    name = f"{split}/shard-{shard:06d}.tar"
-    path = Path(data_dir) / name
-    digest = write_shard(path, blocks, f"{split}-{shard:06d}") if len(blocks) else ""
-    return {
-        "split": [split],
-        "shard": [shard],
-        "file": [name if len(blocks) else ""],
-        "sequences": [len(blocks)],
-        "tokens": [blocks.size],
-        "tail_tokens": [tail],
-        "documents": [len(docs)],
-        "doc_tokens": [sum(len(d) for d in docs)],
-        "text_bytes": [int(text_bytes[keep].sum())],
-        "bytes": [path.stat().st_size if len(blocks) else 0],
-        "sha256": [digest],
-        "duplicate": [int((reasons == "duplicate").sum())],
-        "duplicate_bytes": [int(text_bytes[reasons == "duplicate"].sum())],
-        "near_duplicate": [int((reasons == "near_duplicate").sum())],
-        "near_duplicate_bytes": [int(text_bytes[reasons == "near_duplicate"].sum())],
-    }
-
-
-def _columns(table: pa.Table) -> dict[str, np.ndarray]:
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-
-
 @ray.remote
 def _survey_block(table: pa.Table) -> dict[str, np.ndarray]:
-    return _survey_rows(_columns(table))
-
-
-@ray.remote
-def _partition_block(
-    table: pa.Table, near: bool, num_shards: dict[str, int], val_fraction: float
-) -> list[dict[str, np.ndarray]] | dict[str, np.ndarray]:
-    """Map side of the hash partition: one block of tokenized documents (or of near-duplicate names) → one part per
-    (split, shard) group, train shards first. The groups are functions of the content hash only."""
-    batch = _columns(table)
-    rows = _near_rows(batch, val_fraction, num_shards) if near else _kept_rows(batch, num_shards)
-    group = np.where(rows["split"] == "val", num_shards["train"] + rows["shard"], rows["shard"])
-    parts = [{k: v[group == g] for k, v in rows.items()} for g in range(num_shards["train"] + num_shards["val"])]
-    return parts if len(parts) > 1 else parts[0]
-
-
-@ray.remote
-def _write_group(pack: dict[str, Any], *parts: dict[str, np.ndarray]) -> dict[str, Any] | None:
-    """Reduce side: every part of one (split, shard) group → its tar and stats row (None for an empty group)."""
-    group = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if not len(group[HASH]):
-        return None
-    return {k: v[0] for k, v in _dedup_pack_write(group, **pack).items()}
+    return _survey_rows(columns(table))
 
 
 def _config_hash(cfg: DataConfig) -> str:
@@ -350,23 +254,13 @@ def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         (data_dir / split).mkdir(exist_ok=True)
-    blocks = [(ref, False) for ref in token_blocks]
+    near_blocks = []
     if cfg.clean.minhash.enabled:
         buckets = max(4 * num_cpus, math.ceil(input_bytes / 64e6))
-        blocks += [(ref, True) for ref in near_duplicates(docs, cfg.clean.minhash, buckets).to_arrow_refs()]
-    groups = [("train", i) for i in range(num_shards["train"])] + [("val", i) for i in range(num_shards["val"])]
-    _log(f"deduplicating, packing and writing {len(groups)} shard(s)")
-    parts = [
-        _partition_block.options(num_returns=len(groups)).remote(ref, near, num_shards, cfg.val_fraction)
-        for ref, near in blocks
-    ]
-    parts = [p if isinstance(p, list) else [p] for p in parts]  # num_returns=1 gives one ref, not a list
+        near_blocks = near_duplicates(docs, cfg.clean.minhash, buckets).to_arrow_refs()
+    _log(f"deduplicating, packing and writing {sum(num_shards.values())} shard(s)")
     pack = {"data_dir": str(data_dir), "seq_len": cfg.seq_len, "eot": eot, "dtype": dtype.str, "exact": cfg.clean.dedup}
-    written = [
-        row
-        for row in ray.get([_write_group.remote(pack, *[p[g] for p in parts]) for g in range(len(groups))])
-        if row is not None
-    ]
+    written = write_shards(token_blocks, near_blocks, num_shards, cfg.val_fraction, pack)
     for reason in ("duplicate", "near_duplicate"):
         if count := sum(int(w[reason]) for w in written):
             dropped[reason] = {"documents": count, "bytes": sum(int(w[f"{reason}_bytes"]) for w in written)}
