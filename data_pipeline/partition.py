@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from data_pipeline.clean import DROP, HASH, NBYTES
+from data_pipeline.clean import DROP, HASH
 from data_pipeline.dedup import duplicate_reasons
 from data_pipeline.pack import is_val, pack_blocks, shard_index, token_stream
 from data_pipeline.shards import write_shard
@@ -40,7 +40,7 @@ def _kept_rows(batch: dict[str, np.ndarray], num_shards: dict[str, int]) -> dict
     return {
         **_placement(batch[HASH][kept], batch["val"][kept], num_shards),
         "ids": batch["ids"][kept],
-        "text_bytes": batch[NBYTES][kept],
+        "text_bytes": batch["text_bytes"][kept],
         "near": np.zeros(int(kept.sum()), dtype=bool),
     }
 

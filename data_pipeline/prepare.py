@@ -139,10 +139,13 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_json: str, dtype: str
     kept = batch[DROP] == ""
     ids = np.full(len(kept), b"", dtype=object)
     counts = np.zeros(len(kept), dtype=np.int64)
+    text_bytes = np.zeros(len(kept), dtype=np.int64)  # of the cleaned text (NBYTES is what was read)
     if kept.any():
-        encodings = tokenizer.encode_batch_fast(batch[TEXT][kept].tolist(), add_special_tokens=False)
+        texts = batch[TEXT][kept].tolist()
+        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         ids[kept] = [np.asarray(e.ids, dtype=dtype).tobytes() for e in encodings]
         counts[kept] = [len(e.ids) for e in encodings]
+        text_bytes[kept] = [len(t.encode("utf-8")) for t in texts]
     return {
         HASH: batch[HASH],
         SOURCE: batch[SOURCE],
@@ -152,6 +155,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_json: str, dtype: str
         "val": is_val(batch[HASH], val_fraction),
         "ids": ids,
         "tokens": counts,
+        "text_bytes": text_bytes,
     }
 
 

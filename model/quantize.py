@@ -139,6 +139,10 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
+        if self.bits == 4 and _dense_fp32_ok(x):  # no native bf16: a dense fp32 weight beats the int4 kernel
+            if self._packed is None:
+                self._packed = self.dequantized()  # the input scale folded in: no per-call division
+            return F.linear(x, self._packed, self.bias)
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         if self.bits == 8 and _fbgemm_ok(x):
@@ -149,10 +153,6 @@ class QuantLinear(nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self._packed, True)
             return y.reshape(*x.shape[:-1], self.out_features)
-        if self.bits == 4 and _dense_fp32_ok(x):  # no native bf16: a dense fp32 weight beats the int4 kernel
-            if self._packed is None:
-                self._packed = self.dequantized_codes(torch.float32)
-            return F.linear(x, self._packed, None if self.bias is None else self.bias)
         if self.bits == 4 and _int4pack_ok(self, x):
             if self._packed is None:
                 self._packed = self._int4pack()

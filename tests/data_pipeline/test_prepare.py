@@ -139,8 +139,8 @@ def _mixed_corpus(root: Path) -> dict[str, str]:
     long_doc = " ".join(f"alpha{i} beta{i % 7}" for i in range(400))
     texts = root / "texts"
     texts.mkdir(parents=True)
-    (texts / "a.txt").write_text("The first document.\nIt has two lines.\n")
-    (texts / "b.md").write_text("The first document.\nIt has two lines.\n")  # exact duplicate of a.txt
+    (texts / "a.txt").write_bytes(b"The first document.\r\nIt has two lines.\r\n")  # CRLF → LF when cleaned
+    (texts / "b.md").write_bytes(b"The first document.\nIt has two\x07 lines.\n")  # once cleaned, a copy of a.txt
     (texts / "c.txt").write_bytes(b"caf\xe9 au lait, in Latin-1\n")  # invalid UTF-8 → replaced
     (texts / "d.txt").write_bytes(b"\x00\x01\x02 binary")  # binary → dropped
     (texts / "e.txt").write_text("x")  # too short
@@ -214,6 +214,10 @@ data:
     assert len(decoded) == len(set(decoded)) >= 40  # tails (< 17 tokens per shard) may cut a few documents
     assert set(decoded) <= expected | near_pair
     assert len(set(decoded) & near_pair) <= 1
+    # Bits per byte divide by the bytes of the cleaned text that was tokenized, not by what was read.
+    kept = expected | {min(near_pair, key=doc_hash)}
+    assert manifest["bytes"]["kept"] == sum(len(d.encode()) for d in kept)
+    assert manifest["bytes"]["read"] > manifest["bytes"]["kept"]
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,8 @@ def test_zero_stages_train(prepared: Path, tmp_path: Path, stage: int, precision
     early, late = sum(m["loss"] for m in metrics[:5]) / 5, sum(m["loss"] for m in metrics[-5:]) / 5
     assert late < early - 0.5 and last["val_loss"] < metrics[4]["val_loss"]
     assert all(k in first for k in ("lr", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s"))
+    profile = [first[f"time_{k}"] for k in ("data", "forward", "backward", "step")]  # rank 0's step profile
+    assert all(0 <= f <= 1 for f in profile) and 0.5 < sum(profile) <= 1.0 and first["time_backward"] > 0
     assert last["val_bpb"] > 0 and 0 < last["mfu"] < 1
     assert list((run_dir / "tb").iterdir())  # TensorBoard events
     model, cfg, _ = load_checkpoint(run_dir / "checkpoint")  # consolidated (ZeRO-3: gathered) weights load
