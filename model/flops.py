@@ -54,7 +54,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
     """FLOP/s of a 512² matmul on this CPU with `threads` threads, timed for ~0.3 s (bounded, so an emulated dtype
     costs about a second, not minutes); cached on disk per CPU model, dispatch capability and forced ISA."""
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    isa = f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}/{os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')}"  # forced ISAs
     key = (f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}|{dtype}|"
            f"{torch.backends.cpu.get_cpu_capability()}|{isa}")
     stored = json.loads(_CACHE.read_text()) if _CACHE.is_file() else {}
