@@ -63,7 +63,8 @@ def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     n = 512
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # never the global RNG: measuring must not change a training run
+    a, b = torch.randn(n, n, dtype=dtype, generator=gen), torch.randn(n, n, dtype=dtype, generator=gen)
     a @ b
     best, spent = float("inf"), 0.0
     for i in range(50):  # best of up to 50 timings of 2 matmuls, stopping after 0.3 s (at least 3 timings)
