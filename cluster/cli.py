@@ -22,6 +22,7 @@ import sys
 from cluster import pipeline
 from cluster.config import ConfigError, load_config
 from cluster.jobs import JobError, jobs_command, submit
+from cluster.run_lock import run_lock
 from data_pipeline.config import DataError
 from evaluation.config import EvalError
 from model.checkpoint import CheckpointError
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         "export", help="write a checkpoint in Hugging Face format (full precision, or quantized bnb-int8 / bnb-nf4)"
     )
     exp.add_argument("checkpoint")
-    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--out", required=True, help="output folder (new or empty; never the checkpoint)")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     return parser
 
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
             )
         elif args.command == "export":
-            print(f"exported to {export(args.checkpoint, args.out)}")
+            print(f"exported to {export(args.checkpoint, args.out, force=args.force)}")
         elif args.command == "submit":
             argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
             env = dict(item.split("=", 1) for item in args.env)
@@ -101,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             return jobs_command(args.action, args.address, args.job_id, args.follow)
         else:
             cfg = load_config(args.config, args.overrides)
-            if args.command == "run":
-                pipeline.run(cfg)
-            else:
-                pipeline.STAGES[args.command](cfg)
+            with run_lock(cfg.run_dir, f"raygpt {args.command} {args.config}"):  # one writer per run_dir
+                if args.command == "run":
+                    pipeline.run(cfg)
+                else:
+                    pipeline.STAGES[args.command](cfg)
     except Exception as e:
         if (user := _user_error(e)) is None:
             raise

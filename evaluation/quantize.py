@@ -79,7 +79,7 @@ def quantize_and_evaluate(
         folder = save_checkpoint(model, Path(out_dir) / method, tokenizer, extra=extra)
         if method in BNB_CONFIGS:  # a standard format: also written as transformers loads it
             try:
-                transformers_dir = str(export(folder, folder / "hf"))
+                transformers_dir = str(export(folder, folder / "hf", force=True))  # the stage owns it
             except ExportError as e:
                 transformers_dir = f"not exported: {e}"
     evaluation = evaluate_checkpoint(str(folder), eval_cfg if cfg.eval_tasks else eval_cfg.model_copy(update={"tasks": []}),

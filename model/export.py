@@ -150,9 +150,21 @@ def _save_bnb(model: GPT, method: str, folder: Path) -> None:
         shutil.rmtree(plain, ignore_errors=True)
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
+def check_out(checkpoint: str | Path, out: str | Path, force: bool) -> None:
+    """Export never destroys what it did not write: `out` may not be (or contain) the checkpoint, and must not exist
+    or be empty unless `force`."""
+    src, dst = Path(checkpoint).resolve(), Path(out).resolve()
+    if dst == src or src.is_relative_to(dst):
+        raise ExportError(f"--out {out} is or contains the checkpoint {checkpoint}; choose another folder")
+    if dst.exists() and not force and (not dst.is_dir() or any(dst.iterdir())):
+        raise ExportError(f"--out {out} already exists and is not empty; choose a new folder or pass --force to replace it")
+
+
+def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write config.json, model.safetensors and tokenizer files for transformers; temp folder, then rename.
-    Full-precision checkpoints and bitsandbytes-quantized ones (bnb-int8, bnb-nf4) can be exported."""
+    Full-precision checkpoints and bitsandbytes-quantized ones (bnb-int8, bnb-nf4) can be exported. An existing
+    non-empty `out` is replaced only with `force`; `out` may never be or contain the checkpoint."""
+    check_out(checkpoint, out, force)
     meta = json.loads((Path(checkpoint) / "config.json").read_text()) if (Path(checkpoint) / "config.json").is_file() else {}
     method = meta.get("quantization", {}).get("method")
     if method is not None and method not in BNB_CONFIGS:

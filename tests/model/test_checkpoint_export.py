@@ -121,3 +121,26 @@ def test_save_is_atomic_and_replaces(tmp_path: Path, tokenizer_file: Path) -> No
     save_checkpoint(model, folder, tokenizer_file, extra={"step": 4})
     assert json.loads((folder / "config.json").read_text())["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_export_never_destroys_what_it_did_not_write(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """--out may not be or contain the checkpoint (refused with one line, checkpoint intact); an existing non-empty
+    folder is replaced only with --force; an empty one is fine."""
+    ckpt = _broken(checkpoint, tmp_path)  # a private copy
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    for out in (ckpt, tmp_path):  # the checkpoint itself, and a folder holding it
+        assert main(["export", str(ckpt), "--out", str(out), "--force"]) == 2
+        assert "is or contains the checkpoint" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["export", str(ckpt), "--out", str(busy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists and is not empty" in err and "--force" in err
+    assert (busy / "notes.txt").read_text() == "mine"
+    assert main(["export", str(ckpt), "--out", str(busy), "--force"]) == 0
+    assert (busy / "config.json").is_file() and not (busy / "notes.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", str(ckpt), "--out", str(empty)]) == 0 and (empty / "model.safetensors").is_file()
