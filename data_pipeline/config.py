@@ -17,9 +17,13 @@ class DataError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, attribute docstrings are the field docs."""
+    """Base of every config section: unknown keys are errors, attribute docstrings are the field docs. Types are
+    strict (a boolean is not a number, a number not a string) and floats finite, so `seq_len=true` or `lr=.inf` is an
+    error rather than 1 or infinity."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, strict=True, allow_inf_nan=False
+    )
 
 
 SourceType = Literal["auto", "text", "jsonl", "parquet", "hf", "python-stdlib"]

@@ -102,3 +102,17 @@ def test_resolved_config_is_written_and_reloads(tmp_path: Path) -> None:
     out = save_resolved(cfg)
     assert out == tmp_path / "run" / "config.yaml"
     assert RunConfig.model_validate(yaml.safe_load(out.read_text())) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.seq_len=true", r"data\.seq_len: Input should be a valid integer"),
+        ("train.lr=.inf", r"train\.lr: Input should be a finite number"),
+        ("train.min_lr=.nan", r"train\.min_lr: Input should be a finite number"),
+        ("data.val_fraction='0.1'", r"data\.val_fraction: Input should be a valid number"),
+    ],
+)
+def test_strict_types_and_finite_numbers(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, MINIMAL), [override])
