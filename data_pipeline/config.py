@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class DataError(ValueError):
@@ -17,13 +17,20 @@ class DataError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, attribute docstrings are the field docs. Types are
-    strict (a boolean is not a number, a number not a string) and floats finite, so `seq_len=true` or `lr=.inf` is an
-    error rather than 1 or infinity."""
+    """Base of every config section: unknown keys are errors, attribute docstrings are the field docs. A boolean is
+    not a number and floats are finite, so `seq_len=true` or `lr=.inf` is an error rather than 1 or infinity (strings
+    that spell numbers, like YAML's `3e-4`, are still numbers)."""
 
-    model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, strict=True, allow_inf_nan=False
-    )
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML `true` is not 1: a boolean is accepted only by boolean fields."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
+            raise ValueError(f"expected {getattr(annotation, '__name__', annotation)}, got a boolean")
+        return value
 
 
 SourceType = Literal["auto", "text", "jsonl", "parquet", "hf", "python-stdlib"]

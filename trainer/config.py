@@ -32,7 +32,7 @@ class TrainConfig(Section):
     """Linear warmup from 0 to lr over these steps, then cosine decay to min_lr at max_steps."""
     weight_decay: float = Field(default=0.1, ge=0)
     """AdamW weight decay of matrices; norms, biases and embeddings get none."""
-    betas: tuple[float, float] = Field(default=(0.9, 0.95), strict=False)  # a YAML list is fine here
+    betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     grad_clip: float = Field(default=1.0, ge=0)
     """Clip the global gradient norm to this (0 disables)."""

@@ -107,12 +107,14 @@ def test_resolved_config_is_written_and_reloads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.seq_len=true", r"data\.seq_len: Input should be a valid integer"),
+        ("data.seq_len=true", r"data\.seq_len: .*expected int, got a boolean"),
+        ("train.zero_stage=true", r"train\.zero_stage: .*got a boolean"),
         ("train.lr=.inf", r"train\.lr: Input should be a finite number"),
         ("train.min_lr=.nan", r"train\.min_lr: Input should be a finite number"),
-        ("data.val_fraction='0.1'", r"data\.val_fraction: Input should be a valid number"),
+        ("data.val_fraction=abc", r"data\.val_fraction: Input should be a valid number"),
     ],
 )
 def test_strict_types_and_finite_numbers(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, MINIMAL), [override])
+    assert load_config(_write(tmp_path, MINIMAL), ["train.lr=3e-3"]).train.lr == 3e-3  # YAML reads 3e-3 as a string
