@@ -78,23 +78,20 @@ class _Survey:
             self.kept_docs[split] += int(row["documents"])
 
 
-def _survey_rows(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+def _survey_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """One batch of tokenized rows → one row per (source, drop reason, split) with its sums."""
     keys = np.stack([batch[SOURCE].astype(np.int64), batch["val"].astype(np.int64)], axis=1)
-    out: dict[str, list[Any]] = defaultdict(list)
     drops = batch[DROP].astype(str)
+    rows = []
     for drop in np.unique(drops):
         in_drop = drops == drop
-        for key in np.unique(keys[in_drop], axis=0):
-            idx = in_drop & (keys == key).all(axis=1)
-            out[SOURCE].append(int(key[0]))
-            out["val"].append(bool(key[1]))
-            out[DROP].append(str(drop))
-            out["documents"].append(int(idx.sum()))
-            out[NBYTES].append(int(batch[NBYTES][idx].sum()))
-            out[REPLACED].append(int(batch[REPLACED][idx].sum()))
-            out["tokens"].append(int(batch["tokens"][idx].sum()))
-    return {k: np.array(v, dtype=object if k == DROP else None) for k, v in out.items()}
+        for source, val in np.unique(keys[in_drop], axis=0):
+            idx = in_drop & (keys[:, 0] == source) & (keys[:, 1] == val)
+            rows.append({
+                SOURCE: int(source), "val": bool(val), DROP: str(drop), "documents": int(idx.sum()),
+                **{col: int(batch[col][idx].sum()) for col in (NBYTES, REPLACED, "tokens")},
+            })
+    return rows
 
 
 def _sampled_texts(batch: dict[str, np.ndarray], fraction: float) -> dict[str, Any]:
@@ -160,7 +157,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_json: str, dtype: str
 
 
 @ray.remote
-def _survey_block(table: pa.Table) -> dict[str, np.ndarray]:
+def _survey_block(table: pa.Table) -> list[dict[str, Any]]:
     return _survey_rows(columns(table))
 
 
@@ -234,8 +231,8 @@ def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int) -> dict[str, Any]:
     token_blocks = tokens.to_arrow_refs()
     survey = _Survey()
     for rows in ray.get([_survey_block.remote(ref) for ref in token_blocks]):
-        for i in range(len(rows[SOURCE])):
-            survey.add({k: v[i] for k, v in rows.items()})
+        for row in rows:
+            survey.add(row)
     counts = [{SOURCE: s, DROP: d, "documents": v[0], "bytes": v[1], "replaced": v[2]} for (s, d), v in survey.counts.items()]
     dropped = _dropped(counts, resolved)
     read_docs = sum(c["documents"] for c in counts)

@@ -16,7 +16,6 @@ bf16 instructions) and the measurement (a bf16 matmul beats fp32 on this CPU). F
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -143,14 +142,6 @@ def emulated_bf16_slowdown(threads: int | None = None) -> float:
     """fp32 peak / bf16 peak on this CPU (a short timed matmul; > 1 means bf16 is slower)."""
     threads = threads or torch.get_num_threads()
     return measured_cpu_peak(torch.float32, threads) / measured_cpu_peak(torch.bfloat16, threads)
-
-
-def resolve(requested: Precision, device: str | torch.device = "cpu", threads: int | None = None) -> Choice:
-    """`choose` on this process's device; an explicit-bf16 warning is raised once as a Python warning too."""
-    choice = choose(requested, detect(device, threads))
-    if choice.warning:
-        warnings.warn(choice.warning, stacklevel=2)
-    return choice
 
 
 def inference_dtype(device: str | torch.device = "cpu") -> torch.dtype:
