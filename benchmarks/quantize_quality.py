@@ -35,7 +35,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides + ([f"run_dir={args.run_dir}"] if args.run_dir else []))
     for stage in ("prepare", "train"):
         pipeline.STAGES[stage](cfg)
-    params = load_checkpoint(Path(cfg.run_dir) / "checkpoint")[0].num_params()
+    params = load_checkpoint(cfg.layout.checkpoint).model.num_params()
     report = pipeline.STAGES["quantize"](cfg)
     rows = {r["method"]: r for r in report["methods"]}
     print(f"\nmodel: {params:,} parameters\n\n{comparison_table(report)}\n")

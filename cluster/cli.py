@@ -21,6 +21,7 @@ import sys
 
 from cluster import pipeline
 from cluster.config import ConfigError, load_config
+from cluster.files import RunFileError
 from cluster.jobs import JobError, jobs_command, submit
 from cluster.run_lock import run_lock
 from data_pipeline.config import DataError
@@ -30,7 +31,7 @@ from model.export import ExportError, export
 from model.quantize import QuantizeError
 from model.sample import stream_text
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, EvalError, QuantizeError, JobError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, EvalError, QuantizeError, JobError, RunFileError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +87,17 @@ def _user_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def _env_vars(items: list[str]) -> dict[str, str]:
+    """`--env KEY=VALUE` flags → a dict; anything else is a one-line error."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE with KEY made of letters, digits and '_'")
+        env[key] = value
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported to {export(args.checkpoint, args.out, force=args.force)}")
         elif args.command == "submit":
             argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-            env = dict(item.split("=", 1) for item in args.env)
+            env = _env_vars(args.env)
             return submit(args.address, argv, args.working_dir, env, follow=not args.no_wait, job_id=args.job_id)
         elif args.command == "jobs":
             return jobs_command(args.action, args.address, args.job_id, args.follow)

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from cluster.files import atomic_write
+from cluster.layout import RunLayout
 from data_pipeline.config import DataConfig, Section
 from evaluation.config import EvalConfig, QuantizeConfig
 from model.gpt import ModelConfig
@@ -44,11 +46,10 @@ class ClusterConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How workers are placed on nodes."""
     storage_path: str | None = None
-    """Ray Train storage for training checkpoints (local path or s3:// / gs:// URI); None means RUN_DIR/train."""
+    """Ray Train storage for training checkpoints (local path or s3:// / gs:// URI), holding `checkpoints/step-N/`;
+    None means RUN_DIR."""
     max_failures: int = Field(default=0, ge=-1)
     """Worker-group restarts (from the last checkpoint) before the run fails; -1 retries forever."""
-    num_to_keep: int = Field(default=2, ge=1)
-    """Training checkpoints kept in storage (the newest ones)."""
     runtime_env: dict[str, Any] = {}
     """Ray runtime_env for the work this process starts on an existing cluster (working_dir, py_modules, env_vars,
     pip, ...); unused for a local Ray. Jobs from `raygpt submit` already carry the repository and these env vars."""
@@ -132,8 +133,13 @@ class RunConfig(Section):
         return self
 
     @property
+    def layout(self) -> RunLayout:
+        """Every path of this run (`cluster.layout`)."""
+        return RunLayout.of(self.run_dir, self.cluster.storage_path)
+
+    @property
     def data_dir(self) -> Path:
-        return Path(self.run_dir) / "data"
+        return self.layout.data.root
 
 
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -197,7 +203,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(tree, dict):
@@ -215,10 +223,5 @@ def config_to_yaml(config: RunConfig) -> str:
 
 
 def save_resolved(config: RunConfig) -> Path:
-    """Write the resolved config to RUN_DIR/config.yaml (temp name, then rename)."""
-    out = Path(config.run_dir) / "config.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(config_to_yaml(config))
-    tmp.replace(out)
-    return out
+    """Write the resolved config to RUN_DIR/config.yaml (atomically); stages call it once their checks passed."""
+    return atomic_write(config.layout.config, config_to_yaml(config))

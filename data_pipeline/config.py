@@ -55,6 +55,8 @@ class SourceConfig(Section):
     """Hugging Face sources: the dataset configuration name (e.g. 'wikitext-103-raw-v1')."""
     hf_split: str = "train"
     """Hugging Face sources: the split to read."""
+    follow_symlinks: bool = False
+    """Directory sources: also read files through symbolic links that lead outside the directory."""
 
     @model_validator(mode="after")
     def _path_given(self) -> SourceConfig:

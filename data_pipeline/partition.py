@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from cluster.layout import DataLayout
 from data_pipeline.clean import DROP, HASH
 from data_pipeline.dedup import duplicate_reasons
 from data_pipeline.pack import is_val, pack_blocks, shard_index, token_stream
@@ -69,8 +70,8 @@ def _dedup_pack_write(
     keep = reasons == ""
     docs = [np.frombuffer(b, dtype=dtype) for b in ids[keep]]
     blocks, tail = pack_blocks(token_stream(docs, eot, np.dtype(dtype)), seq_len + 1)
-    name = f"{split}/shard-{shard:06d}.tar"
-    path = Path(data_dir) / name
+    name = DataLayout.shard_name(split, shard)
+    path = DataLayout(Path(data_dir)).shard(split, shard)
     digest = write_shard(path, blocks, f"{split}-{shard:06d}") if len(blocks) else ""
     return {
         "split": [split],

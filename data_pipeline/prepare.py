@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -34,17 +33,17 @@ import ray
 import ray.data
 from tokenizers import Tokenizer
 
+from cluster.files import atomic_write, fingerprint, remove, sha256_file, write_json
+from cluster.layout import SPLITS, DataLayout
 from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT, clean_batch
 from data_pipeline.config import DataConfig, DataError, TokenizerConfig
 from data_pipeline.dedup import near_duplicates
 from data_pipeline.pack import in_sample, is_val, tar_bytes_per_block, token_dtype
 from data_pipeline.partition import columns, write_shards
-from data_pipeline.shards import MANIFEST, TOKENIZER, read_manifest, sha256_file, write_json_atomic
-from data_pipeline.sources import SourceFiles, read_sources
+from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
+from data_pipeline.sources import SourceFiles, read_sources, resolve_sources
 from data_pipeline.tokenizer import eot_id, load_tokenizer, train_tokenizer
 
-SPLITS = ("train", "val")
-MANIFEST_VERSION = 1
 _START = time.perf_counter()
 
 
@@ -161,46 +160,39 @@ def _survey_block(table: pa.Table) -> list[dict[str, Any]]:
     return _survey_rows(columns(table))
 
 
-def _config_hash(cfg: DataConfig) -> str:
-    if cfg.tokenizer.path is None:
-        return cfg.output_hash()
-    return f"{cfg.output_hash()}-{sha256_file(Path(cfg.tokenizer.path))[:16]}"
+def data_fingerprint(cfg: DataConfig, resolved: list[SourceFiles]) -> str:
+    """What the prepared bytes depend on: every output-changing config field, the tokenizer file's content, and each
+    local source file's path, size and mtime (a changed corpus is new data)."""
+    tokenizer = sha256_file(Path(cfg.tokenizer.path)) if cfg.tokenizer.path else None
+    return fingerprint({"config": cfg.output_hash(), "tokenizer": tokenizer, "sources": [r.stamps for r in resolved]})
 
 
-def _check_existing(data_dir: Path, config_hash: str, overwrite: bool) -> dict[str, Any] | None:
-    """A finished manifest of the same config → it (nothing to do); of another config → error unless overwrite."""
-    existing = read_manifest(data_dir)
-    if existing is None:
-        return None
-    if existing.get("config_hash") == config_hash and not overwrite:
-        return existing
-    if not overwrite:
+def plan(cfg: DataConfig, data_dir: Path) -> tuple[str, list[SourceFiles], Manifest | None]:
+    """Checks before anything is written: (fingerprint, resolved sources, the finished manifest of this very data
+    when it is already prepared). Data of another fingerprint is refused with one line unless data.overwrite."""
+    if cfg.tokenizer.path:
+        load_tokenizer(cfg.tokenizer.path)  # a bad file fails now
+    resolved = resolve_sources(cfg.sources)
+    key = data_fingerprint(cfg, resolved)
+    existing = finished(data_dir)
+    if existing is None or cfg.overwrite:
+        return key, resolved, None
+    if existing.fingerprint != key:
         raise DataError(
-            f"{data_dir} already holds data prepared with another config (hash {existing.get('config_hash')}, "
-            f"now {config_hash}); set data.overwrite=true or choose another run_dir"
+            f"{data_dir} already holds data prepared from another config or corpus (fingerprint {existing.fingerprint}, "
+            f"now {key}); set data.overwrite=true or choose another run_dir"
         )
-    (data_dir / MANIFEST).unlink()  # from here on a crash leaves no manifest
-    return None
+    return key, resolved, existing
 
 
-def _save_tokenizer(data_dir: Path, tokenizer_json: str) -> None:
-    tmp = data_dir / (TOKENIZER + ".tmp")
-    tmp.write_text(tokenizer_json)
-    os.replace(tmp, data_dir / TOKENIZER)
-
-
-def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int) -> dict[str, Any]:
-    """Run the whole data pipeline into data_dir and return the manifest (the existing one if already done)."""
+def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int, key: str, resolved: list[SourceFiles]) -> Manifest:
+    """Run the whole data pipeline into data_dir (after `plan`) and return the manifest."""
     global _START
     start = _START = time.perf_counter()
-    data_dir = data_dir.resolve()
-    loaded = load_tokenizer(cfg.tokenizer.path).to_str() if cfg.tokenizer.path else None  # bad file: fail now
-    config_hash = _config_hash(cfg)
-    if (existing := _check_existing(data_dir, config_hash, cfg.overwrite)) is not None:
-        _log(f"{data_dir} is already prepared for this config (hash {config_hash}); set data.overwrite=true to redo")
-        return existing
-
-    docs, resolved = read_sources(cfg.sources, cfg.clean, num_cpus)
+    layout = DataLayout(data_dir.resolve())
+    remove(layout.manifest)  # data.overwrite: from here on a crash leaves no manifest
+    loaded = load_tokenizer(cfg.tokenizer.path).to_str() if cfg.tokenizer.path else None
+    docs = read_sources(cfg.sources, resolved, cfg.clean, num_cpus)
     input_bytes = sum(r.bytes for r in resolved)
     _log(f"reading {sum(len(r.files) for r in resolved):,} files ({_mb(input_bytes)}) from {len(resolved)} source(s)")
     docs = docs.map_batches(clean_batch, fn_kwargs={"cfg": cfg.clean}, batch_format="numpy")
@@ -252,25 +244,24 @@ def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int) -> dict[str, Any]:
         s: max(1, math.ceil((survey.kept_tokens[s] + survey.kept_docs[s]) * tar_per_token / cfg.shard_bytes))
         for s in SPLITS
     }
-    data_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        (data_dir / split).mkdir(exist_ok=True)
+        layout.split_dir(split).mkdir(parents=True, exist_ok=True)
     near_blocks = []
     if cfg.clean.minhash.enabled:
         buckets = max(4 * num_cpus, math.ceil(input_bytes / 64e6))
         near_blocks = near_duplicates(docs, cfg.clean.minhash, buckets).to_arrow_refs()
     _log(f"deduplicating, packing and writing {sum(num_shards.values())} shard(s)")
-    pack = {"data_dir": str(data_dir), "seq_len": cfg.seq_len, "eot": eot, "dtype": dtype.str, "exact": cfg.clean.dedup}
+    pack = {"data_dir": str(layout.root), "seq_len": cfg.seq_len, "eot": eot, "dtype": dtype.str, "exact": cfg.clean.dedup}
     written = write_shards(token_blocks, near_blocks, num_shards, cfg.val_fraction, pack)
     for reason in ("duplicate", "near_duplicate"):
         if count := sum(int(w[reason]) for w in written):
             dropped[reason] = {"documents": count, "bytes": sum(int(w[f"{reason}_bytes"]) for w in written)}
-    _save_tokenizer(data_dir, fit["json"])
-    manifest = _manifest(cfg, config_hash, tokenizer, eot, dtype, num_shards, written, counts, dropped, resolved)
-    _remove_stale(data_dir, manifest)
-    write_json_atomic(data_dir / MANIFEST, manifest)
+    atomic_write(layout.tokenizer, fit["json"])
+    manifest = _manifest(cfg, key, tokenizer, eot, dtype, num_shards, written, counts, dropped, resolved)
+    _remove_stale(layout, manifest)
+    write_json(layout.manifest, manifest)  # last: the data is complete
     _summary(manifest, time.perf_counter() - start)
-    return manifest
+    return parse(manifest, layout.manifest)
 
 
 def _dropped(counts: list[dict[str, Any]], resolved: list[SourceFiles]) -> dict[str, dict[str, int]]:
@@ -287,7 +278,7 @@ def _dropped(counts: list[dict[str, Any]], resolved: list[SourceFiles]) -> dict[
 
 def _manifest(
     cfg: DataConfig,
-    config_hash: str,
+    key: str,
     tokenizer: Tokenizer,
     eot: int,
     dtype: np.dtype,
@@ -318,8 +309,8 @@ def _manifest(
         for r in resolved
     ]
     return {
-        "format_version": MANIFEST_VERSION,
-        "config_hash": config_hash,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": key,
         "config": cfg.model_dump(mode="json"),
         "vocab_size": tokenizer.get_vocab_size(),
         "seq_len": cfg.seq_len,
@@ -327,7 +318,7 @@ def _manifest(
         "dtype": dtype.name,
         "eot_id": eot,
         "eot_token": cfg.tokenizer.eot_token,
-        "tokenizer": TOKENIZER,
+        "tokenizer": DataLayout.TOKENIZER,
         "sample_key": "input_ids.npy",
         "splits": splits,
         "sources": per_source,
@@ -341,13 +332,13 @@ def _manifest(
     }
 
 
-def _remove_stale(data_dir: Path, manifest: dict[str, Any]) -> None:
+def _remove_stale(layout: DataLayout, manifest: dict[str, Any]) -> None:
     """Delete shard and temp files that the new manifest does not list (a previous config, a crashed run)."""
-    listed = {shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
+    listed = {layout.root / shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
     for split in SPLITS:
-        for path in (data_dir / split).iterdir():
-            if f"{split}/{path.name}" not in listed:
-                path.unlink() if path.is_file() else shutil.rmtree(path)
+        for path in layout.split_dir(split).iterdir():
+            if path not in listed:
+                remove(path)
 
 
 def _summary(manifest: dict[str, Any], seconds: float) -> None:

@@ -36,6 +36,8 @@ class SourceFiles:
     files: list[str] = field(default_factory=list)
     bytes: int = 0
     unreadable: list[str] = field(default_factory=list)
+    stamps: list[tuple[str, int, int]] = field(default_factory=list)
+    """(path, size, mtime_ns) of every local file: a changed corpus changes the prepared data's fingerprint."""
 
 
 def stdlib_files() -> list[str]:
@@ -64,7 +66,7 @@ def _list_uri(uri: str) -> list[str]:
     return sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File)
 
 
-def _list_local(path: str, extensions: set[str] | None) -> list[str]:
+def _list_local(path: str, extensions: set[str] | None, follow_symlinks: bool = False) -> list[str]:
     if any(c in path for c in _GLOB_CHARS):
         matches = sorted(os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not matches:
@@ -74,10 +76,19 @@ def _list_local(path: str, extensions: set[str] | None) -> list[str]:
     if p.is_file():
         return [str(p.resolve())]
     if p.is_dir():
-        files = sorted(str(f.resolve()) for f in p.rglob("*") if f.is_file() and (extensions is None or f.suffix in extensions))
+        root = p.resolve()
+        files = []
+        for folder, _, names in os.walk(root, followlinks=follow_symlinks):
+            for name in names:
+                f = Path(folder) / name
+                if not f.is_file() or (extensions is not None and f.suffix not in extensions):
+                    continue
+                if not follow_symlinks and not f.resolve().is_relative_to(root):
+                    continue  # a link out of the source folder: read only with follow_symlinks
+                files.append(str(f.resolve() if follow_symlinks else f))
         if not files:
             raise DataError(f"directory holds no files of the source's extensions: {path}")
-        return files
+        return sorted(files)
     raise DataError(f"no such file or directory: {path}")
 
 
@@ -99,7 +110,7 @@ def infer_type(src: SourceConfig) -> str:
     if src.path == "python-stdlib":
         return "python-stdlib"
     if os.path.isdir(src.path):
-        kinds = {k for f in _list_local(src.path, None) if (k := _kind_of(f, src.extensions))}
+        kinds = {k for f in _list_local(src.path, None, src.follow_symlinks) if (k := _kind_of(f, src.extensions))}
     else:
         kinds = {_kind_of(src.path, src.extensions)}
     if len(kinds) != 1 or None in kinds:
@@ -120,13 +131,16 @@ def resolve(index: int, src: SourceConfig) -> SourceFiles:
     elif _is_uri(src.path):
         files = _list_uri(src.path)
     else:
-        files = _list_local(src.path, set(src.extensions) if kind == "text" else None)
+        files = _list_local(src.path, set(src.extensions) if kind == "text" else None, src.follow_symlinks)
     for f in files:
         if not _is_uri(f) and not os.access(f, os.R_OK):
             resolved.unreadable.append(f)
         else:
             resolved.files.append(f)
-            resolved.bytes += 0 if _is_uri(f) else os.path.getsize(f)
+            if not _is_uri(f):
+                stat = os.stat(f)
+                resolved.bytes += stat.st_size
+                resolved.stamps.append((f, stat.st_size, stat.st_mtime_ns))
     return resolved
 
 
@@ -215,18 +229,23 @@ def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig, nu
     )
 
 
-def read_sources(
-    sources: list[SourceConfig], clean: CleanConfig, num_cpus: int
-) -> tuple[ray.data.Dataset, list[SourceFiles]]:
-    """Every source → one Dataset of document rows, plus what the driver found for each source."""
+def resolve_sources(sources: list[SourceConfig]) -> list[SourceFiles]:
+    """Every source's files, listed and checked on the driver (no Ray)."""
     resolved = []
     for i, src in enumerate(sources):
         try:
             resolved.append(resolve(i, src))
         except DataError as e:
             raise DataError(f"data.sources[{i}]: {e}") from None
+    return resolved
+
+
+def read_sources(
+    sources: list[SourceConfig], resolved: list[SourceFiles], clean: CleanConfig, num_cpus: int
+) -> ray.data.Dataset:
+    """Every resolved source → one Dataset of document rows."""
     readable = [(r, src) for r, src in zip(resolved, sources) if r.type == "hf" or r.files]
     if not readable:
         raise DataError("no readable input: every file of every source is unreadable")
     parts = [read_source(r, src, clean, num_cpus) for r, src in readable]
-    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), resolved
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from model.gpt import GPT
-from trainer.data import read_manifest, split_blocks, tokens_per_byte
+from data_pipeline.manifest import read_manifest
 
 
 @dataclass
@@ -96,11 +96,11 @@ def score_tokens(
 def score_val_shards(model: GPT, data_dir: Path, context: int, stride: int, batch_size: int, max_tokens: int | None) -> StreamScore:
     """The val split as one stream (its blocks concatenated in shard order); bytes from the manifest's ratio."""
     manifest = read_manifest(data_dir)
-    stream = np.concatenate(list(split_blocks(data_dir, "val")))
+    stream = np.concatenate(list(manifest.blocks(data_dir, "val")))
     if max_tokens:
         stream = stream[: max_tokens + 1]
     nll, n = score_tokens(model, stream, context, stride, batch_size, desc="val shards")
-    return StreamScore(nll=nll, tokens=n, bytes=n / tokens_per_byte(manifest))
+    return StreamScore(nll=nll, tokens=n, bytes=n / manifest.tokens_per_byte())
 
 
 def score_text(

@@ -11,8 +11,6 @@ first `until` string or at end-of-text.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  # the built-in models register first, so registering ours cannot hide them
@@ -25,8 +23,7 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
-from data_pipeline.tokenizer import load_tokenizer
-from model.checkpoint import CONFIG, load_checkpoint
+from model.checkpoint import load_checkpoint
 from model.generate import generate_tokens
 from model.precision import detect
 
@@ -51,19 +48,16 @@ class RaygptLM(TemplateLM):
         super().__init__()
         if device in (None, "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
-        model, cfg, tokenizer_path = load_checkpoint(checkpoint, device=device)
+        loaded = load_checkpoint(checkpoint, device=device)
+        cfg = loaded.config
         if dtype == "auto":
             dtype = "bf16" if detect(device).native_bf16 else "fp32"
         self.dtype = dtype
-        self.model = model.to(DTYPES[dtype]).eval()
-        self.tokenizer = load_tokenizer(tokenizer_path)
-        eot_token = json.loads((Path(checkpoint) / CONFIG).read_text()).get("eot_token", "<|endoftext|>")
-        eot = self.tokenizer.token_to_id(eot_token)
-        if eot is None:
-            raise ValueError(f"{checkpoint}: the tokenizer has no end-of-text token {eot_token!r}")
-        self._eot = eot
+        self.model = loaded.model.to(DTYPES[dtype]).eval()
+        self.tokenizer = loaded.tokenizer
+        self._eot = loaded.eot_id
         self.checkpoint = str(checkpoint)
-        self.step = json.loads((Path(checkpoint) / CONFIG).read_text()).get("step")
+        self.step = loaded.step
         self._device = torch.device(device)
         self.batch_size = int(batch_size) if batch_size not in (None, "auto") else 16
         self.max_length = min(max_length or cfg.block_size, cfg.block_size)

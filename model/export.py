@@ -16,16 +16,15 @@ int8 / int4-rtn / gptq / awq checkpoints are raygpt's own packed layout and are 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from model.checkpoint import load_checkpoint
+from cluster.files import atomic_folder
+from model.checkpoint import load_checkpoint, read_meta
 from model.gpt import GPT, ModelConfig
 
 
@@ -138,16 +137,12 @@ def _save_bnb(model: GPT, method: str, folder: Path) -> None:
 
     from model.quantize import dequantized_model
 
-    plain = folder.with_name(folder.name + ".fp32")
-    shutil.rmtree(plain, ignore_errors=True)
-    to_hf(dequantized_model(model)).save_pretrained(plain, safe_serialization=True)
-    try:
+    with tempfile.TemporaryDirectory() as plain:  # the fp32 model transformers quantizes on load
+        to_hf(dequantized_model(model)).save_pretrained(plain, safe_serialization=True)
         hf = AutoModelForCausalLM.from_pretrained(
             plain, quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[method]), device_map="cpu", dtype=torch.float32
         )
         hf.save_pretrained(folder, safe_serialization=True)
-    finally:
-        shutil.rmtree(plain, ignore_errors=True)
 
 
 def check_out(checkpoint: str | Path, out: str | Path, force: bool) -> None:
@@ -165,26 +160,21 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
     Full-precision checkpoints and bitsandbytes-quantized ones (bnb-int8, bnb-nf4) can be exported. An existing
     non-empty `out` is replaced only with `force`; `out` may never be or contain the checkpoint."""
     check_out(checkpoint, out, force)
-    meta = json.loads((Path(checkpoint) / "config.json").read_text()) if (Path(checkpoint) / "config.json").is_file() else {}
-    method = meta.get("quantization", {}).get("method")
+    method = read_meta(checkpoint).get("quantization", {}).get("method")
     if method is not None and method not in BNB_CONFIGS:
         raise ExportError(
             f"{checkpoint}: a quantized checkpoint ({method}) in raygpt's own packed format, which transformers cannot "
             f"load; export the full-precision checkpoint or a {' / '.join(BNB_CONFIGS)} one"
         )
-    model, cfg, tokenizer_file = load_checkpoint(checkpoint)
-    architecture(cfg)  # refuse models without a Hugging Face equivalent before any work
+    loaded = load_checkpoint(checkpoint)
+    architecture(loaded.config)  # refuse models without a Hugging Face equivalent before any work
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if method is None:
-        to_hf(model).eval().save_pretrained(tmp, safe_serialization=True)
-    else:
-        _save_bnb(model, method, tmp)
-    hf_tokenizer(tokenizer_file, meta.get("eot_token", "<|endoftext|>")).save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_folder(out, replace=True) as tmp:  # check_out allowed replacing it
+        if method is None:
+            to_hf(loaded.model).eval().save_pretrained(tmp, safe_serialization=True)
+        else:
+            _save_bnb(loaded.model, method, tmp)
+        hf_tokenizer(loaded.tokenizer_file, loaded.eot_token).save_pretrained(tmp)
     return out
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.files import write_json
 from model.gpt import ModelConfig
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
@@ -77,10 +78,7 @@ def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
             break
     torch.set_num_threads(previous)
     peak = 2 * n**3 / best
-    _CACHE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _CACHE.with_name(f"{_CACHE.name}.{os.getpid()}.tmp")  # concurrent workers: write whole files, rename
-    tmp.write_text(json.dumps({**stored, key: peak}, indent=1))
-    os.replace(tmp, _CACHE)
+    write_json(_CACHE, {**stored, key: peak})  # concurrent workers: each writes a whole file under its own temp name
     return peak
 
 

@@ -5,15 +5,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TextIO
 
 import torch
-from tokenizers import Tokenizer
 
-from model.checkpoint import CONFIG, load_checkpoint
+from model.checkpoint import load_checkpoint
 from model.generate import generate_tokens
 
 
@@ -29,18 +27,15 @@ def stream_text(
 ) -> str:
     """Write the prompt, then each new piece of text as soon as it decodes cleanly; return the continuation."""
     out = out or sys.stdout
-    model, cfg, tokenizer_file = load_checkpoint(checkpoint)
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    eot_token = json.loads((Path(checkpoint) / CONFIG).read_text()).get("eot_token", "<|endoftext|>")
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(eot_token) or 0]
-    prompt_ids = torch.tensor([ids[-(cfg.block_size - 1) :]])
+    loaded = load_checkpoint(checkpoint)
+    model, tokenizer, eot = loaded.model, loaded.tokenizer, loaded.eot_id
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eot]
+    prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]])
     out.write(prompt)
     new: list[int] = []
     shown = ""
-    for token in generate_tokens(
-        model, prompt_ids, max_new_tokens, temperature, top_k, top_p, tokenizer.token_to_id(eot_token), seed
-    ):
-        if token.item() == tokenizer.token_to_id(eot_token):
+    for token in generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eot, seed):
+        if token.item() == eot:
             break
         new.append(int(token.item()))
         text = tokenizer.decode(new)

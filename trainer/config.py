@@ -51,6 +51,12 @@ class TrainConfig(Section):
     """Micro-batches of val data per worker in one validation."""
     checkpoint_every: int = Field(default=200, ge=1)
     """Steps between checkpoints; one is always written at the last step."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Committed training checkpoints kept (the newest); older ones are deleted once a newer one is committed."""
+    resume: bool = True
+    """Continue from the newest committed checkpoint of this run_dir. False starts over: existing checkpoints are moved
+    aside (checkpoints.old-N), never deleted. A run_dir whose checkpoints come from another training config is refused
+    either way unless resume is false."""
     log_every: int = Field(default=10, ge=1)
     """Steps between metric lines (metrics.jsonl, TensorBoard, Ray Train report, the progress line)."""
     time_budget_s: float | None = Field(default=None, gt=0)

@@ -12,16 +12,15 @@ within that epoch some samples may be seen twice or not at all.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
+
+from data_pipeline.manifest import read_manifest, shard_blocks
 
 
 @dataclass
@@ -39,36 +38,12 @@ class Position:
         return cls(**json.loads(text))
 
 
-def read_manifest(data_dir: Path) -> dict[str, Any]:
-    return json.loads((data_dir / "manifest.json").read_text())
-
-
-def tokens_per_byte(manifest: dict[str, Any], split: str = "val") -> float:
-    """Tokens (documents' tokens plus one end-of-text each) per UTF-8 byte of document text: turns nats/token into
-    bits per byte, the tokenizer-independent measure."""
-    s = manifest["splits"][split]
-    return (s["doc_tokens"] + s["documents"]) / max(s["text_bytes"], 1)
-
-
-def _samples(path: Path) -> Iterator[np.ndarray]:
-    """Blocks of one tar, in order. `nodesplitter=None`: the rank split is ours, not webdataset's."""
-    dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    for sample in dataset:
-        yield np.load(io.BytesIO(sample["input_ids.npy"]))
-
-
-def split_blocks(data_dir: Path, split: str) -> Iterator[np.ndarray]:
-    """Every block of a split once, in shard order (consecutive blocks of a shard are consecutive in its token stream)."""
-    for shard in read_manifest(data_dir)["splits"][split]["shards"]:
-        yield from _samples(data_dir / shard["file"])
-
-
 class ShardStream:
     """Infinite stream of one rank's blocks (seq_len + 1,), resumable at a Position."""
 
     def __init__(self, data_dir: Path, split: str, rank: int, world: int, seed: int, start: Position | None = None):
         manifest = read_manifest(data_dir)
-        self.shards = [(data_dir / s["file"], int(s["sequences"])) for s in manifest["splits"][split]["shards"]]
+        self.shards = [(path, shard.sequences) for path, shard in manifest.shard_paths(data_dir, split)]
         if not self.shards:
             raise ValueError(f"{data_dir}: the {split} split has no shards")
         self.rank, self.world, self.seed = rank, world, seed
@@ -91,7 +66,7 @@ class ShardStream:
                 if skip >= mine:  # the whole piece was consumed before the resume: skip it unread
                     skip -= mine
                     continue
-                for i, block in enumerate(_samples(path)):
+                for i, block in enumerate(shard_blocks(path)):
                     if i < first or (i - first) % step:
                         continue
                     if skip:

@@ -1,5 +1,6 @@
 """`train_loop_per_worker`: what each Ray Train worker runs — a DeepSpeed engine over the `model/` transformer, fed by
-its part of the shards, with validation, metrics and checkpoints that resume exactly.
+its part of the shards, with validation, metrics and checkpoints that resume exactly (the commit protocol of
+`trainer.checkpoints`: versioned folders, a commit record written last, verified before load).
 
 Started by `trainer.driver.train` (`raygpt train CONFIG`); not run by hand.
 """
@@ -21,17 +22,20 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from cluster.files import atomic_write, file_records, point, read_json
+from cluster.layout import RunLayout, step_name
+from data_pipeline.manifest import read_manifest
 from model.checkpoint import save_checkpoint
 from model.flops import flops_per_token, mfu, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
+from trainer import checkpoints
 from trainer.config import TrainConfig, deepspeed_config, lr_at
-from trainer.data import Position, ShardStream, read_manifest, tokens_per_byte, val_blocks
+from trainer.data import Position, ShardStream, val_blocks
 
 DS_TAG = "ds"
 STATE = "raygpt_state_rank{rank}.json"  # step, data position and RNG of one rank
 PHASES = ("data", "forward", "backward", "step")  # the parts of a training step timed into the metrics
-MODEL_DIR = "model"  # the consolidated checkpoint (model.safetensors + config.json + tokenizer.json)
 
 
 def log_rank0(message: str) -> None:
@@ -94,22 +98,76 @@ def _evaluate(engine: Any, data_dir: Path, cfg: TrainConfig, tokens_per_byte: fl
     return val_loss, val_loss / math.log(2) * tokens_per_byte
 
 
-def _save(
-    engine: Any, tmp: Path, step: int, stream: ShardStream, cfg: dict[str, Any], model_cfg: ModelConfig
-) -> None:
-    """Every rank: its DeepSpeed shard and its state; rank 0 also the consolidated model checkpoint."""
+def _save(engine: Any, tmp: Path, step: int, stream: ShardStream, cfg: dict[str, Any], model_cfg: ModelConfig) -> GPT | None:
+    """Every rank: its DeepSpeed shard and its state; rank 0 also the consolidated model (returned on rank 0)."""
     rank = dist.get_rank()
     engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"step": step})
     state = {"step": step, "position": json.loads(stream.position.to_json()), "rng": _rng_state()}
-    (tmp / STATE.format(rank=rank)).write_text(json.dumps(state))
+    atomic_write(tmp / STATE.format(rank=rank), json.dumps(state))
     full = _consolidated_state(engine, cfg["train"]["zero_stage"])
-    if full is not None:
-        model = GPT(model_cfg)
-        model.load_state_dict(full)
-        extra = {"step": step, "eot_token": cfg["eot_token"]}
-        save_checkpoint(model, tmp / MODEL_DIR, Path(cfg["data_dir"]) / "tokenizer.json", extra=extra)
-        latest = Path(cfg["run_dir"]) / "checkpoint"  # the newest consolidated checkpoint, for eval/generate/export
-        save_checkpoint(model, latest, Path(cfg["data_dir"]) / "tokenizer.json", extra=extra)
+    if full is None:
+        return None
+    model = GPT(model_cfg)
+    model.load_state_dict(full)
+    save_checkpoint(model, tmp / RunLayout.MODEL, cfg["layout"].data.tokenizer, extra=_model_meta(step, cfg))
+    return model
+
+
+def _model_meta(step: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"step": step, "eot_token": cfg["eot_token"]}
+
+
+def _save_and_commit(
+    engine: Any, step: int, stream: ShardStream, cfg: dict[str, Any], model_cfg: ModelConfig, metrics: dict[str, Any]
+) -> None:
+    """Write this rank's part of the step's checkpoint, report it (Ray uploads it to step-N/), and — once every rank's
+    report returned — commit it on rank 0, re-point RUN_DIR/checkpoint at its model and prune old checkpoints."""
+    layout: RunLayout = cfg["layout"]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _save(engine, Path(tmp), step, stream, cfg, model_cfg)
+        files = file_records(tmp)
+        ray.train.report(metrics or {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=step_name(step))
+    every: list[dict[str, Any] | None] = [None] * world
+    dist.all_gather_object(every, files)  # also the barrier: every rank's report (and upload) has returned
+    if rank != 0:
+        return
+    if step == cfg["faults"].get("kill_before_commit") and ray.train.get_context().get_world_rank() == 0:
+        os.kill(os.getpid(), 9)  # test-only: SIGKILL between the checkpoint's files and its commit record
+    checkpoints.commit(layout, step, cfg["fingerprint"], world, checkpoints.merge_files(every))  # type: ignore[arg-type]
+    if layout.remote_storage:  # the published model must be a local folder: keep a copy beside the run
+        assert model is not None
+        save_checkpoint(model, layout.model_dir(step), layout.data.tokenizer, extra=_model_meta(step, cfg), replace=True)
+    point(layout.checkpoint, layout.model_dir(step))
+    checkpoints.prune(layout, cfg["keep_checkpoints"])
+
+
+def _resume(engine: Any, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Rank 0 picks the newest committed checkpoint (and clears newer uncommitted folders); every rank verifies the
+    files against the commit record, then loads its DeepSpeed shard and state. None when there is none."""
+    layout: RunLayout = cfg["layout"]
+    holder: list[checkpoints.Committed | None] = [None]
+    if dist.get_rank() == 0:
+        holder[0] = checkpoints.newest(layout)
+        stale = [s for s in checkpoints.step_folders(layout) if holder[0] is None or s > holder[0].step]
+        checkpoints.remove_steps(layout, stale)  # crashed saves: a new save of that step must start empty
+    dist.broadcast_object_list(holder, src=0)
+    chosen = holder[0]
+    if chosen is None:
+        return None
+    with ray.train.Checkpoint(chosen.location).as_directory() as folder:
+        checkpoints.verify(Path(folder), chosen.record)  # before DeepSpeed unpickles anything
+        engine.load_checkpoint(folder, tag=DS_TAG)
+        return read_json(Path(folder) / STATE.format(rank=dist.get_rank()), "rank state")
+
+
+def _continue_metrics(layout: RunLayout, step: int) -> None:
+    """Rank 0 on resume: drop metric lines of steps after the resumed one (they are about to be run again)."""
+    if layout.metrics.is_file():
+        kept = [line for line in layout.metrics.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write(layout.metrics, "".join(kept))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -118,10 +176,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.model_validate(config["train"])
     model_cfg = ModelConfig.model_validate(config["model"])
-    data_dir, run_dir = Path(config["data_dir"]), Path(config["run_dir"])
+    layout: RunLayout = config["layout"]
+    data_dir = layout.data.root
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     manifest = read_manifest(data_dir)
-    per_byte = tokens_per_byte(manifest)
+    per_byte = manifest.tokens_per_byte()
     node = ray.get_runtime_context().get_node_id()
     print(f"[train] rank {rank}/{world} on node {node} ({ray.util.get_node_ip_address()})", flush=True)
 
@@ -139,11 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)),
     )
     step, position = 0, Position()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag=DS_TAG)
-            state = json.loads((Path(folder) / STATE.format(rank=rank)).read_text())
+    state = _resume(engine, config)
+    if state is not None:
         step, position = state["step"], Position(**state["position"])
         _set_rng_state(state["rng"])
         log_rank0(f"[train] resumed at step {step} (rank 0 data position {position})")
@@ -153,12 +209,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = stream.batches(cfg.micro_batch_size)
 
     device = engine.device
-    fpt = flops_per_token(model_cfg, manifest["seq_len"])
+    fpt = flops_per_token(model_cfg, manifest.seq_len)
     peak = peak_flops(device, precision.dtype, threads=torch.get_num_threads())  # MFU against the dtype in use
-    writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * manifest["seq_len"]
-    fault_step = config.get("fail_at_step")  # test-only fault hook
+    if rank == 0 and state is not None:
+        _continue_metrics(layout, step)
+    # purge_step: TensorBoard drops the events of steps after the resumed one written by an earlier attempt
+    writer = SummaryWriter(str(layout.tensorboard), purge_step=step + 1 if state else None) if rank == 0 else None
+    metrics_file = open(layout.metrics, "a") if rank == 0 else None  # appended line by line; rewritten only on resume
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * manifest.seq_len
+    fault_step = config["faults"].get("exit_after_step")  # test-only fault hook
     first_step, start = step, time.perf_counter()
     window_start, window_steps, phases = time.perf_counter(), 0, np.zeros(len(PHASES))
     while step < cfg.max_steps:
@@ -174,7 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             phases += np.array([t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3])
         step += 1
         window_steps += 1
-        if step == fault_step and rank == world - 1 and checkpoint is None:
+        if step == fault_step and rank == world - 1 and state is None:
             os._exit(1)  # simulate a worker dying mid-run (only on the first attempt)
         out_of_time = False
         if cfg.time_budget_s is not None:  # every rank must stop at the same step: rank 0's clock decides
@@ -219,9 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if isinstance(value, float):
                         writer.add_scalar(key, value, step)
         if step % cfg.checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory() as tmp:
-                _save(engine, Path(tmp), step, stream, config, model_cfg)
-                ray.train.report(metrics or {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            _save_and_commit(engine, step, stream, config, model_cfg, metrics)
         elif metrics:
             ray.train.report(metrics)
         if out_of_time:

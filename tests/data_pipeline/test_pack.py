@@ -7,7 +7,8 @@ import webdataset as wds
 
 from data_pipeline.clean import doc_hash
 from data_pipeline.pack import is_val, pack_blocks, shard_index, tar_bytes_per_block, token_dtype, token_stream
-from data_pipeline.shards import sha256_file, write_shard
+from cluster.files import sha256_file
+from data_pipeline.shards import write_shard
 
 HASHES = np.array([doc_hash(f"doc {i}") for i in range(10_000)], dtype=np.int64)
 

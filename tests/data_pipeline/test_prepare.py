@@ -19,7 +19,7 @@ from cluster.cli import main
 from data_pipeline.clean import clean_text, doc_hash, split_documents
 from data_pipeline.config import CleanConfig
 from data_pipeline.pack import is_val, pack_blocks, shard_index, token_stream
-from data_pipeline.shards import sha256_file
+from cluster.files import sha256_file
 from tests.conftest import REPO
 
 SHAKESPEARE = str(REPO / "configs" / "shakespeare.yaml")

@@ -20,7 +20,8 @@ from tests.conftest import perturbed_model
 
 
 def test_round_trip_is_exact(checkpoint: Path) -> None:
-    model, cfg, tokenizer = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint)
+    model, cfg, tokenizer = loaded.model, loaded.config, loaded.tokenizer_file
     assert tokenizer == checkpoint / "tokenizer.json"
     state = load_file(str(checkpoint / "model.safetensors"))
     assert ("lm_head.weight" in state) == (not cfg.tie_embeddings)
@@ -75,7 +76,8 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path: Path, capsys) -> Non
 def test_export_parity_with_transformers(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     assert main(["export", str(checkpoint), "--out", str(out)]) == 0
-    ours, cfg, _ = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint)
+    ours, cfg = loaded.model, loaded.config
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == ("LlamaForCausalLM" if cfg.pos_encoding == "rope" else "GPT2LMHeadModel")
     torch.manual_seed(1)

@@ -23,15 +23,16 @@ BOUNDS = {"int8": 0.02, "int4-rtn": 0.15, "gptq": 0.15, "awq": 0.15, "bnb-int8":
 
 @pytest.fixture(scope="module")
 def val_batch(trained_run: Path) -> torch.Tensor:
-    from trainer.data import split_blocks
+    from data_pipeline.manifest import read_manifest
 
-    blocks = [torch.from_numpy(b[:-1].astype("int64")) for _, b in zip(range(8), split_blocks(trained_run / "data", "val"))]
+    blocks = [torch.from_numpy(b[:-1].astype("int64")) for _, b in zip(range(8), read_manifest(trained_run / "data").blocks(trained_run / "data", "val"))]
     return torch.stack(blocks)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_stays_close_and_round_trips(method: str, trained_run: Path, val_batch: torch.Tensor, tmp_path: Path) -> None:
-    model, cfg, tokenizer = load_checkpoint(trained_run / "checkpoint")
+    loaded = load_checkpoint(trained_run / "checkpoint")
+    model, cfg, tokenizer = loaded.model, loaded.config, loaded.tokenizer_file
     with torch.no_grad():
         reference = model(val_batch)[0]
         calibration = calibration_ids(trained_run / "data", 32)
@@ -42,7 +43,8 @@ def test_method_stays_close_and_round_trips(method: str, trained_run: Path, val_
     folder = save_checkpoint(model, tmp_path / method, tokenizer, extra={"quantization": record})
     fp32_bytes = (trained_run / "checkpoint" / "model.safetensors").stat().st_size
     assert (folder / "model.safetensors").stat().st_size < (0.35 if METHODS[method] == 8 else 0.3) * fp32_bytes
-    loaded, loaded_cfg, _ = load_checkpoint(folder)
+    reloaded = load_checkpoint(folder)
+    loaded, loaded_cfg = reloaded.model, reloaded.config
     with torch.no_grad():
         restored = loaded(val_batch)[0]
     if method == "bnb-nf4":  # same packed weights and stats, but bitsandbytes' NF4 CPU matmul differs slightly
@@ -74,7 +76,7 @@ def test_bitsandbytes_checkpoint_loads_in_transformers(
     assert config["quant_method"] == "bitsandbytes" and config["load_in_4bit" if method == "bnb-nf4" else "load_in_8bit"]
     kinds = {type(m) for m in hf.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
     assert kinds == {bnb.nn.Linear4bit if method == "bnb-nf4" else bnb.nn.Linear8bitLt}
-    ours, _, _ = load_checkpoint(folder)
+    ours = load_checkpoint(folder).model
     with torch.no_grad():
         theirs = hf(ids).logits
         close = ours(ids)[0]  # our int8 head also quantizes its input on x86 (fbgemm), transformers' head does not
@@ -157,7 +159,8 @@ def test_int4_cpu_kernel_matches_dequantized_matmul(
 
 
 def test_bad_quantize_input(trained_run: Path, tmp_path: Path) -> None:
-    model, _, tokenizer = load_checkpoint(trained_run / "checkpoint")
+    loaded = load_checkpoint(trained_run / "checkpoint")
+    model, tokenizer = loaded.model, loaded.tokenizer_file
     with pytest.raises(QuantizeError, match="unknown quantization method 'int3'"):
         quantize_model(model, "int3")
     with pytest.raises(QuantizeError, match="gptq needs calibration sequences"):

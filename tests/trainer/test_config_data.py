@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from cluster.config import ConfigError, load_config
-from data_pipeline.shards import sha256_file, write_shard
+from cluster.files import RunFileError, sha256_file
+from data_pipeline.config import DataError
+from data_pipeline.manifest import read_manifest
+from data_pipeline.shards import write_shard
 from model.gpt import GPT, ModelConfig
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.data import Position, ShardStream
@@ -83,8 +86,11 @@ def _data_dir(tmp_path: Path, shard_sizes: list[int], vocab: int = 100) -> Path:
             digest = write_shard(tmp_path / name, blocks, f"{split}-{s}")
             shards.append({"file": name, "sequences": n, "tokens": n * 5, "bytes": (tmp_path / name).stat().st_size,
                            "sha256": digest})
-        splits[split] = {"shards": shards, "doc_tokens": 10, "documents": 2, "text_bytes": 40}
-    (tmp_path / "manifest.json").write_text(json.dumps({"vocab_size": vocab, "seq_len": 4, "splits": splits}))
+        splits[split] = {"shards": shards, "sequences": sum(shard_sizes), "doc_tokens": 10, "documents": 2,
+                         "text_bytes": 40}
+    manifest = {"format_version": 2, "fingerprint": "f" * 16, "vocab_size": vocab, "seq_len": 4, "dtype": "uint16",
+                "eot_id": 0, "eot_token": "<|endoftext|>", "splits": splits}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path
 
 
@@ -136,9 +142,37 @@ def test_check_data_and_model(tmp_path: Path) -> None:
         check_model(manifest, ModelConfig(vocab_size=100, block_size=2, n_layer=1, n_head=1, n_embd=8))
     shard = data / "train" / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
-    assert sha256_file(shard) != manifest["splits"]["train"]["shards"][1]["sha256"]
+    assert sha256_file(shard) != manifest.splits["train"].shards[1].sha256
     with pytest.raises(ValueError, match="corrupt shard .*shard-000001.tar"):
         check_data(data)
     shard.unlink()
     with pytest.raises(ValueError, match="missing shard .*shard-000001.tar"):
         check_data(data)
+
+
+def test_manifest_reader_errors_are_one_line(tmp_path: Path) -> None:
+    """Corrupt or truncated JSON, another format version, a missing field and a shard path leaving the data folder are
+    each one line naming the problem."""
+    data = _data_dir(tmp_path, [3])
+    path = data / "manifest.json"
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps(good)[:50])
+    with pytest.raises(DataError, match=r"manifest.json: corrupt manifest, not valid JSON") as e:
+        read_manifest(data)
+    assert "\n" not in str(e.value)
+    path.write_text(json.dumps({**good, "format_version": 1}))
+    with pytest.raises(DataError, match="manifest format 1, this raygpt reads 2"):
+        read_manifest(data)
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "eot_id"}))
+    with pytest.raises(DataError, match="bad manifest field eot_id"):
+        read_manifest(data)
+    outside = json.loads(json.dumps(good))
+    outside["splits"]["train"]["shards"][0]["file"] = "../../etc/passwd"
+    path.write_text(json.dumps(outside))
+    with pytest.raises(RunFileError, match="manifest shard path '../../etc/passwd' points outside"):
+        check_data(data)
+    (data / "train" / "link.tar").symlink_to("/etc/hostname")
+    outside["splits"]["train"]["shards"][0]["file"] = "train/link.tar"  # inside by name, outside through a link
+    path.write_text(json.dumps(outside))
+    with pytest.raises(RunFileError, match="points outside"):
+        list(read_manifest(data).blocks(data, "train"))

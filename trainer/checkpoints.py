@@ -1,0 +1,204 @@
+"""Training checkpoints and their commit protocol: versioned folders in Ray Train storage that count only once a commit
+record, written last, says every rank's files arrived — and are verified against that record before anything in them
+is unpickled.
+
+    python -m trainer.checkpoints runs/demo        # lists the committed checkpoints of a run and verifies the newest
+
+    STORAGE/checkpoints/step-000120/      STORAGE is RUN_DIR or cluster.storage_path (a local path or a URI)
+      ds/...                              DeepSpeed: every rank's shard
+      raygpt_state_rank{r}.json           each rank's step, data position and RNG
+      model/                              the consolidated model (rank 0): what RUN_DIR/checkpoint points to
+      commit.json                         step, run fingerprint, world size, size and sha256 of every file above
+
+The protocol (trainer/loop.py): every rank writes its files to a temp folder and hands them to `ray.train.report`,
+which uploads them to `step-N/`; the file records of all ranks are gathered on rank 0, and only when every rank's
+report has returned does rank 0 write `commit.json` (atomically). Then RUN_DIR/checkpoint is re-pointed at the new
+model (one rename) and checkpoints beyond `train.keep_checkpoints` are deleted — never the previous committed one
+before the new commit exists. A folder without a commit record (a crash mid-save) is ignored and later removed.
+
+The run fingerprint (`run_fingerprint`) names everything that determines the training trajectory; resuming with
+another fingerprint is refused with the keys that differ. Extending max_steps or time_budget_s is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from cluster.files import RunFileError, atomic_write, fingerprint, move_aside, remove, sha256_file
+from cluster.layout import RunLayout, step_name, step_of
+from data_pipeline.manifest import Manifest
+from model.gpt import ModelConfig
+from trainer.config import TrainConfig
+
+RECORD_VERSION = 1
+TRAJECTORY_FIELDS = ("micro_batch_size", "grad_accum_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "betas",
+                     "grad_clip", "precision", "zero_stage", "offload_optimizer", "offload_params", "deepspeed")
+"""The train settings that change the trajectory (max_steps, time_budget_s and the cadences do not)."""
+
+
+def run_fingerprint(train: TrainConfig, model: ModelConfig, manifest: Manifest, seed: int, num_workers: int) -> dict[str, Any]:
+    """Everything that determines the training trajectory, as flat `section.key` → value."""
+    t = train.model_dump(mode="json")
+    shards = [s.sha256 for split in manifest.splits.values() for s in split.shards]
+    return {
+        **{f"train.{k}": t[k] for k in TRAJECTORY_FIELDS},
+        "train.global_batch_size": train.micro_batch_size * train.grad_accum_steps * num_workers,
+        **{f"model.{k}": v for k, v in model.model_dump(mode="json").items()},
+        "data.fingerprint": manifest.fingerprint,
+        "data.shards": fingerprint(shards),
+        "seed": seed,
+    }
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key old → new` for every key whose value differs (json-normalised, so tuples equal lists)."""
+    norm = lambda v: json.loads(json.dumps(v))  # noqa: E731
+    return [f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if norm(old.get(k)) != norm(new.get(k))]
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A committed training checkpoint: its step, location (path or URI) and commit record."""
+
+    step: int
+    location: str
+    record: dict[str, Any]
+
+
+def _fs(location: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+
+
+def _read_record(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_stream(f"{path}/{RunLayout.COMMIT}") as f:
+            raw = f.read()
+    except (FileNotFoundError, OSError):
+        return None
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError:
+        raise RunFileError(f"{path}/{RunLayout.COMMIT}: corrupt commit record; move that checkpoint away") from None
+    return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
+
+
+def step_folders(layout: RunLayout) -> dict[int, str]:
+    """Every step-N folder in storage (committed or not), by step."""
+    fs, root = _fs(layout.checkpoints)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    scheme = layout.checkpoints.split("://", 1)[0] + "://" if layout.remote_storage else ""
+    return {
+        step: f"{scheme}{info.path}"
+        for info in infos
+        if info.type == pafs.FileType.Directory and (step := step_of(info.base_name)) is not None
+    }
+
+
+def committed(layout: RunLayout) -> list[Committed]:
+    """The committed checkpoints, oldest first."""
+    fs, _ = _fs(layout.checkpoints)
+    found = []
+    for step, location in sorted(step_folders(layout).items()):
+        record = _read_record(fs, _fs(location)[1])
+        if record is not None and record.get("step") == step:
+            found.append(Committed(step, location, record))
+    return found
+
+
+def newest(layout: RunLayout) -> Committed | None:
+    found = committed(layout)
+    return found[-1] if found else None
+
+
+def commit(layout: RunLayout, step: int, run_fp: dict[str, Any], world_size: int, files: dict[str, Any]) -> dict[str, Any]:
+    """Write the commit record of `step` (last, atomically): from now on the checkpoint counts."""
+    record = {"version": RECORD_VERSION, "step": step, "fingerprint": run_fp, "world_size": world_size,
+              "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+    text = json.dumps(record, indent=2) + "\n"
+    location = layout.checkpoint_dir(step)
+    if layout.remote_storage:  # an object store's put is atomic
+        fs, path = _fs(location)
+        with fs.open_output_stream(f"{path}/{RunLayout.COMMIT}") as f:
+            f.write(text.encode())
+    else:
+        atomic_write(Path(location) / RunLayout.COMMIT, text)
+    return record
+
+
+def verify(folder: Path, record: dict[str, Any]) -> None:
+    """Every file of a checkpoint folder against its commit record (size, sha256); a file the record does not list is
+    refused too. Runs before DeepSpeed unpickles anything."""
+    expected: dict[str, dict[str, Any]] = record["files"]
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {RunLayout.COMMIT}
+    if extra := sorted(present - set(expected)):
+        raise RunFileError(f"{folder}: {extra[0]} is not in the commit record; refusing to load this checkpoint")
+    for name, want in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise RunFileError(f"{folder}: {name} is missing (listed in the commit record)")
+        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
+            raise RunFileError(f"{path}: size or sha256 differs from the commit record; the checkpoint is corrupt")
+
+
+def merge_files(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The file records of every rank's part of one checkpoint (two ranks writing one name must agree)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for files in per_rank:
+        for name, info in files.items():
+            if merged.setdefault(name, info) != info:
+                raise RunFileError(f"two ranks wrote different {name} into one checkpoint")
+    return merged
+
+
+def remove_steps(layout: RunLayout, steps: list[int]) -> None:
+    """Delete these step folders from storage (and their local model copies)."""
+    folders = step_folders(layout)
+    for step in steps:
+        if step in folders:
+            fs, path = _fs(folders[step])
+            fs.delete_dir(path)
+        if layout.remote_storage:
+            remove(layout.model_dir(step))
+
+
+def prune(layout: RunLayout, keep: int) -> None:
+    """Keep the newest `keep` committed checkpoints; delete older ones and every uncommitted folder below the newest
+    committed step (crashed saves)."""
+    done = [c.step for c in committed(layout)]
+    if not done:
+        return
+    kept = set(done[-keep:])
+    remove_steps(layout, [s for s in step_folders(layout) if s not in kept and s < done[-1]])
+
+
+def start_over(layout: RunLayout) -> list[Path]:
+    """`train.resume=false`: move the checkpoints, metrics and TensorBoard of the run aside (never deleted)."""
+    moved = []
+    if layout.remote_storage and step_folders(layout):
+        raise RunFileError(f"train.resume=false cannot move checkpoints on object storage ({layout.checkpoints}); "
+                           "choose a new run_dir or cluster.storage_path")
+    for path in (Path(layout.checkpoints) if not layout.remote_storage else None, layout.models, layout.metrics,
+                 layout.tensorboard):
+        if path is not None and path.exists():
+            moved.append(move_aside(path, "old"))
+    for path in (layout.checkpoint, layout.train_done):
+        remove(path)
+    return moved
+
+
+if __name__ == "__main__":
+    run = RunLayout.of(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
+    found = committed(run)
+    for c in found:
+        print(f"{step_name(c.step)}  world {c.record['world_size']}  {len(c.record['files'])} files  {c.location}")
+    if found and not run.remote_storage:
+        verify(Path(found[-1].location), found[-1].record)
+        print(f"{step_name(found[-1].step)}: every file matches its commit record")
+    print(f"{len(found)} committed checkpoint(s) in {run.checkpoints}")
