@@ -178,6 +178,19 @@ def prune(layout: RunLayout, keep: int) -> None:
     remove_steps(layout, [s for s in step_folders(layout) if s not in kept and s < done[-1]])
 
 
+def forget_ray_state(layout: RunLayout) -> None:
+    """Delete Ray Train's own checkpoint list before a launch. The commit records are the truth about which
+    checkpoints exist; Ray's snapshot still names the ones `prune` deleted, and its controller refuses to start on a
+    run folder whose snapshot names a missing checkpoint. Without it Ray starts an empty list (raygpt never asks Ray
+    for a checkpoint: `trainer.loop` resumes from the newest committed one)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    fs, root = _fs(layout.checkpoints)
+    path = f"{root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def start_over(layout: RunLayout) -> list[Path]:
     """`train.resume=false`: move the checkpoints, metrics and TensorBoard of the run aside (never deleted)."""
     moved = []

@@ -75,6 +75,7 @@ def train(
     """Run (or resume) training; returns Ray Train's Result. `faults` (tests only): exit_after_step kills the last
     worker once after that step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit."""
     layout.run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.forget_ray_state(layout)
     loop_config = {
         "train": train_cfg.model_dump(mode="json"),
         "model": model_cfg.model_dump(mode="json"),

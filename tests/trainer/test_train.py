@@ -5,7 +5,9 @@ gradient accumulation equals a larger batch, and bad setups fail before any work
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,9 @@ def _run_dir(prepared: Path, tmp_path: Path, name: str) -> Path:
     return run_dir
 
 
-def _train(run_dir: Path, *overrides: str, fail_at_step: int | None = None) -> None:
+def _train(run_dir: Path, *overrides: str, faults: dict[str, int] | None = None) -> None:
     cfg = load_config(SHAKESPEARE, [f"run_dir={run_dir}", *BASE, *overrides])
-    pipeline.run_train(cfg, fail_at_step=fail_at_step)
+    pipeline.run_train(cfg, faults=faults)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -58,7 +60,8 @@ def test_zero_stages_train(prepared: Path, tmp_path: Path, stage: int, precision
     assert all(0 <= f <= 1 for f in profile) and 0.5 < sum(profile) <= 1.0 and first["time_backward"] > 0
     assert last["val_bpb"] > 0 and 0 < last["mfu"] < 1
     assert list((run_dir / "tb").iterdir())  # TensorBoard events
-    model, cfg, _ = load_checkpoint(run_dir / "checkpoint")  # consolidated (ZeRO-3: gathered) weights load
+    cfg = load_checkpoint(run_dir / "checkpoint").config  # consolidated (ZeRO-3: gathered) weights load
+    model = load_checkpoint(run_dir / "checkpoint").model
     assert cfg.vocab_size == 512 and json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 25
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -75,12 +78,13 @@ def test_fp32_resume_after_a_crash_is_bit_identical(prepared: Path, tmp_path: Pa
     run_dir = _run_dir(prepared, tmp_path, "resumed")
     args = ("train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4")
     with pytest.raises(Exception, match="(?i)fail|died|exit"):
-        _train(run_dir, *args, fail_at_step=7)  # a worker dies after step 7, no retries: the run fails
+        _train(run_dir, *args, faults={"exit_after_step": 7})  # a worker dies after step 7, no retries: the run fails
     assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 4
     _train(run_dir, *args)  # the same command again resumes from step 4
     reference, resumed = _weights(uninterrupted), _weights(run_dir)
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 13))  # no step twice after the resume
     after = {m["step"]: m["loss"] for m in _metrics(run_dir)[-8:]}
     assert after == {m["step"]: m["loss"] for m in _metrics(uninterrupted) if m["step"] > 4}
 
@@ -88,9 +92,9 @@ def test_fp32_resume_after_a_crash_is_bit_identical(prepared: Path, tmp_path: Pa
 def test_worker_failure_recovers_to_the_same_weights(prepared: Path, tmp_path: Path, uninterrupted: Path) -> None:
     run_dir = _run_dir(prepared, tmp_path, "killed")
     _train(run_dir, "train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4",
-           "cluster.max_failures=1", fail_at_step=7)  # the last worker dies after step 7; restart from step 4
+           "cluster.max_failures=1", faults={"exit_after_step": 7})  # the last worker dies after step 7; restart from 4
     steps = [m["step"] for m in _metrics(run_dir)]
-    assert steps.count(5) == 2 and steps[-1] == 12  # steps 5-7 were run twice
+    assert steps == list(range(1, 13))  # steps 5-7 ran twice; the first attempt's lines were dropped on resume
     reference, recovered = _weights(uninterrupted), _weights(run_dir)
     assert all(torch.equal(reference[k], recovered[k]) for k in reference)
 
@@ -122,3 +126,97 @@ def test_time_budget_stops_every_rank_at_the_same_step(prepared: Path, tmp_path:
     _train(run_dir, "train.max_steps=1000", "train.time_budget_s=0.001", "train.checkpoint_every=1000")
     assert [m["step"] for m in _metrics(run_dir)] == [1]  # rank 0's clock decided; no rank waited on another
     assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 1
+
+
+def _committed(run_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step-*/commit.json"))
+
+
+def test_sigkill_before_the_commit_record_resumes_from_the_previous_commit(
+    prepared: Path, tmp_path: Path, uninterrupted: Path
+) -> None:
+    """Rank 0 is SIGKILLed after step 8's files were uploaded but before its commit record: step-000008 is not a
+    checkpoint. The same command again resumes from step 4, rewrites step 8 from scratch and ends where an
+    uninterrupted run ends, bit for bit."""
+    run_dir = _run_dir(prepared, tmp_path, "sigkill")
+    args = ("train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4")
+    with pytest.raises(Exception):
+        _train(run_dir, *args, faults={"kill_before_commit": 8})
+    assert (run_dir / "checkpoints" / "step-000008" / "ds").is_dir()  # the files arrived ...
+    assert _committed(run_dir) == ["step-000004"]  # ... but only step 4 is committed
+    assert os.readlink(run_dir / "checkpoint") == "checkpoints/step-000004/model"
+    _train(run_dir, *args)
+    assert _committed(run_dir) == ["step-000008", "step-000012"]  # keep_checkpoints=2 pruned step 4
+    reference, resumed = _weights(uninterrupted), _weights(run_dir)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 13))
+
+
+def _copy_run(source: Path, tmp_path: Path, name: str) -> Path:
+    run_dir = tmp_path / name
+    shutil.copytree(source, run_dir, symlinks=True)  # RUN_DIR/checkpoint is a relative link: it stays inside the copy
+    return run_dir
+
+
+def test_changed_config_is_refused_and_extended_max_steps_resumes(
+    uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = _copy_run(uninterrupted, tmp_path, "changed")
+    args = [SHAKESPEARE, f"run_dir={run_dir}", *BASE, "train.precision=fp32", "train.checkpoint_every=4"]
+    before = {p: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "metrics.jsonl")}
+    assert main(["train", *args, "train.max_steps=12", "train.lr=1e-3", "seed=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raygpt: error:") and "\n" not in err
+    assert "train.lr 0.003 → 0.001" in err and "seed 1337 → 7" in err and "train.resume=false" in err
+    assert {p: p.read_bytes() for p in before} == before  # refused: nothing written, not even config.yaml
+
+    assert main(["train", *args, "train.max_steps=16"]) == 0  # extending max_steps continues the same run
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 17))
+    assert _committed(run_dir) == ["step-000012", "step-000016"]
+    assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 16
+
+    assert main(["train", *args, "train.max_steps=2", "train.lr=1e-3", "train.resume=false"]) == 0  # start over
+    assert [m["step"] for m in _metrics(run_dir)] == [1, 2]
+    aside = run_dir / "checkpoints.old-1"
+    assert sorted(p.name for p in aside.glob("step-*")) == ["step-000012", "step-000016"]  # moved, not deleted
+    assert len((run_dir / "metrics.jsonl.old-1").read_text().splitlines()) == 16
+    assert _committed(run_dir) == ["step-000002"]
+
+
+def test_a_tampered_checkpoint_is_refused_before_anything_is_loaded(
+    uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [SHAKESPEARE, *BASE, "train.precision=fp32", "train.checkpoint_every=4", "train.max_steps=13"]
+    flipped = _copy_run(uninterrupted, tmp_path, "flipped")
+    optim = next((flipped / "checkpoints" / "step-000012" / "ds").glob("zero_pp_rank_1_*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in a pickle DeepSpeed would load
+    optim.write_bytes(bytes(data))
+    assert main(["train", *args, f"run_dir={flipped}"]) == 2
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: size or sha256 differs from the commit record" in capsys.readouterr().err
+    extra = _copy_run(uninterrupted, tmp_path, "extra")
+    (extra / "checkpoints" / "step-000012" / "ds" / "evil.pt").write_bytes(b"not in the record")
+    assert main(["train", *args, f"run_dir={extra}"]) == 2
+    assert "ds/evil.pt is not in the commit record" in capsys.readouterr().err
+    assert not (flipped / "checkpoints" / "step-000013").exists() and not (extra / "checkpoints" / "step-000013").exists()
+
+
+def test_a_second_train_on_the_same_run_dir_is_refused_and_the_first_finishes(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = _run_dir(prepared, tmp_path, "concurrent")
+    args = ["train", SHAKESPEARE, f"run_dir={run_dir}", *BASE, "train.max_steps=3", "train.checkpoint_every=3"]
+    second: list[int] = []
+
+    def second_writer() -> None:  # waits until the first command holds the lock, then tries the same run_dir
+        while not (run_dir / ".lock").is_file() or not (run_dir / ".lock").read_text().strip():
+            threading.Event().wait(0.05)
+        second.append(main(args))
+
+    thread = threading.Thread(target=second_writer)
+    thread.start()
+    assert main(args) == 0  # the first command, in this thread (Ray Train wants the main thread)
+    thread.join()
+    assert second == [2]
+    assert "is in use by pid" in capsys.readouterr().err
+    assert [m["step"] for m in _metrics(run_dir)] == [1, 2, 3] and _committed(run_dir) == ["step-000003"]
