@@ -33,7 +33,7 @@ from evaluation.tasks import wikitext_articles  # noqa: E402
 from model.export import export  # noqa: E402
 from model.flops import machine_header  # noqa: E402
 
-SHARED = Path(os.environ.get("RAYGPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(os.environ.get("RAYGPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))  # own path: the shared test data
 
 
 def _median_pair(ours: Callable[[], object], theirs: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -58,7 +58,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     ours = RaygptLM(args.checkpoint, batch_size=16, device="cpu")
-    theirs = HFLM(pretrained=str(export(args.checkpoint, tmp / "hf")), dtype="float32", device="cpu", batch_size=16)
+    theirs = HFLM(pretrained=str(export(args.checkpoint, tmp / "exported")), dtype="float32", device="cpu", batch_size=16)
     print(f"checkpoint {args.checkpoint}: {ours.model.num_params():,} params, context {ours.max_length}")
 
     problems = [json.loads(line) for line in (SHARED / "gsm8k" / "test.jsonl").read_text().splitlines()[: args.limit]]

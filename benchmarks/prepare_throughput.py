@@ -67,7 +67,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        tokenizer_path = tmp / "tokenizer.json"
+        tokenizer_path = tmp / "bench-tokenizer.json"
         train_tokenizer(iter(texts[::4]), TokenizerConfig(vocab_size=8192)).save(str(tokenizer_path))
 
         tokenizer = Tokenizer.from_file(str(tokenizer_path))

