@@ -109,17 +109,19 @@ def test_determinism_noop_and_crash_resume(cli_run: Path, tmp_path: Path, ray_se
     assert "already prepared" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == stamps
 
-    # Another config on the same run_dir: refused, nothing touched; with overwrite it is redone.
+    # Another config on the same run_dir: refused, nothing touched (not even config.yaml); with overwrite it is redone.
+    config_yaml = (run_dir / "config.yaml").read_bytes()
     assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}", "data.seq_len=128"]) == 2
-    assert "already holds data prepared with another config" in capsys.readouterr().err
+    assert "already holds data prepared from another config or corpus" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == stamps
+    assert (run_dir / "config.yaml").read_bytes() == config_yaml
 
     # A crash mid-run: no manifest, a truncated shard, temp files and a stale shard. The re-run completes identically.
     original = _files(data)
     (data / "manifest.json").unlink()
     shard = data / "train" / "shard-000000.tar"
     shard.write_bytes(shard.read_bytes()[:1000])
-    (data / "train" / "shard-000000.tar.tmp").write_bytes(b"partial")
+    (data / "train" / ".shard-000000.tar.1a2b3c.tmp").write_bytes(b"partial")
     (data / "train" / "shard-000042.tar").write_bytes(b"stale")
     assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}"]) == 0
     assert _files(data) == original
@@ -245,6 +247,37 @@ def test_bad_sources_fail_before_any_work(tmp_path: Path, capsys, source: str, m
 
     assert re.search(message, err), err
     assert not (tmp_path / "run" / "data" / "manifest.json").exists()
+
+
+def test_a_changed_corpus_is_new_data_and_links_out_of_a_source_are_not_followed(
+    tmp_path: Path, ray_session: None, capsys
+) -> None:
+    """Prepare's fingerprint covers each source file's size and mtime: editing the corpus under a prepared run_dir
+    is refused like a changed config. A directory source does not read through a symlink that leaves it unless the
+    source says follow_symlinks."""
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    corpus.mkdir()
+    elsewhere.mkdir()
+    for i in range(30):
+        (corpus / f"doc{i}.txt").write_text(f"document number {i} " * 40)
+    (elsewhere / "secret.txt").write_text("a file outside the corpus folder " * 40)
+    (corpus / "link.txt").symlink_to(elsewhere / "secret.txt")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: c\nrun_dir: {tmp_path / 'run'}\ndata:\n  seq_len: 32\n  sources:\n    - path: {corpus}\n"
+                      "  tokenizer:\n    vocab_size: 300\n")
+    assert main(["prepare", str(config)]) == 0
+    manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    assert manifest["sources"][0]["files"] == 30  # the link out of the folder was not read
+
+    assert main(["prepare", str(config)]) == 0 and "already prepared" in capsys.readouterr().out
+    with open(corpus / "doc3.txt", "a") as f:
+        f.write("an edit")
+    assert main(["prepare", str(config)]) == 2
+    assert "already holds data prepared from another config or corpus" in capsys.readouterr().err
+    assert main(["prepare", str(config), "data.overwrite=true", "data.sources=[{path: " + str(corpus) +
+                 ", follow_symlinks: true}]"]) == 0
+    manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    assert manifest["sources"][0]["files"] == 31
 
 
 def test_nothing_left_after_filtering(tmp_path: Path, ray_session: None, capsys) -> None:
