@@ -8,6 +8,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from cluster.cli import main
 from cluster.config import ConfigError, RunConfig, apply_override, load_config, save_resolved
 from tests.conftest import REPO
 
@@ -118,3 +119,14 @@ def test_strict_types_and_finite_numbers(tmp_path: Path, override: str, message:
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, MINIMAL), [override])
     assert load_config(_write(tmp_path, MINIMAL), ["train.lr=3e-3"]).train.lr == 3e-3  # YAML reads 3e-3 as a string
+
+
+def test_unreadable_configs_and_env_flags_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte \d+\); save the config as UTF-8"):
+        load_config(latin1)
+    for flag in ("FOO", "=x", "1A=b", "A-B=c"):
+        assert main(["submit", "--address", "http://127.0.0.1:1", "--env", flag, "--", "run", "x.yaml"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"raygpt: error: --env {flag!r}: expected KEY=VALUE with KEY made of letters, digits and '_'\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster.cli import main
+from cluster.files import RunFileError
+from data_pipeline.config import TokenizerConfig
+from data_pipeline.tokenizer import train_tokenizer
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.export import ExportError, architecture, export
 from model.generate import generate
@@ -66,6 +70,27 @@ def test_bad_checkpoint_folders(checkpoint: Path, tmp_path: Path) -> None:
     save_file({**state, "stray": torch.zeros(1)}, str(extra / "model.safetensors"))
     with pytest.raises(CheckpointError, match="unexpected tensor stray"):
         load_checkpoint(extra)
+    truncated = _broken(checkpoint, tmp_path / "f")
+    (truncated / "config.json").write_text((truncated / "config.json").read_text()[:40])
+    with pytest.raises(CheckpointError, match=r"config.json: corrupt checkpoint config, not valid JSON"):
+        load_checkpoint(truncated)
+
+
+def test_the_tokenizer_must_fit_the_model(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """A malformed tokenizer.json, or one whose vocabulary differs from the model's (ids out of range, or tokens the
+    model can never produce), is refused when the checkpoint is loaded — one line, before any generation."""
+    malformed = _broken(checkpoint, tmp_path / "a")
+    (malformed / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}')
+    with pytest.raises(CheckpointError, match="tokenizer.json: not a valid tokenizers file"):
+        load_checkpoint(malformed)
+    for name, vocab in (("smaller", 280), ("larger", 400)):
+        other = _broken(checkpoint, tmp_path / name)
+        text = ["the quick brown fox jumps over the lazy dog " * 20, "pack my box with five dozen liquor jugs " * 20]
+        train_tokenizer(iter(text * 50), TokenizerConfig(vocab_size=vocab)).save(str(other / "tokenizer.json"))
+        assert main(["generate", str(other), "--prompt", "the"]) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(r"raygpt: error: .*tokenizer.json: the tokenizer has \d+ tokens but the model's vocab_size "
+                            r"is 300\n", err), err
 
 
 def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path: Path, capsys) -> None:
@@ -117,10 +142,13 @@ def test_configs_without_an_hf_equivalent_are_refused() -> None:
         architecture(ModelConfig(n_kv_head=4))
 
 
-def test_save_is_atomic_and_replaces(tmp_path: Path, tokenizer_file: Path) -> None:
+def test_save_is_atomic_and_replaces_only_when_asked(tmp_path: Path, tokenizer_file: Path) -> None:
     model = GPT(ModelConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=16))
     folder = save_checkpoint(model, tmp_path / "c", tokenizer_file, extra={"step": 3})
-    save_checkpoint(model, folder, tokenizer_file, extra={"step": 4})
+    with pytest.raises(RunFileError, match="already exists"):
+        save_checkpoint(model, folder, tokenizer_file, extra={"step": 4})
+    assert json.loads((folder / "config.json").read_text())["step"] == 3
+    save_checkpoint(model, folder, tokenizer_file, extra={"step": 4}, replace=True)
     assert json.loads((folder / "config.json").read_text())["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
