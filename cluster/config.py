@@ -21,7 +21,8 @@ from pydantic import Field, ValidationError, model_validator
 from cluster.files import atomic_write
 from cluster.layout import RunLayout
 from data_pipeline.config import DataConfig, Section
-from evaluation.config import EvalConfig, QuantizeConfig
+from evaluation.config import EvalConfig
+from evaluation.quantize import QuantizeConfig
 from model.gpt import ModelConfig
 from trainer.config import TrainConfig
 

@@ -1,4 +1,4 @@
-"""`raygpt quantize CONFIG`: each configured method in its own Ray task → RUN_DIR/quantized/<method>/, then one
+"""`raygpt quantize CONFIG` and its config section (`QuantizeConfig`): each configured method in its own Ray task → RUN_DIR/quantized/<method>/, then one
 report comparing them with full precision (RUN_DIR/quantized/report.json and report.md).
 
     raygpt quantize configs/demo.yaml
@@ -20,20 +20,49 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from pydantic import Field
 
 from cluster.files import atomic_write, completed, fingerprint, write_json
 from cluster.layout import RunLayout
+from data_pipeline.config import Section
 from data_pipeline.manifest import finished, read_manifest
-from evaluation.config import EvalConfig, QuantizeConfig
+from evaluation.config import EvalConfig
 from evaluation.run import evaluate_checkpoint, report_table
 from model.checkpoint import WEIGHTS, CheckpointError, load_config, read_meta, weights_stamp
+from model.quantize import CALIBRATED, METHODS, QuantizeError, QuantMethod, quantize_model
 
 FULL = "fp32"
 
 
-def _check_data(data_dir: Path, vocab_size: int, needs_calibration: bool) -> None:
-    from model.quantize import QuantizeError
+class QuantizeConfig(Section):
+    """`raygpt quantize`: which post-training quantization methods to run on the final checkpoint, and how."""
 
+    methods: list[QuantMethod] = list(METHODS)  # type: ignore[valid-type]
+    """Methods to run, each in its own Ray task: int8 (per-channel weights, dynamic int8 activations on x86 CPUs),
+    int4-rtn (4-bit round-to-nearest), gptq, awq (4-bit, calibrated), bnb-int8 / bnb-nf4 (bitsandbytes)."""
+    checkpoint: str = ""
+    """The full-precision checkpoint to quantize; empty means RUN_DIR/checkpoint."""
+    group_size: int = Field(default=128, ge=2)
+    """Input columns sharing one 4-bit scale/zero point (a whole row when it does not divide the layer width)."""
+    act_order: bool = True
+    """GPTQ: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous)."""
+    damp: float = Field(default=0.01, gt=0)
+    """GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean."""
+    calibration_samples: int = Field(default=256, ge=1)
+    """Sequences from the train shards that calibrate gptq and awq."""
+    decode_tokens: int = Field(default=128, ge=8)
+    """Greedy tokens generated (batch 1) to measure decode tokens/s of each method against full precision."""
+    fidelity_blocks: int = Field(default=32, ge=1)
+    """Val blocks on which each method's next-token distributions are compared with full precision's (KL, top-1)."""
+    eval_tasks: bool = True
+    """Also run the eval section's lm-eval tasks on every quantized checkpoint (intrinsic metrics always run)."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs reserved by each quantization task."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs reserved by each quantization task."""
+
+
+def _check_data(data_dir: Path, vocab_size: int, needs_calibration: bool) -> None:
     manifest = finished(data_dir)
     if manifest is None:
         if needs_calibration:
@@ -57,7 +86,6 @@ def quantize_and_evaluate(
 ) -> dict[str, Any]:
     """One method (or FULL): quantize, save to RUN_DIR/quantized/<method>, evaluate (runs in a Ray task)."""
     from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.quantize import CALIBRATED, METHODS, quantize_model
 
     from model.export import BNB_CONFIGS, ExportError, export
 
@@ -172,8 +200,6 @@ def _fingerprint(cfg: QuantizeConfig, eval_cfg: EvalConfig, checkpoint: Path) ->
 
 def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     """Every method as a Ray task (Ray must be connected), then the decode timings and the report."""
-    from model.quantize import CALIBRATED, QuantizeError
-
     checkpoint = Path(cfg.checkpoint or layout.checkpoint)
     data_dir = layout.data.root
     try:

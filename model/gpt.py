@@ -274,15 +274,9 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return n
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        start: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids at positions start..start+T → logits (B, T, V) and, given targets (B, T), the mean
-        cross-entropy. With a cache, keys/values of earlier positions come from it and these are added to it."""
+    def embed(self, idx: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """idx (B, T) at positions start..start+T → the input of the first block (B, T, C) and the rope tables (T, hs/2)
+        the blocks rotate with (None unless rope). Also used by GPTQ/AWQ calibration (model/quantize_calibrate.py)."""
         B, T = idx.shape
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
@@ -295,6 +289,18 @@ class GPT(nn.Module):
         rope = None
         if self.cfg.pos_encoding == "rope":
             rope = (self.rope_cos[start : start + T].to(x.dtype), self.rope_sin[start : start + T].to(x.dtype))
+        return x, rope
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids at positions start..start+T → logits (B, T, V) and, given targets (B, T), the mean
+        cross-entropy. With a cache, keys/values of earlier positions come from it and these are added to it."""
+        x, rope = self.embed(idx, start)  # (B, T, C)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rope, cache, start, use_reentrant=False)

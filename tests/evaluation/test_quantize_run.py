@@ -1,5 +1,6 @@
 """`raygpt quantize` end to end on local Ray: methods as tasks, quantized checkpoints evaluated like `raygpt eval`,
-report.json per method and overall, the comparison table in the eval report, skip when complete, one-line errors."""
+report.json per method and overall, the stage's own report.md (eval's report.md untouched), skip when complete,
+one-line errors."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def _run_dir(trained_run: Path, tmp_path: Path) -> Path:
 def test_quantize_end_to_end(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = _run_dir(trained_run, tmp_path)
     args = ["quantize", SHAKESPEARE, f"run_dir={run_dir}", "quantize.methods=[int8,gptq,bnb-nf4]", *QUICK]
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "report.md").write_text("# Evaluation\n\n## Quantization\n\nwritten by raygpt eval\n")
     assert main(args) == 0
     report = json.loads((run_dir / "quantized" / "report.json").read_text())
     full, methods = report["full_precision"], {r["method"]: r for r in report["methods"]}
@@ -45,7 +48,9 @@ def test_quantize_end_to_end(trained_run: Path, tmp_path: Path, capsys: pytest.C
     assert methods["gptq"]["calibration_s"] > 0 and methods["int8"]["bits"] == 8
     assert methods["bnb-nf4"]["transformers"] == str(run_dir / "quantized" / "bnb-nf4" / "hf")
     assert methods["gptq"]["transformers"] is None  # raygpt's own packed format
-    assert "## Quantization" in (run_dir / "eval" / "report.md").read_text()
+    markdown = (run_dir / "quantized" / "report.md").read_text()
+    assert markdown.startswith("# Quantization\n") and "| gptq | 4 | 32 |" in markdown and "Every metric" in markdown
+    assert (run_dir / "eval" / "report.md").read_text().endswith("written by raygpt eval\n")  # eval's file is eval's
     assert "| gptq | 4 | 32 |" in capsys.readouterr().out
     lm = RaygptLM(str(run_dir / "quantized" / "gptq"))  # what `raygpt eval` and `lm_eval --model raygpt` load
     [logprob] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("ROMEO: What say you?",), 0)])

@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.quantize import calibration_ids
-from model import quantize as quantize_module
+from evaluation.quantize import first_blocks
+from model import quantize_kernels as quantize_module
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.export import ExportError, export
 from model.generate import generate
-from model.quantize import METHODS, QuantizeError, QuantLinear, gptq, pack4, quantize_model, rtn_int4, unpack4
+from model.gpt import GPT, ModelConfig
+from model.quantize import METHODS, QuantizeError, quantize_model
+from model.quantize_calibrate import gptq
+from model.quantize_kernels import QuantLinear, pack4, rtn_int4, unpack4
 
 # relative L2 error of the logits on val blocks, measured ~3x below these on the 60-step debug model
 BOUNDS = {"int8": 0.02, "int4-rtn": 0.15, "gptq": 0.15, "awq": 0.15, "bnb-int8": 0.05, "bnb-nf4": 0.15}
@@ -35,7 +38,7 @@ def test_method_stays_close_and_round_trips(method: str, trained_run: Path, val_
     model, cfg, tokenizer = loaded.model, loaded.config, loaded.tokenizer_file
     with torch.no_grad():
         reference = model(val_batch)[0]
-        calibration = calibration_ids(trained_run / "data", 32)
+        calibration = first_blocks(trained_run / "data", "train", 32)
         record = quantize_model(model, method, group_size=32, calibration=calibration)
         quantized = model(val_batch)[0]
     error = ((quantized - reference).norm() / reference.norm()).item()
@@ -112,7 +115,7 @@ def test_gptq_and_awq_reconstruct_better_than_rtn() -> None:
     for act_order in (False, True):
         q = QuantLinear.from_linear(linear, 4, 32, codes=gptq(w, H, 32, act_order=act_order))
         assert _output_error(w, x, q.dequantized()) < 0.7 * rtn
-    from model.quantize import awq_clip, awq_scale
+    from model.quantize_calibrate import awq_clip, awq_scale
 
     scale = awq_scale(w, x, 32)
     scaled_only = _output_error(w, x, QuantLinear.from_linear(linear, 4, 32, input_scale=scale).dequantized())
@@ -176,3 +179,24 @@ def test_bad_quantize_input(trained_run: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(folder)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope"])
+def test_calibration_enters_the_blocks_exactly_as_the_forward_pass_does(pos_encoding: str) -> None:
+    """GPTQ/AWQ calibration reaches the first block through `GPT.embed`, the forward pass's own code: for every
+    position encoding the first block sees the same input (and rope tables) in both."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, pos_encoding=pos_encoding))
+    model.eval()
+    ids = torch.randint(0, 64, (4, 16))
+    seen: list[tuple[torch.Tensor, object]] = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append((args[0].clone(), args[1])))
+    with torch.no_grad():
+        model(ids)
+    quantize_model(model, "gptq", group_size=16, calibration=ids)
+    hook.remove()
+    (forward_x, forward_rope), (calib_x, calib_rope) = seen[0], seen[1]
+    assert torch.equal(forward_x, calib_x)
+    assert (forward_rope is None) == (calib_rope is None) == (pos_encoding != "rope")
+    if forward_rope is not None:
+        assert all(torch.equal(a, b) for a, b in zip(forward_rope, calib_rope))

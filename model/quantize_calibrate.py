@@ -1,0 +1,150 @@
+"""GPTQ (Frantar et al. 2022) and AWQ (Lin et al. 2023): 4-bit codes for the block linears of a GPT, calibrated on
+token sequences from the train shards, block by block.
+
+    raygpt quantize configs/demo.yaml quantize.methods=[gptq,awq]
+
+Written here rather than taken from GPTQModel / llm-compressor / AutoAWQ: those operate on Hugging Face models with
+CUDA-oriented kernels and large dependency trees, and were not tried on this CPU-only torch; the algorithms
+themselves are ~100 lines and run on our model directly. The calibration activations enter the first block through
+`GPT.embed`, the model's own embedding and position code, so a new position encoding cannot silently break them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from model.gpt import GPT
+from model.quantize_kernels import QuantLinear, group_size_for, groups_of, int4_codes, int4_params, rtn_int4
+
+
+def calibrate(
+    model: GPT, linears: list[tuple[str, nn.Module, str]], method: str, group_size: int, calibration: torch.Tensor,
+    act_order: bool, damp: float, record: dict[str, Any],
+) -> None:
+    """Block by block: run the calibration activations (already through the quantized earlier blocks), collect each
+    linear's input statistics, quantize the block, and pass the activations on through the quantized block.
+    `linears`: (name, parent, attribute) of every block linear (`model.quantize.block_linears`)."""
+    xs, rope = zip(*(model.embed(chunk) for chunk in calibration.split(8)))  # the model's own embedding code
+    xs, rope = list(xs), rope[0]
+    for i, block in enumerate(tqdm(model.blocks, desc=method, unit="block")):
+        names = [(n, p, a) for n, p, a in linears if n.startswith(f"blocks.{i}.")]
+        stats: dict[str, dict[str, Any]] = {n: {"H": None, "n": 0, "rows": []} for n, _, _ in names}
+        hooks = []
+        for name, parent, attr in names:
+
+            def hook(_: nn.Module, inputs: tuple[torch.Tensor], __: torch.Tensor, s: dict = stats[name]) -> None:
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                h = x.T @ x
+                s["H"] = h if s["H"] is None else s["H"] + h
+                s["n"] += len(x)
+                s["rows"].append(x[torch.randperm(len(x))[:256]])
+
+            hooks.append(getattr(parent, attr).register_forward_hook(hook))
+        for x in xs:
+            block(x, rope, None, 0)
+        for h in hooks:
+            h.remove()
+        for name, parent, attr in names:
+            linear, s = getattr(parent, attr), stats[name]
+            gs = group_size_for(linear.in_features, group_size)
+            if method == "gptq":
+                codes = gptq(linear.weight.float(), 2 * s["H"] / s["n"], gs, act_order, damp)
+                setattr(parent, attr, QuantLinear.from_linear(linear, 4, gs, codes=codes))
+            else:
+                rows = torch.cat(s["rows"])
+                scale = awq_scale(linear.weight.float(), rows, gs)
+                codes = rtn_int4(awq_clip(linear.weight.float() * scale, rows / scale, gs), gs)
+                setattr(parent, attr, QuantLinear.from_linear(linear, 4, gs, codes=codes, input_scale=scale))
+            record["modules"][name] = {"group_size": gs, "input_scale": method == "awq"}
+        xs = [block(x, rope, None, 0) for x in xs]
+
+
+def gptq(
+    w: torch.Tensor, H: torch.Tensor, group_size: int, act_order: bool = True, damp: float = 0.01, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ: quantize columns one at a time, spreading each column's error over the not-yet-quantized columns through
+    the inverse Hessian (its upper Cholesky factor), in lazy blocks. act_order visits columns by decreasing Hessian
+    diagonal; groups stay contiguous in the original order, their grids fixed up front ("static groups").
+    w (out, in), H (in, in) = 2 XᵀX / n → (codes (out, in), scale (out, G), zero (out, G))."""
+    w, H = w.clone(), H.clone()
+    out_f, cols = w.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    w[:, dead] = 0
+    G = cols // group_size
+    scale, zero = torch.zeros(out_f, G), torch.zeros(out_f, G)
+    if act_order:
+        for g in range(G):
+            scale[:, g], zero[:, g] = int4_params(w[:, g * group_size : (g + 1) * group_size])
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(cols)
+    w, H = w[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(w)
+    block = max(group_size, block // group_size * group_size)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Err1, Hinv1 = w[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group_size
+            if not act_order and col % group_size == 0:  # this group's grid, from the error-updated weights
+                scale[:, g], zero[:, g] = int4_params(W1[:, i : i + group_size])
+            q = int4_codes(W1[:, i], scale[:, g], zero[:, g])
+            codes[:, i1 + i] = q
+            err = (W1[:, i] - (q - zero[:, g]) * scale[:, g]) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        w[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes[:, torch.argsort(perm)], scale, zero
+
+
+def awq_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 20) -> torch.Tensor:
+    """AWQ: per-input-channel scales s = mean|x|^α (α searched on a grid) that protect the salient channels: the
+    weight is quantized as W·s and the input divided by s. Chooses α minimising the output error on calibration rows
+    x (n, in). The weight-clipping half of AWQ is `awq_clip`."""
+    reference = x @ w.T
+    magnitude = x.abs().mean(dim=0).clamp(min=1e-6)
+    best, best_err = torch.ones(w.shape[1]), math.inf
+    for alpha in torch.linspace(0, 1, grid + 1).tolist():
+        s = magnitude.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        q, scale, zero = rtn_int4(w * s, group_size)
+        deq = ((groups_of(q, group_size) - zero[..., None]) * scale[..., None]).flatten(1)
+        err = ((x / s) @ deq.T - reference).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def awq_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 20, max_shrink: float = 0.5,
+             max_rows: int = 1024, chunk: int = 256) -> torch.Tensor:
+    """AWQ's clipping search: per output row and input group, the range [-r·max|w|, r·max|w|] (r from 1 down to
+    1 - max_shrink) whose 4-bit RTN minimises that group's share of the output error on calibration rows x (n, in).
+    Clipping outliers gives the remaining weights a finer grid; r = 1 is plain RTN, so on the calibration rows no
+    group gets worse. w (out, in) → the clipped w, computed `chunk` output rows at a time to bound memory."""
+    xg = groups_of(x[:max_rows], group_size)  # (n, G, gs)
+    parts = []
+    for wc in w.split(chunk):
+        rows, cols = wc.shape
+        wg = groups_of(wc, group_size)  # (rows, G, gs)
+        reference = torch.einsum("ngk,ogk->ngo", xg, wg)  # each group's contribution to each output
+        top = wg.abs().amax(dim=-1, keepdim=True)  # (rows, G, 1)
+        best, best_err = wg.clone(), torch.full((rows, wg.shape[1]), math.inf)
+        for i in range(int(grid * max_shrink) + 1):
+            clipped = wg.clamp(-top * (1 - i / grid), top * (1 - i / grid))
+            q, scale, zero = rtn_int4(clipped.reshape(rows, cols), group_size)
+            deq = (groups_of(q, group_size) - zero[..., None]) * scale[..., None]  # (rows, G, gs)
+            err = (torch.einsum("ngk,ogk->ngo", xg, deq) - reference).pow(2).mean(dim=0).T  # (rows, G)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[better] = clipped[better]
+        parts.append(best.reshape(rows, cols))
+    return torch.cat(parts)
