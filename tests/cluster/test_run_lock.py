@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from cluster.cli import main
-from cluster.run_lock import LOCK, run_lock
+from cluster.layout import RunLayout
+from cluster.run_lock import run_lock
 from model.checkpoint import save_checkpoint
 from tests.conftest import REPO, SHAKESPEARE, perturbed_model
 
@@ -24,8 +25,8 @@ def test_second_writer_is_refused_and_writes_nothing(tmp_path: Path, capsys) -> 
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and f"is in use by pid {os.getpid()}" in err
             assert "raygpt train configs/shakespeare.yaml" in err
-        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK]  # not even config.yaml
-        holder = json.loads((run_dir / LOCK).read_text())
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # not even config.yaml
+        holder = json.loads(RunLayout.of(run_dir).lock.read_text())
         assert holder["pid"] == os.getpid() and holder["command"].startswith("raygpt train")
 
 
@@ -46,7 +47,7 @@ def test_a_killed_holder_does_not_block(tmp_path: Path) -> None:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
         with run_lock(run_dir, "after the holder died"):  # the kernel released the flock with the process
-            assert json.loads((run_dir / LOCK).read_text())["command"] == "after the holder died"
+            assert json.loads(RunLayout.of(run_dir).lock.read_text())["command"] == "after the holder died"
     finally:
         holder.kill()
         holder.stdout.close()
