@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cluster import pipeline
 from cluster.cli import main
@@ -95,6 +96,9 @@ def test_worker_failure_recovers_to_the_same_weights(prepared: Path, tmp_path: P
            "cluster.max_failures=1", faults={"exit_after_step": 7})  # the last worker dies after step 7; restart from 4
     steps = [m["step"] for m in _metrics(run_dir)]
     assert steps == list(range(1, 13))  # steps 5-7 ran twice; the first attempt's lines were dropped on resume
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()  # TensorBoard drops the first attempt's steps 5-7 (the resumed writer's purge_step)
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
     reference, recovered = _weights(uninterrupted), _weights(run_dir)
     assert all(torch.equal(reference[k], recovered[k]) for k in reference)
 

@@ -1,0 +1,68 @@
+"""The commit protocol's bookkeeping without Ray: which folders count as checkpoints, verification against the commit
+record, pruning, fingerprint differences. (The protocol under real Ray Train + DeepSpeed is in test_train.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.files import RunFileError, file_records
+from cluster.layout import RunLayout
+from trainer import checkpoints
+
+
+def _checkpoint(layout: RunLayout, step: int, commit: bool = True) -> Path:
+    folder = Path(layout.checkpoint_dir(step))
+    (folder / "ds").mkdir(parents=True)
+    (folder / "ds" / "shard.pt").write_bytes(b"weights %d" % step)
+    (folder / "raygpt_state_rank0.json").write_text("{}")
+    if commit:
+        checkpoints.commit(layout, step, {"train.lr": 0.1}, 2, file_records(folder))
+    return folder
+
+
+def test_only_committed_folders_count_and_prune_keeps_the_newest(tmp_path: Path) -> None:
+    layout = RunLayout.of(tmp_path)
+    assert checkpoints.newest(layout) is None  # no checkpoints folder at all
+    for step in (4, 8, 12):
+        _checkpoint(layout, step)
+    _checkpoint(layout, 16, commit=False)  # a crash between the files and the commit record
+    (tmp_path / "checkpoints" / "not-a-step").mkdir()
+    assert [c.step for c in checkpoints.committed(layout)] == [4, 8, 12]
+    assert checkpoints.newest(layout).record["world_size"] == 2
+    checkpoints.prune(layout, keep=2)
+    assert sorted(checkpoints.step_folders(layout)) == [8, 12, 16]  # 16 is newer than the newest commit: kept
+    checkpoints.remove_steps(layout, [16])
+    assert sorted(checkpoints.step_folders(layout)) == [8, 12]
+    (tmp_path / "checkpoints" / "step-000012" / "commit.json").write_text('{"version": 1, "ste')
+    with pytest.raises(RunFileError, match="step-000012/commit.json: corrupt commit record"):
+        checkpoints.committed(layout)
+
+
+def test_verify_refuses_any_difference_from_the_record(tmp_path: Path) -> None:
+    layout = RunLayout.of(tmp_path)
+    folder = _checkpoint(layout, 4)
+    record = json.loads((folder / "commit.json").read_text())
+    checkpoints.verify(folder, record)
+    (folder / "ds" / "shard.pt").write_bytes(b"weights 5")  # same size, other bytes
+    with pytest.raises(RunFileError, match="ds/shard.pt: size or sha256 differs from the commit record"):
+        checkpoints.verify(folder, record)
+    (folder / "ds" / "shard.pt").unlink()
+    with pytest.raises(RunFileError, match="ds/shard.pt is missing"):
+        checkpoints.verify(folder, record)
+    (folder / "ds" / "shard.pt").write_bytes(b"weights 4")
+    (folder / "ds" / "extra.pt").write_bytes(b"")
+    with pytest.raises(RunFileError, match="ds/extra.pt is not in the commit record"):
+        checkpoints.verify(folder, record)
+
+
+def test_fingerprint_differences_and_rank_file_merge() -> None:
+    old = {"train.lr": 0.003, "train.betas": [0.9, 0.95], "seed": 1}
+    assert checkpoints.differences(old, {**old, "train.betas": (0.9, 0.95)}) == []  # tuples equal lists
+    assert checkpoints.differences(old, {**old, "train.lr": 0.001, "seed": 2}) == ["seed 1 → 2", "train.lr 0.003 → 0.001"]
+    same = {"a": {"bytes": 1, "sha256": "x"}}
+    assert checkpoints.merge_files([same, same, {"b": {"bytes": 2, "sha256": "y"}}]) == {**same, "b": {"bytes": 2, "sha256": "y"}}
+    with pytest.raises(RunFileError, match="two ranks wrote different a"):
+        checkpoints.merge_files([same, {"a": {"bytes": 1, "sha256": "z"}}])
