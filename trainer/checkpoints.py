@@ -197,12 +197,13 @@ def start_over(layout: RunLayout) -> list[Path]:
     if layout.remote_storage and step_folders(layout):
         raise RunFileError(f"train.resume=false cannot move checkpoints on object storage ({layout.checkpoints}); "
                            "choose a new run_dir or cluster.storage_path")
-    for path in (Path(layout.checkpoints) if not layout.remote_storage else None, layout.models, layout.metrics,
-                 layout.tensorboard):
+    remove(layout.train_done)
+    if layout.checkpoint.is_symlink():
+        remove(layout.checkpoint)  # a link into the checkpoints moved below
+    for path in (Path(layout.checkpoints) if not layout.remote_storage else None, layout.models, layout.checkpoint,
+                 layout.metrics, layout.tensorboard):
         if path is not None and path.exists():
             moved.append(move_aside(path, "old"))
-    for path in (layout.checkpoint, layout.train_done):
-        remove(path)
     return moved
 
 

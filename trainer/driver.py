@@ -47,6 +47,9 @@ def check_model(manifest: Manifest, model_cfg: ModelConfig) -> None:
 def check_resume(layout: RunLayout, run_fp: dict[str, Any]) -> checkpoints.Committed | None:
     """The committed checkpoint training will resume from, after checking it belongs to this very run (same
     fingerprint) and, in local storage, that its files match the commit record. Refused with one line otherwise."""
+    if layout.checkpoint.exists() and not layout.checkpoint.is_symlink():
+        raise RunFileError(f"{layout.checkpoint} is a folder, not the link raygpt publishes (an older raygpt wrote it); "
+                           "move it away or use a new run_dir")
     newest = checkpoints.newest(layout)
     if newest is None:
         return None

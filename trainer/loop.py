@@ -11,6 +11,7 @@ import base64
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -133,8 +134,8 @@ def _save_and_commit(
     dist.all_gather_object(every, files)  # also the barrier: every rank's report (and upload) has returned
     if rank != 0:
         return
-    if step == cfg["faults"].get("kill_before_commit") and ray.train.get_context().get_world_rank() == 0:
-        os.kill(os.getpid(), 9)  # test-only: SIGKILL between the checkpoint's files and its commit record
+    if step == cfg["faults"].get("kill_before_commit"):
+        os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
     checkpoints.commit(layout, step, cfg["fingerprint"], world, checkpoints.merge_files(every))  # type: ignore[arg-type]
     if layout.remote_storage:  # the published model must be a local folder: keep a copy beside the run
         assert model is not None
