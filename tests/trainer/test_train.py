@@ -203,6 +203,11 @@ def test_a_tampered_checkpoint_is_refused_before_anything_is_loaded(
     assert main(["train", *args, f"run_dir={extra}"]) == 2
     assert "ds/evil.pt is not in the commit record" in capsys.readouterr().err
     assert not (flipped / "checkpoints" / "step-000013").exists() and not (extra / "checkpoints" / "step-000013").exists()
+    old_style = _copy_run(uninterrupted, tmp_path, "old-style")  # RUN_DIR/checkpoint as an older raygpt wrote it
+    (old_style / "checkpoint").unlink()
+    shutil.copytree(uninterrupted / "checkpoint", old_style / "checkpoint")
+    assert main(["train", *args, f"run_dir={old_style}"]) == 2
+    assert "checkpoint is a folder, not the link raygpt publishes" in capsys.readouterr().err
 
 
 def test_a_second_train_on_the_same_run_dir_is_refused_and_the_first_finishes(
