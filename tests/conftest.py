@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,10 +50,37 @@ def shared_data() -> Path:
     return shared_data_dir()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+S3_PORT = _free_port()
+"""The port of the local S3-protocol server (`s3_bucket`). Its address and test credentials are in the environment
+from the start, so the local Ray started later (and every worker it spawns) reaches it too."""
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _env(shared_data: Path) -> None:
     os.environ["RAYGPT_SHARED_DATA"] = str(shared_data)  # configs expand ${RAYGPT_SHARED_DATA}
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """A real S3-protocol server on 127.0.0.1 (moto's standalone server, as Ray's own storage tests use) with one
+    bucket: `s3://raygpt-test`. pyarrow.fs, Ray Train and boto3 find it through AWS_ENDPOINT_URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="raygpt-test")
+    yield "s3://raygpt-test"
+    server.stop()
 
 
 @pytest.fixture(scope="session")
