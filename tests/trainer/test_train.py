@@ -90,10 +90,18 @@ def test_fp32_resume_after_a_crash_is_bit_identical(prepared: Path, tmp_path: Pa
     assert after == {m["step"]: m["loss"] for m in _metrics(uninterrupted) if m["step"] > 4}
 
 
-def test_worker_failure_recovers_to_the_same_weights(prepared: Path, tmp_path: Path, uninterrupted: Path) -> None:
+def test_worker_failure_recovers_to_the_same_weights_from_a_bucket(
+    prepared: Path, tmp_path: Path, uninterrupted: Path, s3_bucket: str
+) -> None:
+    """cluster.storage_path on an S3 bucket (a local S3-protocol server): the last worker dies after step 7, Ray Train
+    replaces it and training resumes from the committed step 4 in the bucket, ending with the same weights as the
+    uninterrupted local run. Checkpoints and commit records live in the bucket; the published model is a local copy."""
+    import pyarrow.fs as pafs
+
     run_dir = _run_dir(prepared, tmp_path, "killed")
-    _train(run_dir, "train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4",
-           "cluster.max_failures=1", faults={"exit_after_step": 7})  # the last worker dies after step 7; restart from 4
+    storage = f"{s3_bucket}/{tmp_path.name}"
+    _train(run_dir, "train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4", "cluster.max_failures=1",
+           f"cluster.storage_path={storage}", faults={"exit_after_step": 7})
     steps = [m["step"] for m in _metrics(run_dir)]
     assert steps == list(range(1, 13))  # steps 5-7 ran twice; the first attempt's lines were dropped on resume
     events = EventAccumulator(str(run_dir / "tb"))
@@ -101,6 +109,16 @@ def test_worker_failure_recovers_to_the_same_weights(prepared: Path, tmp_path: P
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
     reference, recovered = _weights(uninterrupted), _weights(run_dir)
     assert all(torch.equal(reference[k], recovered[k]) for k in reference)
+
+    fs, root = pafs.FileSystem.from_uri(f"{storage}/checkpoints")
+    listed = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory}
+    assert listed == {"step-000008", "step-000012"}  # keep_checkpoints=2, pruned in the bucket
+    with fs.open_input_stream(f"{root}/step-000012/commit.json") as f:
+        record = json.loads(f.read())
+    assert record["step"] == 12 and record["world_size"] == 2 and "ds/mp_rank_00_model_states.pt" in record["files"]
+    assert not (run_dir / "checkpoints").exists()  # no training checkpoint on the local disk ...
+    assert os.readlink(run_dir / "checkpoint") == "models/step-000012"  # ... only the published model
+    assert sorted(p.name for p in (run_dir / "models").iterdir()) == ["step-000008", "step-000012"]
 
 
 def test_gradient_accumulation_equals_a_larger_batch(prepared: Path, tmp_path: Path) -> None:
@@ -229,29 +247,3 @@ def test_a_second_train_on_the_same_run_dir_is_refused_and_the_first_finishes(
     assert second == [2]
     assert "is in use by pid" in capsys.readouterr().err
     assert [m["step"] for m in _metrics(run_dir)] == [1, 2, 3] and _committed(run_dir) == ["step-000003"]
-
-
-def test_checkpoints_on_object_storage_commit_and_recover(
-    prepared: Path, tmp_path: Path, uninterrupted: Path, s3_bucket: str
-) -> None:
-    """cluster.storage_path on an S3 bucket (a local S3-protocol server): the checkpoints and their commit records
-    live in the bucket, the published model is a local copy, and a worker that dies after step 7 is replaced and
-    resumes from the committed step 4 in the bucket — ending with the same weights as the uninterrupted local run."""
-    import pyarrow.fs as pafs
-
-    run_dir = _run_dir(prepared, tmp_path, "bucket")
-    storage = f"{s3_bucket}/{tmp_path.name}"
-    _train(run_dir, "train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4", "cluster.max_failures=1",
-           f"cluster.storage_path={storage}", faults={"exit_after_step": 7})
-    fs, root = pafs.FileSystem.from_uri(f"{storage}/checkpoints")
-    listed = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory}
-    assert listed == {"step-000008", "step-000012"}  # keep_checkpoints=2, pruned in the bucket
-    with fs.open_input_stream(f"{root}/step-000012/commit.json") as f:
-        record = json.loads(f.read())
-    assert record["step"] == 12 and record["world_size"] == 2 and "ds/mp_rank_00_model_states.pt" in record["files"]
-    assert not (run_dir / "checkpoints").exists()  # nothing of the training checkpoints on the local disk ...
-    assert os.readlink(run_dir / "checkpoint") == "models/step-000012"  # ... but the published model
-    assert sorted(p.name for p in (run_dir / "models").iterdir()) == ["step-000008", "step-000012"]
-    reference, recovered = _weights(uninterrupted), _weights(run_dir)
-    assert all(torch.equal(reference[k], recovered[k]) for k in reference)
-    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 13))
