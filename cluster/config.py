@@ -18,8 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from cluster.files import atomic_write
-from cluster.layout import RunLayout
+from cluster.layout import Location, RunLayout
 from data_pipeline.config import DataConfig, Section
 from evaluation.config import EvalConfig
 from evaluation.quantize import QuantizeConfig
@@ -139,7 +138,7 @@ class RunConfig(Section):
         return RunLayout.of(self.run_dir, self.cluster.storage_path)
 
     @property
-    def data_dir(self) -> Path:
+    def data_dir(self) -> Location:
         return self.layout.data.root
 
 
@@ -223,6 +222,9 @@ def config_to_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def save_resolved(config: RunConfig) -> Path:
-    """Write the resolved config to RUN_DIR/config.yaml (atomically); stages call it once their checks passed."""
-    return atomic_write(config.layout.config, config_to_yaml(config))
+def save_resolved(config: RunConfig) -> Location:
+    """Write the resolved config to RUN_DIR/config.yaml (atomically; one PUT on object storage); stages call it once
+    their checks passed."""
+    from cluster import storage  # pyarrow: not needed to parse a config
+
+    return storage.write_bytes(config.layout.config, config_to_yaml(config))

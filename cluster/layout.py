@@ -21,16 +21,48 @@ run directory is built (a test greps the code base for any other).
       quantized/<method>/, quantized/report.{json,md}   raygpt quantize (evaluation/quantize.py)
       sample.txt                raygpt sample (cluster/pipeline.py)
 
+RUN_DIR may be a local folder or an object-storage URI (s3://bucket/run, gs://bucket/run; `cluster.storage` reads
+and writes it). Then every location above is a URI string instead of a `Path`; `checkpoint` is a small JSON object
+(step, model location, file hashes) instead of a symlink; and what must be a local folder while a stage runs (rank 0's
+metrics and TensorBoard before upload, lm-eval's task files) lives in `scratch`, a folder under the local cache.
+
 Standard library only, like `cluster.files`: every package may import it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "val")
+
+Location = Path | str
+"""A local path, or an object-storage URI string (s3://bucket/key, gs://bucket/key)."""
+
+
+def is_uri(loc: Location | None) -> bool:
+    return loc is not None and "://" in str(loc)
+
+
+def join(loc: Location, *parts: str) -> Location:
+    """`loc / parts` for a path or a URI."""
+    if is_uri(loc):
+        return "/".join([str(loc).rstrip("/"), *parts])
+    return Path(loc).joinpath(*parts)
+
+
+def cache_dir() -> Path:
+    """The local cache (downloaded checkpoints, rank 0's metrics mirror of a run on object storage): RAYGPT_CACHE,
+    default ~/.cache/raygpt."""
+    return Path(os.environ.get("RAYGPT_CACHE") or Path.home() / ".cache" / "raygpt")
+
+
+def cached_checkpoint(key: str) -> Path:
+    """The local copy of a checkpoint downloaded from object storage, named by its files' hashes."""
+    return cache_dir() / "checkpoints" / key
 
 
 def step_name(step: int) -> str:
@@ -48,28 +80,28 @@ def step_of(name: str) -> int | None:
 class DataLayout:
     """The prepared data folder (RUN_DIR/data, or any copy of it)."""
 
-    root: Path
+    root: Location
     MANIFEST = "manifest.json"
     TOKENIZER = "tokenizer.json"
 
     @property
-    def manifest(self) -> Path:
-        return self.root / self.MANIFEST
+    def manifest(self) -> Location:
+        return join(self.root, self.MANIFEST)
 
     @property
-    def tokenizer(self) -> Path:
-        return self.root / self.TOKENIZER
+    def tokenizer(self) -> Location:
+        return join(self.root, self.TOKENIZER)
 
-    def split_dir(self, split: str) -> Path:
-        return self.root / split
+    def split_dir(self, split: str) -> Location:
+        return join(self.root, split)
 
     @staticmethod
     def shard_name(split: str, shard: int) -> str:
         """A shard's path relative to the data folder, as the manifest lists it."""
         return f"{split}/shard-{shard:06d}.tar"
 
-    def shard(self, split: str, shard: int) -> Path:
-        return self.root / self.shard_name(split, shard)
+    def shard(self, split: str, shard: int) -> Location:
+        return join(self.root, self.shard_name(split, shard))
 
 
 @dataclass(frozen=True)
@@ -77,25 +109,45 @@ class RunLayout:
     """Every path of one run. `storage` is where training checkpoints go (Ray Train storage): RUN_DIR, or
     `cluster.storage_path` (a local path or a URI)."""
 
-    run_dir: Path
+    run_dir: Location
     storage: str
 
     @classmethod
-    def of(cls, run_dir: str | Path, storage_path: str | None = None) -> RunLayout:
+    def of(cls, run_dir: Location, storage_path: str | None = None) -> RunLayout:
+        if is_uri(run_dir):
+            run_dir = str(run_dir).rstrip("/")
+            return cls(run_dir, storage_path or run_dir)
         run_dir = Path(run_dir)
         return cls(run_dir, storage_path or str(run_dir.resolve()))
 
     @property
+    def remote(self) -> bool:
+        """RUN_DIR is on object storage."""
+        return is_uri(self.run_dir)
+
+    def _at(self, *parts: str) -> Location:
+        return join(self.run_dir, *parts)
+
+    @property
+    def scratch(self) -> Path:
+        """Local work folder of this run: RUN_DIR itself, or for a run on object storage a folder in the local cache
+        named by the run's URI (rank 0's metrics and TensorBoard before upload, lm-eval task files)."""
+        if not self.remote:
+            return Path(self.run_dir)
+        return cache_dir() / "runs" / hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:16]
+
+    @property
     def data(self) -> DataLayout:
-        return DataLayout(self.run_dir / "data")
+        return DataLayout(self._at("data"))
 
     @property
-    def lock(self) -> Path:
-        return self.run_dir / ".lock"
+    def lock(self) -> Location:
+        """A file held with flock, or on object storage a lease object (cluster/run_lock.py)."""
+        return self._at(".lock")
 
     @property
-    def config(self) -> Path:
-        return self.run_dir / "config.yaml"
+    def config(self) -> Location:
+        return self._at("config.yaml")
 
     # ------------------------------------------------------------------ training
     CHECKPOINTS = "checkpoints"
@@ -117,78 +169,101 @@ class RunLayout:
     def checkpoint_dir(self, step: int) -> str:
         return f"{self.checkpoints}/{step_name(step)}"
 
-    def model_dir(self, step: int) -> Path:
-        """Where the consolidated model of a step is published from: inside its training checkpoint when that is a
-        local folder, else a local copy under RUN_DIR/models."""
-        if self.remote_storage:
-            return self.run_dir / "models" / step_name(step)
-        return Path(self.checkpoint_dir(step)) / self.MODEL
+    def model_dir(self, step: int) -> Location:
+        """Where the consolidated model of a step is published from: inside its training checkpoint, except when the
+        checkpoints are on object storage and RUN_DIR is local: then a local copy under RUN_DIR/models."""
+        if self.remote_storage and not self.remote:
+            return join(self.run_dir, "models", step_name(step))
+        return join(self.checkpoint_dir(step), self.MODEL)
 
     @property
-    def models(self) -> Path:
-        return self.run_dir / "models"
+    def models(self) -> Location:
+        return self._at("models")
 
     @property
-    def checkpoint(self) -> Path:
-        """The newest committed consolidated checkpoint (what eval, quantize, sample, generate and export take)."""
-        return self.run_dir / "checkpoint"
+    def checkpoint(self) -> Location:
+        """The newest committed consolidated checkpoint (what eval, quantize, sample, generate and export take): a
+        symlink, or on object storage a JSON pointer object (step, model location, file hashes)."""
+        return self._at("checkpoint")
 
     @property
-    def train_done(self) -> Path:
-        return self.run_dir / "train.done.json"
+    def train_done(self) -> Location:
+        return self._at("train.done.json")
 
     @property
-    def metrics(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+    def metrics(self) -> Location:
+        return self._at("metrics.jsonl")
 
     @property
-    def tensorboard(self) -> Path:
-        return self.run_dir / "tb"
+    def tensorboard(self) -> Location:
+        return self._at("tb")
+
+    @property
+    def metrics_local(self) -> Path:
+        """Where rank 0 appends metrics: `metrics` itself, or its local mirror (uploaded at checkpoints and the end)."""
+        return self.scratch / "metrics.jsonl"
+
+    @property
+    def tensorboard_local(self) -> Path:
+        return self.scratch / "tb"
 
     # ------------------------------------------------------------------ evaluation, quantization, sample
     @property
-    def eval_dir(self) -> Path:
-        return self.run_dir / "eval"
+    def eval_dir(self) -> Location:
+        return self._at("eval")
 
     @property
-    def eval_results(self) -> Path:
-        return self.eval_dir / "results.json"
+    def eval_work(self) -> Path:
+        """lm-eval's local task files of the eval stage (a local folder)."""
+        return self.scratch / "eval"
 
     @property
-    def eval_report(self) -> Path:
-        return self.eval_dir / "report.md"
+    def eval_results(self) -> Location:
+        return join(self.eval_dir, "results.json")
 
     @property
-    def quantized_dir(self) -> Path:
-        return self.run_dir / "quantized"
+    def eval_report(self) -> Location:
+        return join(self.eval_dir, "report.md")
 
-    def quantized(self, method: str) -> Path:
-        return self.quantized_dir / method
+    @property
+    def quantized_dir(self) -> Location:
+        return self._at("quantized")
 
-    def quantized_hf(self, method: str) -> Path:
+    def quantized(self, method: str) -> Location:
+        return join(self.quantized_dir, method)
+
+    def quantized_hf(self, method: str) -> Location:
         """A bitsandbytes checkpoint exported in transformers' format."""
-        return self.quantized(method) / "hf"
+        return join(self.quantized(method), "hf")
 
-    def method_report(self, method: str) -> Path:
+    def quantized_local(self, method: str) -> Path:
+        """Where a quantized checkpoint is built: `quantized(method)`, or for a run on object storage a local folder
+        in `scratch` that is uploaded there once complete."""
+        return self.scratch / "quantized" / method
+
+    def quantized_hf_local(self, method: str) -> Path:
+        return self.quantized_local(method) / "hf"
+
+    def method_report(self, method: str) -> Location:
         """The row of one quantized checkpoint, beside its weights."""
-        return self.quantized(method) / "report.json"
+        return join(self.quantized(method), "report.json")
 
     @property
     def quantize_work(self) -> Path:
-        """lm-eval's local task files of the evaluations the quantize stage runs."""
-        return self.quantized_dir / "eval-work"
+        """lm-eval's local task files of the evaluations the quantize stage runs (a local folder)."""
+        return self.scratch / "quantized" / "eval-work"
 
     @property
-    def quantize_report(self) -> Path:
-        return self.quantized_dir / "report.json"
+    def quantize_report(self) -> Location:
+        return join(self.quantized_dir, "report.json")
 
     @property
-    def quantize_report_md(self) -> Path:
-        return self.quantized_dir / "report.md"
+    def quantize_report_md(self) -> Location:
+        return join(self.quantized_dir, "report.md")
 
     @property
-    def sample(self) -> Path:
-        return self.run_dir / "sample.txt"
+    def sample(self) -> Location:
+        return self._at("sample.txt")
 
 
 if __name__ == "__main__":

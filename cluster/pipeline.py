@@ -17,15 +17,16 @@ from typing import Any
 import ray
 from ray.train import ScalingConfig
 
+from cluster import storage
 from cluster.config import RunConfig, save_resolved
-from cluster.files import atomic_write, completed, fingerprint, write_json
+from cluster.files import fingerprint
 from cluster.ray_connect import connect
 from data_pipeline.manifest import Manifest
 from data_pipeline.prepare import plan as data_plan
 from data_pipeline.prepare import prepare
 from evaluation.quantize import run_quantize
 from evaluation.run import run_eval
-from model.checkpoint import read_meta
+from model.checkpoint import published_step
 from trainer.checkpoints import run_fingerprint, start_over
 from trainer.driver import check_data, check_model, check_resume, train
 
@@ -53,7 +54,7 @@ def run_train(cfg: RunConfig, faults: dict[str, int] | None = None) -> Any:
     run_fp = run_fingerprint(cfg.train, model_cfg, manifest, cfg.seed, cfg.cluster.num_workers)
     done_key = fingerprint({"run": run_fp, "max_steps": cfg.train.max_steps, "time_budget_s": cfg.train.time_budget_s})
     if cfg.train.resume:
-        if completed(layout.train_done, done_key) and layout.checkpoint.is_dir():
+        if storage.completed(layout.train_done, done_key) and published_step(layout.checkpoint) is not None:
             print(f"[train] {layout.checkpoint} is complete for this config; skipping", flush=True)
             return None
         resumed = check_resume(layout, run_fp)
@@ -72,7 +73,7 @@ def run_train(cfg: RunConfig, faults: dict[str, int] | None = None) -> Any:
         placement_strategy=c.placement_strategy,
     )
     result = train(cfg.train, model_cfg, layout, cfg.seed, scaling, c.max_failures, manifest.eot_token, run_fp, faults)
-    write_json(layout.train_done, {"fingerprint": done_key, "step": read_meta(layout.checkpoint).get("step")})
+    storage.write_json(layout.train_done, {"fingerprint": done_key, "step": published_step(layout.checkpoint)})
     return result
 
 
@@ -111,7 +112,7 @@ def run_sample(cfg: RunConfig) -> str:
     s = cfg.sample
     text = ray.get(ray.remote(num_cpus=1)(_sample).remote(str(cfg.layout.checkpoint), s.prompt, s.max_new_tokens,
                                                             s.temperature, s.top_k, s.seed))
-    out = atomic_write(cfg.layout.sample, text)
+    out = storage.write_bytes(cfg.layout.sample, text)
     print(f"[sample] {out}:\n{text}", flush=True)
     return text
 

@@ -5,23 +5,26 @@ that consumes shards needs: verified shard paths, every block of a split, tokens
 
 Written last and atomically by `raygpt prepare` (data_pipeline/prepare.py): the data is complete exactly when the
 manifest exists. Read by training, evaluation and quantization through `read_manifest` only. Shard paths are
-relative to the data folder and must stay inside it.
+relative to the data folder and must stay inside it. The data folder may be on object storage (`cluster.storage`):
+shards are then streamed, never downloaded whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import sys
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import numpy as np
-import webdataset as wds
 from pydantic import BaseModel, ConfigDict, ValidationError
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from cluster.files import RunFileError, inside, read_json, sha256_file
-from cluster.layout import SPLITS, DataLayout
+from cluster import storage
+from cluster.files import RunFileError, inside
+from cluster.layout import SPLITS, DataLayout, Location, is_uri, join
 from data_pipeline.config import DataError
 
 FORMAT_VERSION = 2
@@ -63,9 +66,9 @@ class Manifest(BaseModel):
     eot_token: str
     splits: dict[str, SplitEntry]
 
-    def shard_paths(self, data_dir: Path, split: str) -> list[tuple[Path, ShardEntry]]:
-        """(absolute path, entry) of every shard of a split, each checked to lie inside the data folder."""
-        return [(inside(data_dir, s.file, "manifest shard path"), s) for s in self.splits[split].shards]
+    def shard_paths(self, data_dir: Location, split: str) -> list[tuple[Location, ShardEntry]]:
+        """(absolute path or URI, entry) of every shard of a split, each checked to lie inside the data folder."""
+        return [(_inside(data_dir, s.file), s) for s in self.splits[split].shards]
 
     def tokens_per_byte(self, split: str = "val") -> float:
         """Tokens (documents' tokens plus one end-of-text each) per UTF-8 byte of document text: turns nats/token into
@@ -73,31 +76,61 @@ class Manifest(BaseModel):
         s = self.splits[split]
         return (s.doc_tokens + s.documents) / max(s.text_bytes, 1)
 
-    def blocks(self, data_dir: Path, split: str) -> Iterator[np.ndarray]:
-        """Every block of a split once, in shard order (consecutive blocks of a shard are consecutive in its stream)."""
-        for path, _ in self.shard_paths(data_dir, split):
-            yield from shard_blocks(path)
+    def blocks(self, data_dir: Location, split: str) -> Iterator[np.ndarray]:
+        """Every block of a split once, in shard order (consecutive blocks of a shard are consecutive in its stream);
+        each shard's sha256 is checked as it is read."""
+        for path, shard in self.shard_paths(data_dir, split):
+            yield from shard_blocks(path, shard.sha256)
 
-    def verify(self, data_dir: Path, hashes: bool = True) -> None:
+    def verify(self, data_dir: Location, hashes: bool = True) -> None:
         """Every shard exists with the listed size (and sha256); each split has at least one."""
         for split in SPLITS:
             if not self.splits[split].shards:
                 raise DataError(f"{data_dir}: the {split} split has no shards")
             for path, shard in self.shard_paths(data_dir, split):
-                if not path.is_file():
+                found = storage.size(path)
+                if found is None:
                     raise DataError(f"missing shard {path}")
-                if path.stat().st_size != shard.bytes or (hashes and sha256_file(path) != shard.sha256):
+                if found != shard.bytes or (hashes and storage.sha256(path) != shard.sha256):
                     raise DataError(f"corrupt shard {path} (size or sha256 differs from the manifest)")
 
 
-def shard_blocks(path: Path) -> Iterator[np.ndarray]:
-    """Blocks of one tar, in order, read by plain webdataset (`nodesplitter=None`: any rank split is the caller's)."""
-    dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    for sample in dataset:
-        yield np.load(io.BytesIO(sample["input_ids.npy"]), allow_pickle=False)
+def _inside(data_dir: Location, relative: str) -> Location:
+    if not is_uri(data_dir):
+        return inside(data_dir, relative, "manifest shard path")
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or ".." in rel.parts or "://" in relative:
+        raise RunFileError(f"{data_dir}: manifest shard path {relative!r} leaves the data folder")
+    return join(data_dir, *rel.parts)
 
 
-def parse(raw: Any, where: Path) -> Manifest:
+class _Hashed:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.raw.read(n)
+        self.digest.update(chunk)
+        return chunk
+
+
+def shard_blocks(path: Location, sha256: str | None = None) -> Iterator[np.ndarray]:
+    """Blocks of one tar, in order, streamed (a local file or an object: never read whole) and decoded by
+    webdataset's own tar iterator. With `sha256`, the bytes are hashed on the way and a shard that differs from the
+    manifest fails with one line once it has been read."""
+    with storage.open_read(path) as raw:
+        stream = _Hashed(raw)
+        for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
+            yield np.load(io.BytesIO(sample["input_ids.npy"]), allow_pickle=False)
+        while stream.read(1 << 20):  # the tar's end padding
+            pass
+    if sha256 is not None and stream.digest.hexdigest() != sha256:
+        raise DataError(f"corrupt shard {path} (sha256 differs from the manifest)")
+
+
+def parse(raw: Any, where: Location) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
         version = raw.get("format_version") if isinstance(raw, dict) else None
         raise DataError(f"{where}: manifest format {version}, this raygpt reads {FORMAT_VERSION}; re-run raygpt prepare "
@@ -109,24 +142,28 @@ def parse(raw: Any, where: Path) -> Manifest:
         raise DataError(f"{where}: bad manifest field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
-def read_manifest(data_dir: str | Path) -> Manifest:
+def _data(data_dir: Location) -> DataLayout:
+    return DataLayout(data_dir if is_uri(data_dir) else Path(data_dir))
+
+
+def read_manifest(data_dir: Location) -> Manifest:
     """The manifest of a data folder; missing, corrupt or of another version → one-line DataError."""
-    where = DataLayout(Path(data_dir)).manifest
-    if not where.is_file():
+    where = _data(data_dir).manifest
+    if not storage.is_file(where):
         raise DataError(f"{data_dir}: no manifest.json (run `raygpt prepare` first)")
     try:
-        return parse(read_json(where, "manifest"), where)
+        return parse(storage.read_json(where, "manifest"), where)
     except RunFileError as e:
         raise DataError(str(e)) from None
 
 
-def finished(data_dir: str | Path) -> Manifest | None:
+def finished(data_dir: Location) -> Manifest | None:
     """The manifest when the data folder holds finished data, else None (never prepared, or crashed before the end)."""
-    return read_manifest(data_dir) if DataLayout(Path(data_dir)).manifest.is_file() else None
+    return read_manifest(data_dir) if storage.is_file(_data(data_dir).manifest) else None
 
 
 if __name__ == "__main__":
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/data")
+    folder: Location = sys.argv[1] if len(sys.argv) > 1 else "runs/demo/data"
     manifest = read_manifest(folder)
     manifest.verify(folder)
     for name in SPLITS:

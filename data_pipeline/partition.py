@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from cluster.layout import DataLayout
+from cluster.layout import DataLayout, is_uri
 from data_pipeline.clean import DROP, HASH
 from data_pipeline.dedup import duplicate_reasons
 from data_pipeline.pack import is_val, pack_blocks, shard_index, token_stream
@@ -71,8 +71,8 @@ def _dedup_pack_write(
     docs = [np.frombuffer(b, dtype=dtype) for b in ids[keep]]
     blocks, tail = pack_blocks(token_stream(docs, eot, np.dtype(dtype)), seq_len + 1)
     name = DataLayout.shard_name(split, shard)
-    path = DataLayout(Path(data_dir)).shard(split, shard)
-    digest = write_shard(path, blocks, f"{split}-{shard:06d}") if len(blocks) else ""
+    path = DataLayout(data_dir if is_uri(data_dir) else Path(data_dir)).shard(split, shard)
+    digest, size = write_shard(path, blocks, f"{split}-{shard:06d}") if len(blocks) else ("", 0)
     return {
         "split": [split],
         "shard": [shard],
@@ -83,7 +83,7 @@ def _dedup_pack_write(
         "documents": [len(docs)],
         "doc_tokens": [sum(len(d) for d in docs)],
         "text_bytes": [int(text_bytes[keep].sum())],
-        "bytes": [path.stat().st_size if len(blocks) else 0],
+        "bytes": [size],
         "sha256": [digest],
         "duplicate": [int((reasons == "duplicate").sum())],
         "duplicate_bytes": [int(text_bytes[reasons == "duplicate"].sum())],

@@ -33,8 +33,9 @@ import ray
 import ray.data
 from tokenizers import Tokenizer
 
-from cluster.files import atomic_write, fingerprint, remove, sha256_file, write_json
-from cluster.layout import SPLITS, DataLayout
+from cluster import storage
+from cluster.files import fingerprint, sha256_file
+from cluster.layout import SPLITS, DataLayout, Location, is_uri, join
 from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT, clean_batch
 from data_pipeline.config import DataConfig, DataError, TokenizerConfig
 from data_pipeline.dedup import near_duplicates
@@ -167,7 +168,7 @@ def data_fingerprint(cfg: DataConfig, resolved: list[SourceFiles]) -> str:
     return fingerprint({"config": cfg.output_hash(), "tokenizer": tokenizer, "sources": [r.stamps for r in resolved]})
 
 
-def plan(cfg: DataConfig, data_dir: Path) -> tuple[str, list[SourceFiles], Manifest | None]:
+def plan(cfg: DataConfig, data_dir: Location) -> tuple[str, list[SourceFiles], Manifest | None]:
     """Checks before anything is written: (fingerprint, resolved sources, the finished manifest of this very data
     when it is already prepared). Data of another fingerprint is refused with one line unless data.overwrite."""
     if cfg.tokenizer.path:
@@ -185,12 +186,13 @@ def plan(cfg: DataConfig, data_dir: Path) -> tuple[str, list[SourceFiles], Manif
     return key, resolved, existing
 
 
-def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int, key: str, resolved: list[SourceFiles]) -> Manifest:
-    """Run the whole data pipeline into data_dir (after `plan`) and return the manifest."""
+def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolved: list[SourceFiles]) -> Manifest:
+    """Run the whole data pipeline into data_dir (a local folder or an object-storage URI; after `plan`) and return
+    the manifest."""
     global _START
     start = _START = time.perf_counter()
-    layout = DataLayout(data_dir.resolve())
-    remove(layout.manifest)  # data.overwrite: from here on a crash leaves no manifest
+    layout = DataLayout(data_dir if is_uri(data_dir) else Path(data_dir).resolve())
+    storage.delete(layout.manifest)  # data.overwrite: from here on a crash leaves no manifest
     loaded = load_tokenizer(cfg.tokenizer.path).to_str() if cfg.tokenizer.path else None
     docs = read_sources(cfg.sources, resolved, cfg.clean, num_cpus)
     input_bytes = sum(r.bytes for r in resolved)
@@ -245,7 +247,8 @@ def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int, key: str, resolved: 
         for s in SPLITS
     }
     for split in SPLITS:
-        layout.split_dir(split).mkdir(parents=True, exist_ok=True)
+        if not is_uri(layout.root):
+            Path(layout.split_dir(split)).mkdir(parents=True, exist_ok=True)
     near_blocks = []
     if cfg.clean.minhash.enabled:
         buckets = max(4 * num_cpus, math.ceil(input_bytes / 64e6))
@@ -256,10 +259,10 @@ def prepare(cfg: DataConfig, data_dir: Path, num_cpus: int, key: str, resolved: 
     for reason in ("duplicate", "near_duplicate"):
         if count := sum(int(w[reason]) for w in written):
             dropped[reason] = {"documents": count, "bytes": sum(int(w[f"{reason}_bytes"]) for w in written)}
-    atomic_write(layout.tokenizer, fit["json"])
+    storage.write_bytes(layout.tokenizer, fit["json"])
     manifest = _manifest(cfg, key, tokenizer, eot, dtype, num_shards, written, counts, dropped, resolved)
     _remove_stale(layout, manifest)
-    write_json(layout.manifest, manifest)  # last: the data is complete
+    storage.write_json(layout.manifest, manifest)  # last: the data is complete
     _summary(manifest, time.perf_counter() - start)
     return parse(manifest, layout.manifest)
 
@@ -334,11 +337,11 @@ def _manifest(
 
 def _remove_stale(layout: DataLayout, manifest: dict[str, Any]) -> None:
     """Delete shard and temp files that the new manifest does not list (a previous config, a crashed run)."""
-    listed = {layout.root / shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
+    listed = {shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
     for split in SPLITS:
-        for path in layout.split_dir(split).iterdir():
-            if path not in listed:
-                remove(path)
+        for name in storage.listdir(layout.split_dir(split)):
+            if f"{split}/{name}" not in listed:
+                storage.delete(join(layout.split_dir(split), name))
 
 
 def _summary(manifest: dict[str, Any], seconds: float) -> None:

@@ -52,18 +52,29 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
-def _list_uri(uri: str) -> list[str]:
+def _list_uri(uri: str) -> list[tuple[str, int, int]]:
+    """(URI, size, mtime_ns) of an object, or of every object under a prefix (through `cluster.storage`)."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(uri)
-    info = fs.get_file_info(root)
+    from cluster import storage
+
+    fs, root = storage.filesystem(uri)
+    scheme = uri.split("://", 1)[0]
+    info = storage.info(uri)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"no such file or directory: {uri}")
-    if info.type == pafs.FileType.File:
-        return [uri]
-    scheme = uri.split("://", 1)[0]
-    entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File)
+    entries = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sorted((f"{scheme}://{e.path}", e.size, e.mtime_ns or 0) for e in entries if e.type == pafs.FileType.File)
+
+
+def _readable(files: list[str]) -> dict:
+    """Ray Data reader arguments for these files: object-storage URIs are read through `cluster.storage`'s file
+    system (the same endpoint, credentials and retries as the rest of the run)."""
+    if not files or not _is_uri(files[0]):
+        return {"paths": files}
+    from cluster import storage
+
+    return {"paths": [f.split("://", 1)[1] for f in files], "filesystem": storage.filesystem(files[0])[0]}
 
 
 def _list_local(path: str, extensions: set[str] | None, follow_symlinks: bool = False) -> list[str]:
@@ -129,7 +140,11 @@ def resolve(index: int, src: SourceConfig) -> SourceFiles:
     if kind == "python-stdlib":
         files = stdlib_files()
     elif _is_uri(src.path):
-        files = _list_uri(src.path)
+        for uri, size, mtime in _list_uri(src.path):  # a changed object (size, mtime) is a changed corpus
+            resolved.files.append(uri)
+            resolved.bytes += size
+            resolved.stamps.append((uri, size, mtime))
+        return resolved
     else:
         files = _list_local(src.path, set(src.extensions) if kind == "text" else None, src.follow_symlinks)
     for f in files:
@@ -210,7 +225,7 @@ def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig, nu
     elif resolved.type in ("text", "python-stdlib"):
         split_by = "file" if resolved.type == "python-stdlib" else src.split_by
         blocks = _read_tasks(resolved, num_cpus)
-        return ray.data.read_binary_files(_interleaved(resolved.files), override_num_blocks=blocks).map_batches(
+        return ray.data.read_binary_files(**_readable(_interleaved(resolved.files)), override_num_blocks=blocks).map_batches(
             documents_batch,
             fn_kwargs={"source": resolved.index, "split_by": split_by, "invalid_utf8": clean.invalid_utf8},
             batch_size=32,
@@ -220,10 +235,10 @@ def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig, nu
         _check_field(resolved.type, resolved.files[0], src.text_field)
         if resolved.type == "jsonl":
             records = ray.data.read_json(
-                resolved.files, lines=True, file_extensions=None, override_num_blocks=_read_tasks(resolved, num_cpus)
+                **_readable(resolved.files), lines=True, file_extensions=None, override_num_blocks=_read_tasks(resolved, num_cpus)
             )
         else:
-            records = ray.data.read_parquet(resolved.files, columns=[src.text_field], file_extensions=None)
+            records = ray.data.read_parquet(**_readable(resolved.files), columns=[src.text_field], file_extensions=None)
     return records.map_batches(
         field_batch, fn_kwargs={"source": resolved.index, "field": src.text_field}, batch_format="numpy"
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from cluster.layout import Location
 from model.gpt import GPT
 from data_pipeline.manifest import read_manifest
 
@@ -93,7 +93,7 @@ def score_tokens(
     return total, n
 
 
-def score_val_shards(model: GPT, data_dir: Path, context: int, stride: int, batch_size: int, max_tokens: int | None) -> StreamScore:
+def score_val_shards(model: GPT, data_dir: Location, context: int, stride: int, batch_size: int, max_tokens: int | None) -> StreamScore:
     """The val split as one stream (its blocks concatenated in shard order); bytes from the manifest's ratio."""
     manifest = read_manifest(data_dir)
     stream = np.concatenate(list(manifest.blocks(data_dir, "val")))

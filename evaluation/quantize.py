@@ -22,8 +22,9 @@ from typing import Any
 import ray
 from pydantic import Field
 
-from cluster.files import atomic_write, completed, fingerprint, write_json
-from cluster.layout import RunLayout
+from cluster import storage
+from cluster.files import fingerprint
+from cluster.layout import Location, RunLayout, is_uri
 from data_pipeline.config import Section
 from data_pipeline.manifest import finished, read_manifest
 from evaluation.config import EvalConfig
@@ -62,7 +63,7 @@ class QuantizeConfig(Section):
     """GPUs reserved by each quantization task."""
 
 
-def _check_data(data_dir: Path, vocab_size: int, needs_calibration: bool) -> None:
+def _check_data(data_dir: Location, vocab_size: int, needs_calibration: bool) -> None:
     manifest = finished(data_dir)
     if manifest is None:
         if needs_calibration:
@@ -72,7 +73,7 @@ def _check_data(data_dir: Path, vocab_size: int, needs_calibration: bool) -> Non
         raise QuantizeError(f"the checkpoint has vocab_size {vocab_size} but the data in {data_dir} has {manifest.vocab_size}")
 
 
-def first_blocks(data_dir: Path, split: str, count: int) -> Any:
+def first_blocks(data_dir: Location, split: str, count: int) -> Any:
     """The first `count` blocks of a split as (N, seq_len) int64 token ids (inputs only: the last token is dropped)."""
     import numpy as np
     import torch
@@ -85,11 +86,12 @@ def quantize_and_evaluate(
     method: str, cfg: QuantizeConfig, checkpoint: str, layout: RunLayout, eval_cfg: EvalConfig,
 ) -> dict[str, Any]:
     """One method (or FULL): quantize, save to RUN_DIR/quantized/<method>, evaluate (runs in a Ray task)."""
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.checkpoint import load_checkpoint, local_checkpoint, save_checkpoint
 
     from model.export import BNB_CONFIGS, ExportError, export
 
-    folder, record, seconds, transformers_dir = Path(checkpoint), None, 0.0, None
+    folder, record, seconds, transformers_dir = local_checkpoint(checkpoint), None, 0.0, None
+    location: Location = checkpoint
     if method != FULL:
         loaded = load_checkpoint(checkpoint)
         calibration = first_blocks(layout.data.root, "train", cfg.calibration_samples) if method in CALIBRATED else None
@@ -97,17 +99,23 @@ def quantize_and_evaluate(
         record = quantize_model(loaded.model, method, cfg.group_size, calibration, cfg.act_order, cfg.damp)
         seconds = time.perf_counter() - started
         extra = {"step": loaded.step, "eot_token": loaded.eot_token, "quantization": record}
-        folder = save_checkpoint(loaded.model, layout.quantized(method), loaded.tokenizer_file, extra=extra, replace=True)
+        folder = save_checkpoint(loaded.model, layout.quantized_local(method), loaded.tokenizer_file, extra=extra,
+                                 replace=True)
         if method in BNB_CONFIGS:  # a standard format: also written as transformers loads it
             try:
-                transformers_dir = str(export(folder, layout.quantized_hf(method), force=True))  # the stage owns it
+                export(folder, layout.quantized_hf_local(method), force=True)  # the stage owns it
+                transformers_dir = str(layout.quantized_hf(method))
             except ExportError as e:
                 transformers_dir = f"not exported: {e}"
+        location = layout.quantized(method)
+        if layout.remote:  # built locally, then uploaded whole; the report written after it is the stage's record
+            storage.delete(location)
+            storage.upload_folder(folder, location)
     evaluation = evaluate_checkpoint(str(folder), eval_cfg if cfg.eval_tasks else eval_cfg.model_copy(update={"tasks": []}),
                                      str(layout.data.root), str(layout.quantize_work))
     return {
         "method": method, "bits": METHODS.get(method, 32), "group_size": (record or {}).get("group_size"),
-        "act_order": (record or {}).get("act_order"), "checkpoint": str(folder),
+        "act_order": (record or {}).get("act_order"), "checkpoint": str(location),
         "size_bytes": (folder / WEIGHTS).stat().st_size, "calibration_s": round(seconds, 2),
         "calibration_samples": cfg.calibration_samples if method in CALIBRATED else 0,
         "transformers": transformers_dir, "eval": evaluation,
@@ -145,7 +153,7 @@ def output_fidelity(models: dict[str, Any], data_dir: str, blocks: int) -> dict[
     import torch
     import torch.nn.functional as F
 
-    ids = first_blocks(Path(data_dir), "val", blocks) if finished(data_dir) is not None else None
+    ids = first_blocks(data_dir, "val", blocks) if finished(data_dir) is not None else None
     if ids is None:
         return {}
     sums = {name: [0.0, 0, 0] for name in models}  # KL, same top-1, tokens
@@ -193,14 +201,15 @@ def comparison_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fingerprint(cfg: QuantizeConfig, eval_cfg: EvalConfig, checkpoint: Path) -> str:
+def _fingerprint(cfg: QuantizeConfig, eval_cfg: EvalConfig, checkpoint: Location) -> str:
     return fingerprint({"quantize": cfg.model_dump(mode="json"), "eval": eval_cfg.model_dump(mode="json"),
                         "checkpoint": weights_stamp(checkpoint)})
 
 
 def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     """Every method as a Ray task (Ray must be connected), then the decode timings and the report."""
-    checkpoint = Path(cfg.checkpoint or layout.checkpoint)
+    checkpoint: Location = cfg.checkpoint or layout.checkpoint
+    checkpoint = checkpoint if is_uri(checkpoint) else Path(checkpoint)
     data_dir = layout.data.root
     try:
         model_cfg = load_config(checkpoint)
@@ -211,7 +220,7 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
         raise QuantizeError(f"quantize.checkpoint: {checkpoint} is already quantized ({meta['quantization']['method']})")
     _check_data(data_dir, model_cfg.vocab_size, bool(CALIBRATED & set(cfg.methods)))
     key = _fingerprint(cfg, eval_cfg, checkpoint)
-    if (report := completed(layout.quantize_report, key)) is not None:
+    if (report := storage.completed(layout.quantize_report, key)) is not None:
         print(f"[quantize] {layout.quantize_report} is complete for this config and checkpoint; skipping", flush=True)
         print(comparison_table(report), flush=True)
         return report
@@ -243,12 +252,12 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
         row["eval"] = r["eval"]
         rows.append(row)
         if method != FULL:
-            write_json(layout.method_report(method), row)
+            storage.write_json(layout.method_report(method), row)
     report = {"fingerprint": key, "checkpoint": str(checkpoint), "config": cfg.model_dump(mode="json"),
               "full_precision": rows[0], "methods": rows[1:]}
     table = comparison_table(report)
     every_metric = report_table({"checkpoints": [r["eval"] for r in rows]})
-    atomic_write(layout.quantize_report_md, f"# Quantization\n\n{table}\n\nEvery metric, per checkpoint:\n\n{every_metric}\n")
-    write_json(layout.quantize_report, report)  # last: the stage's completion record
+    storage.write_bytes(layout.quantize_report_md, f"# Quantization\n\n{table}\n\nEvery metric, per checkpoint:\n\n{every_metric}\n")
+    storage.write_json(layout.quantize_report, report)  # last: the stage's completion record
     print(table, flush=True)
     return report

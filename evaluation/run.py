@@ -16,8 +16,9 @@ from typing import Any
 
 import ray
 
-from cluster.files import atomic_write, completed, fingerprint, write_json
-from cluster.layout import RunLayout
+from cluster import storage
+from cluster.files import fingerprint
+from cluster.layout import RunLayout, is_uri
 from data_pipeline.manifest import finished
 from evaluation.config import EvalConfig, EvalError
 from evaluation.tasks import code_execution_env, resolve
@@ -46,10 +47,10 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
         "precision": lm.dtype, "context": context, "stride": stride, "intrinsic": {}, "tasks": {},
     }
     if cfg.val_shards and data_dir and finished(data_dir) is not None:
-        score = score_val_shards(lm.model, Path(data_dir), context, stride, cfg.batch_size, cfg.max_tokens)
+        score = score_val_shards(lm.model, data_dir, context, stride, cfg.batch_size, cfg.max_tokens)
         out["intrinsic"]["val"] = score.to_json()
     for name, path in cfg.texts.items():
-        text = Path(path).read_text(encoding="utf-8")
+        text = storage.read_text(path)  # a local file or an object
         score = score_text(lm.model, text, lm.tokenizer, lm.eot_token_id, context, stride, cfg.batch_size, cfg.max_tokens, name)
         out["intrinsic"][name] = score.to_json()
     if cfg.tasks:
@@ -87,7 +88,7 @@ def check(cfg: EvalConfig, checkpoints: list[str], work_dir: Path) -> None:
         except CheckpointError as e:
             raise EvalError(f"eval.checkpoints: {e}") from None
     for name, path in cfg.texts.items():
-        if not Path(path).is_file():
+        if not storage.is_file(path):
             raise EvalError(f"eval.texts.{name}: file not found: {path}")
     if cfg.tasks or cfg.local_data:
         resolve(cfg, work_dir)
@@ -122,13 +123,13 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     weights exist."""
     import lm_eval
 
-    checkpoints = [str(Path(c)) for c in cfg.checkpoints] or [str(layout.checkpoint)]
-    work_dir, data_dir = layout.eval_dir, layout.data.root
+    checkpoints = [c if is_uri(c) else str(Path(c)) for c in cfg.checkpoints] or [str(layout.checkpoint)]
+    work_dir, data_dir = layout.eval_work, layout.data.root
     work_dir.mkdir(parents=True, exist_ok=True)
     check(cfg, checkpoints, work_dir)
     key = eval_fingerprint(cfg, checkpoints)
     results_path = layout.eval_results
-    if (previous := completed(results_path, key)) is not None:
+    if (previous := storage.completed(results_path, key)) is not None:
         print(f"[eval] {results_path} is complete for this config and these checkpoints; skipping", flush=True)
         print(report_table(previous), flush=True)
         return previous
@@ -141,9 +142,10 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
         "fingerprint": key, "lm_eval_version": lm_eval.__version__, "eval_config": cfg.model_dump(mode="json"),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": ray.get(refs),
     }
-    write_json(results_path, results)
+    storage.write_json(results_path, results)
     table = report_table(results)
-    atomic_write(layout.eval_report, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in {results_path.name}.\n")
+    storage.write_bytes(layout.eval_report, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in "
+                                            f"{str(results_path).rsplit('/', 1)[-1]}.\n")
     print(table, flush=True)
     for run in results["checkpoints"]:
         for task, reason in run.get("skipped", {}).items():

@@ -6,11 +6,15 @@ tokenizer.json), loaded as one `Checkpoint` — model, config, tokenizer and met
 Weights are safetensors (never pickles). A tied output projection is stored once (as the embedding). The folder is
 written under a temporary name and renamed when complete (`cluster.files.atomic_folder`), so a crash never leaves a
 half-written checkpoint. Nobody else reads config.json or guesses the end-of-text token: use the handle.
+
+A checkpoint may also be given as a location on object storage (`cluster.storage`): a run directory URI, its
+published pointer (RUN_DIR/checkpoint, a JSON object naming the step's model folder and the sha256 of its files), or a
+model folder URI. It is downloaded once into the local cache (`cluster.layout.cache_dir()`/checkpoints), under a name
+made from its files' hashes, verified, and reused by every later load — `local_checkpoint` does this.
 """
 
 from __future__ import annotations
 
-import shutil
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +26,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from cluster.files import RunFileError, atomic_folder, read_json
+from cluster import storage
+from cluster.files import RunFileError, atomic_folder, fingerprint, read_json, sha256_file
+from cluster.layout import Location, RunLayout, cached_checkpoint, is_uri, join
 from model.gpt import GPT, ModelConfig
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 FORMAT = "raygpt"
+POINTER_VERSION = 1
+"""Version of the published-checkpoint pointer object (a run on object storage)."""
 
 
 class CheckpointError(ValueError):
@@ -80,13 +88,77 @@ def save_checkpoint(
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "model": model.cfg.model_dump(), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+        (tmp / TOKENIZER).write_bytes(storage.read_bytes(tokenizer_file))  # a local file or an object
     return folder
 
 
-def read_meta(folder: str | Path) -> dict[str, Any]:
+def pointer(step: int, model: Location, files: dict[str, Any]) -> dict[str, Any]:
+    """The published-checkpoint object of a run on object storage: the step, its model folder and each file's size
+    and sha256 (from the step's commit record)."""
+    return {"version": POINTER_VERSION, "step": step, "model": str(model), "files": files}
+
+
+def _remote_files(loc: str) -> tuple[str, dict[str, Any], bool]:
+    """(model folder URI, {file: {bytes, sha256?}}, hashed) of a checkpoint given on object storage."""
+    target = loc
+    if not storage.is_file(target) and storage.is_file(RunLayout.of(loc).checkpoint):
+        target = str(RunLayout.of(loc).checkpoint)  # a run directory: its published checkpoint
+    if storage.is_file(target):
+        found = storage.read_json(target, "checkpoint pointer")
+        if not (isinstance(found, dict) and found.get("version") == POINTER_VERSION and found.get("files")):
+            raise CheckpointError(f"{target}: not a raygpt checkpoint pointer")
+        return str(found["model"]), found["files"], True
+    if not storage.is_file(join(loc, CONFIG)):
+        raise CheckpointError(f"checkpoint not found: {loc} (no {CONFIG}, no published checkpoint)")
+    step_dir = loc.rstrip("/").rsplit("/", 1)[0]
+    commit = join(step_dir, RunLayout.COMMIT)
+    if storage.is_file(commit):  # a model folder inside a committed training checkpoint: the record has its hashes
+        prefix = loc.rstrip("/").rsplit("/", 1)[1] + "/"
+        record = storage.read_json(commit, "commit record")
+        files = {k[len(prefix):]: v for k, v in record.get("files", {}).items() if k.startswith(prefix)}
+        if files:
+            return loc, files, True
+    return loc, {name: {"bytes": size} for name, size in storage.files_under(loc).items()}, False
+
+
+def local_checkpoint(loc: Location) -> Path:
+    """A checkpoint as a local folder. Local paths are returned as they are; a checkpoint on object storage is
+    downloaded once into the cache, keyed by its files' hashes (by name and size for a folder without a commit
+    record), verified against them, and found there by every later call."""
+    if not is_uri(loc):
+        return Path(loc)
+    try:
+        model, files, hashed = _remote_files(str(loc))
+        key = fingerprint({"files": files} if hashed else {"at": model, "files": files})
+        folder = cached_checkpoint(key)
+        if folder.is_dir():
+            return folder
+        with atomic_folder(folder, replace=True) as tmp:
+            for name, want in files.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(storage.read_bytes(join(model, *name.split("/"))))
+                if (tmp / name).stat().st_size != want["bytes"] or (hashed and sha256_file(tmp / name) != want["sha256"]):
+                    raise CheckpointError(f"{join(model, name)}: size or sha256 differs from its record; not loading it")
+        return folder
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{loc}: a file of the checkpoint is missing ({e})") from None
+    except RunFileError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def published_step(loc: Location) -> int | None:
+    """The step of a run's published checkpoint (RUN_DIR/checkpoint), None when nothing is published."""
+    if is_uri(loc):
+        if not storage.is_file(loc):
+            return None
+        return int(storage.read_json(loc, "checkpoint pointer")["step"])
+    return read_meta(loc).get("step") if Path(loc).is_dir() else None
+
+
+def read_meta(folder: Location) -> dict[str, Any]:
     """A checkpoint's config.json (model config, step, eot_token, quantization record); one-line errors."""
-    path = Path(folder) / CONFIG
+    folder = local_checkpoint(folder)
+    path = folder / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a checkpoint (no {CONFIG})")
     try:
@@ -98,8 +170,10 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def weights_stamp(folder: str | Path) -> dict[str, Any]:
-    """Identifies a checkpoint's exact weights cheaply: resolved path, weights size and mtime, and its metadata."""
+def weights_stamp(folder: Location) -> dict[str, Any]:
+    """Identifies a checkpoint's exact weights cheaply: resolved path, weights size and mtime, and its metadata (a
+    checkpoint on object storage: of its cached copy, whose name is its files' hashes)."""
+    folder = local_checkpoint(folder)
     weights = (Path(folder) / WEIGHTS).stat()
     return {"path": str(Path(folder).resolve()), "bytes": weights.st_size, "mtime_ns": weights.st_mtime_ns,
             "meta": read_meta(folder)}
@@ -130,9 +204,10 @@ def load_tokenizer_of(folder: Path, cfg: ModelConfig, eot_token: str) -> Tokeniz
     return tokenizer
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """The checkpoint in `folder`, model in eval mode on `device`. Every problem is a one-line CheckpointError."""
-    folder = Path(folder)
+def load_checkpoint(folder: Location, device: str | torch.device = "cpu") -> Checkpoint:
+    """The checkpoint in `folder` (local, or on object storage: `local_checkpoint`), model in eval mode on `device`.
+    Every problem is a one-line CheckpointError."""
+    folder = local_checkpoint(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     for name in (WEIGHTS, CONFIG, TOKENIZER):

@@ -24,7 +24,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cluster.files import atomic_folder
-from model.checkpoint import load_checkpoint, read_meta
+from model.checkpoint import load_checkpoint, local_checkpoint, read_meta
 from model.gpt import GPT, ModelConfig
 
 
@@ -158,7 +158,9 @@ def check_out(checkpoint: str | Path, out: str | Path, force: bool) -> None:
 def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write config.json, model.safetensors and tokenizer files for transformers; temp folder, then rename.
     Full-precision checkpoints and bitsandbytes-quantized ones (bnb-int8, bnb-nf4) can be exported. An existing
-    non-empty `out` is replaced only with `force`; `out` may never be or contain the checkpoint."""
+    non-empty `out` is replaced only with `force`; `out` may never be or contain the checkpoint. A checkpoint on
+    object storage is fetched into the local cache first (`model.checkpoint.local_checkpoint`)."""
+    checkpoint = local_checkpoint(checkpoint)
     check_out(checkpoint, out, force)
     method = read_meta(checkpoint).get("quantization", {}).get("method")
     if method is not None and method not in BNB_CONFIGS:

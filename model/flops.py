@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cluster.files import write_json
+from cluster.layout import cache_dir
 from model.gpt import ModelConfig
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
@@ -34,7 +35,9 @@ GPU_PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
     "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
     "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
 }
-_CACHE = Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt")) / "cpu_peak.json"
+def _peak_cache() -> Path:
+    return cache_dir() / "cpu_peak.json"
+
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -58,7 +61,7 @@ def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
     isa = f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}/{os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')}"  # forced ISAs
     key = (f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}|{dtype}|"
            f"{torch.backends.cpu.get_cpu_capability()}|{isa}")
-    stored = json.loads(_CACHE.read_text()) if _CACHE.is_file() else {}
+    stored = json.loads(_peak_cache().read_text()) if _peak_cache().is_file() else {}
     if key in stored:
         return float(stored[key])
     previous = torch.get_num_threads()
@@ -78,7 +81,7 @@ def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
             break
     torch.set_num_threads(previous)
     peak = 2 * n**3 / best
-    write_json(_CACHE, {**stored, key: peak})  # concurrent workers: each writes a whole file under its own temp name
+    write_json(_peak_cache(), {**stored, key: peak})  # concurrent workers: each writes a whole file under its own temp name
     return peak
 
 

@@ -62,11 +62,13 @@ from the start, so the local Ray started later (and every worker it spawns) reac
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _env(shared_data: Path) -> None:
+def _env(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["RAYGPT_SHARED_DATA"] = str(shared_data)  # configs expand ${RAYGPT_SHARED_DATA}
+    os.environ["RAYGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # downloaded checkpoints, metrics mirrors
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")  # no instance-metadata lookups from a test machine
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +83,14 @@ def s3_bucket() -> Iterator[str]:
     boto3.client("s3").create_bucket(Bucket="raygpt-test")
     yield "s3://raygpt-test"
     server.stop()
+
+
+def bucket_copy(folder: Path, uri: str) -> str:
+    """Upload a local folder (prepared data) to a prefix of the test bucket; returns the prefix."""
+    from cluster import storage
+
+    storage.upload_folder(folder, uri)
+    return uri
 
 
 @pytest.fixture(scope="session")

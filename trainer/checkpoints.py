@@ -31,9 +31,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from cluster.files import RunFileError, atomic_write, fingerprint, move_aside, remove, sha256_file
+from cluster import storage
+from cluster.files import RunFileError, atomic_write, fingerprint, move_aside, point, remove, sha256_file
 from cluster.layout import RunLayout, step_name, step_of
 from data_pipeline.manifest import Manifest
+from model.checkpoint import pointer
 from model.gpt import ModelConfig
 from trainer.config import TrainConfig
 
@@ -73,7 +75,7 @@ class Committed:
 
 
 def _fs(location: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    return storage.filesystem(location)
 
 
 def _read_record(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -132,6 +134,17 @@ def commit(layout: RunLayout, step: int, run_fp: dict[str, Any], world_size: int
     return record
 
 
+def publish(layout: RunLayout, step: int, record: dict[str, Any]) -> None:
+    """Point RUN_DIR/checkpoint at the model of a committed step: a symlink swapped in one rename, or for a run on
+    object storage a pointer object (one PUT) naming the model folder and its files' hashes from the commit record."""
+    if not layout.remote:
+        point(layout.checkpoint, layout.model_dir(step))
+        return
+    prefix = f"{RunLayout.MODEL}/"
+    files = {k[len(prefix):]: v for k, v in record["files"].items() if k.startswith(prefix)}
+    storage.write_json(layout.checkpoint, pointer(step, layout.model_dir(step), files))
+
+
 def verify(folder: Path, record: dict[str, Any]) -> None:
     """Every file of a checkpoint folder against its commit record (size, sha256); a file the record does not list is
     refused too. Runs before DeepSpeed unpickles anything."""
@@ -164,8 +177,8 @@ def remove_steps(layout: RunLayout, steps: list[int]) -> None:
         if step in folders:
             fs, path = _fs(folders[step])
             fs.delete_dir(path)
-        if layout.remote_storage:
-            remove(layout.model_dir(step))
+        if layout.remote_storage and not layout.remote:
+            remove(layout.model_dir(step))  # the local copy of a model whose checkpoint is on object storage
 
 
 def prune(layout: RunLayout, keep: int) -> None:
@@ -193,10 +206,15 @@ def forget_ray_state(layout: RunLayout) -> None:
 
 def start_over(layout: RunLayout) -> list[Path]:
     """`train.resume=false`: move the checkpoints, metrics and TensorBoard of the run aside (never deleted)."""
-    moved = []
+    moved: list[Path] = []
     if layout.remote_storage and step_folders(layout):
         raise RunFileError(f"train.resume=false cannot move checkpoints on object storage ({layout.checkpoints}); "
                            "choose a new run_dir or cluster.storage_path")
+    if layout.remote:  # object stores cannot rename: never delete what another run wrote
+        if any(storage.is_file(f) for f in (layout.train_done, layout.checkpoint, layout.metrics)):
+            raise RunFileError(f"train.resume=false cannot move a run's files on object storage ({layout.run_dir}); "
+                               "choose a new run_dir")
+        return moved
     remove(layout.train_done)
     if layout.checkpoint.is_symlink():
         remove(layout.checkpoint)  # a link into the checkpoints moved below

@@ -17,8 +17,9 @@ from typing import Any
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cluster import storage
 from cluster.files import RunFileError
-from cluster.layout import RunLayout
+from cluster.layout import Location, RunLayout
 from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest, read_manifest
 from model.gpt import ModelConfig
@@ -27,10 +28,12 @@ from trainer.config import TrainConfig
 from trainer.loop import train_loop_per_worker
 
 
-def check_data(data_dir: Path, verify_hashes: bool = True) -> Manifest:
-    """The manifest, after checking that every shard exists and is intact (size and sha256)."""
+def check_data(data_dir: Location, verify_hashes: bool = True) -> Manifest:
+    """The manifest, after checking that every shard exists and is intact: size and sha256 for local data; on object
+    storage size only — hashing there would download the corpus to the driver; the workers check each shard's sha256
+    as they stream it."""
     manifest = read_manifest(data_dir)
-    manifest.verify(data_dir, verify_hashes)
+    manifest.verify(data_dir, verify_hashes and not storage.is_uri(data_dir))
     return manifest
 
 
@@ -47,7 +50,7 @@ def check_model(manifest: Manifest, model_cfg: ModelConfig) -> None:
 def check_resume(layout: RunLayout, run_fp: dict[str, Any]) -> checkpoints.Committed | None:
     """The committed checkpoint training will resume from, after checking it belongs to this very run (same
     fingerprint) and, in local storage, that its files match the commit record. Refused with one line otherwise."""
-    if layout.checkpoint.exists() and not layout.checkpoint.is_symlink():
+    if not layout.remote and Path(layout.checkpoint).exists() and not Path(layout.checkpoint).is_symlink():
         raise RunFileError(f"{layout.checkpoint} is a folder, not the link raygpt publishes (an older raygpt wrote it); "
                            "move it away or use a new run_dir")
     newest = checkpoints.newest(layout)
@@ -77,12 +80,16 @@ def train(
 ) -> Any:
     """Run (or resume) training; returns Ray Train's Result. `faults` (tests only): exit_after_step kills the last
     worker once after that step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit."""
-    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    if not layout.remote:
+        Path(layout.run_dir).mkdir(parents=True, exist_ok=True)
+        layout = RunLayout(Path(layout.run_dir).resolve(), layout.storage)
     checkpoints.forget_ray_state(layout)
+    # Ray Train uploads every rank's checkpoint through the same pyarrow file system as the rest of the run
+    fs, storage_path = storage.filesystem(layout.storage) if layout.remote_storage else (None, layout.storage)
     loop_config = {
         "train": train_cfg.model_dump(mode="json"),
         "model": model_cfg.model_dump(mode="json"),
-        "layout": RunLayout(layout.run_dir.resolve(), layout.storage),
+        "layout": layout,
         "seed": seed,
         "use_gpu": scaling.use_gpu,
         "eot_token": eot_token,
@@ -96,7 +103,8 @@ def train(
         scaling_config=scaling,
         run_config=RunConfig(
             name=RunLayout.CHECKPOINTS,
-            storage_path=layout.storage,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # trainer.checkpoints prunes committed ones
             failure_config=FailureConfig(max_failures=max_failures),
         ),

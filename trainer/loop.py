@@ -23,8 +23,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cluster.files import atomic_write, file_records, point, read_json
-from cluster.layout import RunLayout, step_name
+from cluster import storage
+from cluster.files import atomic_write, file_records, read_json, remove
+from cluster.layout import Location, RunLayout, step_name
 from data_pipeline.manifest import read_manifest
 from model.checkpoint import save_checkpoint
 from model.flops import flops_per_token, mfu, peak_flops
@@ -82,7 +83,7 @@ def _consolidated_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]
     return state if dist.get_rank() == 0 else None
 
 
-def _evaluate(engine: Any, data_dir: Path, cfg: TrainConfig, tokens_per_byte: float) -> tuple[float, float]:
+def _evaluate(engine: Any, data_dir: Location, cfg: TrainConfig, tokens_per_byte: float) -> tuple[float, float]:
     """Mean val loss over eval_batches micro-batches per rank (all-reduced) and bits per byte."""
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.eval()
@@ -136,12 +137,23 @@ def _save_and_commit(
         return
     if step == cfg["faults"].get("kill_before_commit"):
         os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
-    checkpoints.commit(layout, step, cfg["fingerprint"], world, checkpoints.merge_files(every))  # type: ignore[arg-type]
-    if layout.remote_storage:  # the published model must be a local folder: keep a copy beside the run
+    record = checkpoints.commit(layout, step, cfg["fingerprint"], world, checkpoints.merge_files(every))  # type: ignore[arg-type]
+    if layout.remote_storage and not layout.remote:  # the published model of a local run is a local folder
         assert model is not None
         save_checkpoint(model, layout.model_dir(step), layout.data.tokenizer, extra=_model_meta(step, cfg), replace=True)
-    point(layout.checkpoint, layout.model_dir(step))
+    checkpoints.publish(layout, step, record)
     checkpoints.prune(layout, cfg["keep_checkpoints"])
+    _upload_metrics(layout)
+
+
+def _upload_metrics(layout: RunLayout) -> None:
+    """Rank 0, for a run on object storage: the local metrics and TensorBoard mirror replace the run's copy (object
+    stores do not append). Called at every checkpoint and at the end."""
+    if layout.remote:
+        if layout.metrics_local.is_file():
+            storage.upload(layout.metrics_local, layout.metrics)
+        if layout.tensorboard_local.is_dir():
+            storage.upload_folder(layout.tensorboard_local, layout.tensorboard)
 
 
 def _resume(engine: Any, cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -157,18 +169,29 @@ def _resume(engine: Any, cfg: dict[str, Any]) -> dict[str, Any] | None:
     chosen = holder[0]
     if chosen is None:
         return None
-    with ray.train.Checkpoint(chosen.location).as_directory() as folder:
+    fs, path = storage.filesystem(chosen.location)
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
         checkpoints.verify(Path(folder), chosen.record)  # before DeepSpeed unpickles anything
         engine.load_checkpoint(folder, tag=DS_TAG)
         return read_json(Path(folder) / STATE.format(rank=dist.get_rank()), "rank state")
 
 
-def _continue_metrics(layout: RunLayout, step: int) -> None:
-    """Rank 0 on resume: drop metric lines of steps after the resumed one (they are about to be run again)."""
-    if layout.metrics.is_file():
-        kept = [line for line in layout.metrics.read_text().splitlines(keepends=True)
+def _continue_metrics(layout: RunLayout, step: int | None) -> None:
+    """Rank 0 at the start: for a run on object storage, fetch the run's metrics and TensorBoard into the local
+    mirror (this node may not have written them); on resume (`step`), drop metric lines of steps after the resumed
+    one (they are about to be run again)."""
+    if layout.remote:
+        remove(layout.metrics_local)
+        remove(layout.tensorboard_local)
+        layout.scratch.mkdir(parents=True, exist_ok=True)
+        if step is not None and storage.is_file(layout.metrics):
+            atomic_write(layout.metrics_local, storage.read_bytes(layout.metrics))
+        if step is not None and storage.is_dir(layout.tensorboard):
+            storage.download_folder(layout.tensorboard, layout.tensorboard_local)
+    if step is not None and layout.metrics_local.is_file():
+        kept = [line for line in layout.metrics_local.read_text().splitlines(keepends=True)
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(layout.metrics, "".join(kept))
+        atomic_write(layout.metrics_local, "".join(kept))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -212,11 +235,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
     fpt = flops_per_token(model_cfg, manifest.seq_len)
     peak = peak_flops(device, precision.dtype, threads=torch.get_num_threads())  # MFU against the dtype in use
-    if rank == 0 and state is not None:
-        _continue_metrics(layout, step)
+    if rank == 0:
+        _continue_metrics(layout, step if state is not None else None)
     # purge_step: TensorBoard drops the events of steps after the resumed one written by an earlier attempt
-    writer = SummaryWriter(str(layout.tensorboard), purge_step=step + 1 if state else None) if rank == 0 else None
-    metrics_file = open(layout.metrics, "a") if rank == 0 else None  # appended line by line; rewritten only on resume
+    writer = SummaryWriter(str(layout.tensorboard_local), purge_step=step + 1 if state else None) if rank == 0 else None
+    metrics_file = open(layout.metrics_local, "a") if rank == 0 else None  # appended line by line; rewritten on resume
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * manifest.seq_len
     fault_step = config["faults"].get("exit_after_step")  # test-only fault hook
     first_step, start = step, time.perf_counter()
@@ -278,6 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for key, value in metrics.items():
                     if isinstance(value, float):
                         writer.add_scalar(key, value, step)
+                writer.flush()
         if step % cfg.checkpoint_every == 0 or last:
             _save_and_commit(engine, step, stream, config, model_cfg, metrics)
         elif metrics:
@@ -287,3 +311,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if writer is not None:
         writer.close()
         metrics_file.close()
+        _upload_metrics(layout)

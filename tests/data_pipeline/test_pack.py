@@ -50,8 +50,9 @@ def test_token_dtype_follows_the_vocabulary() -> None:
 def test_write_shard_is_reproducible_and_readable_by_webdataset(tmp_path) -> None:
     blocks = np.arange(3 * 9, dtype=np.uint16).reshape(3, 9)
     first, second = tmp_path / "a.tar", tmp_path / "b.tar"
-    digest = write_shard(first, blocks, "train-000000")
-    assert write_shard(second, blocks, "train-000000") == digest == sha256_file(first)
+    digest, _ = write_shard(first, blocks, "train-000000")
+    assert write_shard(second, blocks, "train-000000") == (digest, first.stat().st_size)
+    assert digest == sha256_file(first)
     assert first.read_bytes() == second.read_bytes()
     samples = list(wds.WebDataset(str(first), shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == [f"train-000000-{i:07d}" for i in range(3)]

@@ -83,7 +83,7 @@ def _data_dir(tmp_path: Path, shard_sizes: list[int], vocab: int = 100) -> Path:
             blocks = np.zeros((n, 5), dtype=np.uint16)
             blocks[:, 0] = 1000 * s + np.arange(n)
             name = f"{split}/shard-{s:06d}.tar"
-            digest = write_shard(tmp_path / name, blocks, f"{split}-{s}")
+            digest, _ = write_shard(tmp_path / name, blocks, f"{split}-{s}")
             shards.append({"file": name, "sequences": n, "tokens": n * 5, "bytes": (tmp_path / name).stat().st_size,
                            "sha256": digest})
         splits[split] = {"shards": shards, "sequences": sum(shard_sizes), "doc_tokens": 10, "documents": 2,

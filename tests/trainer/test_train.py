@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cluster import pipeline
+from cluster import pipeline, storage
 from cluster.cli import main
+from cluster.layout import RunLayout
 from cluster.config import load_config
 from model.checkpoint import load_checkpoint
 from model.precision import detect
-from tests.conftest import BASE, SHAKESPEARE
+from tests.conftest import BASE, SHAKESPEARE, bucket_copy
 
 
 def _run_dir(prepared: Path, tmp_path: Path, name: str) -> Path:
@@ -29,7 +30,7 @@ def _run_dir(prepared: Path, tmp_path: Path, name: str) -> Path:
     return run_dir
 
 
-def _train(run_dir: Path, *overrides: str, faults: dict[str, int] | None = None) -> None:
+def _train(run_dir: Path | str, *overrides: str, faults: dict[str, int] | None = None) -> None:
     cfg = load_config(SHAKESPEARE, [f"run_dir={run_dir}", *BASE, *overrides])
     pipeline.run_train(cfg, faults=faults)
 
@@ -93,32 +94,29 @@ def test_fp32_resume_after_a_crash_is_bit_identical(prepared: Path, tmp_path: Pa
 def test_worker_failure_recovers_to_the_same_weights_from_a_bucket(
     prepared: Path, tmp_path: Path, uninterrupted: Path, s3_bucket: str
 ) -> None:
-    """cluster.storage_path on an S3 bucket (a local S3-protocol server): the last worker dies after step 7, Ray Train
-    replaces it and training resumes from the committed step 4 in the bucket, ending with the same weights as the
-    uninterrupted local run. Checkpoints and commit records live in the bucket; the published model is a local copy."""
-    import pyarrow.fs as pafs
-
-    run_dir = _run_dir(prepared, tmp_path, "killed")
-    storage = f"{s3_bucket}/{tmp_path.name}"
+    """run_dir on an S3 bucket (a local S3-protocol server), the shards streamed from it: the last worker dies after
+    step 7, Ray Train replaces it and training resumes from the committed step 4 in the bucket, ending with the same
+    weights as the uninterrupted local run. Checkpoints, commit records, the published pointer, metrics and
+    TensorBoard all live in the bucket."""
+    run_dir = bucket_copy(prepared, f"{s3_bucket}/{tmp_path.name}/data").rsplit("/", 1)[0]
     _train(run_dir, "train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4", "cluster.max_failures=1",
-           f"cluster.storage_path={storage}", faults={"exit_after_step": 7})
-    steps = [m["step"] for m in _metrics(run_dir)]
+           faults={"exit_after_step": 7})
+    layout = RunLayout.of(run_dir)
+    steps = [json.loads(line)["step"] for line in storage.read_text(layout.metrics).splitlines()]
     assert steps == list(range(1, 13))  # steps 5-7 ran twice; the first attempt's lines were dropped on resume
-    events = EventAccumulator(str(run_dir / "tb"))
+    storage.download_folder(layout.tensorboard, tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()  # TensorBoard drops the first attempt's steps 5-7 (the resumed writer's purge_step)
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
-    reference, recovered = _weights(uninterrupted), _weights(run_dir)
-    assert all(torch.equal(reference[k], recovered[k]) for k in reference)
+    recovered = load_checkpoint(run_dir)  # the published pointer → the cached model of step 12
+    reference = _weights(uninterrupted)
+    assert recovered.step == 12 and reference.keys() <= recovered.model.state_dict().keys()
+    assert all(torch.equal(reference[k], v) for k, v in recovered.model.state_dict().items() if k in reference)
 
-    fs, root = pafs.FileSystem.from_uri(f"{storage}/checkpoints")
-    listed = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory}
-    assert listed == {"step-000008", "step-000012"}  # keep_checkpoints=2, pruned in the bucket
-    with fs.open_input_stream(f"{root}/step-000012/commit.json") as f:
-        record = json.loads(f.read())
+    assert {n for n in storage.listdir(layout.checkpoints) if n.startswith("step-")} == {"step-000008", "step-000012"}
+    record = storage.read_json(f"{layout.checkpoint_dir(12)}/commit.json")
     assert record["step"] == 12 and record["world_size"] == 2 and "ds/mp_rank_00_model_states.pt" in record["files"]
-    assert not (run_dir / "checkpoints").exists()  # no training checkpoint on the local disk ...
-    assert os.readlink(run_dir / "checkpoint") == "models/step-000012"  # ... only the published model
-    assert sorted(p.name for p in (run_dir / "models").iterdir()) == ["step-000008", "step-000012"]
+    assert storage.read_json(layout.checkpoint)["model"] == layout.model_dir(12)
 
 
 def test_gradient_accumulation_equals_a_larger_batch(prepared: Path, tmp_path: Path) -> None:

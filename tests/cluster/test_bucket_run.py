@@ -1,0 +1,144 @@
+"""A whole run with `run_dir` on object storage (a real S3-protocol server on 127.0.0.1, `s3_bucket`): `raygpt run`
+prepares, trains, evaluates, quantizes and samples with nothing written to a local run directory; plain webdataset
+reads the shards back from the bucket; a second `raygpt run` skips every stage; checkpoint URIs work for generate and
+export and are downloaded once; and a manifest whose shard objects are missing, of another size or of other bytes
+is refused with one line."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from cluster import storage
+from cluster.cli import main
+from cluster.layout import DataLayout, RunLayout
+from data_pipeline.config import DataError
+from data_pipeline.manifest import read_manifest, shard_blocks
+from model import checkpoint as checkpoint_module
+from model.checkpoint import load_checkpoint
+from tests.conftest import BASE, S3_PORT, SHAKESPEARE
+
+TINY = ["data.tokenizer.vocab_size=512", "data.seq_len=64", "data.shard_bytes=400000", *BASE,
+        "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=4", "train.precision=fp32",
+        "cluster.num_workers=1", "cluster.cpus_per_worker=1", "eval.tasks=[]", "eval.max_tokens=2000",
+        "quantize.methods=[int8]", "quantize.eval_tasks=false", "quantize.decode_tokens=8",
+        "sample.max_new_tokens=8"]
+
+
+def _objects(uri: str) -> dict[str, int]:
+    return {name: size for name, size in storage.files_under(uri).items() if not name.endswith("/")}
+
+
+@pytest.fixture(scope="module")
+def bucket_run(s3_bucket: str, ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """`raygpt run` with run_dir on the bucket, from an empty working directory; yields (run URI, that directory)."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        run_dir = f"{s3_bucket}/pipeline"
+        assert main(["run", SHAKESPEARE, f"run_dir={run_dir}", *TINY]) == 0
+        yield run_dir, cwd
+    finally:
+        os.chdir(before)
+
+
+def test_every_stage_writes_only_to_the_bucket(bucket_run: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, cwd = bucket_run
+    layout = RunLayout.of(run_dir)
+    objects = _objects(run_dir)
+    names = set(objects)
+    for expected in ("config.yaml", "data/manifest.json", "data/tokenizer.json", "checkpoint", "train.done.json",
+                     "metrics.jsonl", "eval/results.json", "eval/report.md", "quantized/report.json",
+                     "quantized/report.md", "quantized/int8/model.safetensors", "sample.txt",
+                     "checkpoints/step-000004/commit.json", "checkpoints/step-000004/model/model.safetensors"):
+        assert expected in names, expected
+    assert any(n.startswith("tb/events.out.tfevents") for n in names)
+    assert ".lock" not in names  # the lease was released
+    assert list(cwd.iterdir()) == []  # no local run directory (runs/<name>) or anything else appeared
+    assert [m for m in storage.read_text(layout.metrics).splitlines() if m]  # rank 0's mirror was uploaded
+    assert storage.read_json(layout.checkpoint)["step"] == 4
+
+    capsys.readouterr()
+    assert main(["run", SHAKESPEARE, f"run_dir={run_dir}", *TINY]) == 0  # everything is complete: each stage skips
+    out = capsys.readouterr().out
+    assert "already prepared" in out and out.count("is complete for this config") == 3  # train, eval, quantize
+    again = _objects(run_dir)
+    assert {k: v for k, v in again.items() if k not in ("sample.txt", "config.yaml")} == \
+        {k: v for k, v in objects.items() if k not in ("sample.txt", "config.yaml")}
+
+
+def test_plain_webdataset_reads_the_shards_from_the_bucket(bucket_run: tuple[str, Path]) -> None:
+    """No raygpt code on the read side: webdataset fetches each shard over HTTP from the S3 endpoint."""
+    run_dir, _ = bucket_run
+    data = DataLayout(f"{run_dir}/data")
+    manifest = read_manifest(data.root)
+    bucket_path = data.root.split("://", 1)[1]
+    for split in ("train", "val"):
+        for entry in manifest.splits[split].shards:
+            url = f"http://127.0.0.1:{S3_PORT}/{bucket_path}/{entry.file}"
+            with urllib.request.urlopen(url) as response:
+                raw = response.read()
+            assert len(raw) == entry.bytes and hashlib.sha256(raw).hexdigest() == entry.sha256
+            samples = list(wds.WebDataset(url, shardshuffle=False, empty_check=False))
+            assert len(samples) == entry.sequences
+            block = np.load(io.BytesIO(samples[0]["input_ids.npy"]))
+            assert block.shape == (manifest.seq_len + 1,)
+
+
+def test_checkpoint_uris_are_downloaded_once(
+    bucket_run: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, _ = bucket_run
+    assert main(["generate", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0  # a run URI
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    model_uri = f"{run_dir}/checkpoints/step-000004/model"  # a model folder URI: hashes from its commit record
+    assert main(["export", model_uri, "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    first = load_checkpoint(run_dir)
+    assert first.step == 4 and first.folder == load_checkpoint(model_uri).folder  # one cached copy, by content
+
+    read_bytes = storage.read_bytes
+
+    def no_download(loc: object) -> bytes:
+        assert str(loc) == f"{run_dir}/checkpoint", f"downloaded again: {loc}"  # only the small pointer object
+        return read_bytes(loc)
+
+    monkeypatch.setattr(checkpoint_module.storage, "read_bytes", no_download)
+    again = load_checkpoint(f"{run_dir}/checkpoint")  # the pointer is read, the files come from the cache
+    assert again.folder == first.folder and again.step == 4
+
+
+def test_bad_shards_in_the_bucket_are_one_line(
+    bucket_run: tuple[str, Path], s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, _ = bucket_run
+    cases = {"missing": "missing shard", "size": "corrupt shard", "bytes": "sha256 differs from the manifest"}
+    for case, expected in cases.items():
+        copy = f"{s3_bucket}/bad-{case}-{tmp_path.name}"
+        for name in _objects(f"{run_dir}/data"):
+            storage.write_bytes(f"{copy}/data/{name}", storage.read_bytes(f"{run_dir}/data/{name}"))
+        shard = f"{copy}/data/{read_manifest(f'{copy}/data').splits['train'].shards[0].file}"
+        raw = storage.read_bytes(shard)
+        if case == "missing":
+            storage.delete(shard)
+        elif case == "size":
+            storage.write_bytes(shard, raw + b"\0" * 512)
+        else:
+            storage.write_bytes(shard, raw[:-2] + bytes([raw[-2] ^ 1, raw[-1]]))  # same size, one bit in the padding
+        if case == "bytes":  # the driver checks sizes only; the reader hashes each shard as it streams it
+            with pytest.raises(DataError, match=expected):
+                list(shard_blocks(shard, read_manifest(f"{copy}/data").splits["train"].shards[0].sha256))
+            continue
+        assert main(["train", SHAKESPEARE, f"run_dir={copy}", *TINY]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+        assert "checkpoints" not in storage.listdir(copy)  # refused before any worker started
