@@ -94,7 +94,8 @@ class RunConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """Name of the run (letters, digits, '_', '-', '.'); the default run_dir is runs/<name>."""
     run_dir: str = ""
-    """Folder holding everything the run writes (data/, checkpoints, eval/, config.yaml); empty means runs/<name>."""
+    """Folder holding everything the run writes (data/, checkpoints, eval/, config.yaml): a local path or an s3:// /
+    gs:// URI (no shared file system needed on a cluster; `cluster.storage`); empty means runs/<name>."""
     seed: int = 1337
     """Seed of every random choice in the run (model init, data order, sampling)."""
     data: DataConfig

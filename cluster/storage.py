@@ -181,6 +181,14 @@ def files_under(loc: Location) -> dict[str, int]:
     return {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
+def stamps_under(loc: Location) -> dict[str, list[int]]:
+    """Every file under a folder or prefix: relative POSIX path → [size, modification time in ns]."""
+    fs, path = filesystem(loc)
+    with _errors(loc):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path) + 1 :]: [i.size, i.mtime_ns or 0] for i in infos if i.type == pafs.FileType.File}
+
+
 def read_bytes(loc: Location) -> bytes:
     if not is_uri(loc):
         return Path(loc).read_bytes()

@@ -118,13 +118,14 @@ def _remote_files(loc: str) -> tuple[str, dict[str, Any], bool]:
         files = {k[len(prefix):]: v for k, v in record.get("files", {}).items() if k.startswith(prefix)}
         if files:
             return loc, files, True
-    return loc, {name: {"bytes": size} for name, size in storage.files_under(loc).items()}, False
+    stamps = storage.stamps_under(loc)  # no hashes: a rewritten file has a new modification time
+    return loc, {name: {"bytes": size, "mtime_ns": mtime} for name, (size, mtime) in stamps.items()}, False
 
 
 def local_checkpoint(loc: Location) -> Path:
     """A checkpoint as a local folder. Local paths are returned as they are; a checkpoint on object storage is
-    downloaded once into the cache, keyed by its files' hashes (by name and size for a folder without a commit
-    record), verified against them, and found there by every later call."""
+    downloaded once into the cache, keyed by its files' hashes (by name, size and modification time for a folder
+    without a commit record), verified against them, and found there by every later call."""
     if not is_uri(loc):
         return Path(loc)
     try:

@@ -31,6 +31,9 @@ TINY = ["data.tokenizer.vocab_size=512", "data.seq_len=64", "data.shard_bytes=40
         "cluster.num_workers=1", "cluster.cpus_per_worker=1", "eval.tasks=[]", "eval.max_tokens=2000",
         "quantize.methods=[int8]", "quantize.eval_tasks=false", "quantize.decode_tokens=8",
         "sample.max_new_tokens=8"]
+CORPUS, TEXT = "s3://raygpt-test/inputs/input.txt", "s3://raygpt-test/inputs/text.txt"
+INPUTS = [f"data.sources=[{{path: {CORPUS}, split_by: paragraph}}]", f"eval.texts={{bucket_text: {TEXT}}}"]
+"""The corpus and an eval text, read from the bucket too."""
 
 
 def _objects(uri: str) -> dict[str, int]:
@@ -38,14 +41,20 @@ def _objects(uri: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def bucket_run(s3_bucket: str, ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """`raygpt run` with run_dir on the bucket, from an empty working directory; yields (run URI, that directory)."""
+def bucket_run(
+    s3_bucket: str, ray_session: None, shared_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """`raygpt run` with run_dir, the corpus and an eval text on the bucket, from an empty working directory; yields
+    (run URI, that directory)."""
+    assert CORPUS.startswith(s3_bucket)
+    storage.write_bytes(CORPUS, (shared_data / "tinyshakespeare" / "input.txt").read_bytes())
+    storage.write_bytes(TEXT, (shared_data / "tinyshakespeare" / "input.txt").read_bytes()[:3000])
     cwd = tmp_path_factory.mktemp("cwd")
     before = os.getcwd()
     os.chdir(cwd)
     try:
         run_dir = f"{s3_bucket}/pipeline"
-        assert main(["run", SHAKESPEARE, f"run_dir={run_dir}", *TINY]) == 0
+        assert main(["run", SHAKESPEARE, f"run_dir={run_dir}", *TINY, *INPUTS]) == 0
         yield run_dir, cwd
     finally:
         os.chdir(before)
@@ -66,11 +75,17 @@ def test_every_stage_writes_only_to_the_bucket(bucket_run: tuple[str, Path], cap
     assert list(cwd.iterdir()) == []  # no local run directory (runs/<name>) or anything else appeared
     assert [m for m in storage.read_text(layout.metrics).splitlines() if m]  # rank 0's mirror was uploaded
     assert storage.read_json(layout.checkpoint)["step"] == 4
+    config = storage.read_text(layout.config)
+    assert CORPUS in config and TEXT in config
+    results = storage.read_json(layout.eval_results)
+    assert {"val", "bucket_text"} <= set(results["checkpoints"][0]["intrinsic"])  # val shards and the text, streamed
 
     capsys.readouterr()
-    assert main(["run", SHAKESPEARE, f"run_dir={run_dir}", *TINY]) == 0  # everything is complete: each stage skips
+    assert main(["run", SHAKESPEARE, f"run_dir={run_dir}", *TINY, *INPUTS]) == 0  # complete: each stage skips
     out = capsys.readouterr().out
     assert "already prepared" in out and out.count("is complete for this config") == 3  # train, eval, quantize
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}", *TINY, *INPUTS, "data.seq_len=32"]) == 2
+    assert "already holds data prepared from another config" in capsys.readouterr().err  # refused, nothing written
     again = _objects(run_dir)
     assert {k: v for k, v in again.items() if k not in ("sample.txt", "config.yaml")} == \
         {k: v for k, v in objects.items() if k not in ("sample.txt", "config.yaml")}
@@ -138,7 +153,7 @@ def test_bad_shards_in_the_bucket_are_one_line(
             with pytest.raises(DataError, match=expected):
                 list(shard_blocks(shard, read_manifest(f"{copy}/data").splits["train"].shards[0].sha256))
             continue
-        assert main(["train", SHAKESPEARE, f"run_dir={copy}", *TINY]) == 2
+        assert main(["train", SHAKESPEARE, f"run_dir={copy}", *TINY, *INPUTS]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
         assert "checkpoints" not in storage.listdir(copy)  # refused before any worker started

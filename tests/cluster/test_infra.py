@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml
@@ -36,6 +35,7 @@ def test_cluster_launcher_yaml_passes_ray_validation(cloud: str) -> None:
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "RAY_AUTH_MODE=token" in start
     assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
+    assert config["initialization_commands"] == [] and "/mnt/raygpt" not in str(config["docker"])  # no NFS needed
 
 
 def test_cluster_yaml_with_a_typo_is_rejected() -> None:
@@ -62,6 +62,9 @@ def test_kuberay_manifests(name: str) -> None:
     assert spec["rayVersion"] == ray.__version__
     assert {c["image"] for c in _containers(spec)} == {IMAGE}
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    pods = [spec["headGroupSpec"]["template"]["spec"], *[g["template"]["spec"] for g in spec["workerGroupSpecs"]]]
+    assert all(p["serviceAccountName"] == "raygpt" for p in pods)  # bucket access by workload identity
+    assert not [v for p in pods for v in p.get("volumes", []) if "persistentVolumeClaim" in v]  # no shared volume
     [gpu] = spec["workerGroupSpecs"]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
@@ -84,6 +87,7 @@ def test_cloud_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAYGPT_RUN_ROOT", raising=False)
     cfg = load_config(REPO / "configs" / "cloud_gpu.yaml")
     assert cfg.cluster.use_gpu and cfg.cluster.num_workers == 16 and cfg.train.precision == "auto"  # bf16 on the H100s
-    assert cfg.run_dir.startswith("/mnt/raygpt/") and cfg.cluster.storage_path.startswith("s3://")
+    assert cfg.run_dir.startswith("s3://") and cfg.cluster.storage_path is None  # everything in the bucket
+    assert cfg.layout.remote and cfg.layout.storage == cfg.run_dir
     assert not cfg.eval.local_data and not cfg.eval.allow_code_execution  # hub datasets; no code execution
-    assert Path(cfg.run_dir).name == cfg.name
+    assert cfg.run_dir.rsplit("/", 1)[1] == cfg.name

@@ -22,10 +22,12 @@ import pytest
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from cluster import storage
 from cluster.cli import main
+from cluster.layout import RunLayout
 from model.checkpoint import load_checkpoint
 from tests.cluster.conftest import free_port, wait_for_job_server
-from tests.conftest import BASE, REPO, SHAKESPEARE
+from tests.conftest import BASE, REPO, SHAKESPEARE, bucket_copy
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +49,13 @@ def two_nodes(cluster_env: None, ray_session: None) -> Iterator[str]:
 
 
 def test_submit_trains_across_two_nodes(
-    two_nodes: str, prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    two_nodes: str, prepared: Path, tmp_path: Path, s3_bucket: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import shutil
-
-    run_dir = tmp_path / "run"
-    shutil.copytree(prepared, run_dir / "data")
-    shared = tmp_path / "shared-storage"  # a directory both nodes see (here: the same disk)
+    """The bucket is the only storage the two nodes share: run_dir (data, checkpoints, metrics) is an s3:// URI."""
+    run_dir = f"{s3_bucket}/{tmp_path.name}"
+    bucket_copy(prepared, f"{run_dir}/data")
     overrides = [f"run_dir={run_dir}", *BASE, "train.max_steps=6", "train.checkpoint_every=6", "train.eval_every=6",
-                 "cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.placement_strategy=STRICT_SPREAD",
-                 f"cluster.storage_path={shared}"]
+                 "cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.placement_strategy=STRICT_SPREAD"]
     rc = main(["submit", "--address", two_nodes, "--working-dir", str(REPO), "--job-id", "raygpt-2node",
                "--", "train", SHAKESPEARE, *overrides])
     captured = capsys.readouterr()
@@ -65,9 +64,12 @@ def test_submit_trains_across_two_nodes(
     assert "raygpt-2node SUCCEEDED" in out
     nodes = dict(re.findall(r"\[train\] rank (\d)/2 on node (\w+)", out))
     assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"]  # the two ranks ran on different nodes
-    cfg = load_checkpoint(run_dir / "checkpoint").config
-    assert cfg.n_layer == 2 and json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 6
-    assert any(shared.rglob("checkpoint_*"))  # Ray Train's checkpoints in the shared storage
+    loaded = load_checkpoint(run_dir)  # the published pointer in the bucket → the model, fetched to the cache
+    assert loaded.config.n_layer == 2 and loaded.step == 6
+    layout = RunLayout.of(run_dir)
+    assert storage.read_json(f"{layout.checkpoint_dir(6)}/commit.json")["world_size"] == 2
+    assert [json.loads(m)["step"] for m in storage.read_text(layout.metrics).splitlines()][-1] == 6
+    assert not (tmp_path / "run").exists() and not any(REPO.glob(f"runs/{tmp_path.name}*"))
 
     assert main(["jobs", "list", "--address", two_nodes]) == 0
     assert "raygpt-2node  SUCCEEDED" in capsys.readouterr().out

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cluster import storage
 from cluster.config import ConfigError, load_config
 from cluster.files import RunFileError, sha256_file
 from data_pipeline.config import DataError
@@ -15,10 +17,10 @@ from data_pipeline.manifest import read_manifest
 from data_pipeline.shards import write_shard
 from model.gpt import GPT, ModelConfig
 from trainer.config import TrainConfig, deepspeed_config, lr_at
-from trainer.data import Position, ShardStream
+from trainer.data import Position, ShardStream, read_ahead
 from trainer.driver import check_data, check_model
 from trainer.loop import param_groups
-from tests.conftest import REPO
+from tests.conftest import REPO, bucket_copy
 
 
 def test_deepspeed_config_from_the_typed_config() -> None:
@@ -115,8 +117,7 @@ def test_rank_streams_are_disjoint_deterministic_and_cover_each_epoch(tmp_path: 
 
 def _epoch_len(data: Path, rank: int) -> int:
     stream = ShardStream(data, "train", rank, 2, seed=7)
-    counts = dict(stream.shards)
-    return sum(len(range(first, counts[p], step)) for p, first, step in stream._epoch(0))
+    return sum(len(range(first, entry.sequences, step)) for _, entry, first, step in stream._epoch(0))
 
 
 def test_resume_continues_with_exactly_the_next_sample(tmp_path: Path) -> None:
@@ -128,6 +129,42 @@ def test_resume_continues_with_exactly_the_next_sample(tmp_path: Path) -> None:
         saved = Position.from_json(stream.position.to_json())
         tail = _take(ShardStream(data, "train", 1, 2, seed=3, start=saved), 40 - cut)
         assert head + tail == reference, cut
+
+
+def test_a_stream_from_the_bucket_equals_the_local_one(tmp_path: Path, s3_bucket: str) -> None:
+    """The same blocks in the same order, and the same exact resume, when the shards are streamed from object storage
+    (read ahead 2 blocks at a time); a shard object whose bytes differ from the manifest stops the stream."""
+    data = _data_dir(tmp_path / "local", [3, 4, 5, 6, 2])
+    uri = bucket_copy(data, f"{s3_bucket}/{tmp_path.name}")
+    for rank in (0, 1):
+        assert _take(ShardStream(uri, "train", rank, 2, seed=3, depth=2), 40) == \
+            _take(ShardStream(data, "train", rank, 2, seed=3), 40)
+    stream = ShardStream(uri, "train", 1, 2, seed=3, depth=2)
+    head = _take(stream, 9)
+    tail = _take(ShardStream(uri, "train", 1, 2, seed=3, start=stream.position, depth=2), 11)
+    assert head + tail == _take(ShardStream(data, "train", 1, 2, seed=3), 20)
+
+    raw = storage.read_bytes(f"{uri}/train/shard-000002.tar")
+    storage.write_bytes(f"{uri}/train/shard-000002.tar", raw[:-1] + bytes([raw[-1] ^ 1]))  # same size, other bytes
+    with pytest.raises(DataError, match="corrupt shard .*shard-000002.tar"):
+        _take(ShardStream(uri, "train", 0, 1, seed=3), 40)
+
+
+def test_read_ahead_is_bounded_and_passes_errors_on() -> None:
+    produced: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(10):
+            produced.append(i)
+            yield i
+        raise ValueError("reader failed")
+
+    stream = read_ahead(items(), depth=2)
+    for i in range(4):
+        assert next(stream) == i
+        assert len(produced) <= i + 1 + 2 + 1  # what was taken, the queue, the one waiting to be put
+    with pytest.raises(ValueError, match="reader failed"):
+        list(stream)
 
 
 def test_check_data_and_model(tmp_path: Path) -> None:

@@ -1,0 +1,104 @@
+"""Object storage against a local disk, in one run: `raygpt prepare` MB/s writing to a local run_dir and to a bucket
+run_dir, and `raygpt train` tokens/s (2 workers) reading its shards from the local disk and streaming them from the
+bucket. Goal: streaming does not slow training (bucket / local ≥ 0.95).
+
+    .venv/bin/python benchmarks/storage_throughput.py [--steps 40] [--rounds 2]
+
+The bucket is a real S3-protocol server on 127.0.0.1 (moto's standalone server, a dev dependency), so this measures
+raygpt's object-storage path — pyarrow's S3 client, streaming, read-ahead, hashing, uploads of checkpoints and
+metrics — not a cloud network. Local and bucket runs alternate for `--rounds` rounds (the machine is noisy); each
+figure is the median. Data: tinyshakespeare (vocab 2048, seq_len 256); model: the `tiny` preset, fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cluster import pipeline, storage  # noqa: E402
+from cluster.config import load_config  # noqa: E402
+from cluster.ray_connect import start_local  # noqa: E402
+from model.flops import machine_header  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = ["data.tokenizer.vocab_size=2048", "data.seq_len=256", "data.shard_bytes=200000"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(run_dir: str, steps: int) -> list[str]:
+    return [f"run_dir={run_dir}", *DATA, "model.overrides={}", f"train.max_steps={steps}", "train.log_every=5",
+            f"train.eval_every={steps}", "train.eval_batches=1", f"train.checkpoint_every={steps}",
+            "train.time_budget_s=null", "train.micro_batch_size=8", "cluster.num_workers=2", "train.precision=fp32"]
+
+
+def _prepare(run_dir: str) -> float:
+    """Seconds of `raygpt prepare` into run_dir."""
+    cfg = load_config(REPO / "configs" / "shakespeare.yaml", [f"run_dir={run_dir}", *DATA])
+    started = time.perf_counter()
+    pipeline.run_prepare(cfg)
+    return time.perf_counter() - started
+
+
+def _train(run_dir: str, steps: int) -> float:
+    """Median tokens/s of the logged windows after the first (which includes start-up)."""
+    cfg = load_config(REPO / "configs" / "shakespeare.yaml", _config(run_dir, steps))
+    pipeline.run_train(cfg)
+    rows = [json.loads(line) for line in storage.read_text(cfg.layout.metrics).splitlines() if line]
+    return statistics.median(r["tokens_per_sec"] for r in rows[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    port = _free_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="bench")
+    print(machine_header())
+    start_local(2, log_to_driver=False)
+    corpus = Path(load_config(REPO / "configs" / "shakespeare.yaml").data.sources[0].path)  # RAYGPT_SHARED_DATA
+    mb = corpus.stat().st_size / 1e6
+    tokens: dict[str, list[float]] = {"local": [], "bucket": []}
+    prep: dict[str, list[float]] = {"local": [], "bucket": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for where in ("local", "bucket"):
+                run_dir = f"{tmp}/run-{r}" if where == "local" else f"s3://bench/run-{r}"
+                prep[where].append(mb / _prepare(run_dir))
+                tokens[where].append(_train(run_dir, args.steps))
+                print(f"round {r + 1} {where:6}: prepare {prep[where][-1]:.2f} MB/s, train {tokens[where][-1]:,.0f} "
+                      "tokens/s", flush=True)
+    server.stop()
+    local, bucket = statistics.median(tokens["local"]), statistics.median(tokens["bucket"])
+    p_local, p_bucket = statistics.median(prep["local"]), statistics.median(prep["bucket"])
+    print(f"train, 2 workers: local {local:,.0f} tokens/s, bucket {bucket:,.0f} tokens/s: bucket / local = "
+          f"{bucket / local:.2f} (goal ≥ 0.95)")
+    print(f"prepare ({mb:.1f} MB corpus): local {p_local:.2f} MB/s, bucket {p_bucket:.2f} MB/s: bucket / local = "
+          f"{p_bucket / p_local:.2f}")
+
+
+if __name__ == "__main__":
+    main()
