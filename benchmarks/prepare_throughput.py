@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cluster.ray_connect import start_local  # noqa: E402
 from model.flops import machine_header  # noqa: E402
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
-from data_pipeline.prepare import prepare  # noqa: E402
+from data_pipeline.prepare import plan, prepare  # noqa: E402
 from data_pipeline.sources import stdlib_files  # noqa: E402
 from data_pipeline.tokenizer import train_tokenizer  # noqa: E402
 
@@ -51,7 +51,8 @@ def _prepare_seconds(corpus: Path, tokenizer: Path, out: Path, num_cpus: int) ->
         shard_bytes=8_000_000,
     )
     start = time.perf_counter()
-    prepare(cfg, out, num_cpus)
+    key, resolved, _ = plan(cfg, out)
+    prepare(cfg, out, num_cpus, key, resolved)
     return time.perf_counter() - start
 
 

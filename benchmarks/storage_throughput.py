@@ -7,7 +7,8 @@ bucket. Goal: streaming does not slow training (bucket / local ≥ 0.95).
 The bucket is a real S3-protocol server on 127.0.0.1 (moto's standalone server, a dev dependency), so this measures
 raygpt's object-storage path — pyarrow's S3 client, streaming, read-ahead, hashing, uploads of checkpoints and
 metrics — not a cloud network. Local and bucket runs alternate for `--rounds` rounds (the machine is noisy); each
-figure is the median. Data: tinyshakespeare (vocab 2048, seq_len 256); model: the `tiny` preset, fp32.
+figure is the median. prepare: the Python standard library source (~30 MB) with a fixed 8k tokenizer, after one
+warm-up run; train: tinyshakespeare (vocab 2048, seq_len 256), the `tiny` preset, fp32, 2 workers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster import pipeline, storage  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from cluster.layout import RunLayout  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
+from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
+from data_pipeline.prepare import plan, prepare  # noqa: E402
+from data_pipeline.sources import stdlib_files  # noqa: E402
+from data_pipeline.tokenizer import train_tokenizer  # noqa: E402
 from model.flops import machine_header  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,17 +51,21 @@ def _config(run_dir: str, steps: int) -> list[str]:
             "train.time_budget_s=null", "train.micro_batch_size=8", "cluster.num_workers=2", "train.precision=fp32"]
 
 
-def _prepare(run_dir: str) -> float:
-    """Seconds of `raygpt prepare` into run_dir."""
-    cfg = load_config(REPO / "configs" / "shakespeare.yaml", [f"run_dir={run_dir}", *DATA])
+def _prepare(run_dir: str, tokenizer: Path) -> float:
+    """Seconds of the prepare stage (the stdlib corpus, a fixed tokenizer) into RUN_DIR/data."""
+    cfg = DataConfig(sources=[SourceConfig(type="python-stdlib")], tokenizer=TokenizerConfig(path=str(tokenizer)),
+                     seq_len=256, overwrite=True, shard_bytes=8_000_000)
+    data_dir = RunLayout.of(run_dir).data.root
     started = time.perf_counter()
-    pipeline.run_prepare(cfg)
+    key, resolved, _ = plan(cfg, data_dir)
+    prepare(cfg, data_dir, 2, key, resolved)
     return time.perf_counter() - started
 
 
 def _train(run_dir: str, steps: int) -> float:
     """Median tokens/s of the logged windows after the first (which includes start-up)."""
     cfg = load_config(REPO / "configs" / "shakespeare.yaml", _config(run_dir, steps))
+    pipeline.run_prepare(cfg)
     pipeline.run_train(cfg)
     rows = [json.loads(line) for line in storage.read_text(cfg.layout.metrics).splitlines() if line]
     return statistics.median(r["tokens_per_sec"] for r in rows[1:])
@@ -79,15 +89,19 @@ def main() -> None:
     boto3.client("s3").create_bucket(Bucket="bench")
     print(machine_header())
     start_local(2, log_to_driver=False)
-    corpus = Path(load_config(REPO / "configs" / "shakespeare.yaml").data.sources[0].path)  # RAYGPT_SHARED_DATA
-    mb = corpus.stat().st_size / 1e6
+    files = stdlib_files()
+    mb = sum(os.path.getsize(f) for f in files) / 1e6
     tokens: dict[str, list[float]] = {"local": [], "bucket": []}
     prep: dict[str, list[float]] = {"local": [], "bucket": []}
     with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Path(tmp) / "tokenizer.json"
+        texts = (Path(f).read_bytes().decode("utf-8", errors="replace") for f in files[::4])
+        train_tokenizer(texts, TokenizerConfig(vocab_size=8192)).save(str(tokenizer))
+        _prepare(f"{tmp}/warm-up", tokenizer)
         for r in range(args.rounds):
             for where in ("local", "bucket"):
                 run_dir = f"{tmp}/run-{r}" if where == "local" else f"s3://bench/run-{r}"
-                prep[where].append(mb / _prepare(run_dir))
+                prep[where].append(mb / _prepare(f"{run_dir}-prepare", tokenizer))
                 tokens[where].append(_train(run_dir, args.steps))
                 print(f"round {r + 1} {where:6}: prepare {prep[where][-1]:.2f} MB/s, train {tokens[where][-1]:,.0f} "
                       "tokens/s", flush=True)

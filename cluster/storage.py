@@ -19,6 +19,7 @@ server). Errors become one line: unknown bucket, missing credentials, access den
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import json
@@ -92,7 +93,7 @@ def _s3(bucket: str, endpoint: str | None, region: str | None, keys: tuple[str |
 @functools.cache
 def _gcs() -> pafs.GcsFileSystem:
     _check_gcs_credentials()
-    return pafs.GcsFileSystem(retry_time_limit=REQUEST_TIMEOUT_S)
+    return pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=REQUEST_TIMEOUT_S))
 
 
 def filesystem(loc: Location) -> tuple[pafs.FileSystem, str]:

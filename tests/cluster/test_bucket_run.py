@@ -22,6 +22,7 @@ from cluster.cli import main
 from cluster.layout import DataLayout, RunLayout
 from data_pipeline.config import DataError
 from data_pipeline.manifest import read_manifest, shard_blocks
+from evaluation.lm import RaygptLM
 from model import checkpoint as checkpoint_module
 from model.checkpoint import load_checkpoint
 from tests.conftest import BASE, S3_PORT, SHAKESPEARE
@@ -120,6 +121,7 @@ def test_checkpoint_uris_are_downloaded_once(
     assert (tmp_path / "hf" / "config.json").is_file()
     first = load_checkpoint(run_dir)
     assert first.step == 4 and first.folder == load_checkpoint(model_uri).folder  # one cached copy, by content
+    assert RaygptLM(f"{run_dir}/checkpoint", batch_size=2).step == 4  # lm_eval --model raygpt --model_args pretrained=URI
 
     read_bytes = storage.read_bytes
 
