@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
     gen = commands.add_parser("generate", help="stream a checkpoint's continuation of a prompt")
-    gen.add_argument("checkpoint", help="folder with model.safetensors, config.json, tokenizer.json")
+    gen.add_argument("checkpoint", help="folder with model.safetensors, config.json, tokenizer.json; or a run directory, "
+                     "its checkpoint or a model folder on s3:// / gs:// (downloaded once into the local cache)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     exp = commands.add_parser(
         "export", help="write a checkpoint in Hugging Face format (full precision, or quantized bnb-int8 / bnb-nf4)"
     )
-    exp.add_argument("checkpoint")
+    exp.add_argument("checkpoint", help="a checkpoint folder, or a checkpoint URI (s3:// / gs://)")
     exp.add_argument("--out", required=True, help="output folder (new or empty; never the checkpoint)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     return parser
