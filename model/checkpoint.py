@@ -134,12 +134,19 @@ def local_checkpoint(loc: Location) -> Path:
         folder = cached_checkpoint(key)
         if folder.is_dir():
             return folder
-        with atomic_folder(folder, replace=True) as tmp:
-            for name, want in files.items():
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / name).write_bytes(storage.read_bytes(join(model, *name.split("/"))))
-                if (tmp / name).stat().st_size != want["bytes"] or (hashed and sha256_file(tmp / name) != want["sha256"]):
-                    raise CheckpointError(f"{join(model, name)}: size or sha256 differs from its record; not loading it")
+        try:
+            with atomic_folder(folder) as tmp:
+                for name, want in files.items():
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / name).write_bytes(storage.read_bytes(join(model, *name.split("/"))))
+                    if (tmp / name).stat().st_size != want["bytes"] or (
+                        hashed and sha256_file(tmp / name) != want["sha256"]
+                    ):
+                        raise CheckpointError(f"{join(model, name)}: size or sha256 differs from its record; not loading it")
+        except (RunFileError, OSError):
+            if not folder.is_dir():
+                raise
+            # another task on this node cached the same files first: use that copy (never replace one being read)
         return folder
     except FileNotFoundError as e:
         raise CheckpointError(f"{loc}: a file of the checkpoint is missing ({e})") from None

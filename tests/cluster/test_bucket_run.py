@@ -24,7 +24,7 @@ from data_pipeline.config import DataError
 from data_pipeline.manifest import read_manifest, shard_blocks
 from evaluation.lm import RaygptLM
 from model import checkpoint as checkpoint_module
-from model.checkpoint import load_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint
 from tests.conftest import BASE, S3_PORT, SHAKESPEARE
 
 TINY = ["data.tokenizer.vocab_size=512", "data.seq_len=64", "data.shard_bytes=400000", *BASE,
@@ -110,8 +110,8 @@ def test_plain_webdataset_reads_the_shards_from_the_bucket(bucket_run: tuple[str
             assert block.shape == (manifest.seq_len + 1,)
 
 
-def test_checkpoint_uris_are_downloaded_once(
-    bucket_run: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_checkpoint_uris_are_downloaded_once_and_verified(
+    bucket_run: tuple[str, Path], s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir, _ = bucket_run
     assert main(["generate", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0  # a run URI
@@ -132,6 +132,15 @@ def test_checkpoint_uris_are_downloaded_once(
     monkeypatch.setattr(checkpoint_module.storage, "read_bytes", no_download)
     again = load_checkpoint(f"{run_dir}/checkpoint")  # the pointer is read, the files come from the cache
     assert again.folder == first.folder and again.step == 4
+    monkeypatch.undo()
+
+    pointer = storage.read_json(f"{run_dir}/checkpoint")
+    pointer["files"]["config.json"]["sha256"] = "0" * 64  # a record that does not match the object
+    storage.write_json(f"{s3_bucket}/tampered/checkpoint", pointer)
+    with pytest.raises(CheckpointError, match="config.json: size or sha256 differs from its record"):
+        load_checkpoint(f"{s3_bucket}/tampered")
+    assert main(["generate", f"{s3_bucket}/nothing-here", "--prompt", "x"]) == 2
+    assert "checkpoint not found: s3://raygpt-test/nothing-here" in capsys.readouterr().err
 
 
 def test_bad_shards_in_the_bucket_are_one_line(
