@@ -44,7 +44,7 @@ def _link_corpus(files: list[str], folder: Path) -> int:
 
 def _prepare_seconds(corpus: Path, tokenizer: Path, out: Path, num_cpus: int) -> float:
     cfg = DataConfig(
-        sources=[SourceConfig(path=str(corpus), type="text")],
+        sources=[SourceConfig(path=str(corpus), type="text", follow_symlinks=True)],  # a folder of links
         tokenizer=TokenizerConfig(path=str(tokenizer)),
         seq_len=256,
         overwrite=True,
