@@ -168,3 +168,21 @@ def test_bad_shards_in_the_bucket_are_one_line(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
         assert "checkpoints" not in storage.listdir(copy)  # refused before any worker started
+
+
+def test_a_crashed_prepare_on_the_bucket_completes_identically(
+    bucket_run: tuple[str, Path], s3_bucket: str, tmp_path: Path
+) -> None:
+    """What a prepare that died mid-run leaves in the bucket — no manifest (it is written last), a truncated shard, a
+    stale shard — is completed by the re-run to the same objects as the uninterrupted run."""
+    run_dir, _ = bucket_run
+    copy = f"{s3_bucket}/crashed-{tmp_path.name}"
+    original = {name: storage.read_bytes(f"{run_dir}/data/{name}") for name in _objects(f"{run_dir}/data")}
+    for name, raw in original.items():
+        storage.write_bytes(f"{copy}/data/{name}", raw)
+    storage.delete(f"{copy}/data/manifest.json")
+    shard = f"{copy}/data/train/shard-000000.tar"
+    storage.write_bytes(shard, original["train/shard-000000.tar"][:1000])
+    storage.write_bytes(f"{copy}/data/train/shard-000042.tar", b"stale")
+    assert main(["prepare", SHAKESPEARE, f"run_dir={copy}", *TINY, *INPUTS]) == 0
+    assert {name: storage.read_bytes(f"{copy}/data/{name}") for name in _objects(f"{copy}/data")} == original
