@@ -94,7 +94,7 @@ def main() -> None:
     tokens: dict[str, list[float]] = {"local": [], "bucket": []}
     prep: dict[str, list[float]] = {"local": [], "bucket": []}
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = Path(tmp) / "tokenizer.json"
+        tokenizer = Path(tmp) / "bench-tokenizer.json"
         texts = (Path(f).read_bytes().decode("utf-8", errors="replace") for f in files[::4])
         train_tokenizer(texts, TokenizerConfig(vocab_size=8192)).save(str(tokenizer))
         _prepare(f"{tmp}/warm-up", tokenizer)
