@@ -179,9 +179,12 @@ def read_meta(folder: Location) -> dict[str, Any]:
 
 
 def weights_stamp(folder: Location) -> dict[str, Any]:
-    """Identifies a checkpoint's exact weights cheaply: resolved path, weights size and mtime, and its metadata (a
-    checkpoint on object storage: of its cached copy, whose name is its files' hashes)."""
-    folder = local_checkpoint(folder)
+    """Identifies a checkpoint's exact weights cheaply: resolved path, weights size and mtime, and its metadata. A
+    checkpoint on object storage: its files' records (hashes, or sizes and the store's modification times), the same
+    from every node."""
+    if is_uri(folder):
+        _, files, _ = _remote_files(str(folder))
+        return {"files": files, "meta": read_meta(folder)}
     weights = (Path(folder) / WEIGHTS).stat()
     return {"path": str(Path(folder).resolve()), "bytes": weights.st_size, "mtime_ns": weights.st_mtime_ns,
             "meta": read_meta(folder)}
