@@ -81,10 +81,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise RunFileError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RunFileError(f"{path}: unreadable {what} ({type(e).__name__})") from None
+    return parse_json(text, path, what)
+
+
+def parse_json(text: str, where: str | Path, what: str) -> Any:
+    """JSON text read from `where`, or a one-line RunFileError naming it (shared with `cluster.storage`)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise RunFileError(f"{path}: corrupt {what}, not valid JSON ({e.msg} at line {e.lineno}); delete it to redo") from None
+        raise RunFileError(f"{where}: corrupt {what}, not valid JSON ({e.msg} at line {e.lineno}); delete it to redo") from None
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import pyarrow.fs as pafs
 
-from cluster.files import RunFileError, atomic_folder, atomic_stream, atomic_write, remove
+from cluster.files import RunFileError, atomic_folder, atomic_stream, atomic_write, parse_json, remove, sha256_file
 from cluster.layout import Location, is_uri
 
 ATTEMPTS = 3
@@ -252,10 +252,7 @@ def read_json(loc: Location, what: str = "file") -> Any:
         raise RunFileError(f"{loc}: {what} not found") from None
     except UnicodeDecodeError:
         raise RunFileError(f"{loc}: unreadable {what} (not UTF-8)") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RunFileError(f"{loc}: corrupt {what}, not valid JSON ({e.msg} at line {e.lineno}); delete it to redo") from None
+    return parse_json(text, loc, what)
 
 
 def completed(record: Location, key: str) -> dict[str, Any] | None:
@@ -287,13 +284,12 @@ def upload(local: Path, loc: Location) -> None:
         with open(local, "rb") as f:
             atomic_write(loc, f.read())
         return
-    fs, path = filesystem(loc)
-    with _errors(loc):
-        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    upload_folder(local, loc)  # pyarrow's copy_files takes a file or a folder alike
 
 
 def upload_folder(local: Path, loc: Location) -> None:
-    """Every file under a local folder → the same relative names under `loc` (objects beside them are left)."""
+    """Every file under a local folder (or one file) → the same relative names under `loc` (objects beside them are
+    left)."""
     fs, path = filesystem(loc)
     with _errors(loc):
         pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -334,6 +330,8 @@ def check(loc: Location) -> None:
 
 
 def sha256(loc: Location) -> str:
+    if not is_uri(loc):
+        return sha256_file(loc)
     digest = hashlib.sha256()
     with open_read(loc) as f:
         while chunk := f.read(1 << 20):

@@ -147,15 +147,14 @@ def resolve(index: int, src: SourceConfig) -> SourceFiles:
         return resolved
     else:
         files = _list_local(src.path, set(src.extensions) if kind == "text" else None, src.follow_symlinks)
-    for f in files:
-        if not _is_uri(f) and not os.access(f, os.R_OK):
+    for f in files:  # local files (URIs returned above)
+        if not os.access(f, os.R_OK):
             resolved.unreadable.append(f)
         else:
             resolved.files.append(f)
-            if not _is_uri(f):
-                stat = os.stat(f)
-                resolved.bytes += stat.st_size
-                resolved.stamps.append((f, stat.st_size, stat.st_mtime_ns))
+            stat = os.stat(f)
+            resolved.bytes += stat.st_size
+            resolved.stamps.append((f, stat.st_size, stat.st_mtime_ns))
     return resolved
 
 
