@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.layout import Location, RunLayout
 from data_pipeline.config import DataConfig, Section
@@ -37,8 +37,13 @@ class ClusterConfig(Section):
     """Ray cluster to connect to ('auto', 'ray://host:10001', 'host:6379'); None reads RAY_ADDRESS, else starts a local Ray."""
     num_cpus: int | None = Field(default=None, ge=1)
     """CPUs of the local Ray started when there is no address; None uses every core of this machine."""
-    num_workers: int = Field(default=2, ge=1)
-    """Ray Train workers (data-parallel DeepSpeed ranks)."""
+    num_workers: int | tuple[int, int] = 2
+    """Ray Train workers (data-parallel DeepSpeed ranks): a number, or [min, max] for an elastic group that starts
+    with what the cluster has (at least min), grows when nodes are added and shrinks when one is lost, resuming from
+    the newest committed checkpoint at each resize (the same global batches at every size)."""
+    elastic_resize_s: float = Field(default=60.0, ge=0)
+    """Elastic groups: how often Ray Train checks whether more workers could run (a grow restarts the group from
+    the newest checkpoint, so keep it well above train.checkpoint_every_s)."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); False trains on CPU (gloo)."""
     cpus_per_worker: float = Field(default=0.5, gt=0)
@@ -50,6 +55,19 @@ class ClusterConfig(Section):
     None means RUN_DIR."""
     max_failures: int = Field(default=0, ge=-1)
     """Worker-group restarts (from the last checkpoint) before the run fails; -1 retries forever."""
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError(f"must be a number ≥ 1 or [min, max] with 1 ≤ min ≤ max, got {value}")
+        return value
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed group."""
+        return (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+
     runtime_env: dict[str, Any] = {}
     """Ray runtime_env for the work this process starts on an existing cluster (working_dir, py_modules, env_vars,
     pip, ...); unused for a local Ray. Jobs from `raygpt submit` already carry the repository and these env vars."""
@@ -120,11 +138,13 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         t, c = self.train, self.cluster
-        if t.global_batch_size is not None and t.global_batch_size != t.micro_batch_size * t.grad_accum_steps * c.num_workers:
-            raise ValueError(
-                f"train.global_batch_size {t.global_batch_size} ≠ micro_batch_size {t.micro_batch_size} × "
-                f"grad_accum_steps {t.grad_accum_steps} × cluster.num_workers {c.num_workers}"
-            )
+        low, high = c.worker_range
+        batch = self.global_batch_size
+        if bad := [w for w in range(low, high + 1) if batch % (w * t.micro_batch_size)]:
+            valid = ", ".join(str(w) for w in range(1, max(high, 8) + 1) if batch % (w * t.micro_batch_size) == 0)
+            raise ValueError(f"cluster.num_workers {list(c.worker_range) if low != high else low}: world size {bad[0]} "
+                             f"does not split train.global_batch_size {batch} into micro-batches of "
+                             f"train.micro_batch_size {t.micro_batch_size}; valid world sizes: {valid}")
         if t.precision == "fp16" and not c.use_gpu:
             raise ValueError("train.precision fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU")
         if t.offload_optimizer and t.zero_stage < 2:
@@ -132,6 +152,11 @@ class RunConfig(Section):
         if t.offload_params and t.zero_stage != 3:
             raise ValueError("train.offload_params needs train.zero_stage 3")
         return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step at every world size (train.global_batch_size, or micro × the largest group)."""
+        return self.train.global_batch_size or self.train.micro_batch_size * self.cluster.worker_range[1]
 
     @property
     def layout(self) -> RunLayout:

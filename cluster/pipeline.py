@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.train import ScalingConfig
 
 from cluster import storage
 from cluster.config import RunConfig, save_resolved
@@ -29,6 +28,7 @@ from evaluation.run import run_eval
 from model.checkpoint import published_step
 from trainer.checkpoints import run_fingerprint, start_over
 from trainer.driver import check_data, check_model, check_resume, train
+from trainer.loop import WorkerConfig
 
 
 def run_prepare(cfg: RunConfig) -> Manifest:
@@ -44,14 +44,14 @@ def run_prepare(cfg: RunConfig) -> Manifest:
     return prepare(cfg.data, cfg.data_dir, num_cpus, key, resolved)
 
 
-def run_train(cfg: RunConfig, faults: dict[str, int] | None = None) -> Any:
+def run_train(cfg: RunConfig) -> Any:
     """Shards → committed checkpoints, resuming from the newest committed one of the same run. Everything checkable —
     data, model, the run fingerprint against existing checkpoints — fails before any worker starts or file is written."""
     layout = cfg.layout
     manifest = check_data(cfg.data_dir)
     model_cfg = cfg.model.resolve(vocab_size=manifest.vocab_size, block_size=manifest.seq_len)
     check_model(manifest, model_cfg)
-    run_fp = run_fingerprint(cfg.train, model_cfg, manifest, cfg.seed, cfg.cluster.num_workers)
+    run_fp = run_fingerprint(cfg.train, model_cfg, manifest, cfg.seed, cfg.global_batch_size)
     done_key = fingerprint({"run": run_fp, "max_steps": cfg.train.max_steps, "time_budget_s": cfg.train.time_budget_s})
     if cfg.train.resume:
         if storage.completed(layout.train_done, done_key) and published_step(layout.checkpoint) is not None:
@@ -63,16 +63,12 @@ def run_train(cfg: RunConfig, faults: dict[str, int] | None = None) -> Any:
     else:
         for moved in start_over(layout):
             print(f"[train] train.resume=false: moved {moved.name} aside", flush=True)
-    c = cfg.cluster
-    connect(c)
+    connect(cfg.cluster)
     save_resolved(cfg)
-    scaling = ScalingConfig(
-        num_workers=c.num_workers,
-        use_gpu=c.use_gpu,
-        resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})},
-        placement_strategy=c.placement_strategy,
-    )
-    result = train(cfg.train, model_cfg, layout, cfg.seed, scaling, c.max_failures, manifest.eot_token, run_fp, faults)
+    worker = WorkerConfig(train=cfg.train, model=model_cfg, layout=layout, seed=cfg.seed,
+                          global_batch=cfg.global_batch_size, use_gpu=cfg.cluster.use_gpu,
+                          eot_token=manifest.eot_token, fingerprint=run_fp)
+    result = train(worker, cfg.cluster)
     storage.write_json(layout.train_done, {"fingerprint": done_key, "step": published_step(layout.checkpoint)})
     return result
 

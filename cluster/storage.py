@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cluster.files import RunFileError, atomic_folder, atomic_stream, atomic_write, parse_json, remove, sha256_file
@@ -212,6 +213,14 @@ def open_read(loc: Location, buffer_size: int = 1 << 20) -> Iterator[IO[bytes]]:
     fs, path = filesystem(loc)
     with _errors(loc), fs.open_input_stream(path, buffer_size=buffer_size) as f:
         yield f  # type: ignore[misc]
+
+
+def open_random(loc: Location) -> pa.NativeFile:
+    """A random-access file (`read_at(nbytes, offset)`, safe to call from several threads): a local file, or an object
+    read by ranged GETs. The caller closes it."""
+    fs, path = filesystem(loc)
+    with _errors(loc):
+        return fs.open_input_file(path)
 
 
 def write_bytes(loc: Location, data: bytes | str) -> Location:

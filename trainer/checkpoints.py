@@ -1,12 +1,12 @@
 """Training checkpoints and their commit protocol: versioned folders in Ray Train storage that count only once a commit
 record, written last, says every rank's files arrived — and are verified against that record before anything in them
-is unpickled.
+is read (nothing in them is a pickle).
 
     python -m trainer.checkpoints runs/demo        # lists the committed checkpoints of a run and verifies the newest
 
     STORAGE/checkpoints/step-000120/      STORAGE is RUN_DIR or cluster.storage_path (a local path or a URI)
-      ds/...                              DeepSpeed: every rank's shard
-      raygpt_state_rank{r}.json           each rank's step, data position and RNG
+      state/index.json                    step, Adam's step, tensor name → file (`trainer.state`: reshards)
+      state/rank-R.safetensors            whole fp32 weights and Adam moments of the parameters rank R owns
       model/                              the consolidated model (rank 0): what RUN_DIR/checkpoint points to
       commit.json                         step, run fingerprint, world size, size and sha256 of every file above
 
@@ -39,19 +39,20 @@ from model.checkpoint import pointer
 from model.gpt import ModelConfig
 from trainer.config import TrainConfig
 
-RECORD_VERSION = 1
-TRAJECTORY_FIELDS = ("micro_batch_size", "grad_accum_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "betas",
-                     "grad_clip", "precision", "zero_stage", "offload_optimizer", "offload_params", "deepspeed")
-"""The train settings that change the trajectory (max_steps, time_budget_s and the cadences do not)."""
+RECORD_VERSION = 2
+"""Version 2: resharding state (`trainer.state`) instead of version 1's DeepSpeed files per rank."""
+TRAJECTORY_FIELDS = ("lr", "min_lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "precision", "deepspeed")
+"""The train settings that change the trajectory. Not: max_steps, time_budget_s, the cadences, and — since every
+world size trains on the same global batches — micro_batch_size, zero_stage and offloading (they change rounding)."""
 
 
-def run_fingerprint(train: TrainConfig, model: ModelConfig, manifest: Manifest, seed: int, num_workers: int) -> dict[str, Any]:
+def run_fingerprint(train: TrainConfig, model: ModelConfig, manifest: Manifest, seed: int, global_batch: int) -> dict[str, Any]:
     """Everything that determines the training trajectory, as flat `section.key` → value."""
     t = train.model_dump(mode="json")
     shards = [s.sha256 for split in manifest.splits.values() for s in split.shards]
     return {
         **{f"train.{k}": t[k] for k in TRAJECTORY_FIELDS},
-        "train.global_batch_size": train.micro_batch_size * train.grad_accum_steps * num_workers,
+        "train.global_batch_size": global_batch,
         **{f"model.{k}": v for k, v in model.model_dump(mode="json").items()},
         "data.fingerprint": manifest.fingerprint,
         "data.shards": fingerprint(shards),
@@ -88,6 +89,9 @@ def _read_record(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
         record = json.loads(raw)
     except json.JSONDecodeError:
         raise RunFileError(f"{path}/{RunLayout.COMMIT}: corrupt commit record; move that checkpoint away") from None
+    if isinstance(record, dict) and record.get("version") == 1:
+        raise RunFileError(f"{path}: a checkpoint of an older raygpt (DeepSpeed files by rank), which this one cannot "
+                           "resume; use a new run_dir (its model folder still works for eval, export and generate)")
     return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
 
 
@@ -147,7 +151,7 @@ def publish(layout: RunLayout, step: int, record: dict[str, Any]) -> None:
 
 def verify(folder: Path, record: dict[str, Any]) -> None:
     """Every file of a checkpoint folder against its commit record (size, sha256); a file the record does not list is
-    refused too. Runs before DeepSpeed unpickles anything."""
+    refused too. Runs before anything in it is read."""
     expected: dict[str, dict[str, Any]] = record["files"]
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {RunLayout.COMMIT}
     if extra := sorted(present - set(expected)):

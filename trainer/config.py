@@ -17,13 +17,13 @@ class TrainConfig(Section):
     """Optimization, precision, parallelism, evaluation and checkpoint cadence."""
 
     max_steps: int = Field(default=1000, ge=1)
-    """Optimizer steps to train for (each sees micro_batch_size × grad_accum_steps × num_workers sequences)."""
+    """Optimizer steps to train for (each sees global_batch_size sequences)."""
     micro_batch_size: int = Field(default=8, ge=1)
     """Sequences per worker per forward/backward pass."""
-    grad_accum_steps: int = Field(default=1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
     global_batch_size: int | None = Field(default=None, ge=1)
-    """If set, checked to equal micro_batch_size × grad_accum_steps × cluster.num_workers."""
+    """Sequences per optimizer step, the same at every world size: each of W workers accumulates
+    global_batch_size / (W × micro_batch_size) micro-batches. None means micro_batch_size × the largest
+    cluster.num_workers (no accumulation at full size); set it explicitly for an elastic run."""
     lr: float = Field(default=6e-4, gt=0)
     """Peak learning rate (after warmup)."""
     min_lr: float = Field(default=6e-5, ge=0)
@@ -51,6 +51,9 @@ class TrainConfig(Section):
     """Micro-batches of val data per worker in one validation."""
     checkpoint_every: int = Field(default=200, ge=1)
     """Steps between checkpoints; one is always written at the last step."""
+    checkpoint_every_s: float | None = Field(default=None, gt=0)
+    """Also checkpoint once this many seconds passed since the last one (rank 0's clock): bounds the work a lost node
+    or a resize of an elastic group costs. None: by steps only."""
     keep_checkpoints: int = Field(default=2, ge=1)
     """Committed training checkpoints kept (the newest); older ones are deleted once a newer one is committed."""
     resume: bool = True
@@ -72,9 +75,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: TrainConfig, use_gpu: bool, precision: Literal["fp32", "bf16", "fp16"]) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, use_gpu: bool, precision: Literal["fp32", "bf16", "fp16"], accum: int) -> dict[str, Any]:
     """The DeepSpeed config: batch, precision (`cfg.precision` resolved for the hardware), ZeRO, optimizer, clipping.
-    Only micro-batch and accumulation are set, never train_batch_size (DeepSpeed derives it from the world size)."""
+    Only micro-batch and accumulation (`accum`, derived from the global batch and the world size) are set, never
+    train_batch_size (DeepSpeed derives it from the world size)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -85,7 +89,7 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool, precision: Literal["fp32",
         adam["torch_adam"] = True  # FusedAdam needs CUDA; DeepSpeed picks it on GPU
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": adam},

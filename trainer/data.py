@@ -1,51 +1,46 @@
-"""The training-side shard reader: each rank streams a disjoint part of the webdataset shards in a deterministic
-global order, and can restart at exactly the next sample (used by `raygpt train` workers).
+"""The training-side data order and reader: the sequence of global batches is a pure function of (seed, step), the
+same at every world size and after any resume; each rank reads only its slice of each global batch, sample by sample.
 
-Order: every epoch the shard list is permuted with a generator seeded by (seed, epoch). With at least as many
-shards as ranks, rank r reads shards r, r+W, r+2W, ... of that order; with fewer shards every rank reads all of them
-and keeps samples i ≡ r (mod W). Each rank's stream runs on into the next epoch by itself, so every rank always has
-data. The position (epoch, samples consumed this epoch) is saved in every checkpoint; resuming with the same number
-of workers continues with exactly the next batch. With another number of workers the rank streams change: each rank
-resumes at the same epoch, skipping the same count of its own new stream — no sample is lost from later epochs, but
-within that epoch some samples may be seen twice or not at all.
+Used by `raygpt train` workers (trainer/loop.py); `python -m trainer.data RUN_DIR/data 3 8` prints the sample ids of
+global batches 0..2 of size 8 (seed 1337) — what any run with that seed and global batch trains on.
 
-Shards are streamed (a local file, or an object in s3:// / gs:// through `cluster.storage`), never downloaded whole:
-a background thread reads ahead at most `read_ahead` blocks, so memory is bounded and reading overlaps the step.
-Each shard's sha256 is checked as it is read; a shard that differs from the manifest stops training with one line.
+Order (`SampleOrder`): the train split's blocks are numbered 0..N-1 in manifest order. Epoch e is the permutation
+`default_rng([seed, e]).permutation(N)`; the epochs are concatenated into one endless stream, and global step s (from
+0) trains on stream positions [s·B, (s+1)·B). A global batch may straddle two epochs; every sample of an epoch is used
+exactly once. Rank r of W takes the slice [r·B/W, (r+1)·B/W) of each global batch, as B/(W·m) micro-batches of m
+(`train.global_batch_size` B, `train.micro_batch_size` m). The only data position a checkpoint needs is the step.
+
+Reading (`SampleReader`): every block in a shard takes the same number of tar bytes (a 512-byte header, then the .npy
+padded to 512), so block i of a shard starts at byte i·S and is read directly — a `pread` locally, a ranged GET on
+object storage (`cluster.storage.open_random`), a few in parallel. Each member's tar header is checked (checksum, the
+name `<key>-<i>.input_ids.npy`, size) and so is the .npy header (dtype, shape, byte for byte): a shard that is not what the
+manifest says stops training with one line. Whole-shard sha256s are checked by the driver before training for local
+data; on object storage the driver checks sizes (hashing there would read the corpus) — see the README.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import queue
+import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from cluster import storage
 from cluster.layout import Location
-from data_pipeline.manifest import ShardEntry, read_manifest, shard_blocks
+from data_pipeline.config import DataError
+from data_pipeline.manifest import Manifest, read_manifest
+from data_pipeline.pack import tar_bytes_per_block
 
-READ_AHEAD = 256
-"""Blocks each rank's reader thread may hold before the step takes them."""
-
-
-@dataclass
-class Position:
-    """Where a rank's stream stands: the epoch, and how many of its samples of that epoch it has consumed."""
-
-    epoch: int = 0
-    consumed: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Position:
-        return cls(**json.loads(text))
+READ_AHEAD = 4
+"""Steps each rank's reader thread prepares before the training step takes them."""
+READERS = 8
+"""Blocks read in parallel (ranged reads: on object storage each one is a round trip)."""
 
 
 def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
@@ -68,7 +63,7 @@ def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
         except BaseException as e:  # noqa: BLE001 — handed to the consumer, which raises it
             buffer.put(("error", e))
 
-    thread = threading.Thread(target=produce, name="shard-read-ahead", daemon=True)
+    thread = threading.Thread(target=produce, name="sample-read-ahead", daemon=True)
     thread.start()
     try:
         while True:
@@ -82,60 +77,166 @@ def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
         stop.set()
 
 
-class ShardStream:
-    """Infinite stream of one rank's blocks (seq_len + 1,), resumable at a Position."""
+def world_sizes(global_batch: int, micro_batch: int, up_to: int) -> list[int]:
+    """World sizes ≤ up_to at which a global batch splits into whole micro-batches on every rank."""
+    return [w for w in range(1, up_to + 1) if global_batch % (w * micro_batch) == 0]
 
-    def __init__(self, data_dir: Location, split: str, rank: int, world: int, seed: int, start: Position | None = None,
-                 depth: int = READ_AHEAD):
-        manifest = read_manifest(data_dir)
-        self.shards: list[tuple[Location, ShardEntry]] = manifest.shard_paths(data_dir, split)
-        if not self.shards:
-            raise ValueError(f"{data_dir}: the {split} split has no shards")
-        self.rank, self.world, self.seed, self.depth = rank, world, seed, depth
-        self.position = start or Position()
 
-    def _epoch(self, epoch: int) -> list[tuple[Location, ShardEntry, int, int]]:
-        """(shard, entry, first sample, step) pieces of this rank in this epoch."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        shards = [self.shards[i] for i in order]
-        if len(shards) >= self.world:
-            return [(path, entry, 0, 1) for path, entry in shards[self.rank :: self.world]]
-        return [(path, entry, self.rank, self.world) for path, entry in shards]  # too few shards: split the samples
+def grad_accum(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step; a world size that does not divide is one line."""
+    if global_batch % (world * micro_batch):
+        valid = ", ".join(map(str, world_sizes(global_batch, micro_batch, max(world, 8))))
+        raise DataError(f"world size {world} does not split train.global_batch_size {global_batch} into micro-batches "
+                        f"of train.micro_batch_size {micro_batch}; valid world sizes: {valid}")
+    return global_batch // (world * micro_batch)
 
-    def _blocks(self, start: Position) -> Iterator[tuple[int, np.ndarray]]:
-        """(epoch, block) of this rank from `start` on (the reader thread's side)."""
-        epoch, skip = start.epoch, start.consumed
+
+class SampleOrder:
+    """The endless, world-size-independent sequence of sample ids of one split (see the module docstring)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        if num_samples < 1:
+            raise DataError("the train split has no samples")
+        self.n, self.seed = num_samples, seed
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def epoch(self, e: int) -> np.ndarray:
+        """The permutation of epoch e (the last one is kept: consecutive batches mostly share an epoch)."""
+        if self._cached is None or self._cached[0] != e:
+            self._cached = (e, np.random.default_rng([self.seed, e]).permutation(self.n))
+        return self._cached[1]
+
+    def span(self, start: int, stop: int) -> np.ndarray:
+        """Sample ids at stream positions [start, stop)."""
+        parts = []
+        while start < stop:
+            e, offset = divmod(start, self.n)
+            take = min(stop - start, self.n - offset)
+            parts.append(self.epoch(e)[offset : offset + take])
+            start += take
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def global_batch(self, step: int, batch: int) -> np.ndarray:
+        """The B sample ids of global step `step` (from 0)."""
+        return self.span(step * batch, (step + 1) * batch)
+
+    def rank_slice(self, step: int, batch: int, rank: int, world: int) -> np.ndarray:
+        """Rank r's contiguous part of that global batch."""
+        per = batch // world
+        return self.global_batch(step, batch)[rank * per : (rank + 1) * per]
+
+
+@dataclass(frozen=True)
+class _Shard:
+    location: Location
+    first: int  # sample id of its block 0
+    count: int
+
+
+class SampleReader:
+    """Blocks of one split by sample id, read directly at their byte offset (local file or object)."""
+
+    def __init__(self, data_dir: Location, split: str, manifest: Manifest | None = None):
+        manifest = manifest or read_manifest(data_dir)
+        self.dtype = np.dtype(manifest.dtype)
+        self.block_len = manifest.seq_len + 1
+        self.stride = tar_bytes_per_block(self.block_len, self.dtype)
+        self.shards: list[_Shard] = []
+        first = 0
+        for location, entry in manifest.shard_paths(data_dir, split):
+            self.shards.append(_Shard(location, first, entry.sequences))
+            first += entry.sequences
+        self.num_samples = first
+        self._starts = np.array([s.first for s in self.shards])
+        # the exact .npy header the shard writer puts before every block's tokens (same dtype and shape every time)
+        npy = io.BytesIO()
+        np.save(npy, np.zeros(self.block_len, self.dtype), allow_pickle=False)
+        self._npy_size = npy.tell()
+        self._npy_header = npy.getvalue()[: self._npy_size - self.block_len * self.dtype.itemsize]
+        self._files: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="sample-reader")
+
+    def _file(self, shard: int) -> Any:
+        with self._lock:
+            if shard not in self._files:
+                self._files[shard] = storage.open_random(self.shards[shard].location)
+            return self._files[shard]
+
+    def read(self, sample: int) -> np.ndarray:
+        """One block (seq_len + 1,), its tar and .npy headers checked."""
+        if not 0 <= sample < self.num_samples:
+            raise IndexError(f"sample {sample} outside 0..{self.num_samples - 1}")
+        shard = int(np.searchsorted(self._starts, sample, side="right")) - 1
+        index = sample - self.shards[shard].first
+        raw = self._file(shard).read_at(self.stride, index * self.stride)
+        return self._decode(raw, shard, index)
+
+    def read_many(self, samples: np.ndarray) -> np.ndarray:
+        """(len(samples), seq_len + 1) blocks in the given order, read in parallel."""
+        return np.stack(list(self._pool.map(self.read, (int(s) for s in samples))))
+
+    def _decode(self, raw: bytes, shard: int, index: int) -> np.ndarray:
+        where = f"{self.shards[shard].location} block {index}"
+        header = raw[:512]
+        if len(raw) != self.stride or not _tar_header_ok(header):
+            raise DataError(f"corrupt shard {where}: not a tar member at its offset (the shard differs from the manifest)")
+        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+        size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+        if not name.endswith(f"-{index:07d}.input_ids.npy") or 512 + size > self.stride:
+            raise DataError(f"corrupt shard {where}: member {name!r} of {size} bytes is not block {index}")
+        if raw[512 : 512 + len(self._npy_header)] != self._npy_header or size != self._npy_size:
+            raise DataError(f"corrupt shard {where}: not a .npy of {self.block_len} {self.dtype} tokens")
+        return np.frombuffer(raw, self.dtype, count=self.block_len, offset=512 + len(self._npy_header))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+
+def _tar_header_ok(header: bytes) -> bool:
+    """The ustar checksum: the sum of the header's bytes with the checksum field read as spaces."""
+    try:
+        stored = int(header[148:156].rstrip(b"\0 ").decode() or "-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(header[:148]) + 8 * 32 + sum(header[156:512])
+
+
+@dataclass(frozen=True)
+class StepData:
+    """What one rank trains on at one step: its micro-batches and the sample ids in them (for the data digest)."""
+
+    step: int
+    ids: np.ndarray  # (accum · m,)
+    micro_batches: list[np.ndarray]  # accum × (m, seq_len + 1)
+
+
+def rank_steps(reader: SampleReader, order: SampleOrder, first_step: int, batch: int, micro: int, rank: int,
+               world: int) -> Iterator[StepData]:
+    """This rank's data for steps first_step, first_step + 1, ... (0-based global steps), read ahead on a thread."""
+
+    def produce() -> Iterator[StepData]:
+        step = first_step
         while True:
-            for path, entry, first, step in self._epoch(epoch):
-                mine = len(range(first, entry.sequences, step))
-                if skip >= mine:  # the whole piece was consumed before the resume: skip it unread
-                    skip -= mine
-                    continue
-                for i, block in enumerate(shard_blocks(path, entry.sha256)):
-                    if i < first or (i - first) % step:
-                        continue
-                    if skip:
-                        skip -= 1
-                        continue
-                    yield epoch, block
-            epoch, skip = epoch + 1, 0
+            ids = order.rank_slice(step, batch, rank, world)
+            blocks = reader.read_many(ids)
+            yield StepData(step, ids, [blocks[i : i + micro] for i in range(0, len(ids), micro)])
+            step += 1
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for epoch, block in read_ahead(self._blocks(Position(**asdict(self.position))), self.depth):
-            if epoch != self.position.epoch:
-                self.position = Position(epoch, 0)
-            self.position.consumed += 1
-            yield block
-
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """(batch_size, seq_len + 1) int64 tensors; the position counts exactly the samples handed out."""
-        stream = iter(self)
-        while True:
-            yield torch.from_numpy(np.stack([next(stream) for _ in range(batch_size)]).astype(np.int64))
+    return read_ahead(produce(), READ_AHEAD)
 
 
-def val_blocks(data_dir: Location, rank: int, world: int, count: int) -> Iterator[np.ndarray]:
-    """The first `count` val blocks of this rank (the same ones at every validation)."""
-    stream = iter(ShardStream(data_dir, "val", rank, world, seed=0, depth=max(1, min(count, READ_AHEAD))))
-    for _ in range(count):
-        yield next(stream)
+def val_ids(num_samples: int, count: int, rank: int, world: int) -> np.ndarray:
+    """The fixed validation set — the first `count` val blocks, the same at every world size — and rank r's share."""
+    return np.arange(min(count, num_samples))[rank::world]
+
+
+if __name__ == "__main__":
+    folder, steps, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    ids = SampleOrder(SampleReader(folder, "train").num_samples, seed=int(sys.argv[4]) if len(sys.argv) > 4 else 1337)
+    for s in range(steps):
+        print(f"step {s + 1}: {ids.global_batch(s, size).tolist()}")

@@ -6,13 +6,19 @@
 Checkpoints go to Ray Train storage (`cluster.storage_path`, default RUN_DIR; a URI works) as
 `checkpoints/step-N/`, committed by `trainer.checkpoints`. Re-running the same command resumes from the newest
 committed checkpoint, after checking that it belongs to the same run (fingerprint) and is intact (commit record).
-Worker failures are retried `cluster.max_failures` times, each time from the newest committed checkpoint.
+Worker failures are retried `cluster.max_failures` times, each time from the newest committed checkpoint. With
+`cluster.num_workers: [min, max]` the group is elastic: it starts with what the cluster has, grows when nodes are
+added and shrinks when one is lost; every resize resumes from the newest committed checkpoint, and the global batches
+are the same at every size (`trainer.data`, `trainer.state`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -24,8 +30,11 @@ from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest, read_manifest
 from model.gpt import ModelConfig
 from trainer import checkpoints
-from trainer.config import TrainConfig
-from trainer.loop import train_loop_per_worker
+from trainer.data import world_sizes
+from trainer.loop import WorkerConfig, train_loop_per_worker
+
+if TYPE_CHECKING:
+    from cluster.config import ClusterConfig
 
 
 def check_data(data_dir: Location, verify_hashes: bool = True) -> Manifest:
@@ -67,47 +76,51 @@ def check_resume(layout: RunLayout, run_fp: dict[str, Any]) -> checkpoints.Commi
     return newest
 
 
-def train(
-    train_cfg: TrainConfig,
-    model_cfg: ModelConfig,
-    layout: RunLayout,
-    seed: int,
-    scaling: ScalingConfig,
-    max_failures: int,
-    eot_token: str,
-    run_fp: dict[str, Any],
-    faults: dict[str, int] | None = None,
-) -> Any:
-    """Run (or resume) training; returns Ray Train's Result. `faults` (tests only): exit_after_step kills the last
-    worker once after that step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit."""
+def test_faults() -> dict[str, int]:
+    """Fault injection for tests only, from the environment of the process that runs the driver (RAYGPT_TEST_FAULTS,
+    JSON: {"exit_after_step": 7} or {"kill_before_commit": 8}); empty in production."""
+    raw = os.environ.get("RAYGPT_TEST_FAULTS")
+    return {str(k): int(v) for k, v in json.loads(raw).items()} if raw else {}
+
+
+def scaling_config(cluster: ClusterConfig) -> ScalingConfig:
+    """Ray Train's ScalingConfig: a fixed group, or an elastic (min, max) one checked for a resize every
+    `cluster.elastic_resize_s`."""
+    low, high = cluster.worker_range
+    return ScalingConfig(
+        num_workers=(low, high) if low != high else low,
+        use_gpu=cluster.use_gpu,
+        resources_per_worker={"CPU": cluster.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})},
+        placement_strategy=cluster.placement_strategy,
+        **({"elastic_resize_monitor_interval_s": cluster.elastic_resize_s} if low != high else {}),
+    )
+
+
+def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
+    """Run (or resume) training on a fixed or elastic worker group; returns Ray Train's Result. Every (re)start of the
+    group — a failure, or an elastic resize — resumes from the newest committed checkpoint at the new world size."""
+    layout = worker.layout
     if not layout.remote:
         Path(layout.run_dir).mkdir(parents=True, exist_ok=True)
         layout = RunLayout(Path(layout.run_dir).resolve(), layout.storage)
+    worker = replace(worker, layout=layout, faults=test_faults())
+    low, high = cluster.worker_range
+    valid = world_sizes(worker.global_batch, worker.train.micro_batch_size, max(high, 8))
+    print(f"[train] global batch {worker.global_batch} at every world size; workers {low}" + (f"–{high} (elastic)" if high > low else "")
+          + f"; valid world sizes: {', '.join(map(str, valid))}", flush=True)
     checkpoints.forget_ray_state(layout)
     # Ray Train uploads every rank's checkpoint through the same pyarrow file system as the rest of the run
     fs, storage_path = storage.filesystem(layout.storage) if layout.remote_storage else (None, layout.storage)
-    loop_config = {
-        "train": train_cfg.model_dump(mode="json"),
-        "model": model_cfg.model_dump(mode="json"),
-        "layout": layout,
-        "seed": seed,
-        "use_gpu": scaling.use_gpu,
-        "eot_token": eot_token,
-        "fingerprint": run_fp,
-        "keep_checkpoints": train_cfg.keep_checkpoints,
-        "faults": faults or {},
-    }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=scaling,
+        train_loop_config={"worker": worker},
+        scaling_config=scaling_config(cluster),
         run_config=RunConfig(
             name=RunLayout.CHECKPOINTS,
             storage_path=storage_path,
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # trainer.checkpoints prunes committed ones
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
         ),
     )
     return trainer.fit()
-

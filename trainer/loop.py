@@ -1,19 +1,22 @@
-"""`train_loop_per_worker`: what each Ray Train worker runs — a DeepSpeed engine over the `model/` transformer, fed by
-its part of the shards, with validation, metrics and checkpoints that resume exactly (the commit protocol of
-`trainer.checkpoints`: versioned folders, a commit record written last, verified before load).
+"""`train_loop_per_worker`: what each Ray Train worker runs — a DeepSpeed engine over the `model/` transformer, fed
+its slice of every global batch, with validation, metrics and checkpoints that resume exactly at any world size (the
+commit protocol of `trainer.checkpoints`; the resharding state of `trainer.state`; the data order of `trainer.data`).
 
-Started by `trainer.driver.train` (`raygpt train CONFIG`); not run by hand.
+Started by `trainer.driver.train` (`raygpt train CONFIG`); not run by hand. The worker is one `Worker` whose parts
+are small and separate: `setup` (engine, data), `resume`, `train_step`, `evaluate`, `checkpoint`, `log`, and `run`,
+the loop that calls them.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
 import math
 import os
 import signal
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +27,40 @@ import torch
 import torch.distributed as dist
 
 from cluster import storage
-from cluster.files import atomic_write, file_records, read_json, remove
-from cluster.layout import Location, RunLayout, step_name
+from cluster.files import atomic_write, file_records, remove
+from cluster.layout import RunLayout, step_name
 from data_pipeline.manifest import read_manifest
 from model.checkpoint import save_checkpoint
 from model.flops import flops_per_token, mfu, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
-from trainer import checkpoints
+from trainer import checkpoints, state
 from trainer.config import TrainConfig, deepspeed_config, lr_at
-from trainer.data import Position, ShardStream, val_blocks
+from trainer.data import SampleOrder, SampleReader, StepData, grad_accum, rank_steps, val_ids
 
-DS_TAG = "ds"
-STATE = "raygpt_state_rank{rank}.json"  # step, data position and RNG of one rank
 PHASES = ("data", "forward", "backward", "step")  # the parts of a training step timed into the metrics
+STATE_DIR = "state"  # trainer.state's folder inside a checkpoint
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver hands every worker (typed; the same object at every world size)."""
+
+    train: TrainConfig
+    model: ModelConfig
+    layout: RunLayout
+    seed: int
+    global_batch: int
+    use_gpu: bool
+    eot_token: str
+    fingerprint: dict[str, Any]
+    faults: dict[str, int] = field(default_factory=dict)
+    """Tests only (set by the driver from RAYGPT_TEST_FAULTS): exit_after_step kills the last rank once after that
+    step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit."""
 
 
 def log_rank0(message: str) -> None:
-    if ray.train.get_context().get_world_rank() == 0:
+    if dist.get_rank() == 0:
         print(message, flush=True)
 
 
@@ -54,20 +73,29 @@ def param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The dropout RNG of a rank at a step: a pure function, so no RNG state needs saving and a resume is exact."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def sample_digests(data: StepData) -> list[bytes]:
+    """One short digest per sample of this rank's slice, in order."""
+    return [hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest()
+            for blocks in data.micro_batches for block in blocks]
+
+
+def batch_digest(per_rank: list[list[bytes]]) -> str:
+    """A digest of a global batch's samples in global order (the ranks' slices in rank order): equal for equal data
+    at any world size. Logged as `data_digest`, so two runs can be checked to have trained on the same samples."""
+    return hashlib.blake2b(b"".join(d for digests in per_rank for d in digests), digest_size=8).hexdigest()
+
+
 def _agree_on_precision(requested: str, device: torch.device) -> Choice:
     """Rank 0 decides from its hardware and every rank takes its choice (mixed precisions cannot all-reduce)."""
     holder: list[Choice | None] = [choose(requested, detect(device)) if dist.get_rank() == 0 else None]  # type: ignore[arg-type]
     dist.broadcast_object_list(holder, src=0)
     assert holder[0] is not None
     return holder[0]
-
-
-def _rng_state() -> dict[str, str]:
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-
-
-def _set_rng_state(state: dict[str, str]) -> None:
-    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
 
 
 def _consolidated_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -77,103 +105,10 @@ def _consolidated_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]
     module = engine.module
     if zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+            full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
     else:
-        state = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-    return state if dist.get_rank() == 0 else None
-
-
-def _evaluate(engine: Any, data_dir: Location, cfg: TrainConfig, tokens_per_byte: float) -> tuple[float, float]:
-    """Mean val loss over eval_batches micro-batches per rank (all-reduced) and bits per byte."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    engine.eval()
-    blocks = list(val_blocks(data_dir, rank, world, cfg.eval_batches * cfg.micro_batch_size))
-    total = torch.zeros(2)
-    with torch.no_grad():
-        for i in range(0, len(blocks), cfg.micro_batch_size):
-            batch = torch.from_numpy(np.stack(blocks[i : i + cfg.micro_batch_size]).astype(np.int64))
-            _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
-            total += torch.tensor([loss.float().item() * len(batch), len(batch)])
-    dist.all_reduce(total)
-    engine.train()
-    val_loss = (total[0] / total[1]).item()
-    return val_loss, val_loss / math.log(2) * tokens_per_byte
-
-
-def _save(engine: Any, tmp: Path, step: int, stream: ShardStream, cfg: dict[str, Any], model_cfg: ModelConfig) -> GPT | None:
-    """Every rank: its DeepSpeed shard and its state; rank 0 also the consolidated model (returned on rank 0)."""
-    rank = dist.get_rank()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"step": step})
-    state = {"step": step, "position": json.loads(stream.position.to_json()), "rng": _rng_state()}
-    atomic_write(tmp / STATE.format(rank=rank), json.dumps(state))
-    full = _consolidated_state(engine, cfg["train"]["zero_stage"])
-    if full is None:
-        return None
-    model = GPT(model_cfg)
-    model.load_state_dict(full)
-    save_checkpoint(model, tmp / RunLayout.MODEL, cfg["layout"].data.tokenizer, extra=_model_meta(step, cfg))
-    return model
-
-
-def _model_meta(step: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"step": step, "eot_token": cfg["eot_token"]}
-
-
-def _save_and_commit(
-    engine: Any, step: int, stream: ShardStream, cfg: dict[str, Any], model_cfg: ModelConfig, metrics: dict[str, Any]
-) -> None:
-    """Write this rank's part of the step's checkpoint, report it (Ray uploads it to step-N/), and — once every rank's
-    report returned — commit it on rank 0, re-point RUN_DIR/checkpoint at its model and prune old checkpoints."""
-    layout: RunLayout = cfg["layout"]
-    rank, world = dist.get_rank(), dist.get_world_size()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = _save(engine, Path(tmp), step, stream, cfg, model_cfg)
-        files = file_records(tmp)
-        ray.train.report(metrics or {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=step_name(step))
-    every: list[dict[str, Any] | None] = [None] * world
-    dist.all_gather_object(every, files)  # also the barrier: every rank's report (and upload) has returned
-    if rank != 0:
-        return
-    if step == cfg["faults"].get("kill_before_commit"):
-        os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
-    record = checkpoints.commit(layout, step, cfg["fingerprint"], world, checkpoints.merge_files(every))  # type: ignore[arg-type]
-    if layout.remote_storage and not layout.remote:  # the published model of a local run is a local folder
-        assert model is not None
-        save_checkpoint(model, layout.model_dir(step), layout.data.tokenizer, extra=_model_meta(step, cfg), replace=True)
-    checkpoints.publish(layout, step, record)
-    checkpoints.prune(layout, cfg["keep_checkpoints"])
-    _upload_metrics(layout)
-
-
-def _upload_metrics(layout: RunLayout) -> None:
-    """Rank 0, for a run on object storage: the local metrics and TensorBoard mirror replace the run's copy (object
-    stores do not append). Called at every checkpoint and at the end."""
-    if layout.remote:
-        if layout.metrics_local.is_file():
-            storage.upload(layout.metrics_local, layout.metrics)
-        if layout.tensorboard_local.is_dir():
-            storage.upload_folder(layout.tensorboard_local, layout.tensorboard)
-
-
-def _resume(engine: Any, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """Rank 0 picks the newest committed checkpoint (and clears newer uncommitted folders); every rank verifies the
-    files against the commit record, then loads its DeepSpeed shard and state. None when there is none."""
-    layout: RunLayout = cfg["layout"]
-    holder: list[checkpoints.Committed | None] = [None]
-    if dist.get_rank() == 0:
-        holder[0] = checkpoints.newest(layout)
-        stale = [s for s in checkpoints.step_folders(layout) if holder[0] is None or s > holder[0].step]
-        checkpoints.remove_steps(layout, stale)  # crashed saves: a new save of that step must start empty
-    dist.broadcast_object_list(holder, src=0)
-    chosen = holder[0]
-    if chosen is None:
-        return None
-    fs, path = storage.filesystem(chosen.location)
-    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
-        checkpoints.verify(Path(folder), chosen.record)  # before DeepSpeed unpickles anything
-        engine.load_checkpoint(folder, tag=DS_TAG)
-        return read_json(Path(folder) / STATE.format(rank=dist.get_rank()), "rank state")
+        full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    return full if dist.get_rank() == 0 else None
 
 
 def _continue_metrics(layout: RunLayout, step: int | None) -> None:
@@ -194,121 +129,265 @@ def _continue_metrics(layout: RunLayout, step: int | None) -> None:
         atomic_write(layout.metrics_local, "".join(kept))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import deepspeed
-    from torch.utils.tensorboard import SummaryWriter
+def _upload_metrics(layout: RunLayout) -> None:
+    """Rank 0, for a run on object storage: the local metrics and TensorBoard mirror replace the run's copy (object
+    stores do not append). Called at every checkpoint and at the end."""
+    if layout.remote:
+        if layout.metrics_local.is_file():
+            storage.upload(layout.metrics_local, layout.metrics)
+        if layout.tensorboard_local.is_dir():
+            storage.upload_folder(layout.tensorboard_local, layout.tensorboard)
 
-    cfg = TrainConfig.model_validate(config["train"])
-    model_cfg = ModelConfig.model_validate(config["model"])
-    layout: RunLayout = config["layout"]
-    data_dir = layout.data.root
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    manifest = read_manifest(data_dir)
-    per_byte = manifest.tokens_per_byte()
-    node = ray.get_runtime_context().get_node_id()
-    print(f"[train] rank {rank}/{world} on node {node} ({ray.util.get_node_ip_address()})", flush=True)
 
-    precision = _agree_on_precision(cfg.precision, ray.train.torch.get_device())
-    log_rank0(f"[train] precision {precision.precision}: {precision.reason}")
-    if precision.warning:
-        log_rank0(f"[train] warning: {precision.warning}")
-    torch.manual_seed(config["seed"])  # identical initial weights on every rank
-    model = GPT(model_cfg)
-    ds_config = deepspeed_config(cfg, config["use_gpu"], precision.precision)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)),
-    )
-    step, position = 0, Position()
-    state = _resume(engine, config)
-    if state is not None:
-        step, position = state["step"], Position(**state["position"])
-        _set_rng_state(state["rng"])
-        log_rank0(f"[train] resumed at step {step} (rank 0 data position {position})")
-    else:
-        torch.manual_seed(config["seed"] + 1 + rank)  # dropout differs across ranks
-    stream = ShardStream(data_dir, "train", rank, world, config["seed"], position)
-    batches = stream.batches(cfg.micro_batch_size)
+class Worker:
+    """One rank of a training run; `run()` trains from the newest committed checkpoint to max_steps."""
 
-    device = engine.device
-    fpt = flops_per_token(model_cfg, manifest.seq_len)
-    peak = peak_flops(device, precision.dtype, threads=torch.get_num_threads())  # MFU against the dtype in use
-    if rank == 0:
-        _continue_metrics(layout, step if state is not None else None)
-    # purge_step: TensorBoard drops the events of steps after the resumed one written by an earlier attempt
-    writer = SummaryWriter(str(layout.tensorboard_local), purge_step=step + 1 if state else None) if rank == 0 else None
-    metrics_file = open(layout.metrics_local, "a") if rank == 0 else None  # appended line by line; rewritten on resume
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * manifest.seq_len
-    fault_step = config["faults"].get("exit_after_step")  # test-only fault hook
-    first_step, start = step, time.perf_counter()
-    window_start, window_steps, phases = time.perf_counter(), 0, np.zeros(len(PHASES))
-    while step < cfg.max_steps:
-        for _ in range(cfg.grad_accum_steps):
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg, self.t = cfg, cfg.train
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.accum = grad_accum(cfg.global_batch, self.t.micro_batch_size, self.world)
+        self.step = 0
+        self.resumed = False
+
+    # -- setup and resume ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """The DeepSpeed engine over a fresh model (identical on every rank), the data reader and the global order."""
+        import deepspeed
+
+        cfg, t = self.cfg, self.t
+        self.manifest = read_manifest(cfg.layout.data.root)
+        self.precision = _agree_on_precision(t.precision, ray.train.torch.get_device())
+        log_rank0(f"[train] {self.world} worker(s), {self.accum} micro-batch(es) of {t.micro_batch_size} each per step: "
+                  f"global batch {cfg.global_batch}; precision {self.precision.precision}: {self.precision.reason}")
+        if self.precision.warning:
+            log_rank0(f"[train] warning: {self.precision.warning}")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = GPT(cfg.model)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, t.weight_decay),
+            config=deepspeed_config(t, cfg.use_gpu, self.precision.precision, self.accum),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t)),
+        )
+        self.train_data = SampleReader(cfg.layout.data.root, "train", self.manifest)
+        self.val_data = SampleReader(cfg.layout.data.root, "val", self.manifest)
+        self.order = SampleOrder(self.train_data.num_samples, cfg.seed)
+
+    def resume(self) -> None:
+        """Rank 0 picks the newest committed checkpoint (and clears newer uncommitted folders); every rank verifies its
+        copy against the commit record, then loads the resharding state — whatever world size and ZeRO stage wrote it."""
+        layout = self.cfg.layout
+        holder: list[checkpoints.Committed | None] = [None]
+        if self.rank == 0:
+            holder[0] = checkpoints.newest(layout)
+            stale = [s for s in checkpoints.step_folders(layout) if holder[0] is None or s > holder[0].step]
+            checkpoints.remove_steps(layout, stale)  # crashed saves: a new save of that step must start empty
+        dist.broadcast_object_list(holder, src=0)
+        chosen = holder[0]
+        if chosen is None:
+            return
+        fs, path = storage.filesystem(chosen.location)
+        example = torch.zeros(self.t.micro_batch_size, self.manifest.seq_len + 1, dtype=torch.long, device=self.engine.device)
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+            checkpoints.verify(Path(folder), chosen.record)  # before anything in it is read
+            self.step = state.load(self.engine, Path(folder) / STATE_DIR, self.scheduler, example, self.accum)
+        self.resumed = True
+        log_rank0(f"[train] resumed at step {self.step} (written by {chosen.record['world_size']} worker(s), now {self.world})")
+
+    # -- one step ----------------------------------------------------------------------------------------------------
+    def train_step(self, data: StepData) -> tuple[torch.Tensor, np.ndarray]:
+        """Forward, backward and (at the accumulation boundary) the optimizer step over this rank's micro-batches;
+        returns the last micro-batch's loss and the time of each phase."""
+        torch.manual_seed(step_seed(self.cfg.seed, data.step, self.rank))
+        phases = np.zeros(len(PHASES))
+        loss = torch.zeros(())
+        for blocks in data.micro_batches:
             t0 = time.perf_counter()
-            batch = next(batches).to(device)
+            batch = torch.from_numpy(blocks.astype(np.int64)).to(self.engine.device)
             t1 = time.perf_counter()
-            _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
+            _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
             t2 = time.perf_counter()
-            engine.backward(loss)  # includes the gradient all-reduce / reduce-scatter at the accumulation boundary
+            self.engine.backward(loss)  # the gradient all-reduce / reduce-scatter happens at the accumulation boundary
             t3 = time.perf_counter()
-            engine.step()  # optimizer on this rank's partition, then the parameter all-gather (ZeRO ≥ 1)
+            self.engine.step()  # optimizer on this rank's partition, then the parameter all-gather (ZeRO ≥ 1)
             phases += np.array([t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3])
-        step += 1
-        window_steps += 1
-        if step == fault_step and rank == world - 1 and state is None:
-            os._exit(1)  # simulate a worker dying mid-run (only on the first attempt)
-        out_of_time = False
-        if cfg.time_budget_s is not None:  # every rank must stop at the same step: rank 0's clock decides
-            flag = torch.tensor([float(time.perf_counter() - start >= cfg.time_budget_s)])
-            dist.broadcast(flag, src=0)
-            out_of_time = bool(flag.item())
-        last = step == cfg.max_steps or out_of_time
-        metrics: dict[str, Any] = {}
-        if step % cfg.log_every == 0 or last:
-            elapsed = time.perf_counter() - window_start
-            tps = tokens_per_step * window_steps / elapsed
-            achieved = mfu(tps / world, fpt, peak)
-            loss_value = loss.detach().float()
-            dist.all_reduce(loss_value)
-            metrics = {
-                "step": step,
-                "loss": loss_value.item() / world,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "tokens_per_sec": tps,
-                "mfu": achieved,
-                "elapsed_s": time.perf_counter() - start,
-                "precision": precision.precision,
-                # rank 0's profile of the window: where the time of a step goes, as fractions (the rest: logging,
-                # reporting, the time-budget broadcast)
-                **{f"time_{name}": float(t / elapsed) for name, t in zip(PHASES, phases)},
-            }
-            window_start, window_steps, phases = time.perf_counter(), 0, np.zeros(len(PHASES))
-        if step % cfg.eval_every == 0 or last:
-            metrics["val_loss"], metrics["val_bpb"] = _evaluate(engine, data_dir, cfg, per_byte)
-        if metrics:
-            metrics.setdefault("step", step)
-            if rank == 0:
-                eta = (cfg.max_steps - step) * (time.perf_counter() - start) / max(step - first_step, 1)
-                shown = " ".join(
-                    f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("time_")
-                )
-                print(f"[train] step {step}/{cfg.max_steps} {shown} eta {eta:.0f}s", flush=True)
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-                for key, value in metrics.items():
-                    if isinstance(value, float):
-                        writer.add_scalar(key, value, step)
-                writer.flush()
-        if step % cfg.checkpoint_every == 0 or last:
-            _save_and_commit(engine, step, stream, config, model_cfg, metrics)
-        elif metrics:
-            ray.train.report(metrics)
-        if out_of_time:
-            break
-    if writer is not None:
-        writer.close()
-        metrics_file.close()
+        self.step = data.step + 1
+        return loss, phases
+
+    def evaluate(self) -> tuple[float, float]:
+        """Mean val loss over the fixed val set (eval_batches × micro_batch_size blocks, split over the ranks, the same
+        set at any world size) and bits per byte."""
+        ids = val_ids(self.val_data.num_samples, self.t.eval_batches * self.t.micro_batch_size, self.rank, self.world)
+        total = torch.zeros(2)
+        self.engine.eval()
+        with torch.no_grad():
+            for i in range(0, len(ids), self.t.micro_batch_size):
+                blocks = self.val_data.read_many(ids[i : i + self.t.micro_batch_size])
+                batch = torch.from_numpy(blocks.astype(np.int64)).to(self.engine.device)
+                _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
+                total += torch.tensor([loss.float().item() * len(batch), len(batch)])
+        dist.all_reduce(total)
+        self.engine.train()
+        val_loss = (total[0] / total[1]).item()
+        return val_loss, val_loss / math.log(2) * self.manifest.tokens_per_byte()
+
+    # -- checkpoint --------------------------------------------------------------------------------------------------
+    def _save(self, tmp: Path) -> GPT | None:
+        """Every rank: its part of the resharding state; rank 0 also the consolidated model (returned on rank 0)."""
+        state.save(self.engine, tmp / STATE_DIR, self.step)
+        full = _consolidated_state(self.engine, self.t.zero_stage)
+        if full is None:
+            return None
+        model = GPT(self.cfg.model)
+        model.load_state_dict(full)
+        save_checkpoint(model, tmp / RunLayout.MODEL, self.cfg.layout.data.tokenizer, extra=self._model_meta())
+        return model
+
+    def _model_meta(self) -> dict[str, Any]:
+        return {"step": self.step, "eot_token": self.cfg.eot_token}
+
+    def checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Write this rank's part of the step's checkpoint, report it (Ray uploads it to step-N/), and — once every
+        rank's report returned — commit it on rank 0, re-point RUN_DIR/checkpoint at its model and prune old ones."""
+        layout, step = self.cfg.layout, self.step
+        with tempfile.TemporaryDirectory() as tmp:
+            model = self._save(Path(tmp))
+            files = file_records(tmp)
+            ray.train.report(metrics or {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=step_name(step))
+        every: list[dict[str, Any] | None] = [None] * self.world
+        dist.all_gather_object(every, files)  # also the barrier: every rank's report (and upload) has returned
+        if self.rank != 0:
+            return
+        if step == self.cfg.faults.get("kill_before_commit"):
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
+        record = checkpoints.commit(layout, step, self.cfg.fingerprint, self.world, checkpoints.merge_files(every))  # type: ignore[arg-type]
+        if layout.remote_storage and not layout.remote:  # the published model of a local run is a local folder
+            assert model is not None
+            save_checkpoint(model, layout.model_dir(step), layout.data.tokenizer, extra=self._model_meta(), replace=True)
+        checkpoints.publish(layout, step, record)
+        checkpoints.prune(layout, self.t.keep_checkpoints)
         _upload_metrics(layout)
+
+    # -- log ---------------------------------------------------------------------------------------------------------
+    def open_logs(self) -> None:
+        """Rank 0: the metrics file and TensorBoard, continued after a resume (later steps of an earlier attempt are
+        dropped: they are about to run again)."""
+        self.writer = self.metrics_file = None
+        if self.rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        layout = self.cfg.layout
+        _continue_metrics(layout, self.step if self.resumed else None)
+        self.writer = SummaryWriter(str(layout.tensorboard_local), purge_step=self.step + 1 if self.resumed else None)
+        self.metrics_file = open(layout.metrics_local, "a")
+
+    def log(self, metrics: dict[str, Any], eta_s: float) -> None:
+        """Rank 0: one progress line, one metrics.jsonl line, the scalars to TensorBoard."""
+        if self.rank != 0 or self.metrics_file is None or self.writer is None:
+            return
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("time_"))
+        print(f"[train] step {self.step}/{self.t.max_steps} {shown} eta {eta_s:.0f}s", flush=True)
+        self.metrics_file.write(json.dumps(metrics) + "\n")
+        self.metrics_file.flush()
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                self.writer.add_scalar(key, value, self.step)
+        self.writer.flush()
+
+    def close_logs(self) -> None:
+        if self.writer is not None and self.metrics_file is not None:
+            self.writer.close()
+            self.metrics_file.close()
+            _upload_metrics(self.cfg.layout)
+        self.train_data.close()
+        self.val_data.close()
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+    def _flags(self, started: float, last_checkpoint: float) -> tuple[bool, bool]:
+        """(out of time, checkpoint due by wall time): rank 0's clock decides, so every rank stops or saves at the same step."""
+        t = self.t
+        if t.time_budget_s is None and t.checkpoint_every_s is None:
+            return False, False
+        now = time.perf_counter()
+        flags = torch.tensor([float(t.time_budget_s is not None and now - started >= t.time_budget_s),
+                              float(t.checkpoint_every_s is not None and now - last_checkpoint >= t.checkpoint_every_s)])
+        dist.broadcast(flags, src=0)
+        return bool(flags[0]), bool(flags[1])
+
+    def _metrics(self, loss: torch.Tensor, data: StepData, window: float, steps: int, phases: np.ndarray,
+                 started: float) -> dict[str, Any]:
+        tokens_per_step = self.cfg.global_batch * self.manifest.seq_len
+        tps = tokens_per_step * steps / window
+        loss_value = loss.detach().float()
+        dist.all_reduce(loss_value)
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, sample_digests(data))
+        return {
+            "step": self.step,
+            "loss": loss_value.item() / self.world,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "tokens_per_sec": tps,
+            "mfu": mfu(tps / self.world, self.flops_per_token, self.peak),
+            "elapsed_s": time.perf_counter() - started,
+            "precision": self.precision.precision,
+            "world_size": self.world,
+            "data_digest": batch_digest(every),
+            # rank 0's profile of the window: where the time of a step goes, as fractions (the rest: logging,
+            # reporting, the clock broadcast)
+            **{f"time_{name}": float(t / window) for name, t in zip(PHASES, phases)},
+        }
+
+    def run(self) -> None:
+        t = self.t
+        self.flops_per_token = flops_per_token(self.cfg.model, self.manifest.seq_len)
+        self.peak = peak_flops(self.engine.device, self.precision.dtype, threads=torch.get_num_threads())
+        self.open_logs()
+        first_step, started = self.step, time.perf_counter()
+        last_checkpoint = window_start = started
+        window_steps, phases = 0, np.zeros(len(PHASES))
+        fault_step = self.cfg.faults.get("exit_after_step")
+        data_iter = rank_steps(self.train_data, self.order, self.step, self.cfg.global_batch, t.micro_batch_size,
+                               self.rank, self.world)
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            data = next(data_iter)
+            loss, step_phases = self.train_step(data)
+            step_phases[0] += time.perf_counter() - t0 - step_phases.sum()  # waiting for the reader counts as data
+            phases += step_phases
+            window_steps += 1
+            if self.step == fault_step and self.rank == self.world - 1 and not self.resumed:
+                os._exit(1)  # simulate a worker dying mid-run (only on the first attempt)
+            out_of_time, checkpoint_due = self._flags(started, last_checkpoint)
+            last = self.step == t.max_steps or out_of_time
+            metrics: dict[str, Any] = {}
+            if self.step % t.log_every == 0 or last:
+                metrics = self._metrics(loss, data, time.perf_counter() - window_start, window_steps, phases, started)
+                window_start, window_steps, phases = time.perf_counter(), 0, np.zeros(len(PHASES))
+            if self.step % t.eval_every == 0 or last:
+                metrics["val_loss"], metrics["val_bpb"] = self.evaluate()
+            if metrics:
+                metrics.setdefault("step", self.step)
+                self.log(metrics, (t.max_steps - self.step) * (time.perf_counter() - started) / max(self.step - first_step, 1))
+            if self.step % t.checkpoint_every == 0 or last or checkpoint_due:
+                self.checkpoint(metrics)
+                last_checkpoint = time.perf_counter()
+            # Metrics alone are not reported to Ray Train: its result queue holds one report and the controller takes
+            # it every 2 s, so a report per log step would throttle training to one step per 2 s.
+            if out_of_time:
+                break
+        self.close_logs()
+
+
+def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
+    """Ray Train's entry point on every worker (`train_loop_config` holds the WorkerConfig)."""
+    cfg = config["worker"]
+    context = ray.train.get_context()
+    print(f"[train] rank {context.get_world_rank()}/{context.get_world_size()} on node "
+          f"{ray.get_runtime_context().get_node_id()} ({ray.util.get_node_ip_address()})", flush=True)
+    worker = Worker(cfg)
+    worker.setup()
+    worker.resume()
+    worker.run()
