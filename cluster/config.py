@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from cluster.layout import Location, RunLayout
 from data_pipeline.config import DataConfig, Section
@@ -138,13 +138,9 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         t, c = self.train, self.cluster
-        low, high = c.worker_range
-        batch = self.global_batch_size
-        if bad := [w for w in range(low, high + 1) if batch % (w * t.micro_batch_size)]:
-            valid = ", ".join(str(w) for w in range(1, max(high, 8) + 1) if batch % (w * t.micro_batch_size) == 0)
-            raise ValueError(f"cluster.num_workers {list(c.worker_range) if low != high else low}: world size {bad[0]} "
-                             f"does not split train.global_batch_size {batch} into micro-batches of "
-                             f"train.micro_batch_size {t.micro_batch_size}; valid world sizes: {valid}")
+        if c.worker_range[1] > self.global_batch_size:
+            raise ValueError(f"cluster.num_workers {c.worker_range[1]} exceeds train.global_batch_size "
+                             f"{self.global_batch_size}: a worker would have no sample")
         if t.precision == "fp16" and not c.use_gpu:
             raise ValueError("train.precision fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU")
         if t.offload_optimizer and t.zero_stage < 2:
@@ -214,11 +210,11 @@ def _one_line(error: ValidationError) -> str:
     """The first validation error as `dotted.key: message (got value)`."""
     first = error.errors()[0]
     key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in first["loc"]).replace(".[", "[")
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
-    elif first["type"] != "missing" and "input" in first:
-        message += f" (got {first['input']!r})"
+    elif first["type"] != "missing" and "input" in first and not isinstance(first["input"], (dict, BaseModel)):
+        message += f" (got {first['input']!r})"  # a value, not a whole section
     more = len(error.errors()) - 1
     return f"{key or 'config'}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 

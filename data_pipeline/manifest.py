@@ -26,9 +26,11 @@ from cluster import storage
 from cluster.files import RunFileError, inside
 from cluster.layout import SPLITS, DataLayout, Location, is_uri, join
 from data_pipeline.config import DataError
+from data_pipeline.shards import BLOCK_DIGEST, index_name
 
-FORMAT_VERSION = 2
-"""Version 2: `fingerprint` (config and source files) replaced version 1's `config_hash`."""
+FORMAT_VERSION = 3
+"""Version 3: each shard has a block index (`<shard>.idx`, its sha256 in `index_sha256`; `data_pipeline.shards`).
+Version 2: `fingerprint` (config and source files) replaced version 1's `config_hash`."""
 
 
 class ShardEntry(BaseModel):
@@ -40,6 +42,8 @@ class ShardEntry(BaseModel):
     tokens: int
     bytes: int
     sha256: str
+    index_sha256: str
+    """sha256 of the block index beside the tar (`<shard>.idx`: an 8-byte digest per block)."""
 
 
 class SplitEntry(BaseModel):
@@ -66,6 +70,10 @@ class Manifest(BaseModel):
     eot_token: str
     splits: dict[str, SplitEntry]
 
+    def index_path(self, data_dir: Location, shard: ShardEntry) -> Location:
+        """The block index of a shard (beside it, inside the data folder)."""
+        return _inside(data_dir, index_name(shard.file))
+
     def shard_paths(self, data_dir: Location, split: str) -> list[tuple[Location, ShardEntry]]:
         """(absolute path or URI, entry) of every shard of a split, each checked to lie inside the data folder."""
         return [(_inside(data_dir, s.file), s) for s in self.splits[split].shards]
@@ -83,7 +91,7 @@ class Manifest(BaseModel):
             yield from shard_blocks(path, shard.sha256)
 
     def verify(self, data_dir: Location, hashes: bool = True) -> None:
-        """Every shard exists with the listed size (and sha256); each split has at least one."""
+        """Every shard and block index exists with the listed size (and sha256); each split has at least one."""
         for split in SPLITS:
             if not self.splits[split].shards:
                 raise DataError(f"{data_dir}: the {split} split has no shards")
@@ -93,6 +101,9 @@ class Manifest(BaseModel):
                     raise DataError(f"missing shard {path}")
                 if found != shard.bytes or (hashes and storage.sha256(path) != shard.sha256):
                     raise DataError(f"corrupt shard {path} (size or sha256 differs from the manifest)")
+                index = self.index_path(data_dir, shard)
+                if storage.size(index) != shard.sequences * BLOCK_DIGEST:
+                    raise DataError(f"missing or corrupt block index {index}")
 
 
 def _inside(data_dir: Location, relative: str) -> Location:

@@ -72,7 +72,7 @@ def _dedup_pack_write(
     blocks, tail = pack_blocks(token_stream(docs, eot, np.dtype(dtype)), seq_len + 1)
     name = DataLayout.shard_name(split, shard)
     path = DataLayout(data_dir if is_uri(data_dir) else Path(data_dir)).shard(split, shard)
-    digest, size = write_shard(path, blocks, f"{split}-{shard:06d}") if len(blocks) else ("", 0)
+    digest, size, index = write_shard(path, blocks, f"{split}-{shard:06d}") if len(blocks) else ("", 0, "")
     return {
         "split": [split],
         "shard": [shard],
@@ -85,6 +85,7 @@ def _dedup_pack_write(
         "text_bytes": [int(text_bytes[keep].sum())],
         "bytes": [size],
         "sha256": [digest],
+        "index_sha256": [index],
         "duplicate": [int((reasons == "duplicate").sum())],
         "duplicate_bytes": [int(text_bytes[reasons == "duplicate"].sum())],
         "near_duplicate": [int((reasons == "near_duplicate").sum())],

@@ -44,6 +44,7 @@ from data_pipeline.partition import columns, write_shards
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
 from data_pipeline.sources import SourceFiles, read_sources, resolve_sources
 from data_pipeline.tokenizer import eot_id, load_tokenizer, train_tokenizer
+from data_pipeline.shards import index_name
 
 _START = time.perf_counter()
 
@@ -297,7 +298,7 @@ def _manifest(
         totals = ("sequences", "tokens", "documents", "text_bytes", "doc_tokens", "tail_tokens")
         splits[split] = {
             "num_shards": num_shards[split],  # shards documents were hashed over (an empty one has no file)
-            "shards": [{k: w[k] for k in ("file", "sequences", "tokens", "bytes", "sha256")} for w in rows if w["file"]],
+            "shards": [{k: w[k] for k in ("file", "sequences", "tokens", "bytes", "sha256", "index_sha256")} for w in rows if w["file"]],
             **{k: sum(int(w[k]) for w in rows) for k in totals},
         }
     per_source = [
@@ -337,7 +338,8 @@ def _manifest(
 
 def _remove_stale(layout: DataLayout, manifest: dict[str, Any]) -> None:
     """Delete shard and temp files that the new manifest does not list (a previous config, a crashed run)."""
-    listed = {shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
+    listed = {name for split in manifest["splits"].values() for shard in split["shards"]
+              for name in (shard["file"], index_name(shard["file"]))}
     for split in SPLITS:
         for name in storage.listdir(layout.split_dir(split)):
             if f"{split}/{name}" not in listed:

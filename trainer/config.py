@@ -21,9 +21,10 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(default=8, ge=1)
     """Sequences per worker per forward/backward pass."""
     global_batch_size: int | None = Field(default=None, ge=1)
-    """Sequences per optimizer step, the same at every world size: each of W workers accumulates
-    global_batch_size / (W × micro_batch_size) micro-batches. None means micro_batch_size × the largest
-    cluster.num_workers (no accumulation at full size); set it explicitly for an elastic run."""
+    """Sequences per optimizer step, the same at every world size W: each worker accumulates
+    ⌈⌈global_batch_size / W⌉ / micro_batch_size⌉ micro-batches (when W × micro_batch_size does not divide it, a few
+    are short or empty and weighted so the gradient is still the mean over the global batch). None means
+    micro_batch_size × the largest cluster.num_workers; set it explicitly for an elastic run."""
     lr: float = Field(default=6e-4, gt=0)
     """Peak learning rate (after warmup)."""
     min_lr: float = Field(default=6e-5, ge=0)

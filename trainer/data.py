@@ -7,19 +7,22 @@ global batches 0..2 of size 8 (seed 1337) — what any run with that seed and gl
 Order (`SampleOrder`): the train split's blocks are numbered 0..N-1 in manifest order. Epoch e is the permutation
 `default_rng([seed, e]).permutation(N)`; the epochs are concatenated into one endless stream, and global step s (from
 0) trains on stream positions [s·B, (s+1)·B). A global batch may straddle two epochs; every sample of an epoch is used
-exactly once. Rank r of W takes the slice [r·B/W, (r+1)·B/W) of each global batch, as B/(W·m) micro-batches of m
-(`train.global_batch_size` B, `train.micro_batch_size` m). The only data position a checkpoint needs is the step.
+exactly once. Rank r of W takes the slice [⌊r·B/W⌋, ⌊(r+1)·B/W⌋) of each global batch (`train.global_batch_size` B)
+as A = ⌈⌈B/W⌉/m⌉ micro-batches of at most m (`train.micro_batch_size`), each weighted so that the gradient is the mean
+over the B samples at any W (`StepData`); when m·W divides B every micro-batch is full and every weight is 1. The only
+data position a checkpoint needs is the step.
 
 Reading (`SampleReader`): every block in a shard takes the same number of tar bytes (a 512-byte header, then the .npy
 padded to 512), so block i of a shard starts at byte i·S and is read directly — a `pread` locally, a ranged GET on
-object storage (`cluster.storage.open_random`), a few in parallel. Each member's tar header is checked (checksum, the
-name `<key>-<i>.input_ids.npy`, size) and so is the .npy header (dtype, shape, byte for byte): a shard that is not what the
-manifest says stops training with one line. Whole-shard sha256s are checked by the driver before training for local
-data; on object storage the driver checks sizes (hashing there would read the corpus) — see the README.
+object storage (`cluster.storage.open_random`), a few in parallel. Every block read is checked against the shard's
+block index (`<shard>.idx`, an 8-byte blake2b digest per block, itself checked against the manifest's sha256 when
+first read; `data_pipeline.shards`): a block whose bytes differ from what prepare wrote stops training with one line,
+on local disk and on object storage alike, without reading whole shards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import queue
 import sys
@@ -36,6 +39,7 @@ from cluster.layout import Location
 from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest, read_manifest
 from data_pipeline.pack import tar_bytes_per_block
+from data_pipeline.shards import BLOCK_DIGEST, block_digest
 
 READ_AHEAD = 4
 """Steps each rank's reader thread prepares before the training step takes them."""
@@ -77,18 +81,24 @@ def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
         stop.set()
 
 
-def world_sizes(global_batch: int, micro_batch: int, up_to: int) -> list[int]:
-    """World sizes ≤ up_to at which a global batch splits into whole micro-batches on every rank."""
+def even_world_sizes(global_batch: int, micro_batch: int, up_to: int) -> list[int]:
+    """World sizes ≤ up_to at which the global batch fills every micro-batch (no padded slots)."""
     return [w for w in range(1, up_to + 1) if global_batch % (w * micro_batch) == 0]
 
 
+def rank_bounds(global_batch: int, world: int) -> np.ndarray:
+    """Where each rank's contiguous part of a global batch starts (and the last one ends): sizes differ by at most one."""
+    return np.array([r * global_batch // world for r in range(world + 1)])
+
+
 def grad_accum(global_batch: int, micro_batch: int, world: int) -> int:
-    """Micro-batches each rank accumulates per optimizer step; a world size that does not divide is one line."""
-    if global_batch % (world * micro_batch):
-        valid = ", ".join(map(str, world_sizes(global_batch, micro_batch, max(world, 8))))
-        raise DataError(f"world size {world} does not split train.global_batch_size {global_batch} into micro-batches "
-                        f"of train.micro_batch_size {micro_batch}; valid world sizes: {valid}")
-    return global_batch // (world * micro_batch)
+    """Micro-batches every rank runs per optimizer step: enough for the largest rank part. A world larger than the
+    global batch (a rank with no sample at all) is one line."""
+    if world > global_batch:
+        raise DataError(f"world size {world} exceeds train.global_batch_size {global_batch}: a worker would have no "
+                        "sample; use fewer workers or a larger global batch")
+    largest_part = -(-global_batch // world)  # ⌈B/W⌉
+    return -(-largest_part // micro_batch)
 
 
 class SampleOrder:
@@ -122,13 +132,15 @@ class SampleOrder:
 
     def rank_slice(self, step: int, batch: int, rank: int, world: int) -> np.ndarray:
         """Rank r's contiguous part of that global batch."""
-        per = batch // world
-        return self.global_batch(step, batch)[rank * per : (rank + 1) * per]
+        bounds = rank_bounds(batch, world)
+        return self.global_batch(step, batch)[bounds[rank] : bounds[rank + 1]]
 
 
 @dataclass(frozen=True)
 class _Shard:
     location: Location
+    index: Location  # its block index
+    index_sha256: str
     first: int  # sample id of its block 0
     count: int
 
@@ -144,16 +156,17 @@ class SampleReader:
         self.shards: list[_Shard] = []
         first = 0
         for location, entry in manifest.shard_paths(data_dir, split):
-            self.shards.append(_Shard(location, first, entry.sequences))
+            self.shards.append(_Shard(location, manifest.index_path(data_dir, entry), entry.index_sha256, first,
+                                      entry.sequences))
             first += entry.sequences
         self.num_samples = first
         self._starts = np.array([s.first for s in self.shards])
         # the exact .npy header the shard writer puts before every block's tokens (same dtype and shape every time)
         npy = io.BytesIO()
         np.save(npy, np.zeros(self.block_len, self.dtype), allow_pickle=False)
-        self._npy_size = npy.tell()
-        self._npy_header = npy.getvalue()[: self._npy_size - self.block_len * self.dtype.itemsize]
+        self._npy_header = npy.getvalue()[: npy.tell() - self.block_len * self.dtype.itemsize]
         self._files: dict[int, Any] = {}
+        self._digests: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="sample-reader")
 
@@ -163,8 +176,19 @@ class SampleReader:
                 self._files[shard] = storage.open_random(self.shards[shard].location)
             return self._files[shard]
 
+    def _index(self, shard: int) -> bytes:
+        """The shard's block digests, read once and checked against the manifest."""
+        with self._lock:
+            if shard not in self._digests:
+                info = self.shards[shard]
+                raw = storage.read_bytes(info.index) if storage.is_file(info.index) else None
+                if raw is None or hashlib.sha256(raw).hexdigest() != info.index_sha256:
+                    raise DataError(f"missing or corrupt block index {info.index} (re-run raygpt prepare)")
+                self._digests[shard] = raw
+            return self._digests[shard]
+
     def read(self, sample: int) -> np.ndarray:
-        """One block (seq_len + 1,), its tar and .npy headers checked."""
+        """One block (seq_len + 1,), checked against the shard's block index."""
         if not 0 <= sample < self.num_samples:
             raise IndexError(f"sample {sample} outside 0..{self.num_samples - 1}")
         shard = int(np.searchsorted(self._starts, sample, side="right")) - 1
@@ -178,14 +202,10 @@ class SampleReader:
 
     def _decode(self, raw: bytes, shard: int, index: int) -> np.ndarray:
         where = f"{self.shards[shard].location} block {index}"
-        header = raw[:512]
-        if len(raw) != self.stride or not _tar_header_ok(header):
-            raise DataError(f"corrupt shard {where}: not a tar member at its offset (the shard differs from the manifest)")
-        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-        size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
-        if not name.endswith(f"-{index:07d}.input_ids.npy") or 512 + size > self.stride:
-            raise DataError(f"corrupt shard {where}: member {name!r} of {size} bytes is not block {index}")
-        if raw[512 : 512 + len(self._npy_header)] != self._npy_header or size != self._npy_size:
+        want = self._index(shard)[index * BLOCK_DIGEST : (index + 1) * BLOCK_DIGEST]
+        if len(raw) != self.stride or block_digest(raw) != want:
+            raise DataError(f"corrupt shard {where}: its bytes differ from the shard's block index")
+        if raw[512 : 512 + len(self._npy_header)] != self._npy_header:
             raise DataError(f"corrupt shard {where}: not a .npy of {self.block_len} {self.dtype} tokens")
         return np.frombuffer(raw, self.dtype, count=self.block_len, offset=512 + len(self._npy_header))
 
@@ -197,34 +217,32 @@ class SampleReader:
             self._files.clear()
 
 
-def _tar_header_ok(header: bytes) -> bool:
-    """The ustar checksum: the sum of the header's bytes with the checksum field read as spaces."""
-    try:
-        stored = int(header[148:156].rstrip(b"\0 ").decode() or "-1", 8)
-    except ValueError:
-        return False
-    return stored == sum(header[:148]) + 8 * 32 + sum(header[156:512])
-
-
 @dataclass(frozen=True)
 class StepData:
-    """What one rank trains on at one step: its micro-batches and the sample ids in them (for the data digest)."""
+    """What one rank trains on at one step: its sample ids and micro-batches, and the weight of each micro-batch's
+    mean loss. DeepSpeed averages gradients over W ranks × A accumulated micro-batches; a micro-batch of n samples
+    weighted n·W·A/B makes that average the mean over the B samples of the global batch however they are split — 1
+    for every micro-batch when the split is even, less for a short one, 0 for an empty slot (a padding step)."""
 
     step: int
-    ids: np.ndarray  # (accum · m,)
-    micro_batches: list[np.ndarray]  # accum × (m, seq_len + 1)
+    ids: np.ndarray  # (samples of this rank,)
+    micro_batches: list[np.ndarray]  # accum × (≤ m, seq_len + 1); empty ones are padding
+    weights: list[float]  # accum
 
 
 def rank_steps(reader: SampleReader, order: SampleOrder, first_step: int, batch: int, micro: int, rank: int,
                world: int) -> Iterator[StepData]:
     """This rank's data for steps first_step, first_step + 1, ... (0-based global steps), read ahead on a thread."""
 
+    accum = grad_accum(batch, micro, world)
+
     def produce() -> Iterator[StepData]:
         step = first_step
         while True:
             ids = order.rank_slice(step, batch, rank, world)
             blocks = reader.read_many(ids)
-            yield StepData(step, ids, [blocks[i : i + micro] for i in range(0, len(ids), micro)])
+            parts = [blocks[i * micro : (i + 1) * micro] for i in range(accum)]
+            yield StepData(step, ids, parts, [len(p) * world * accum / batch for p in parts])
             step += 1
 
     return read_ahead(produce(), READ_AHEAD)

@@ -30,7 +30,7 @@ from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest, read_manifest
 from model.gpt import ModelConfig
 from trainer import checkpoints
-from trainer.data import world_sizes
+from trainer.data import even_world_sizes
 from trainer.loop import WorkerConfig, train_loop_per_worker
 
 if TYPE_CHECKING:
@@ -105,9 +105,10 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
         layout = RunLayout(Path(layout.run_dir).resolve(), layout.storage)
     worker = replace(worker, layout=layout, faults=test_faults())
     low, high = cluster.worker_range
-    valid = world_sizes(worker.global_batch, worker.train.micro_batch_size, max(high, 8))
-    print(f"[train] global batch {worker.global_batch} at every world size; workers {low}" + (f"–{high} (elastic)" if high > low else "")
-          + f"; valid world sizes: {', '.join(map(str, valid))}", flush=True)
+    even = even_world_sizes(worker.global_batch, worker.train.micro_batch_size, max(high, 8))
+    print(f"[train] global batch {worker.global_batch} at every world size; workers {low}"
+          + (f"–{high} (elastic)" if high > low else "") + f"; world sizes that fill every micro-batch: "
+          f"{', '.join(map(str, even))} (others pad a few)", flush=True)
     checkpoints.forget_ray_state(layout)
     # Ray Train uploads every rank's checkpoint through the same pyarrow file system as the rest of the run
     fs, storage_path = storage.filesystem(layout.storage) if layout.remote_storage else (None, layout.storage)

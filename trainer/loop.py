@@ -157,8 +157,10 @@ class Worker:
         cfg, t = self.cfg, self.t
         self.manifest = read_manifest(cfg.layout.data.root)
         self.precision = _agree_on_precision(t.precision, ray.train.torch.get_device())
-        log_rank0(f"[train] {self.world} worker(s), {self.accum} micro-batch(es) of {t.micro_batch_size} each per step: "
-                  f"global batch {cfg.global_batch}; precision {self.precision.precision}: {self.precision.reason}")
+        used = cfg.global_batch / (self.world * self.accum * t.micro_batch_size)
+        log_rank0(f"[train] {self.world} worker(s) × {self.accum} micro-batch(es) of ≤ {t.micro_batch_size}: global batch "
+                  f"{cfg.global_batch} ({used:.0%} of the slots filled); precision {self.precision.precision}: "
+                  f"{self.precision.reason}")
         if self.precision.warning:
             log_rank0(f"[train] warning: {self.precision.warning}")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -196,23 +198,29 @@ class Worker:
 
     # -- one step ----------------------------------------------------------------------------------------------------
     def train_step(self, data: StepData) -> tuple[torch.Tensor, np.ndarray]:
-        """Forward, backward and (at the accumulation boundary) the optimizer step over this rank's micro-batches;
-        returns the last micro-batch's loss and the time of each phase."""
+        """Forward, backward and (at the accumulation boundary) the optimizer step over this rank's micro-batches, each
+        loss weighted so the step's gradient is the global batch's mean (`StepData`); returns the mean loss of this
+        rank's samples and the time of each phase."""
         torch.manual_seed(step_seed(self.cfg.seed, data.step, self.rank))
         phases = np.zeros(len(PHASES))
-        loss = torch.zeros(())
-        for blocks in data.micro_batches:
+        total, samples = torch.zeros(()), 0
+        for blocks, weight in zip(data.micro_batches, data.weights):
             t0 = time.perf_counter()
-            batch = torch.from_numpy(blocks.astype(np.int64)).to(self.engine.device)
+            padding = len(blocks) == 0  # an empty slot: every rank must take part in every accumulation step
+            source = np.zeros((1, self.manifest.seq_len + 1), dtype=np.int64) if padding else blocks.astype(np.int64)
+            batch = torch.from_numpy(source).to(self.engine.device)
             t1 = time.perf_counter()
             _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
             t2 = time.perf_counter()
-            self.engine.backward(loss)  # the gradient all-reduce / reduce-scatter happens at the accumulation boundary
+            self.engine.backward(loss * weight)  # the gradient all-reduce / reduce-scatter at the accumulation boundary
             t3 = time.perf_counter()
             self.engine.step()  # optimizer on this rank's partition, then the parameter all-gather (ZeRO ≥ 1)
             phases += np.array([t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3])
+            if not padding:
+                total += loss.detach().float().cpu() * len(blocks)
+                samples += len(blocks)
         self.step = data.step + 1
-        return loss, phases
+        return total / max(samples, 1), phases
 
     def evaluate(self) -> tuple[float, float]:
         """Mean val loss over the fixed val set (eval_batches × micro_batch_size blocks, split over the ranks, the same
@@ -320,13 +328,13 @@ class Worker:
                  started: float) -> dict[str, Any]:
         tokens_per_step = self.cfg.global_batch * self.manifest.seq_len
         tps = tokens_per_step * steps / window
-        loss_value = loss.detach().float()
-        dist.all_reduce(loss_value)
+        loss_value = torch.stack([loss * len(data.ids), torch.tensor(float(len(data.ids)))])
+        dist.all_reduce(loss_value)  # the mean over the global batch's samples
         every: list[Any] = [None] * self.world
         dist.all_gather_object(every, sample_digests(data))
         return {
             "step": self.step,
-            "loss": loss_value.item() / self.world,
+            "loss": (loss_value[0] / loss_value[1]).item(),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "tokens_per_sec": tps,

@@ -74,7 +74,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
         ("name: t\ndata:\n  sources: []\n", [], r"data\.sources: List should have at least 1 item"),
         ("name: t\n", [], r"data: Field required$"),
         ("name: bad name\ndata:\n  sources:\n    - path: a\n", [], r"name: String should match pattern"),
-        ("name: t\ndata:\n  sources:\n    - type: text\n", [], r"data\.sources\[0\]: Value error, path is required"),
+        ("name: t\ndata:\n  sources:\n    - type: text\n", [], r"data\.sources\[0\]: path is required for this source type$"),
         ("name: t\ndata: [1, 2\n", [], r"not valid YAML"),
         ("- a\n- b\n", [], r"top level must be a mapping"),
         (MINIMAL, ["data.tokenizer.eot_token=<eos>"], r"eot_token '<eos>' must be one of special_tokens"),

@@ -1,0 +1,92 @@
+"""trainer/state.py with real DeepSpeed in one process (world 1, gloo): the saved state — fp32 masters, Adam moments
+and step, the LR schedule — loads into another ZeRO stage and continues as if never interrupted; a checkpoint of
+another model is one line. (Resharding across world sizes is tested with Ray in tests/trainer/test_train.py.)"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cluster.files import RunFileError
+from model.gpt import GPT, ModelConfig
+from trainer import state
+from trainer.config import TrainConfig, deepspeed_config, lr_at
+from trainer.loop import param_groups
+
+SCHEDULE = TrainConfig(max_steps=10, warmup_steps=2, lr=1e-2, weight_decay=0.1, micro_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def gloo() -> Iterator[None]:
+    import deepspeed
+    import torch.distributed as dist
+
+    from tests.conftest import _free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed("gloo")
+    yield
+    dist.destroy_process_group()
+
+
+def _engine(stage: int, precision: str, seed: int = 0, n_embd: int = 16) -> tuple[Any, Any]:
+    import deepspeed
+
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=n_embd))
+    config = deepspeed_config(SCHEDULE.model_copy(update={"zero_stage": stage}), False, precision, accum=1)  # type: ignore[arg-type]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, SCHEDULE.weight_decay), config=config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, SCHEDULE)))
+    return engine, scheduler
+
+
+def _train(engine: Any, batches: list[torch.Tensor]) -> None:
+    for x in batches:
+        _, loss = engine(x[:, :-1], targets=x[:, 1:])
+        engine.backward(loss)
+        engine.step()
+
+
+def _weights(engine: Any) -> dict[str, torch.Tensor]:
+    return {n: state._get(engine, p, None) for n, p in engine.module.named_parameters()}
+
+
+@pytest.mark.parametrize(("before", "after", "precision"), [(1, 3, "fp32"), (3, 0, "fp32"), (0, 2, "fp32"), (2, 1, "bf16")])
+def test_state_written_at_one_zero_stage_continues_at_another(
+    gloo: None, tmp_path: Path, before: int, after: int, precision: str
+) -> None:
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (2, 9), generator=generator) for _ in range(6)]
+    first, first_schedule = _engine(before, precision)
+    _train(first, batches[:3])
+    state.save(first, tmp_path / "state", step=3)
+    resumed, resumed_schedule = _engine(after, precision, seed=5)  # other initial weights: all must come from the file
+    untouched, _ = _engine(after, precision, seed=5)
+    example = torch.zeros(2, 9, dtype=torch.long)
+    assert state.load(resumed, tmp_path / "state", resumed_schedule, example, accum=1) == 3
+    assert resumed_schedule.get_last_lr() == pytest.approx(first_schedule.get_last_lr())
+    assert {n: state._get(resumed, p, "exp_avg_sq").abs().sum().item() for n, p in resumed.module.named_parameters()} \
+        == pytest.approx({n: state._get(first, p, "exp_avg_sq").abs().sum().item() for n, p in first.module.named_parameters()})
+    for engine in (first, resumed, untouched):
+        _train(engine, batches[3:])
+    tolerance = 1e-4 if precision == "fp32" else 1e-2  # ZeRO stages reduce in other orders; bf16 rounds coarser
+    expected, got, control = _weights(first), _weights(resumed), _weights(untouched)
+    resumed_diff = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    control_diff = max((expected[k] - control[k]).abs().max().item() for k in expected)  # had it loaded nothing
+    assert resumed_diff < tolerance and control_diff > max(0.05, 10 * resumed_diff), (resumed_diff, control_diff)
+
+
+def test_a_checkpoint_of_another_model_is_one_line(gloo: None, tmp_path: Path) -> None:
+    small, _ = _engine(1, "fp32")
+    _train(small, [torch.randint(0, 64, (2, 9))])
+    state.save(small, tmp_path / "state", step=1)
+    wide, schedule = _engine(1, "fp32", n_embd=32)
+    with pytest.raises(RunFileError, match=r"state: wte.weight is \(64, 16\), the model has \(64, 32\) "
+                                           r"\(a checkpoint of another model\)$"):
+        state.load(wide, tmp_path / "state", schedule, torch.zeros(2, 9, dtype=torch.long), accum=1)
