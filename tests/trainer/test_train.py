@@ -1,6 +1,7 @@
 """`raygpt train` on local Ray: 2 DeepSpeed workers (gloo on CPU), the debug model, tinyshakespeare shards.
 ZeRO 1/2/3 train in bf16 / fp32 / auto, fp32 resume and worker-failure recovery are bit-identical to an uninterrupted run,
-gradient accumulation equals a larger batch, and bad setups fail before any worker starts."""
+a resume at another world size and ZeRO stage trains on the same samples to the same weights (within rounding), any
+split of the global batch into micro-batches trains the same weights, and bad setups fail before any worker starts."""
 
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ def _run_dir(prepared: Path, tmp_path: Path, name: str) -> Path:
 
 
 def _train(run_dir: Path | str, *overrides: str, faults: dict[str, int] | None = None) -> None:
+    """`raygpt train` in this process; `faults` go to the workers through the driver's RAYGPT_TEST_FAULTS."""
     cfg = load_config(SHAKESPEARE, [f"run_dir={run_dir}", *BASE, *overrides])
-    pipeline.run_train(cfg, faults=faults)
+    if faults:
+        os.environ["RAYGPT_TEST_FAULTS"] = json.dumps(faults)
+    try:
+        pipeline.run_train(cfg)
+    finally:
+        os.environ.pop("RAYGPT_TEST_FAULTS", None)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -91,6 +98,30 @@ def test_fp32_resume_after_a_crash_is_bit_identical(prepared: Path, tmp_path: Pa
     assert after == {m["step"]: m["loss"] for m in _metrics(uninterrupted) if m["step"] > 4}
 
 
+def test_resumes_at_other_world_sizes_and_zero_stages_train_on_the_same_samples(prepared: Path, tmp_path: Path) -> None:
+    """2 workers (ZeRO-1) to step 4 → 1 worker (2 micro-batches each step) to step 8 → 2 workers at ZeRO-3 to step 12,
+    against an uninterrupted 2-worker ZeRO-1 run: the same global batch at every step (the digest of its samples), the
+    same losses and weights up to the rounding of another reduction order, and one metrics line per step. (A constant
+    learning rate: the schedule decays to max_steps, which each leg raises.)"""
+    common = ("train.precision=fp32", "train.checkpoint_every=4", "train.global_batch_size=8", "train.warmup_steps=0",
+              "train.min_lr=3e-3")
+    reference_dir = _run_dir(prepared, tmp_path, "reference")
+    _train(reference_dir, *common, "train.max_steps=12")
+    run_dir = _run_dir(prepared, tmp_path, "resized")
+    _train(run_dir, *common, "train.max_steps=4", "cluster.num_workers=2")
+    _train(run_dir, *common, "train.max_steps=8", "cluster.num_workers=1", "cluster.cpus_per_worker=1")
+    _train(run_dir, *common, "train.max_steps=12", "cluster.num_workers=2", "train.zero_stage=3")
+    resized, reference = _metrics(run_dir), _metrics(reference_dir)
+    assert [m["step"] for m in resized] == list(range(1, 13))
+    assert [m["world_size"] for m in resized] == [2] * 4 + [1] * 4 + [2] * 4
+    assert [m["data_digest"] for m in resized] == [m["data_digest"] for m in reference]
+    assert [m["loss"] for m in resized] == pytest.approx([m["loss"] for m in reference], abs=1e-4)
+    expected, got = _weights(reference_dir), _weights(run_dir)
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) < 1e-4  # fp32, other reduction orders
+    commits = [json.loads((run_dir / "checkpoints" / f"step-{s:06d}" / "commit.json").read_text()) for s in (8, 12)]
+    assert [c["world_size"] for c in commits] == [1, 2]
+
+
 def test_worker_failure_recovers_to_the_same_weights_from_a_bucket(
     prepared: Path, tmp_path: Path, uninterrupted: Path, s3_bucket: str
 ) -> None:
@@ -115,19 +146,24 @@ def test_worker_failure_recovers_to_the_same_weights_from_a_bucket(
 
     assert {n for n in storage.listdir(layout.checkpoints) if n.startswith("step-")} == {"step-000008", "step-000012"}
     record = storage.read_json(f"{layout.checkpoint_dir(12)}/commit.json")
-    assert record["step"] == 12 and record["world_size"] == 2 and "ds/mp_rank_00_model_states.pt" in record["files"]
+    assert record["step"] == 12 and record["world_size"] == 2
+    assert {"state/index.json", "state/rank-00000.safetensors", "state/rank-00001.safetensors"} <= record["files"].keys()
     assert storage.read_json(layout.checkpoint)["model"] == layout.model_dir(12)
 
 
-def test_gradient_accumulation_equals_a_larger_batch(prepared: Path, tmp_path: Path) -> None:
+def test_any_split_of_the_global_batch_trains_the_same_weights(prepared: Path, tmp_path: Path) -> None:
+    """Global batch 16 on 2 workers as 1 micro-batch of 8, 2 of 4, or 3 of ≤ 3 (3 + 3 + 2: the short one weighted
+    2/3): the same gradient, so the same weights up to float rounding."""
     runs = {}
-    for name, micro, accum in (("accum", 4, 2), ("big", 8, 1)):
-        run_dir = _run_dir(prepared, tmp_path, name)
+    for micro in (8, 4, 3):
+        run_dir = _run_dir(prepared, tmp_path, f"micro{micro}")
         _train(run_dir, "train.precision=fp32", "train.max_steps=3", "train.checkpoint_every=3",
-               f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}")
-        runs[name] = _weights(run_dir)
-    for key in runs["big"]:
-        assert torch.allclose(runs["accum"][key], runs["big"][key], atol=1e-5), key
+               "train.global_batch_size=16", f"train.micro_batch_size={micro}")
+        runs[micro] = _weights(run_dir)
+        assert [m["data_digest"] for m in _metrics(run_dir)] == [m["data_digest"] for m in _metrics(tmp_path / "micro8")]
+    for micro in (4, 3):
+        for key in runs[8]:
+            assert torch.allclose(runs[micro][key], runs[8][key], atol=1e-5), (micro, key)
 
 
 def test_bad_setups_fail_before_workers_start(prepared: Path, tmp_path: Path, capsys) -> None:
@@ -162,7 +198,7 @@ def test_sigkill_before_the_commit_record_resumes_from_the_previous_commit(
     args = ("train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4")
     with pytest.raises(Exception):
         _train(run_dir, *args, faults={"kill_before_commit": 8})
-    assert (run_dir / "checkpoints" / "step-000008" / "ds").is_dir()  # the files arrived ...
+    assert (run_dir / "checkpoints" / "step-000008" / "state").is_dir()  # the files arrived ...
     assert _committed(run_dir) == ["step-000004"]  # ... but only step 4 is committed
     assert os.readlink(run_dir / "checkpoint") == "checkpoints/step-000004/model"
     _train(run_dir, *args)
@@ -208,16 +244,16 @@ def test_a_tampered_checkpoint_is_refused_before_anything_is_loaded(
 ) -> None:
     args = [SHAKESPEARE, *BASE, "train.precision=fp32", "train.checkpoint_every=4", "train.max_steps=13"]
     flipped = _copy_run(uninterrupted, tmp_path, "flipped")
-    optim = next((flipped / "checkpoints" / "step-000012" / "ds").glob("zero_pp_rank_1_*optim_states.pt"))
-    data = bytearray(optim.read_bytes())
-    data[len(data) // 2] ^= 0x01  # one flipped bit in a pickle DeepSpeed would load
-    optim.write_bytes(bytes(data))
+    shard = flipped / "checkpoints" / "step-000012" / "state" / "rank-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in rank 1's optimizer state
+    shard.write_bytes(bytes(data))
     assert main(["train", *args, f"run_dir={flipped}"]) == 2
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: size or sha256 differs from the commit record" in capsys.readouterr().err
+    assert "rank-00001.safetensors: size or sha256 differs from the commit record" in capsys.readouterr().err
     extra = _copy_run(uninterrupted, tmp_path, "extra")
-    (extra / "checkpoints" / "step-000012" / "ds" / "evil.pt").write_bytes(b"not in the record")
+    (extra / "checkpoints" / "step-000012" / "state" / "evil.pt").write_bytes(b"not in the record")
     assert main(["train", *args, f"run_dir={extra}"]) == 2
-    assert "ds/evil.pt is not in the commit record" in capsys.readouterr().err
+    assert "state/evil.pt is not in the commit record" in capsys.readouterr().err
     assert not (flipped / "checkpoints" / "step-000013").exists() and not (extra / "checkpoints" / "step-000013").exists()
     old_style = _copy_run(uninterrupted, tmp_path, "old-style")  # RUN_DIR/checkpoint as an older raygpt wrote it
     (old_style / "checkpoint").unlink()
