@@ -36,7 +36,7 @@ from data_pipeline.manifest import read_manifest  # noqa: E402
 from model.flops import flops_per_token, machine_header, mfu, peak_flops  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.precision import choose, detect  # noqa: E402
-from trainer.data import ShardStream  # noqa: E402
+from trainer.data import SampleOrder, SampleReader, rank_steps  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = 8
@@ -66,10 +66,11 @@ def _plain_pytorch(data_dir: Path, model: GPT, batch: int, steps: int, bf16: boo
     """One process, torch using every core, fp32 or bf16 autocast: the baseline loop."""
     torch.set_num_threads(os.cpu_count() or 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    batches = ShardStream(data_dir, "train", 0, 1, seed=0).batches(batch)
+    reader = SampleReader(data_dir, "train")
+    batches = rank_steps(reader, SampleOrder(reader.num_samples, seed=0), 0, batch, batch, rank=0, world=1)
     times = []
     for _ in range(steps):
-        x = next(batches)
+        x = torch.from_numpy(next(batches).micro_batches[0].astype(np.int64))
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             _, loss = model(x[:, :-1], targets=x[:, 1:])

@@ -49,7 +49,8 @@ class TrainConfig(Section):
     eval_every: int = Field(default=100, ge=1)
     """Steps between validations (val loss and bits per byte); also at the last step."""
     eval_batches: int = Field(default=10, ge=1)
-    """Micro-batches of val data per worker in one validation."""
+    """Size of the fixed validation set, in micro-batches: the first eval_batches × micro_batch_size val blocks, split
+    over the workers (the same set at every world size)."""
     checkpoint_every: int = Field(default=200, ge=1)
     """Steps between checkpoints; one is always written at the last step."""
     checkpoint_every_s: float | None = Field(default=None, gt=0)

@@ -78,7 +78,8 @@ def check_resume(layout: RunLayout, run_fp: dict[str, Any]) -> checkpoints.Commi
 
 def test_faults() -> dict[str, int]:
     """Fault injection for tests only, from the environment of the process that runs the driver (RAYGPT_TEST_FAULTS,
-    JSON: {"exit_after_step": 7} or {"kill_before_commit": 8}); empty in production."""
+    JSON, e.g. {"exit_after_step": 7}, {"kill_before_commit": 8}, {"step_ms": 100}; see WorkerConfig.faults); empty in
+    production."""
     raw = os.environ.get("RAYGPT_TEST_FAULTS")
     return {str(k): int(v) for k, v in json.loads(raw).items()} if raw else {}
 

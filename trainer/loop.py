@@ -56,7 +56,8 @@ class WorkerConfig:
     fingerprint: dict[str, Any]
     faults: dict[str, int] = field(default_factory=dict)
     """Tests only (set by the driver from RAYGPT_TEST_FAULTS): exit_after_step kills the last rank once after that
-    step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit."""
+    step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit; step_ms makes every step
+    last at least that long (so a test can act mid-run on any CPU)."""
 
 
 def log_rank0(message: str) -> None:
@@ -295,13 +296,13 @@ class Worker:
         """Rank 0: one progress line, one metrics.jsonl line, the scalars to TensorBoard."""
         if self.rank != 0 or self.metrics_file is None or self.writer is None:
             return
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("time_"))
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "wall_time"}
+        shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if not k.startswith("time_"))
         print(f"[train] step {self.step}/{self.t.max_steps} {shown} eta {eta_s:.0f}s", flush=True)
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
-        for key, value in metrics.items():
-            if isinstance(value, float):
-                self.writer.add_scalar(key, value, self.step)
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, self.step)
         self.writer.flush()
 
     def close_logs(self) -> None:
@@ -340,6 +341,7 @@ class Worker:
             "tokens_per_sec": tps,
             "mfu": mfu(tps / self.world, self.flops_per_token, self.peak),
             "elapsed_s": time.perf_counter() - started,
+            "wall_time": time.time(),  # unix time of the line: resizes and restarts show as gaps
             "precision": self.precision.precision,
             "world_size": self.world,
             "data_digest": batch_digest(every),
@@ -356,7 +358,7 @@ class Worker:
         first_step, started = self.step, time.perf_counter()
         last_checkpoint = window_start = started
         window_steps, phases = 0, np.zeros(len(PHASES))
-        fault_step = self.cfg.faults.get("exit_after_step")
+        fault_step, slow = self.cfg.faults.get("exit_after_step"), self.cfg.faults.get("step_ms")
         data_iter = rank_steps(self.train_data, self.order, self.step, self.cfg.global_batch, t.micro_batch_size,
                                self.rank, self.world)
         while self.step < t.max_steps:
@@ -368,6 +370,8 @@ class Worker:
             window_steps += 1
             if self.step == fault_step and self.rank == self.world - 1 and not self.resumed:
                 os._exit(1)  # simulate a worker dying mid-run (only on the first attempt)
+            if slow and self.rank == 0:
+                time.sleep(slow / 1000)  # test-only: a step takes at least this long, whatever the CPU
             out_of_time, checkpoint_due = self._flags(started, last_checkpoint)
             last = self.step == t.max_steps or out_of_time
             metrics: dict[str, Any] = {}

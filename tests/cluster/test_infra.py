@@ -36,6 +36,9 @@ def test_cluster_launcher_yaml_passes_ray_validation(cloud: str) -> None:
     assert "--dashboard-host=127.0.0.1" in start and "RAY_AUTH_MODE=token" in start
     assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
     assert config["initialization_commands"] == [] and "/mnt/raygpt" not in str(config["docker"])  # no NFS needed
+    [spot] = [t["node_config"] for name, t in gpu_types.items() if "spot" in name]  # for elastic runs
+    assert spot.get("InstanceMarketOptions", {}).get("MarketType") == "spot" or \
+        spot.get("scheduling", [{}])[0].get("provisioningModel") == "SPOT"
 
 
 def test_cluster_yaml_with_a_typo_is_rejected() -> None:
@@ -65,9 +68,14 @@ def test_kuberay_manifests(name: str) -> None:
     pods = [spec["headGroupSpec"]["template"]["spec"], *[g["template"]["spec"] for g in spec["workerGroupSpecs"]]]
     assert all(p["serviceAccountName"] == "raygpt" for p in pods)  # bucket access by workload identity
     assert not [v for p in pods for v in p.get("volumes", []) if "persistentVolumeClaim" in v]  # no shared volume
-    [gpu] = spec["workerGroupSpecs"]
-    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
-    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    for gpu in spec["workerGroupSpecs"]:
+        assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+        assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    if manifest["kind"] == "RayCluster":  # a spot group for elastic runs: scheduled only on spot nodes
+        [spot] = [g for g in spec["workerGroupSpecs"] if g["groupName"].endswith("-spot")]
+        pod = spot["template"]["spec"]
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
+        assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in pod["tolerations"]
     if manifest["kind"] == "RayJob":
         argv = shlex.split(manifest["spec"]["entrypoint"])
         assert argv[0] == "raygpt" and manifest["spec"]["shutdownAfterJobFinishes"] is True

@@ -15,7 +15,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,15 @@ from cluster import storage
 from cluster.cli import main
 from cluster.layout import RunLayout
 from model.checkpoint import load_checkpoint
+from trainer.data import SampleOrder, SampleReader
+from trainer.loop import batch_digest
 from tests.cluster.conftest import free_port, wait_for_job_server
 from tests.conftest import BASE, REPO, SHAKESPEARE, bucket_copy
 
 
 @pytest.fixture(scope="module")
-def two_nodes(cluster_env: None, ray_session: None) -> Iterator[str]:
-    """A head (dashboard + job server on 127.0.0.1) and one worker node, 2 CPUs each; yields the job server URL."""
+def cluster(cluster_env: None, ray_session: None) -> Iterator[Cluster]:
+    """A head (dashboard + job server on 127.0.0.1) and one worker node, 2 CPUs each."""
     port = free_port()
     cluster = Cluster(
         initialize_head=True,
@@ -42,10 +45,16 @@ def two_nodes(cluster_env: None, ray_session: None) -> Iterator[str]:
     )
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    url = f"http://127.0.0.1:{port}"
-    wait_for_job_server(url)
-    yield url
+    cluster.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    wait_for_job_server(cluster.url)  # type: ignore[attr-defined]
+    yield cluster
     cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_nodes(cluster: Cluster) -> str:
+    """The job server URL of that cluster."""
+    return cluster.url  # type: ignore[attr-defined]
 
 
 def test_submit_trains_across_two_nodes(
@@ -120,3 +129,78 @@ def test_local_mode_keeps_token_auth_and_opens_no_dashboard() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "auth True dashboard None" in done.stdout or "auth True dashboard ''" in done.stdout, done.stdout
+
+
+def _expected_digests(data: str, steps: int, batch: int, seed: int) -> list[str]:
+    """The data digest of global steps 1..steps computed from the shards alone (no training): what any run with
+    this seed and global batch must log, at any world size."""
+    reader = SampleReader(data, "train")
+    order = SampleOrder(reader.num_samples, seed)
+    digests = []
+    for step in range(steps):
+        blocks = reader.read_many(order.global_batch(step, batch))
+        digests.append(batch_digest([[hashlib.blake2b(b.tobytes(), digest_size=8).digest() for b in blocks]]))
+    reader.close()
+    return digests
+
+
+def _logged(layout: RunLayout) -> list[dict]:
+    """The run's metrics lines in the bucket (uploaded at every checkpoint)."""
+    if not storage.is_file(layout.metrics):
+        return []
+    return [json.loads(line) for line in storage.read_text(layout.metrics).splitlines() if line.strip()]
+
+
+def _wait(condition: Callable[[], bool], what: str, client: JobSubmissionClient, job_id: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        status = client.get_job_status(job_id)
+        assert status not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.SUCCEEDED), \
+            f"job {status} while waiting for {what}:\n{client.get_job_logs(job_id)[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{client.get_job_logs(job_id)[-4000:]}"
+        time.sleep(0.5)
+
+
+def test_an_elastic_group_shrinks_when_a_node_is_lost_and_grows_back(
+    cluster: Cluster, prepared: Path, tmp_path: Path, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cluster.num_workers: [1, 2]`, one 2-CPU worker per node, checkpoints every second (the bucket is the only
+    shared storage). The worker node is removed mid-run (its raylet and workers killed): the group goes on with 1
+    worker from the newest checkpoint. A new node is added: at the next resize check the group grows back to 2. The
+    run finishes, and its metrics hold every step once, trained on exactly the global batches the data order
+    defines — those of an uninterrupted run."""
+    run_dir = f"{s3_bucket}/{tmp_path.name}"
+    bucket_copy(prepared, f"{run_dir}/data")
+    steps, batch = 300, 8
+    overrides = [f"run_dir={run_dir}", *BASE, f"train.max_steps={steps}", "train.checkpoint_every=100000",
+                 "train.checkpoint_every_s=1", "train.eval_every=100000", f"train.global_batch_size={batch}",
+                 "train.precision=fp32", "cluster.num_workers=[1, 2]", "cluster.cpus_per_worker=2",
+                 "cluster.elastic_resize_s=2", "cluster.max_failures=3"]
+    job_id = f"raygpt-elastic-{tmp_path.name}"
+    assert main(["submit", "--address", cluster.url, "--working-dir", str(REPO), "--job-id", job_id, "--no-wait",  # type: ignore[attr-defined]
+                 "--env", 'RAYGPT_TEST_FAULTS={"step_ms": 100}', "--", "train", SHAKESPEARE, *overrides]) == 0
+    client = JobSubmissionClient(cluster.url)  # type: ignore[attr-defined]
+    layout = RunLayout.of(run_dir)
+    worker_node = next(n for n in cluster.worker_nodes)
+
+    _wait(lambda: any(m["world_size"] == 2 for m in _logged(layout)), "2 workers training", client, job_id)
+    cluster.remove_node(worker_node, allow_graceful=False)  # the node is reclaimed: its raylet and the worker on it die
+    _wait(lambda: any(m["world_size"] == 1 for m in _logged(layout)), "1 worker after the loss", client, job_id)
+    cluster.add_node(num_cpus=2)  # capacity comes back
+    _wait(lambda: [m["world_size"] for m in _logged(layout)][-1:] == [2], "the group grown back to 2", client, job_id)
+    deadline = time.monotonic() + 300
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+
+    metrics = _logged(layout)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))  # every step once: redone ones replaced
+    sizes = [m["world_size"] for m in metrics]
+    runs = [size for i, size in enumerate(sizes) if i == 0 or sizes[i - 1] != size]
+    assert runs == [2, 1, 2], runs  # shrank once, grew back once
+    assert [m["data_digest"] for m in metrics] == _expected_digests(f"{run_dir}/data", steps, batch, seed=1337)
+    resumes = re.findall(r"resumed at step (\d+) \(written by (\d) worker\(s\), now (\d)\)", logs)
+    assert [(w, n) for _, w, n in resumes][-2:] == [("2", "1"), ("1", "2")], resumes
+    assert load_checkpoint(run_dir).step == steps
