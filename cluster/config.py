@@ -44,6 +44,10 @@ class ClusterConfig(Section):
     elastic_resize_s: float = Field(default=60.0, ge=0)
     """Elastic groups: how often Ray Train checks whether more workers could run (a grow restarts the group from
     the newest checkpoint, so keep it well above train.checkpoint_every_s)."""
+    worker_start_timeout_s: float = Field(default=60.0, gt=0)
+    """How long Ray Train waits for a worker group to be placed before it counts a failure and decides again. After
+    a node is lost Ray still counts its resources for a while, so an elastic group first tries its old size and
+    shrinks only after this timeout (Ray's default, 60 s)."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); False trains on CPU (gloo)."""
     cpus_per_worker: float = Field(default=0.5, gt=0)

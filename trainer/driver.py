@@ -111,6 +111,8 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
           + (f"–{high} (elastic)" if high > low else "") + f"; world sizes that fill every micro-batch: "
           f"{', '.join(map(str, even))} (others pad a few)", flush=True)
     checkpoints.forget_ray_state(layout)
+    # read by Ray Train's controller (propagated from this process): how long a group may take to be placed
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cluster.worker_start_timeout_s)
     # Ray Train uploads every rank's checkpoint through the same pyarrow file system as the rest of the run
     fs, storage_path = storage.filesystem(layout.storage) if layout.remote_storage else (None, layout.storage)
     trainer = TorchTrainer(

@@ -270,13 +270,14 @@ class Worker:
             return
         if step == self.cfg.faults.get("kill_before_commit"):
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
+        # the metrics up to this step first: once the commit exists, a resume from it (on any node) must find them
+        _upload_metrics(layout)
         record = checkpoints.commit(layout, step, self.cfg.fingerprint, self.world, checkpoints.merge_files(every))  # type: ignore[arg-type]
         if layout.remote_storage and not layout.remote:  # the published model of a local run is a local folder
             assert model is not None
             save_checkpoint(model, layout.model_dir(step), layout.data.tokenizer, extra=self._model_meta(), replace=True)
         checkpoints.publish(layout, step, record)
         checkpoints.prune(layout, self.t.keep_checkpoints)
-        _upload_metrics(layout)
 
     # -- log ---------------------------------------------------------------------------------------------------------
     def open_logs(self) -> None:
