@@ -157,7 +157,8 @@ class Worker:
 
         cfg, t = self.cfg, self.t
         self.manifest = read_manifest(cfg.layout.data.root)
-        self.precision = _agree_on_precision(t.precision, ray.train.torch.get_device())
+        device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")  # (no Ray Train session needed)
+        self.precision = _agree_on_precision(t.precision, device)
         used = cfg.global_batch / (self.world * self.accum * t.micro_batch_size)
         log_rank0(f"[train] {self.world} worker(s) × {self.accum} micro-batch(es) of ≤ {t.micro_batch_size}: global batch "
                   f"{cfg.global_batch} ({used:.0%} of the slots filled); precision {self.precision.precision}: "

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from cluster import storage
 from cluster.config import ConfigError, load_config
 from cluster.files import RunFileError, sha256_file
 from data_pipeline.config import DataError

@@ -20,9 +20,9 @@ from tests.conftest import bucket_copy
 SIZES = [3, 4, 5, 6, 2, 7]  # 27 train samples in 6 shards of different sizes
 
 
-def hand_made_data(tmp_path: Path, shard_sizes: list[int], vocab: int = 100) -> Path:
+def hand_made_data(tmp_path: Path, shard_sizes: list[int], vocab: int = 100, trainable: bool = False) -> Path:
     """A prepared data dir written with the real shard writer: block i of shard s starts with token 1000·s + i, so a
-    block names itself."""
+    block names itself — or, `trainable`, holds ids below `vocab` in a pattern a model can learn."""
     splits = {}
     for split in ("train", "val"):
         (tmp_path / split).mkdir(parents=True)
@@ -31,6 +31,8 @@ def hand_made_data(tmp_path: Path, shard_sizes: list[int], vocab: int = 100) -> 
             blocks = np.zeros((n, 5), dtype=np.uint16)
             blocks[:, 0] = 1000 * s + np.arange(n)
             blocks[:, 1:] = np.arange(4) + s
+            if trainable:
+                blocks = ((np.arange(5) * (s + 2) + np.arange(n)[:, None]) % vocab).astype(np.uint16)
             name = f"{split}/shard-{s:06d}.tar"
             written = write_shard(tmp_path / name, blocks, f"{split}-{s:06d}")
             shards.append({"file": name, "sequences": n, "tokens": n * 5, "bytes": written.bytes,

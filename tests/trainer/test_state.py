@@ -1,6 +1,7 @@
-"""trainer/state.py with real DeepSpeed in one process (world 1, gloo): the saved state — fp32 masters, Adam moments
-and step, the LR schedule — loads into another ZeRO stage and continues as if never interrupted; a checkpoint of
-another model is one line. (Resharding across world sizes is tested with Ray in tests/trainer/test_train.py.)"""
+"""trainer/state.py and the worker's parts with real DeepSpeed in one process (world 1, gloo), no Ray: the saved
+state — fp32 masters, Adam moments and step, the LR schedule — loads into another ZeRO stage and continues as if
+never interrupted; a checkpoint of another model is one line; `Worker.setup`, `train_step` (with a padded, weighted
+micro-batch) and `evaluate` run on their own. (Resharding across world sizes is tested with Ray in test_train.py.)"""
 
 from __future__ import annotations
 
@@ -90,3 +91,28 @@ def test_a_checkpoint_of_another_model_is_one_line(gloo: None, tmp_path: Path) -
     with pytest.raises(RunFileError, match=r"state: wte.weight is \(64, 16\), the model has \(64, 32\) "
                                            r"\(a checkpoint of another model\)$"):
         state.load(wide, tmp_path / "state", schedule, torch.zeros(2, 9, dtype=torch.long), accum=1)
+
+
+def test_the_worker_parts_run_on_their_own(gloo: None, tmp_path: Path) -> None:
+    """Global batch 5 in micro-batches of 2 on one worker: 3 micro-batches of 2, 2, 1 (the short one weighted 1/2)."""
+    from cluster.layout import RunLayout
+    from tests.trainer.test_data import hand_made_data
+    from trainer.data import rank_steps
+    from trainer.loop import Worker, WorkerConfig
+
+    hand_made_data(tmp_path / "data", [6, 5, 7], trainable=True)
+    model = ModelConfig(vocab_size=100, block_size=4, n_layer=1, n_head=2, n_embd=16)
+    train = TrainConfig(micro_batch_size=2, lr=1e-2, warmup_steps=0, eval_batches=2, precision="fp32")
+    worker = Worker(WorkerConfig(train=train, model=model, layout=RunLayout.of(tmp_path), seed=3, global_batch=5,
+                                 use_gpu=False, eot_token="<|endoftext|>", fingerprint={}))
+    worker.setup()
+    assert worker.accum == 3 and worker.step == 0
+    steps = rank_steps(worker.train_data, worker.order, 0, 5, 2, rank=0, world=1)
+    first = next(steps)
+    assert [len(b) for b in first.micro_batches] == [2, 2, 1] and first.weights == pytest.approx([1.2, 1.2, 0.6])
+    losses = [worker.train_step(first)[0].item()] + [worker.train_step(next(steps))[0].item() for _ in range(29)]
+    assert worker.step == 30 and sum(losses[-5:]) < sum(losses[:5]) - 1.0  # it learns the hand-made blocks
+    val_loss, val_bpb = worker.evaluate()
+    assert 0 < val_loss < losses[0] and val_bpb > 0
+    worker.train_data.close()
+    worker.val_data.close()
