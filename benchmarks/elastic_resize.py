@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster import pipeline  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from cluster.layout import RunLayout  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
 from model.flops import machine_header  # noqa: E402
 
@@ -46,7 +47,7 @@ def _config(run_dir: Path, steps: int, workers: int, every: int) -> Any:
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = RunLayout.of(run_dir).metrics
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 

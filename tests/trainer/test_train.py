@@ -225,6 +225,9 @@ def test_changed_config_is_refused_and_extended_max_steps_resumes(
     assert err.startswith("raygpt: error:") and "\n" not in err
     assert "train.lr 0.003 → 0.001" in err and "seed 1337 → 7" in err and "train.resume=false" in err
     assert {p: p.read_bytes() for p in before} == before  # refused: nothing written, not even config.yaml
+    assert main(["train", *args, "train.max_steps=12", "model.overrides={n_layer: 3}"]) == 2  # another model
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.n_layer 2 → 3" in err
 
     assert main(["train", *args, "train.max_steps=16"]) == 0  # extending max_steps continues the same run
     assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 17))
