@@ -76,7 +76,7 @@ def check_resume(layout: RunLayout, run_fp: dict[str, Any]) -> checkpoints.Commi
     return newest
 
 
-def test_faults() -> dict[str, int]:
+def injected_faults() -> dict[str, int]:
     """Fault injection for tests only, from the environment of the process that runs the driver (RAYGPT_TEST_FAULTS,
     JSON, e.g. {"exit_after_step": 7}, {"kill_before_commit": 8}, {"step_ms": 100}; see WorkerConfig.faults); empty in
     production."""
@@ -104,7 +104,7 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
     if not layout.remote:
         Path(layout.run_dir).mkdir(parents=True, exist_ok=True)
         layout = RunLayout(Path(layout.run_dir).resolve(), layout.storage)
-    worker = replace(worker, layout=layout, faults=test_faults())
+    worker = replace(worker, layout=layout, faults=injected_faults())
     low, high = cluster.worker_range
     even = even_world_sizes(worker.global_batch, worker.train.micro_batch_size, max(high, 8))
     print(f"[train] global batch {worker.global_batch} at every world size; workers {low}"
