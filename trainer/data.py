@@ -52,20 +52,24 @@ def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
     buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(kind: str, item: Any) -> bool:
+        """Hand one entry over, waiting for room; False once the consumer has gone."""
+        while not stop.is_set():
+            try:
+                buffer.put((kind, item), timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(("item", item), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put("item", item):
                     return
-            buffer.put(("end", None))
+            put("end", None)
         except BaseException as e:  # noqa: BLE001 — handed to the consumer, which raises it
-            buffer.put(("error", e))
+            put("error", e)
 
     thread = threading.Thread(target=produce, name="sample-read-ahead", daemon=True)
     thread.start()

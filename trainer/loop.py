@@ -392,6 +392,7 @@ class Worker:
             # it every 2 s, so a report per log step would throttle training to one step per 2 s.
             if out_of_time:
                 break
+        data_iter.close()  # stops the read-ahead thread before its readers close
         self.close_logs()
 
 
