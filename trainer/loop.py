@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from cluster import storage
-from cluster.files import atomic_write, file_records, remove
+from cluster.files import file_records
 from cluster.layout import RunLayout, step_name
 from data_pipeline.manifest import read_manifest
 from model.checkpoint import save_checkpoint
@@ -35,6 +35,7 @@ from model.flops import flops_per_token, mfu, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
 from trainer import checkpoints, state
+from trainer.metrics import batch_digest, continue_metrics, sample_digests, upload_metrics
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.data import SampleOrder, SampleReader, StepData, grad_accum, rank_steps, val_ids
 
@@ -79,18 +80,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def sample_digests(data: StepData) -> list[bytes]:
-    """One short digest per sample of this rank's slice, in order."""
-    return [hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest()
-            for blocks in data.micro_batches for block in blocks]
-
-
-def batch_digest(per_rank: list[list[bytes]]) -> str:
-    """A digest of a global batch's samples in global order (the ranks' slices in rank order): equal for equal data
-    at any world size. Logged as `data_digest`, so two runs can be checked to have trained on the same samples."""
-    return hashlib.blake2b(b"".join(d for digests in per_rank for d in digests), digest_size=8).hexdigest()
-
-
 def _agree_on_precision(requested: str, device: torch.device) -> Choice:
     """Rank 0 decides from its hardware and every rank takes its choice (mixed precisions cannot all-reduce)."""
     holder: list[Choice | None] = [choose(requested, detect(device)) if dist.get_rank() == 0 else None]  # type: ignore[arg-type]
@@ -110,34 +99,6 @@ def _consolidated_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]
     else:
         full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
     return full if dist.get_rank() == 0 else None
-
-
-def _continue_metrics(layout: RunLayout, step: int | None) -> None:
-    """Rank 0 at the start: for a run on object storage, fetch the run's metrics and TensorBoard into the local
-    mirror (this node may not have written them); on resume (`step`), drop metric lines of steps after the resumed
-    one (they are about to be run again)."""
-    if layout.remote:
-        remove(layout.metrics_local)
-        remove(layout.tensorboard_local)
-        layout.scratch.mkdir(parents=True, exist_ok=True)
-        if step is not None and storage.is_file(layout.metrics):
-            atomic_write(layout.metrics_local, storage.read_bytes(layout.metrics))
-        if step is not None and storage.is_dir(layout.tensorboard):
-            storage.download_folder(layout.tensorboard, layout.tensorboard_local)
-    if step is not None and layout.metrics_local.is_file():
-        kept = [line for line in layout.metrics_local.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(layout.metrics_local, "".join(kept))
-
-
-def _upload_metrics(layout: RunLayout) -> None:
-    """Rank 0, for a run on object storage: the local metrics and TensorBoard mirror replace the run's copy (object
-    stores do not append). Called at every checkpoint and at the end."""
-    if layout.remote:
-        if layout.metrics_local.is_file():
-            storage.upload(layout.metrics_local, layout.metrics)
-        if layout.tensorboard_local.is_dir():
-            storage.upload_folder(layout.tensorboard_local, layout.tensorboard)
 
 
 class Worker:
@@ -272,7 +233,7 @@ class Worker:
         if step == self.cfg.faults.get("kill_before_commit"):
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
         # the metrics up to this step first: once the commit exists, a resume from it (on any node) must find them
-        _upload_metrics(layout)
+        upload_metrics(layout)
         record = checkpoints.commit(layout, step, self.cfg.fingerprint, self.world, checkpoints.merge_files(every))  # type: ignore[arg-type]
         if layout.remote_storage and not layout.remote:  # the published model of a local run is a local folder
             assert model is not None
@@ -290,7 +251,7 @@ class Worker:
         from torch.utils.tensorboard import SummaryWriter
 
         layout = self.cfg.layout
-        _continue_metrics(layout, self.step if self.resumed else None)
+        continue_metrics(layout, self.step if self.resumed else None)
         self.writer = SummaryWriter(str(layout.tensorboard_local), purge_step=self.step + 1 if self.resumed else None)
         self.metrics_file = open(layout.metrics_local, "a")
 
@@ -311,7 +272,7 @@ class Worker:
         if self.writer is not None and self.metrics_file is not None:
             self.writer.close()
             self.metrics_file.close()
-            _upload_metrics(self.cfg.layout)
+            upload_metrics(self.cfg.layout)
         self.train_data.close()
         self.val_data.close()
 

@@ -28,7 +28,7 @@ from cluster.cli import main
 from cluster.layout import RunLayout
 from model.checkpoint import load_checkpoint
 from trainer.data import SampleOrder, SampleReader
-from trainer.loop import batch_digest
+from trainer.metrics import batch_digest
 from tests.cluster.conftest import free_port, wait_for_job_server
 from tests.conftest import BASE, REPO, SHAKESPEARE, bucket_copy
 

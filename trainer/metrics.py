@@ -1,0 +1,56 @@
+"""The run's metrics on rank 0 of `raygpt train` (trainer/loop.py): the local metrics.jsonl / TensorBoard mirror of a
+run on object storage (fetched on resume, uploaded at checkpoints) and the `data_digest` of a global batch.
+Used by `raygpt train CONFIG` workers; not run by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from cluster import storage
+from cluster.files import atomic_write, remove
+from cluster.layout import RunLayout
+from trainer.data import StepData
+
+
+def sample_digests(data: StepData) -> list[bytes]:
+    """One short digest per sample of this rank's slice, in order."""
+    return [hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest()
+            for blocks in data.micro_batches for block in blocks]
+
+
+def batch_digest(per_rank: list[list[bytes]]) -> str:
+    """A digest of a global batch's samples in global order (the ranks' slices in rank order): equal for equal data
+    at any world size. Logged as `data_digest`, so two runs can be checked to have trained on the same samples."""
+    return hashlib.blake2b(b"".join(d for digests in per_rank for d in digests), digest_size=8).hexdigest()
+
+
+def continue_metrics(layout: RunLayout, step: int | None) -> None:
+    """Rank 0 at the start: for a run on object storage, fetch the run's metrics and TensorBoard into the local
+    mirror (this node may not have written them); on resume (`step`), drop metric lines of steps after the resumed
+    one (they are about to be run again)."""
+    if layout.remote:
+        remove(layout.metrics_local)
+        remove(layout.tensorboard_local)
+        layout.scratch.mkdir(parents=True, exist_ok=True)
+        if step is not None and storage.is_file(layout.metrics):
+            atomic_write(layout.metrics_local, storage.read_bytes(layout.metrics))
+        if step is not None and storage.is_dir(layout.tensorboard):
+            storage.download_folder(layout.tensorboard, layout.tensorboard_local)
+    if step is not None and layout.metrics_local.is_file():
+        kept = [line for line in layout.metrics_local.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write(layout.metrics_local, "".join(kept))
+
+
+def upload_metrics(layout: RunLayout) -> None:
+    """Rank 0, for a run on object storage: the local metrics and TensorBoard mirror replace the run's copy (object
+    stores do not append). Called at every checkpoint and at the end."""
+    if layout.remote:
+        if layout.metrics_local.is_file():
+            storage.upload(layout.metrics_local, layout.metrics)
+        if layout.tensorboard_local.is_dir():
+            storage.upload_folder(layout.tensorboard_local, layout.tensorboard)
