@@ -17,6 +17,7 @@ Bad configs, paths and inputs exit with status 2 and one line on stderr naming t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cluster import pipeline
@@ -60,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("submit", help="run a raygpt subcommand as a Ray job on a cluster, streaming its logs")
     sub.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     sub.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's working_dir")
-    sub.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="env var for the job")
+    sub.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                     help="env var for the job; KEY alone forwards this shell's value (nothing else is forwarded)")
     sub.add_argument("--job-id", help="submission id (default: generated)")
     sub.add_argument("--no-wait", action="store_true", help="return after submitting")
     sub.add_argument("argv", nargs=argparse.REMAINDER, help="-- SUBCOMMAND ARGS, e.g. -- run configs/cloud_gpu.yaml")
@@ -89,13 +91,16 @@ def _user_error(error: BaseException) -> BaseException | None:
 
 
 def _env_vars(items: list[str]) -> dict[str, str]:
-    """`--env KEY=VALUE` flags → a dict; anything else is a one-line error."""
+    """`--env KEY=VALUE` and `--env KEY` (this shell's value, kept off the command line) flags → the job's env vars;
+    anything else is a one-line error. Only these reach the job: nothing of the local environment is sent otherwise."""
     env = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise ConfigError(f"--env {item!r}: expected KEY=VALUE with KEY made of letters, digits and '_'")
-        env[key] = value
+        if not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE or KEY, with KEY made of letters, digits and '_'")
+        if not sep and key not in os.environ:
+            raise ConfigError(f"--env {key}: not set in this shell (give --env {key}=VALUE or export it)")
+        env[key] = value if sep else os.environ[key]
     return env
 
 

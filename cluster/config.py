@@ -171,8 +171,9 @@ class RunConfig(Section):
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: Any) -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+def _expand_env(value: Any, path: tuple[str | int, ...] = (), written: dict[tuple[str | int, ...], str] | None = None) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree; `written` collects each such
+    string as written (path → text), so that the values (tokens, keys) are never written back out."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -183,11 +184,13 @@ def _expand_env(value: Any) -> Any:
                 raise ConfigError(f"environment variable {name} is not set (used as ${{{name}}} in the config)")
             return default
 
+        if written is not None and _ENV_VAR.search(value):
+            written[path] = value
         return _ENV_VAR.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: _expand_env(v) for k, v in value.items()}
+        return {k: _expand_env(v, (*path, k), written) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v) for v in value]
+        return [_expand_env(v, (*path, i), written) for i, v in enumerate(value)]
     return value
 
 
@@ -238,14 +241,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for override in overrides or []:
         apply_override(tree, override)
+    written: dict[tuple[str | int, ...], str] = {}
     try:
-        return RunConfig.model_validate(_expand_env(tree))
+        config = RunConfig.model_validate(_expand_env(tree, (), written))
     except ValidationError as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from None
+    config.remember_env(written)
+    return config
 
 
 def config_to_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, except that values which came from `${VAR}` are written as `${VAR}`."""
+    return yaml.safe_dump(config.dump_as_written(), sort_keys=False)
 
 
 def save_resolved(config: RunConfig) -> Location:

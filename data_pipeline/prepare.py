@@ -315,7 +315,7 @@ def _manifest(
     return {
         "format_version": FORMAT_VERSION,
         "fingerprint": key,
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.dump_as_written(),
         "vocab_size": tokenizer.get_vocab_size(),
         "seq_len": cfg.seq_len,
         "block_len": cfg.seq_len + 1,

@@ -253,7 +253,7 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
         rows.append(row)
         if method != FULL:
             storage.write_json(layout.method_report(method), row)
-    report = {"fingerprint": key, "checkpoint": str(checkpoint), "config": cfg.model_dump(mode="json"),
+    report = {"fingerprint": key, "checkpoint": str(checkpoint), "config": cfg.dump_as_written(),
               "full_precision": rows[0], "methods": rows[1:]}
     table = comparison_table(report)
     every_metric = report_table({"checkpoints": [r["eval"] for r in rows]})

@@ -150,7 +150,7 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     refs = [task.remote(c, cfg, str(data_dir), str(work_dir)) for c in checkpoints]
     print(f"[eval] {len(refs)} checkpoint(s): {', '.join(checkpoints)}", flush=True)
     results = {
-        "fingerprint": key, "lm_eval_version": lm_eval.__version__, "eval_config": cfg.model_dump(mode="json"),
+        "fingerprint": key, "lm_eval_version": lm_eval.__version__, "eval_config": cfg.dump_as_written(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": ray.get(refs),
     }
     storage.write_json(results_path, results)

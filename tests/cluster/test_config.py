@@ -126,7 +126,40 @@ def test_unreadable_configs_and_env_flags_are_one_line(tmp_path: Path, capsys: p
     latin1.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte \d+\); save the config as UTF-8"):
         load_config(latin1)
-    for flag in ("FOO", "=x", "1A=b", "A-B=c"):
+    for flag in ("=x", "1A=b", "A-B=c"):
         assert main(["submit", "--address", "http://127.0.0.1:1", "--env", flag, "--", "run", "x.yaml"]) == 2
         err = capsys.readouterr().err
-        assert err == f"raygpt: error: --env {flag!r}: expected KEY=VALUE with KEY made of letters, digits and '_'\n"
+        assert err == (f"raygpt: error: --env {flag!r}: expected KEY=VALUE or KEY, with KEY made of letters, digits "
+                       "and '_'\n")
+    assert main(["submit", "--address", "http://127.0.0.1:1", "--env", "RAYGPT_UNSET_VAR", "--", "run", "x.yaml"]) == 2
+    assert capsys.readouterr().err == ("raygpt: error: --env RAYGPT_UNSET_VAR: not set in this shell (give "
+                                       "--env RAYGPT_UNSET_VAR=VALUE or export it)\n")
+
+
+def test_values_from_the_environment_are_written_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token passed as ${VAR} never lands in RUN_DIR/config.yaml or in the sections' dumps that runs record."""
+    monkeypatch.setenv("WANDB_API_KEY", "tok-9f8e7d6c5b4a")
+    monkeypatch.setenv("CORPUS_ROOT", "/srv/corpus")
+    text = MINIMAL + ("cluster:\n  address: ray://${WANDB_API_KEY}@head:10001\n"
+                      "eval:\n  texts:\n    held_out: ${CORPUS_ROOT}/v.txt\n")
+    cfg = load_config(_write(tmp_path, text), [f"run_dir={tmp_path / 'run'}"])
+    assert cfg.cluster.address == "ray://tok-9f8e7d6c5b4a@head:10001"  # the run itself sees the value
+    written = save_resolved(cfg).read_text()
+    assert "tok-9f8e7d6c5b4a" not in written and "/srv/corpus" not in written
+    tree = yaml.safe_load(written)
+    assert tree["cluster"]["address"] == "ray://${WANDB_API_KEY}@head:10001"
+    assert tree["eval"]["texts"] == {"held_out": "${CORPUS_ROOT}/v.txt"}
+    assert cfg.eval.dump_as_written()["texts"] == {"held_out": "${CORPUS_ROOT}/v.txt"}  # eval/results.json
+    assert cfg.eval.model_copy(update={"limit": 3}).dump_as_written()["texts"]["held_out"].startswith("${")
+    reloaded = load_config(out := tmp_path / "run" / "config.yaml")  # the written recipe runs again
+    assert reloaded.cluster.address == cfg.cluster.address and out.read_text() == written
+
+
+def test_submit_forwards_only_the_env_vars_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.cli import _env_vars
+    from cluster.jobs import runtime_env
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abc123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-job")
+    env = runtime_env(".", _env_vars(["HF_TOKEN", "MODE=fast"]))["env_vars"]
+    assert env == {"RAY_USAGE_STATS_ENABLED": "0", "HF_TOKEN": "hf_abc123", "MODE": "fast"}
