@@ -6,6 +6,7 @@ micro-batch) and `evaluate` run on their own. (Resharding across world sizes is 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,17 @@ def test_the_worker_parts_run_on_their_own(gloo: None, tmp_path: Path) -> None:
     assert 0 < val_loss < losses[0] and val_bpb > 0
     worker.train_data.close()
     worker.val_data.close()
+
+
+def test_nothing_in_raygpt_unpickles() -> None:
+    """Why resume needs no signature on its commit records (issue 16): checkpoints, state and data are safetensors,
+    JSON and .npy without pickles, and no code path of raygpt can load a pickle, so bytes in a bucket any node role
+    can write are at worst wrong numbers (and caught by the commit record's sha256), never code."""
+    from tests.conftest import REPO
+
+    loaders = re.compile(r"torch\.load\(|pickle\.loads?\(|cloudpickle\.loads?\(|allow_pickle\s*=\s*True|"
+                         r"weights_only\s*=\s*False|joblib\.load|dill\.load|\.load_checkpoint\(|Unpickler")
+    found = [f"{path.relative_to(REPO)}:{n}" for package in ("cluster", "trainer", "data_pipeline", "model", "evaluation")
+             for path in (REPO / package).rglob("*.py") for n, line in enumerate(path.read_text().splitlines(), 1)
+             if loaders.search(line)]
+    assert found == []
