@@ -129,6 +129,16 @@ def report_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _gather(refs: list[Any]) -> list[dict[str, Any]]:
+    """The tasks' results; a one-line error raised in a task (e.g. a node whose sandbox does not work) stays one line."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, EvalError):
+            raise EvalError(str(e.cause)) from None
+        raise
+
+
 def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     """Evaluate every checkpoint as a Ray task (Ray must be connected); skipped when results for the same config and
     weights exist."""
@@ -151,7 +161,7 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     print(f"[eval] {len(refs)} checkpoint(s): {', '.join(checkpoints)}", flush=True)
     results = {
         "fingerprint": key, "lm_eval_version": lm_eval.__version__, "eval_config": cfg.dump_as_written(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": ray.get(refs),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": _gather(refs),
     }
     storage.write_json(results_path, results)
     table = report_table(results)

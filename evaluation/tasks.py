@@ -106,6 +106,14 @@ def _leaves(index: dict[str, Any], name: str, seen: set[str] | None = None) -> l
     return [leaf for member in names if isinstance(member, str) for leaf in _leaves(index, member, seen)]
 
 
+def check_sandbox(cfg: EvalConfig) -> None:
+    """One line (EvalError) unless the configured sandbox runs a program on this node."""
+    try:
+        code_exec.check_backend(cfg.sandbox, cfg.sandbox_python)
+    except code_exec.CodeExecutionRefused as e:
+        raise EvalError(str(e)) from None
+
+
 @contextlib.contextmanager
 def code_execution(cfg: EvalConfig) -> Iterator[None]:
     """While active (and only with `eval.allow_code_execution`): this process may run model-written code, in the
@@ -114,10 +122,7 @@ def code_execution(cfg: EvalConfig) -> Iterator[None]:
     if not cfg.allow_code_execution:
         yield
         return
-    try:
-        code_exec.check_backend(cfg.sandbox, cfg.sandbox_python)
-    except code_exec.CodeExecutionRefused as e:
-        raise EvalError(str(e)) from None
+    check_sandbox(cfg)
     env = {
         code_exec.ALLOW_ENV: "1", code_exec.BACKEND_ENV: cfg.sandbox, code_exec.PYTHON_ENV: cfg.sandbox_python,
         code_exec.TIMEOUT_ENV: str(cfg.code_timeout_s), code_exec.MEMORY_ENV: str(cfg.code_memory_mb),
@@ -160,6 +165,8 @@ def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]]
             if Path(leaf.yaml_path).parent.name not in SANDBOXED_FOLDERS:
                 raise EvalError(f"eval.tasks: {task}: {leaf.name} executes model-written code with its own executor "
                                 f"in the evaluating process, which raygpt cannot sandbox; it is refused")
+        if unsafe:
+            check_sandbox(cfg)  # before any model runs, on the driver and again in each task
         if task not in cfg.local_data:
             specs.append(task)
             continue

