@@ -88,8 +88,10 @@ assert os.getcwd() == "/work" and os.listdir("/work") == []
 """
     verdict = _run(program)
     assert verdict.passed, verdict.reason
-    weaker = code_exec._run(program, Limits(timeout_s=3), "subprocess", code_exec.DEFAULT_PYTHON)
-    assert not weaker.passed  # without namespaces the same program sees the host: the checks above can fail
+    reads_the_secret = f"assert 's3cr3t-value' in open({str(secret_file)!r}).read()"
+    assert not _run(reads_the_secret).passed
+    weaker = code_exec._run(reads_the_secret, Limits(timeout_s=3), "subprocess", code_exec.DEFAULT_PYTHON)
+    assert weaker.passed  # without namespaces a program reads the host's files: the checks above can fail
 
 
 def test_it_cannot_write_outside_its_work_dir(tmp_path: Path) -> None:
@@ -182,7 +184,7 @@ if os.fork() == 0:
 
 
 def test_a_flood_on_stderr_keeps_the_evaluator_small() -> None:
-    script = f"""
+    script = """
 import os, resource
 from evaluation.code_exec import Limits, run_program
 run_program("print(1)", Limits(timeout_s=10))
