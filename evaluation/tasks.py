@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lm_eval.tasks
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import Kind
 from lm_eval.tasks._yaml_loader import load_yaml
@@ -162,7 +163,8 @@ def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]]
             skipped[task] = "runs model-written code; set eval.allow_code_execution=true to run it (sandboxed)"
             continue
         for leaf in unsafe:
-            if Path(leaf.yaml_path).parent.name not in SANDBOXED_FOLDERS:
+            folder = Path(leaf.yaml_path).parent
+            if folder.name not in SANDBOXED_FOLDERS or folder.parent != Path(lm_eval.tasks.__file__).parent:
                 raise EvalError(f"eval.tasks: {task}: {leaf.name} executes model-written code with its own executor "
                                 f"in the evaluating process, which raygpt cannot sandbox; it is refused")
         if unsafe:
