@@ -10,6 +10,7 @@
     raygpt jobs     list|status|logs|stop [JOB_ID] --address http://HOST:8265
     raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
+    raygpt config   show CONFIG [overrides] | schema [SECTION]   the resolved recipe / every key's type, default, doc
 
 Bad configs, paths and inputs exit with status 2 and one line on stderr naming the problem, never a traceback.
 """
@@ -20,23 +21,15 @@ import argparse
 import os
 import sys
 
-from cluster import pipeline
-from cluster.config import ConfigError, load_config
-from cluster.files import RunFileError
-from cluster.jobs import JobError, jobs_command, submit
-from cluster.run_lock import run_lock
-from data_pipeline.config import DataError
-from evaluation.config import EvalError
-from model.checkpoint import CheckpointError
-from model.export import ExportError, export
-from model.quantize import QuantizeError
-from model.sample import stream_text
+from cluster.errors import UserError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, EvalError, QuantizeError, JobError, RunFileError)
+# Each command imports what it needs when it runs: `raygpt --help`, `jobs` and `submit` never load torch,
+# transformers or lm-eval (benchmarks/cli_startup.py).
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raygpt", description="Build and train a GPT from scratch on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("prepare", "corpus → tokenizer + webdataset shards in RUN_DIR/data"),
@@ -49,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
+    config = commands.add_parser("config", help="print a resolved recipe, or the reference of every config key")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_commands.add_parser("show", help="the recipe as the stages see it (${VAR} kept as written)")
+    show.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
+    show.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
+    schema = config_commands.add_parser("schema", help="every key with its type, default and meaning (docs/config.md)")
+    schema.add_argument("section", nargs="?", help="a section (train, data.clean, ...) or a key; default: all")
     gen = commands.add_parser("generate", help="stream a checkpoint's continuation of a prompt")
     gen.add_argument("checkpoint", help="folder with model.safetensors, config.json, tokenizer.json; or a run directory, "
                      "its checkpoint or a model folder on s3:// / gs:// (downloaded once into the local cache)")
@@ -80,11 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raygpt")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def _user_error(error: BaseException) -> BaseException | None:
     """The user error (bad config, input or checkpoint) behind an exception, also when it was raised inside a Ray task or actor."""
     seen = error
     while seen is not None:
-        if isinstance(seen, USER_ERRORS):
+        if isinstance(seen, UserError):
             return seen
         seen = seen.__cause__ or getattr(seen, "cause", None)
     return None
@@ -97,9 +106,9 @@ def _env_vars(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise ConfigError(f"--env {item!r}: expected KEY=VALUE or KEY, with KEY made of letters, digits and '_'")
+            raise UserError(f"--env {item!r}: expected KEY=VALUE or KEY, with KEY made of letters, digits and '_'")
         if not sep and key not in os.environ:
-            raise ConfigError(f"--env {key}: not set in this shell (give --env {key}=VALUE or export it)")
+            raise UserError(f"--env {key}: not set in this shell (give --env {key}=VALUE or export it)")
         env[key] = value if sep else os.environ[key]
     return env
 
@@ -108,18 +117,41 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "generate":
+            from model.sample import stream_text
+
             stream_text(
                 args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
             )
         elif args.command == "export":
+            from model.export import export
+
             print(f"exported to {export(args.checkpoint, args.out, force=args.force)}")
+        elif args.command == "config":
+            from cluster import schema
+            from cluster.config import config_to_yaml, load_config
+
+            if args.config_command == "show":
+                print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+            else:
+                try:
+                    print(schema.text(args.section), end="")
+                except KeyError as e:
+                    raise UserError(e.args[0]) from None
         elif args.command == "submit":
+            from cluster.jobs import submit
+
             argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
             env = _env_vars(args.env)
             return submit(args.address, argv, args.working_dir, env, follow=not args.no_wait, job_id=args.job_id)
         elif args.command == "jobs":
+            from cluster.jobs import jobs_command
+
             return jobs_command(args.action, args.address, args.job_id, args.follow)
         else:
+            from cluster import pipeline
+            from cluster.config import load_config
+            from cluster.run_lock import run_lock
+
             cfg = load_config(args.config, args.overrides)
             with run_lock(cfg.run_dir, f"raygpt {args.command} {args.config}"):  # one writer per run_dir
                 if args.command == "run":

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from cluster.errors import UserError
 from cluster.layout import Location, RunLayout
 from data_pipeline.config import DataConfig, Section
 from evaluation.config import EvalConfig
@@ -26,7 +27,7 @@ from model.gpt import ModelConfig
 from trainer.config import TrainConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line meant for the user."""
 
 
@@ -219,7 +220,10 @@ def _one_line(error: ValidationError) -> str:
     key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in first["loc"]).replace(".[", "[")
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = "unknown key"
+        from cluster.schema import closest_key  # imports this module
+
+        suggestion = closest_key(tuple(first["loc"]))
+        message = "unknown key" + (f" (did you mean `{suggestion}`?)" if suggestion else "")
     elif first["type"] != "missing" and "input" in first and not isinstance(first["input"], (dict, BaseModel)):
         message += f" (got {first['input']!r})"  # a value, not a whole section
     more = len(error.errors()) - 1

@@ -26,8 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from cluster.errors import UserError
 
-class RunFileError(ValueError):
+
+class RunFileError(UserError, ValueError):
     """A file of the run that is missing, corrupt or in the way; the message is one line for the user."""
 
 

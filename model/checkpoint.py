@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from cluster import storage
+from cluster.errors import UserError
 from cluster.files import RunFileError, atomic_folder, fingerprint, read_json, sha256_file
 from cluster.layout import Location, RunLayout, cached_checkpoint, is_uri, join
 from model.gpt import GPT, ModelConfig
@@ -37,7 +38,7 @@ POINTER_VERSION = 1
 """Version of the published-checkpoint pointer object (a run on object storage)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be loaded; the message is one line naming the problem."""
 
 

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from cluster.errors import UserError
 from cluster.files import atomic_folder
 from model.checkpoint import load_checkpoint, local_checkpoint, read_meta
 from model.gpt import GPT, ModelConfig
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A model config with no Hugging Face equivalent."""
 
 

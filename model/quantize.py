@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from cluster.errors import UserError
 from model.gpt import GPT
 from model.quantize_bnb import bitsandbytes, bnb_linear
 from model.quantize_calibrate import calibrate
@@ -43,7 +44,7 @@ QuantMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 CALIBRATED = {"gptq", "awq"}
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UserError, ValueError):
     """Bad quantization input (unknown method, no calibration data, mismatched checkpoint); one line for the user."""
 
 

@@ -64,7 +64,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
-        (MINIMAL, ["data.seq_lenn=3"], r"data\.seq_lenn: unknown key$"),
+        (MINIMAL, ["data.seq_lenn=3"], r"data\.seq_lenn: unknown key \(did you mean `data\.seq_len`\?\)$"),
         (MINIMAL, ["data.seq_len=-1"], r"data\.seq_len: Input should be greater than or equal to 1 \(got -1\)$"),
         (MINIMAL, ["data.val_fraction=1.5"], r"data\.val_fraction: .*less than 1"),
         (MINIMAL, ["data.tokenizer.type=sentencepiece"], r"data\.tokenizer\.type: Input should be 'bpe' or"),
