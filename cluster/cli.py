@@ -10,6 +10,7 @@
     raygpt jobs     list|status|logs|stop [JOB_ID] --address http://HOST:8265
     raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
+    raygpt import   HF_DIR --out CKPT                a Hugging Face Llama / GPT-2 checkpoint → raygpt (model.init_from)
     raygpt config   show CONFIG [overrides] | schema [SECTION]   the resolved recipe / every key's type, default, doc
 
 Bad configs, paths and inputs exit with status 2 and one line on stderr naming the problem, never a traceback.
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
+    imp = commands.add_parser("import", help="a Hugging Face Llama / GPT-2 folder (safetensors) → a raygpt checkpoint")
+    imp.add_argument("hf_dir", help="a transformers model folder: config.json, model.safetensors, tokenizer.json")
+    imp.add_argument("--out", required=True, help="the raygpt checkpoint folder to write (start training from it with "
+                     "model.init_from)")
+    imp.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     config = commands.add_parser("config", help="print a resolved recipe, or the reference of every config key")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_commands.add_parser("show", help="the recipe as the stages see it (${VAR} kept as written)")
@@ -126,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             from model.export import export
 
             print(f"exported to {export(args.checkpoint, args.out, force=args.force)}")
+        elif args.command == "import":
+            from model.hf_import import import_hf
+
+            print(f"imported to {import_hf(args.hf_dir, args.out, force=args.force)}")
         elif args.command == "config":
             from cluster import schema
             from cluster.config import config_to_yaml, load_config

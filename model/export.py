@@ -7,7 +7,9 @@ Mappings (faithful: the exported model computes the same function):
   rope + rmsnorm + swiglu                        → LlamaForCausalLM (biases → attention_bias / mlp_bias, GQA kept)
   learned | sinusoidal + layernorm + gelu, MHA    → GPT2LMHeadModel (a sinusoidal table becomes wpe's weights;
                                                     bias=false exports zero biases)
-Anything else has no Hugging Face equivalent and is refused with one line saying why.
+Anything else has no Hugging Face equivalent and is refused with one line saying why. The end-of-text token is the
+model's bos/eos/pad token (config.json, generation_config.json), so `generate` stops at it. `model/hf_import.py` is
+the other direction.
 
 Quantized checkpoints: bnb-int8 / bnb-nf4 (bitsandbytes, a format transformers loads) export to the same model with
 `quantization_config` in config.json; `raygpt quantize` writes that export to RUN_DIR/quantized/<method>/hf. The
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+)
 
 from cluster.errors import UserError
 from cluster.files import atomic_folder
@@ -46,14 +50,14 @@ def architecture(cfg: ModelConfig) -> str:
     )
 
 
-def _llama(model: GPT) -> LlamaForCausalLM:
+def _llama(model: GPT, eot_id: int | None = None) -> LlamaForCausalLM:
     cfg = model.cfg
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden_size,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_size, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=cfg.bias, mlp_bias=cfg.bias, bos_token_id=None, eos_token_id=None,
+        attention_bias=cfg.bias, mlp_bias=cfg.bias, bos_token_id=eot_id, eos_token_id=eot_id,
     )
     sd = model.state_dict()
     hs, nh, nkv = cfg.head_size, cfg.n_head, cfg.kv_heads
@@ -74,13 +78,13 @@ def _llama(model: GPT) -> LlamaForCausalLM:
     return hf
 
 
-def _gpt2(model: GPT) -> GPT2LMHeadModel:
+def _gpt2(model: GPT, eot_id: int | None = None) -> GPT2LMHeadModel:
     cfg = model.cfg
     hf_cfg = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_inner=cfg.hidden_size, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=None, eos_token_id=None,
+        bos_token_id=eot_id, eos_token_id=eot_id,
     )
     sd = model.state_dict()
 
@@ -105,9 +109,13 @@ def _gpt2(model: GPT) -> GPT2LMHeadModel:
     return hf
 
 
-def to_hf(model: GPT) -> torch.nn.Module:
-    """The equivalent transformers model (in memory)."""
-    return _llama(model) if architecture(model.cfg) == "llama" else _gpt2(model)
+def to_hf(model: GPT, eot_id: int | None = None) -> torch.nn.Module:
+    """The equivalent transformers model (in memory). With `eot_id`, the end-of-text token is its bos/eos token and
+    its generation config stops there and pads with it, as GPT-2's <|endoftext|> does."""
+    hf = _llama(model, eot_id) if architecture(model.cfg) == "llama" else _gpt2(model, eot_id)
+    if eot_id is not None:
+        hf.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    return hf
 
 
 def hf_tokenizer(tokenizer_file: Path, eot_token: str) -> PreTrainedTokenizerFast:
@@ -126,7 +134,7 @@ BNB_CONFIGS: dict[str, dict[str, Any]] = {
 """Quantized methods whose format transformers loads (its bitsandbytes integration), as BitsAndBytesConfig kwargs."""
 
 
-def _save_bnb(model: GPT, method: str, folder: Path) -> None:
+def _save_bnb(model: GPT, method: str, folder: Path, eot_id: int | None) -> None:
     """A bitsandbytes checkpoint in transformers' own layout (quantization_config in config.json).
 
     The block linears are handed over as the exact values our bitsandbytes modules compute with, and transformers'
@@ -139,7 +147,7 @@ def _save_bnb(model: GPT, method: str, folder: Path) -> None:
     from model.quantize import dequantized_model
 
     with tempfile.TemporaryDirectory() as plain:  # the fp32 model transformers quantizes on load
-        to_hf(dequantized_model(model)).save_pretrained(plain, safe_serialization=True)
+        to_hf(dequantized_model(model), eot_id).save_pretrained(plain, safe_serialization=True)
         hf = AutoModelForCausalLM.from_pretrained(
             plain, quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[method]), device_map="cpu", dtype=torch.float32
         )
@@ -174,9 +182,9 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
     out = Path(out)
     with atomic_folder(out, replace=True) as tmp:  # check_out allowed replacing it
         if method is None:
-            to_hf(loaded.model).eval().save_pretrained(tmp, safe_serialization=True)
+            to_hf(loaded.model, loaded.eot_id).eval().save_pretrained(tmp, safe_serialization=True)
         else:
-            _save_bnb(loaded.model, method, tmp)
+            _save_bnb(loaded.model, method, tmp, loaded.eot_id)
         hf_tokenizer(loaded.tokenizer_file, loaded.eot_token).save_pretrained(tmp)
     return out
 

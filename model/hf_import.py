@@ -1,0 +1,158 @@
+"""Import a Hugging Face checkpoint (Llama or GPT-2 architecture, local safetensors) as a raygpt checkpoint, the
+inverse of `model/export.py`: `raygpt import HF_DIR --out CKPT`.
+
+    raygpt import /models/my-llama --out runs/base/checkpoint
+    # continued pretraining: model.init_from: runs/base/checkpoint, data.tokenizer.path: runs/base/checkpoint/tokenizer.json
+
+Mappings (the imported model computes the same function):
+  LlamaForCausalLM (default rope, GQA, optional attention/mlp biases)  → rope + rmsnorm + swiglu
+  GPT2LMHeadModel (gelu_new, learned positions)                       → learned + layernorm + gelu, biases
+Weights are read from `model.safetensors` or the shards of `model.safetensors.index.json` only: a `pytorch_model.bin`
+is a pickle and is refused. The folder's `tokenizer.json` becomes the checkpoint's tokenizer and its eos token the
+end-of-text token. Anything else (rope scaling, another activation, a head size that is not n_embd / n_head) is
+refused with one line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from model.checkpoint import save_checkpoint
+from model.export import ExportError
+from model.gpt import GPT, ModelConfig
+
+
+class HFImportError(ExportError):
+    """A Hugging Face folder raygpt cannot import; one line."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise HFImportError(f"{path.parent}: no {path.name} (a transformers model folder is needed)")
+    return json.loads(path.read_text())
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "model.safetensors.index.json").is_file():
+        files = sorted(set(_read_json(folder / "model.safetensors.index.json")["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(str(folder / f)).items()}
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise HFImportError(f"{folder}: only pickled weights (*.bin / *.pt), which raygpt never loads; re-save them with "
+                           "safe_serialization=True")
+    raise HFImportError(f"{folder}: no model.safetensors")
+
+
+def _eot_token(folder: Path, config: dict[str, Any], tokenizer: Tokenizer) -> str:
+    """The end-of-text token: the tokenizer config's eos token, else the model config's eos id."""
+    eos = _read_json(folder / "tokenizer_config.json").get("eos_token") if (folder / "tokenizer_config.json").is_file() else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if eos is None and isinstance(config.get("eos_token_id"), int):
+        eos = tokenizer.id_to_token(config["eos_token_id"])
+    if not eos or tokenizer.token_to_id(eos) is None:
+        raise HFImportError(f"{folder}: no end-of-text (eos) token in tokenizer_config.json or config.json")
+    return str(eos)
+
+
+def _llama_config(c: dict[str, Any]) -> ModelConfig:
+    for rope in (c.get("rope_scaling") or {}, c.get("rope_parameters") or {}):  # older and newer transformers
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise HFImportError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported (default "
+                                "rope only)")
+    if c.get("hidden_act", "silu") != "silu":
+        raise HFImportError(f"hidden_act {c['hidden_act']!r} is not supported (Llama's silu only)")
+    cfg = ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
+        n_head=c["num_attention_heads"], n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
+        n_embd=c["hidden_size"], intermediate_size=c["intermediate_size"], pos_encoding="rope",
+        rope_theta=(c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0)), mlp="swiglu",
+        norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), bias=bool(c.get("attention_bias", False)), dropout=0.0,
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+    )
+    if c.get("mlp_bias", False) != cfg.bias:
+        raise HFImportError("attention_bias and mlp_bias differ; raygpt has one `bias` switch")
+    if c.get("head_dim") not in (None, cfg.head_size):
+        raise HFImportError(f"head_dim {c['head_dim']} ≠ hidden_size / num_attention_heads = {cfg.head_size}")
+    return cfg
+
+
+def _llama_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"wte.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
+    out["lm_head.weight"] = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.n_layer):
+        p, q = f"blocks.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias") if cfg.bias else ("weight",):
+            out[p + f"attn.qkv.{kind}"] = torch.cat([sd[q + f"self_attn.{n}_proj.{kind}"] for n in "qkv"], dim=0)
+            out[p + f"attn.proj.{kind}"] = sd[q + f"self_attn.o_proj.{kind}"]
+            for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                out[p + f"mlp.{ours}.{kind}"] = sd[q + f"mlp.{theirs}.{kind}"]
+        out[p + "norm1.weight"] = sd[q + "input_layernorm.weight"]
+        out[p + "norm2.weight"] = sd[q + "post_attention_layernorm.weight"]
+    return out
+
+
+def _gpt2_config(c: dict[str, Any]) -> ModelConfig:
+    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise HFImportError(f"activation_function {c['activation_function']!r} is not supported (gelu_new only)")
+    return ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
+        n_embd=c["n_embd"], intermediate_size=c.get("n_inner") or 4 * c["n_embd"], pos_encoding="learned",
+        mlp="gelu", norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5), bias=True, dropout=0.0,
+        tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+    )
+
+
+def _gpt2_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    out = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"], "lm_head.weight": sd.get("lm_head.weight", sd["wte.weight"])}
+    out |= {"norm_f.weight": sd["ln_f.weight"], "norm_f.bias": sd["ln_f.bias"]}
+    for i in range(cfg.n_layer):
+        p, q = f"blocks.{i}.", f"h.{i}."
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out |= {p + f"{ours}.weight": sd[q + f"{theirs}.weight"], p + f"{ours}.bias": sd[q + f"{theirs}.bias"]}
+        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                             ("mlp.down", "mlp.c_proj")):
+            out[p + f"{ours}.weight"] = sd[q + f"{theirs}.weight"].t().contiguous()  # HF's Conv1D stores (in, out)
+            out[p + f"{ours}.bias"] = sd[q + f"{theirs}.bias"]
+    return out
+
+
+def from_hf(folder: str | Path) -> tuple[GPT, Path, str]:
+    """(the raygpt model, the folder's tokenizer.json, the end-of-text token) of a transformers folder."""
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    kind = config.get("model_type")
+    if kind not in ("llama", "gpt2"):
+        raise HFImportError(f"{folder}: model_type {kind!r} is not supported (llama or gpt2)")
+    weights = _weights(folder)
+    cfg = _llama_config(config) if kind == "llama" else _gpt2_config(config)
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise HFImportError(f"{folder}: no tokenizer.json (a fast tokenizer is needed)")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise HFImportError(f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model {cfg.vocab_size}")
+    state = (_llama_weights if kind == "llama" else _gpt2_weights)(weights, cfg)
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise HFImportError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), tokenizer_file, _eot_token(folder, config, tokenizer)
+
+
+def import_hf(folder: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write the raygpt checkpoint of a transformers folder to `out` (atomically; replaces only with `force`)."""
+    model, tokenizer_file, eot = from_hf(folder)
+    if Path(out).exists() and not force and any(Path(out).iterdir()):
+        raise HFImportError(f"--out {out} already exists and is not empty; choose a new folder or pass --force")
+    return save_checkpoint(model, out, tokenizer_file, {"eot_token": eot, "step": 0, "imported_from": str(folder)},
+                           replace=True)
