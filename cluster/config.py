@@ -93,6 +93,10 @@ class SampleConfig(Section):
     """Seed of the sampling."""
 
 
+INIT_FROM_OVERRIDES = frozenset({"dropout", "activation_checkpointing"})
+"""ModelConfig fields that do not change the weights' shapes: the only overrides allowed with model.init_from."""
+
+
 class ModelSection(Section):
     """The architecture: a preset plus fields replaced; vocab_size comes from the prepared data."""
 
@@ -100,13 +104,28 @@ class ModelSection(Section):
     """A model.gpt preset: debug, tiny, gpt2-124m, gpt2-350m, llama-1b, llama-7b."""
     overrides: dict[str, Any] = {}
     """ModelConfig fields replacing the preset's (e.g. {n_layer: 6, dropout: 0.1}); block_size defaults to data.seq_len."""
+    init_from: str | None = None
+    """A raygpt checkpoint (e.g. written by `raygpt import HF_DIR`) to start training from: continued pretraining.
+    Its architecture replaces `preset` (overrides may only set dropout and activation_checkpointing) and its weights
+    the random init; prepare the data with its tokenizer (data.tokenizer.path: CKPT/tokenizer.json)."""
 
     @model_validator(mode="after")
     def _resolves(self) -> ModelSection:
+        if self.init_from is not None:
+            if changed := sorted(set(self.overrides) - INIT_FROM_OVERRIDES):
+                raise ValueError(f"model.overrides.{changed[0]}: the architecture comes from model.init_from; only "
+                                 f"{' and '.join(sorted(INIT_FROM_OVERRIDES))} may be set")
+            return self
         self.resolve(vocab_size=self.overrides.get("vocab_size", 256), block_size=None)
         return self
 
     def resolve(self, vocab_size: int, block_size: int | None) -> ModelConfig:
+        """The model config: the preset with overrides, or the architecture of `init_from` (whose vocabulary and
+        context the data must fit: checked by the trainer)."""
+        if self.init_from is not None:
+            from model.checkpoint import load_config as checkpoint_config  # reads the checkpoint: at train time only
+
+            return ModelConfig.model_validate({**checkpoint_config(self.init_from).model_dump(), **self.overrides})
         fields = {"vocab_size": vocab_size, **({"block_size": block_size} if block_size else {}), **self.overrides}
         return ModelConfig.preset(self.preset, **fields)
 

@@ -20,12 +20,13 @@ from cluster import storage
 from cluster.config import RunConfig, save_resolved
 from cluster.files import fingerprint
 from cluster.ray_connect import connect
+from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest
 from data_pipeline.prepare import plan as data_plan
 from data_pipeline.prepare import prepare
 from evaluation.quantize import run_quantize
 from evaluation.run import run_eval
-from model.checkpoint import published_step
+from model.checkpoint import published_step, weights_stamp
 from trainer.checkpoints import run_fingerprint, start_over
 from trainer.driver import check_data, check_model, check_resume, train
 from trainer.loop import WorkerConfig
@@ -50,8 +51,14 @@ def run_train(cfg: RunConfig) -> Any:
     layout = cfg.layout
     manifest = check_data(cfg.data_dir)
     model_cfg = cfg.model.resolve(vocab_size=manifest.vocab_size, block_size=manifest.seq_len)
+    if cfg.model.init_from is not None and model_cfg.vocab_size != manifest.vocab_size:
+        raise DataError(f"model.init_from {cfg.model.init_from} has {model_cfg.vocab_size} tokens, the prepared data "
+                        f"{manifest.vocab_size}: prepare it with that tokenizer (data.tokenizer.path: "
+                        f"{cfg.model.init_from}/tokenizer.json)")
     check_model(manifest, model_cfg)
     run_fp = run_fingerprint(cfg.train, model_cfg, manifest, cfg.seed, cfg.global_batch_size)
+    if cfg.model.init_from is not None:
+        run_fp["model.init_from"] = fingerprint(weights_stamp(cfg.model.init_from))  # other base weights: another run
     done_key = fingerprint({"run": run_fp, "max_steps": cfg.train.max_steps, "time_budget_s": cfg.train.time_budget_s})
     if cfg.train.resume:
         if storage.completed(layout.train_done, done_key) and published_step(layout.checkpoint) is not None:
@@ -67,7 +74,7 @@ def run_train(cfg: RunConfig) -> Any:
     save_resolved(cfg)
     worker = WorkerConfig(train=cfg.train, model=model_cfg, layout=layout, seed=cfg.seed,
                           global_batch=cfg.global_batch_size, use_gpu=cfg.cluster.use_gpu,
-                          eot_token=manifest.eot_token, fingerprint=run_fp)
+                          eot_token=manifest.eot_token, fingerprint=run_fp, init_from=cfg.model.init_from)
     result = train(worker, cfg.cluster)
     storage.write_json(layout.train_done, {"fingerprint": done_key, "step": published_step(layout.checkpoint)})
     return result

@@ -30,7 +30,7 @@ from cluster import storage
 from cluster.files import file_records
 from cluster.layout import RunLayout, step_name
 from data_pipeline.manifest import read_manifest
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.flops import flops_per_token, mfu, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
@@ -55,6 +55,8 @@ class WorkerConfig:
     use_gpu: bool
     eot_token: str
     fingerprint: dict[str, Any]
+    init_from: str | None = None
+    """A raygpt checkpoint whose weights replace the random init (model.init_from); a resume overwrites them."""
     faults: dict[str, int] = field(default_factory=dict)
     """Tests only (set by the driver from RAYGPT_TEST_FAULTS): exit_after_step kills the last rank once after that
     step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit; step_ms makes every step
@@ -128,6 +130,9 @@ class Worker:
             log_rank0(f"[train] warning: {self.precision.warning}")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = GPT(cfg.model)
+        if cfg.init_from is not None:  # continued pretraining: the base checkpoint's weights (same architecture)
+            model.load_state_dict(load_checkpoint(cfg.init_from).model.state_dict())
+            log_rank0(f"[train] initialized from {cfg.init_from}")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, t.weight_decay),

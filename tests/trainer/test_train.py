@@ -284,3 +284,42 @@ def test_a_second_train_on_the_same_run_dir_is_refused_and_the_first_finishes(
     assert second == [2]
     assert "is in use by pid" in capsys.readouterr().err
     assert [m["step"] for m in _metrics(run_dir)] == [1, 2, 3] and _committed(run_dir) == ["step-000003"]
+
+
+def test_training_starts_from_an_imported_checkpoint(prepared: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Continued pretraining: a transformers Llama (vocab of the prepared data's tokenizer) → `raygpt import` →
+    `model.init_from`. At lr 1e-6 two Adam steps move no weight by more than ~2e-6, so the trained checkpoint is the
+    imported one (a random init differs by ~0.02); another base checkpoint is another run (one line), and so is an
+    override of its architecture."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.export import hf_tokenizer
+
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                      tie_word_embeddings=True, eos_token_id=0, bos_token_id=0))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    hf_tokenizer(prepared / "tokenizer.json", "<|endoftext|>").save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "base")]) == 0
+    base = load_checkpoint(tmp_path / "base").model.state_dict()
+
+    run_dir = _run_dir(prepared, tmp_path, "continued")
+    continued = [f"model.init_from={tmp_path / 'base'}", "train.precision=fp32", "train.lr=1e-6", "train.min_lr=0",
+                 "train.max_steps=2",
+                 "train.checkpoint_every=2"]
+    _train(run_dir, *continued)
+    trained = load_checkpoint(run_dir / "checkpoint").model.state_dict()
+    assert set(trained) == set(base) and max((trained[k] - base[k]).abs().max().item() for k in base) < 1e-4
+    assert load_checkpoint(run_dir / "checkpoint").config.n_embd == 64  # the imported architecture, not the preset
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tmp_path / "base", other)
+    (other / "model.safetensors").touch()  # other weights as far as the fingerprint knows (a new mtime)
+    os.utime(other / "model.safetensors", ns=(1, 1))
+    args = ["train", SHAKESPEARE, f"run_dir={run_dir}", *BASE, *continued[1:], "train.max_steps=3"]
+    assert main([*args, f"model.init_from={other}"]) == 2
+    assert "model.init_from" in capsys.readouterr().err
+    assert main([*args, f"model.init_from={tmp_path / 'base'}", "model.overrides={n_layer: 3}"]) == 2
+    assert "model.overrides.n_layer: the architecture comes from model.init_from" in capsys.readouterr().err
