@@ -46,6 +46,9 @@ class EvalConfig(Section):
     local validation file only: the task is evaluated on validation). Tasks not listed keep their hub datasets."""
     num_fewshot: int | None = Field(default=None, ge=0)
     """Few-shot examples for every task; None keeps each task's default (gsm8k: 5)."""
+    fewshot: dict[str, int] = {}
+    """Few-shot examples per task or group (e.g. {mmlu: 5}, the standard MMLU setting, drawn from its dev split),
+    for tasks whose lm-eval default is another number; `num_fewshot`, when set, applies to all tasks instead."""
     limit: int | float | None = Field(default=None, gt=0)
     """Documents per task (an int) or a fraction of them (a float < 1); None evaluates them all."""
     batch_size: int = Field(default=16, ge=1)

@@ -21,7 +21,7 @@ from cluster.files import fingerprint
 from cluster.layout import RunLayout, is_uri
 from data_pipeline.manifest import finished
 from evaluation.config import EvalConfig, EvalError
-from evaluation.tasks import code_execution, resolve
+from evaluation.tasks import built, code_execution, resolve
 from model.checkpoint import CheckpointError, load_config, weights_stamp
 
 def _headline(task_results: dict[str, Any]) -> dict[str, float]:
@@ -42,7 +42,7 @@ def run_tasks(lm: Any, cfg: EvalConfig, work_dir: Path) -> dict[str, Any]:
         return out
     with code_execution(cfg):
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=specs, task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            model=lm, tasks=[built(s, manager) for s in specs], task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
             gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
             bootstrap_iters=1000, log_samples=False, confirm_run_unsafe_code=cfg.allow_code_execution,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,

@@ -169,12 +169,65 @@ def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]]
                                 f"in the evaluating process, which raygpt cannot sandbox; it is refused")
         if unsafe:
             check_sandbox(cfg)  # before any model runs, on the driver and again in each task
-        if task not in cfg.local_data:
+        shots = {"num_fewshot": cfg.fewshot[task]} if task in cfg.fewshot else {}
+        if task not in cfg.local_data and not (shots and entry.kind != Kind.GROUP):
             specs.append(task)
+            continue
+        if task not in cfg.local_data:  # a task with its own few-shot count: its definition with that count
+            with code_execution(cfg):
+                specs.append({**load_yaml(entry.yaml_path, resolve_func=True), **shots})
+            continue
+        files = _local_files(task, cfg.local_data[task], work_dir)
+        if entry.kind == Kind.GROUP:
+            specs.append(_group_with_local_data(task, entry, files, index, work_dir, shots))
             continue
         with code_execution(cfg):  # a code task's utils load "code_eval" when imported
             spec: dict[str, Any] = load_yaml(entry.yaml_path, resolve_func=True)
-        if "task" not in spec:
-            raise EvalError(f"eval.local_data.{task}: a task group cannot take local data; name its tasks instead")
-        specs.append(_with_local_data(task, spec, _local_files(task, cfg.local_data[task], work_dir)))
+        specs.append({**_with_local_data(task, spec, _own_rows(task, spec, files, work_dir)), **shots})
     return specs, skipped, manager
+
+
+def _own_rows(task: str, spec: dict[str, Any], files: dict[str, str], work_dir: Path) -> dict[str, str]:
+    """A task with a `dataset_name` (an MMLU subject) given files of many subjects (JSON lines with a `subject`
+    field, like ../shared/data/mmlu): its own rows, written to the work folder. Other files are used as they are."""
+    subject = spec.get("dataset_name")
+    own = {}
+    for split, path in files.items():
+        if not (subject and path.endswith(".jsonl")):
+            own[split] = path
+            continue
+        with open(path, encoding="utf-8") as f:
+            rows = [(line, json.loads(line)) for line in f if line.strip()]
+        if not rows or "subject" not in rows[0][1]:
+            own[split] = path
+            continue
+        mine = [line for line, row in rows if row.get("subject") == subject]
+        if not mine:
+            raise EvalError(f"eval.local_data: {path} has no rows with subject {subject!r} (task {task})")
+        own[split] = str(atomic_write(work_dir / "data" / f"{task}-{split}.jsonl", "".join(mine)))  # own path: work folder
+    return own
+
+
+def _group_with_local_data(group: str, entry: Any, files: dict[str, str], index: dict[str, Any], work_dir: Path,
+                           shots: dict[str, int]) -> dict[str, Any]:
+    """A group (e.g. mmlu) on one local file per split holding all its tasks' rows (a `subject` field naming each
+    task's `dataset_name`): every task gets its own rows, under one group that aggregates as lm-eval's does. The
+    group's sub-groups (mmlu_stem, ...) are flattened: their tasks are members of the top group."""
+    members = []
+    for leaf in _leaves(index, group):
+        spec = load_yaml(leaf.yaml_path, resolve_func=True)
+        if not spec.get("dataset_name"):
+            raise EvalError(f"eval.local_data.{group}: {leaf.name} has no dataset_name to select its rows by")
+        members.append({**_with_local_data(leaf.name, spec, _own_rows(leaf.name, spec, files, work_dir)), **shots})
+    raw = entry.cfg or {}
+    return {"group": group, "task": members, "aggregate_metric_list": raw.get("aggregate_metric_list"),
+            "metadata": raw.get("metadata")}
+
+
+def built(spec: str | dict[str, Any], manager: TaskManager) -> Any:
+    """What simple_evaluate takes for a spec: a group spec with members of its own is built here. (lm-eval 0.4.13
+    hands an inline group dict to its factory as overrides of every member, fields like aggregate_metric_list
+    included, which its TaskConfig rejects; building it without those overrides is what a registered group gets.)"""
+    if isinstance(spec, dict) and "group" in spec:
+        return manager._factory._build_group(spec["group"], spec, None, manager._index)
+    return spec

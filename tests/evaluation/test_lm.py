@@ -155,3 +155,45 @@ def _load(path: Path) -> dict:
 
     return load_yaml(path, resolve_func=True)
 
+
+
+def test_mmlu_offline_picks_the_same_answers_as_lm_evals_hf_backend(lm: RaygptLM, shared_data: Path,
+                                                                     tmp_path: Path) -> None:
+    """MMLU from ../shared/data/mmlu through lm-eval's own mmlu tasks, 5-shot from the dev split: our adapter and
+    lm-eval's `hf` model on the export choose the same answer for every question."""
+    from evaluation.config import EvalConfig
+    from evaluation.run import built
+    from evaluation.tasks import resolve
+
+    mmlu = {"test": str(shared_data / "mmlu" / "mmlu_test.jsonl"), "dev": str(shared_data / "mmlu" / "mmlu_dev.jsonl")}
+    cfg = EvalConfig(tasks=["mmlu_abstract_algebra", "mmlu_anatomy"], fewshot={"mmlu_abstract_algebra": 5,
+                     "mmlu_anatomy": 5}, local_data={"mmlu_abstract_algebra": mmlu, "mmlu_anatomy": mmlu})
+    specs, _, manager = resolve(cfg, tmp_path)
+    hf_dir = export(lm.checkpoint, tmp_path / "hf")
+    runs = [lm_eval.simple_evaluate(model=model, tasks=[built(s, manager) for s in specs], task_manager=manager, limit=8,
+                                    bootstrap_iters=0, log_samples=True, **extra)
+            for model, extra in ((lm, {}), ("hf", {"model_args": f"pretrained={hf_dir},dtype=float32", "device": "cpu",
+                                                    "batch_size": 4}))]
+    for task in ("mmlu_abstract_algebra", "mmlu_anatomy"):
+        ours, theirs = ([max(range(4), key=lambda i: s["resps"][i][0][0]) for s in r["samples"][task]] for r in runs)
+        assert len(ours) == 8 and ours == theirs
+        assert runs[0]["n-shot"][task] == 5 and runs[0]["samples"][task][0]["doc"]["subject"] == task[len("mmlu_"):]
+
+
+def test_the_mmlu_group_runs_offline_with_each_subject_on_its_own_rows(shared_data: Path, tmp_path: Path) -> None:
+    from evaluation.config import EvalConfig
+    from evaluation.tasks import resolve
+
+    mmlu = {"test": str(shared_data / "mmlu" / "mmlu_test.jsonl"), "dev": str(shared_data / "mmlu" / "mmlu_dev.jsonl")}
+    [group], _, _ = resolve(EvalConfig(tasks=["mmlu"], local_data={"mmlu": mmlu}, fewshot={"mmlu": 5}), tmp_path)
+    assert group["group"] == "mmlu" and len(group["task"]) == 57
+    assert group["aggregate_metric_list"] == [{"metric": "acc", "weight_by_size": True}]  # lm-eval's own aggregate
+    sizes = {}
+    for member in group["task"]:
+        files = member["dataset_kwargs"]["data_files"]
+        rows = [json.loads(line) for line in Path(files["test"]).read_text().split("\n") if line]
+        dev = [line for line in Path(files["dev"]).read_text().split("\n") if line]
+        assert {r["subject"] for r in rows} == {member["task"].removeprefix("mmlu_")} and len(dev) == 5
+        assert member["num_fewshot"] == 5 and member["fewshot_split"] == "dev" and member["test_split"] == "test"
+        sizes[member["task"]] = len(rows)
+    assert sum(sizes.values()) == 14042 and sizes["mmlu_abstract_algebra"] == 100 and sizes["mmlu_anatomy"] == 135
