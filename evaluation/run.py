@@ -81,12 +81,17 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
     if cfg.val_shards and data_dir and finished(data_dir) is not None:
         score = score_val_shards(lm.model, data_dir, context, stride, cfg.batch_size, cfg.max_tokens)
         out["intrinsic"]["val"] = score.to_json()
+    skipped = {}
     for name, path in cfg.texts.items():
+        if not storage.is_file(path):
+            skipped[f"texts.{name}"] = f"file not found: {path}"
+            continue
         text = storage.read_text(path)  # a local file or an object
         score = score_text(lm.model, text, lm.tokenizer, lm.eot_token_id, context, stride, cfg.batch_size, cfg.max_tokens, name)
         out["intrinsic"][name] = score.to_json()
     if cfg.tasks:
         out.update(run_tasks(lm, cfg, Path(work_dir)))
+    out["skipped"] = {**skipped, **out.get("skipped", {})}
     out["seconds"] = round(time.perf_counter() - started, 2)
     return out
 
@@ -99,8 +104,8 @@ def check(cfg: EvalConfig, checkpoints: list[str], work_dir: Path) -> None:
         except CheckpointError as e:
             raise EvalError(f"eval.checkpoints: {e}") from None
     for name, path in cfg.texts.items():
-        if not storage.is_file(path):
-            raise EvalError(f"eval.texts.{name}: file not found: {path}")
+        if not storage.is_file(path):  # skipped (and said so) rather than failing a run that can evaluate the rest
+            print(f"[eval] skipping eval.texts.{name}: file not found: {path}", flush=True)
     if cfg.tasks or cfg.local_data:
         resolve(cfg, work_dir)
 

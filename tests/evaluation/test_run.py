@@ -71,6 +71,26 @@ def test_code_tasks_run_in_the_sandbox_inside_ray_tasks(trained_run: Path, tmp_p
     assert run["lm_eval"]["n-samples"]["humaneval"]["effective"] == 2 and run["skipped"] == {}
 
 
+def test_a_clone_without_the_shared_data_evaluates_what_it_can(trained_run: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """RAYGPT_SHARED_DATA pointing at an empty folder and the hub unreachable: the eval stage still succeeds, with the
+    tasks and texts whose data is missing skipped, each with one line saying why."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # reaches the Ray task too (local Ray shares this environment)
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoint", run_dir / "checkpoint")
+    assert main(["eval", SHAKESPEARE, *_overrides(run_dir, empty), "eval.val_shards=false"]) == 0
+    [run] = json.loads((run_dir / "eval" / "results.json").read_text())["checkpoints"]
+    assert set(run["skipped"]) == {"texts.wikitext2", "gsm8k", "wikitext", "humaneval"}
+    assert run["skipped"]["gsm8k"] == (f"its local data is missing ({empty}/gsm8k/train.jsonl) and the Hugging Face "
+                                       "hub is unreachable")
+    out = capsys.readouterr().out
+    assert f"[eval] skipped texts.wikitext2: file not found: {empty}/wikitext-2/valid.txt" in out
+    assert "[eval] skipped gsm8k: its local data is missing" in out
+
+
 def test_overlapping_windows_help_a_trained_model(trained_run: Path) -> None:
     lm = RaygptLM(str(trained_run / "checkpoint"))
     disjoint = score_val_shards(lm.model, trained_run / "data", 64, 64, 16, max_tokens=3000)
@@ -83,8 +103,6 @@ def test_overlapping_windows_help_a_trained_model(trained_run: Path) -> None:
     ("override", "message"),
     [
         ("eval.tasks=[no_such_task]", "eval.tasks: unknown lm-eval task 'no_such_task'"),
-        ("eval.local_data={gsm8k: {test: /missing.jsonl}}", "eval.local_data.gsm8k.test: file not found: /missing.jsonl"),
-        ("eval.texts={wiki: /missing.txt}", "eval.texts.wiki: file not found: /missing.txt"),
         ("eval.checkpoints=[/no/checkpoint]", "eval.checkpoints: "),
         ("eval.limit=0", "eval.limit: Input should be greater than 0"),
         ("eval.tasks=[cruxeval_input]", "cruxeval_input executes model-written code with its own executor"),

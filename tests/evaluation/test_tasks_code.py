@@ -47,7 +47,6 @@ def test_humaneval_needs_the_opt_in(shared_data: Path, tmp_path: Path) -> None:
     ("cfg", "message"),
     [
         (dict(tasks=["gsm9k"]), "unknown lm-eval task 'gsm9k'"),
-        (dict(tasks=["gsm8k"], local_data={"gsm8k": {"test": "/nope/test.jsonl"}}), "gsm8k.test: file not found"),
         (dict(tasks=["gsm8k"], local_data={"gsm8k": {"train": "TRAIN"}}), "give a file for its test or validation"),
     ],
 )
@@ -63,3 +62,26 @@ def test_wikitext_articles_keep_every_line(shared_data: Path, tmp_path: Path) ->
     raw = shared_data / "wikitext-2" / "valid.txt"
     pages = [json.loads(line)["page"] for line in wikitext_articles(raw, tmp_path / "w.jsonl").open()]
     assert "".join(pages).strip() == raw.read_text().strip()
+
+
+def test_missing_local_data_falls_back_to_the_hub_or_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+    import threading
+
+    from evaluation.tasks import hub_reachable
+
+    cfg = EvalConfig(tasks=["gsm8k"], local_data={"gsm8k": {"test": str(tmp_path / "nope.jsonl")}})
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable
+    hub_reachable.cache_clear()
+    specs, skipped, _ = resolve(cfg, tmp_path)
+    assert specs == [] and skipped["gsm8k"].startswith(f"its local data is missing ({tmp_path / 'nope.jsonl'})")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")  # a hub that answers
+    hub_reachable.cache_clear()
+    try:
+        specs, skipped, _ = resolve(cfg, tmp_path)
+        assert specs == ["gsm8k"] and skipped == {}  # lm-eval's own definition, on its hub dataset
+    finally:
+        server.shutdown()
+        hub_reachable.cache_clear()
