@@ -10,6 +10,7 @@
     raygpt jobs     list|status|logs|stop [JOB_ID] --address http://HOST:8265
     raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
+    raygpt report   RUN_DIR                          RUN_DIR/report.md + plots (also at the end of `run`)
     raygpt import   HF_DIR --out CKPT                a Hugging Face Llama / GPT-2 checkpoint → raygpt (model.init_from)
     raygpt config   show CONFIG [overrides] | schema [SECTION]   the resolved recipe / every key's type, default, doc
 
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
+    rep = commands.add_parser("report", help="RUN_DIR/report.md + plots: loss, bits per byte, throughput, eval, quantization")
+    rep.add_argument("run_dir", help="a run directory (local, s3:// or gs://)")
     imp = commands.add_parser("import", help="a Hugging Face Llama / GPT-2 folder (safetensors) → a raygpt checkpoint")
     imp.add_argument("hf_dir", help="a transformers model folder: config.json, model.safetensors, tokenizer.json")
     imp.add_argument("--out", required=True, help="the raygpt checkpoint folder to write (start training from it with "
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             from model.export import export
 
             print(f"exported to {export(args.checkpoint, args.out, force=args.force)}")
+        elif args.command == "report":
+            from cluster.report import write_report
+
+            print(f"report card: {write_report(args.run_dir)}")
         elif args.command == "import":
             from model.hf_import import import_hf
 

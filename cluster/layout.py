@@ -261,6 +261,16 @@ class RunLayout:
     def quantize_report_md(self) -> Location:
         return join(self.quantized_dir, "report.md")
 
+    # ------------------------------------------------------------------ report card
+    @property
+    def report(self) -> Location:
+        """The run's report card (cluster/report.py)."""
+        return self._at("report.md")
+
+    def report_plot(self, name: str) -> Location:
+        """A plot of the report card: RUN_DIR/report/<name>.png."""
+        return self._at("report", name)
+
     @property
     def sample(self) -> Location:
         return self._at("sample.txt")

@@ -133,3 +133,6 @@ def run(cfg: RunConfig) -> None:
         print(f"[run] stage {name}", flush=True)
         stage(cfg)
         print(f"[run] stage {name} done in {time.perf_counter() - started:.1f} s", flush=True)
+    from cluster.report import write_report  # matplotlib: only when a report is written
+
+    print(f"[run] report card: {write_report(cfg.run_dir)}", flush=True)

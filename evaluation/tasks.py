@@ -62,6 +62,11 @@ def wikitext_articles(raw: Path, out: Path) -> Path:
     return atomic_write(out, "".join(lines))
 
 
+def _work_file(work_dir: Path, task: str, split: str) -> Path:
+    """Where a task's converted local data goes: the work folder the layout gives the eval stage."""
+    return work_dir / "data" / f"{task}-{split}.jsonl"  # own path: the stage's work folder
+
+
 def _local_files(task: str, splits: dict[str, str], work_dir: Path) -> dict[str, str]:
     files = {}
     for split, value in splits.items():
@@ -69,7 +74,7 @@ def _local_files(task: str, splits: dict[str, str], work_dir: Path) -> dict[str,
         if not path.is_file():
             raise EvalError(f"eval.local_data.{task}.{split}: file not found: {path}")
         if path.suffix == ".txt" and task.startswith("wikitext"):
-            path = wikitext_articles(path, work_dir / "data" / f"{task}-{split}.jsonl")  # own path: the stage's work folder
+            path = wikitext_articles(path, _work_file(work_dir, task, split))
         if path.suffix not in FORMATS:
             raise EvalError(f"eval.local_data.{task}.{split}: {path.name} is not .json/.jsonl[.gz]/.parquet/.csv")
         files[split] = str(path.resolve())
@@ -230,7 +235,7 @@ def _own_rows(task: str, spec: dict[str, Any], files: dict[str, str], work_dir: 
         mine = [line for line, row in rows if row.get("subject") == subject]
         if not mine:
             raise EvalError(f"eval.local_data: {path} has no rows with subject {subject!r} (task {task})")
-        own[split] = str(atomic_write(work_dir / "data" / f"{task}-{split}.jsonl", "".join(mine)))  # own path: work folder
+        own[split] = str(atomic_write(_work_file(work_dir, task, split), "".join(mine)))
     return own
 
 

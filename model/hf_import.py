@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import TOKENIZER, save_checkpoint
 from model.export import ExportError
 from model.gpt import GPT, ModelConfig
 
@@ -134,7 +134,7 @@ def from_hf(folder: str | Path) -> tuple[GPT, Path, str]:
         raise HFImportError(f"{folder}: model_type {kind!r} is not supported (llama or gpt2)")
     weights = _weights(folder)
     cfg = _llama_config(config) if kind == "llama" else _gpt2_config(config)
-    tokenizer_file = folder / "tokenizer.json"
+    tokenizer_file = folder / TOKENIZER  # transformers' file name too
     if not tokenizer_file.is_file():
         raise HFImportError(f"{folder}: no tokenizer.json (a fast tokenizer is needed)")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))

@@ -69,7 +69,8 @@ def test_every_stage_writes_only_to_the_bucket(bucket_run: tuple[str, Path], cap
     names = set(objects)
     for expected in ("config.yaml", "data/manifest.json", "data/tokenizer.json", "checkpoint", "train.done.json",
                      "metrics.jsonl", "eval/results.json", "eval/report.md", "quantized/report.json",
-                     "quantized/report.md", "quantized/int8/model.safetensors", "sample.txt",
+                     "quantized/report.md", "quantized/int8/model.safetensors", "sample.txt", "report.md",
+                     "report/loss.png", "report/quantization.png",
                      "checkpoints/step-000004/commit.json", "checkpoints/step-000004/model/model.safetensors"):
         assert expected in names, expected
     assert any(n.startswith("tb/events.out.tfevents") for n in names)
