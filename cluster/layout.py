@@ -207,6 +207,16 @@ class RunLayout:
     def tensorboard_local(self) -> Path:
         return self.scratch / "tb"
 
+    @property
+    def wandb_local(self) -> Path:
+        """Where W&B keeps its run files (offline runs too): a local folder (trainer/tracking.py)."""
+        return self.scratch / "wandb"
+
+    @property
+    def mlflow_local(self) -> Path:
+        """The MLflow file store used when MLFLOW_TRACKING_URI is not set: a local folder (trainer/tracking.py)."""
+        return self.scratch / "mlruns"
+
     # ------------------------------------------------------------------ evaluation, quantization, sample
     @property
     def eval_dir(self) -> Location:

@@ -30,6 +30,7 @@ from model.checkpoint import published_step, weights_stamp
 from trainer.checkpoints import run_fingerprint, start_over
 from trainer.driver import check_data, check_model, check_resume, train
 from trainer.loop import WorkerConfig
+from trainer.tracking import tracking_env
 
 
 def run_prepare(cfg: RunConfig) -> Manifest:
@@ -74,7 +75,8 @@ def run_train(cfg: RunConfig) -> Any:
     save_resolved(cfg)
     worker = WorkerConfig(train=cfg.train, model=model_cfg, layout=layout, seed=cfg.seed,
                           global_batch=cfg.global_batch_size, use_gpu=cfg.cluster.use_gpu,
-                          eot_token=manifest.eot_token, fingerprint=run_fp, init_from=cfg.model.init_from)
+                          eot_token=manifest.eot_token, fingerprint=run_fp, init_from=cfg.model.init_from,
+                          tracking_env=tracking_env())
     result = train(worker, cfg.cluster)
     storage.write_json(layout.train_done, {"fingerprint": done_key, "step": published_step(layout.checkpoint)})
     return result

@@ -63,7 +63,14 @@ class TrainConfig(Section):
     aside (checkpoints.old-N), never deleted. A run_dir whose checkpoints come from another training config is refused
     either way unless resume is false."""
     log_every: int = Field(default=10, ge=1)
-    """Steps between metric lines (metrics.jsonl, TensorBoard, Ray Train report, the progress line)."""
+    """Steps between metric lines (metrics.jsonl, the loggers, the progress line)."""
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Where rank 0 sends the training scalars besides metrics.jsonl: TensorBoard (RUN_DIR/tb), Weights & Biases
+    (Ray's `setup_wandb`: WANDB_API_KEY, or WANDB_MODE=offline, from the driver's environment; files in
+    RUN_DIR/wandb) and MLflow (Ray's `setup_mlflow`: MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns).
+    W&B and MLflow need their packages: pip install 'raygpt[tracking]'."""
+    tracking_project: str = "raygpt"
+    """The W&B project and the MLflow experiment the run is logged under (the run is named after RUN_DIR)."""
     time_budget_s: float | None = Field(default=None, gt=0)
     """Stop (with a checkpoint) once training has run this long; None trains for max_steps."""
     deepspeed: dict[str, Any] = {}

@@ -38,6 +38,7 @@ from trainer import checkpoints, state
 from trainer.metrics import batch_digest, continue_metrics, sample_digests, upload_metrics
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.data import SampleOrder, SampleReader, StepData, grad_accum, rank_steps, val_ids
+from trainer.tracking import Trackers
 
 PHASES = ("data", "forward", "backward", "step")  # the parts of a training step timed into the metrics
 STATE_DIR = "state"  # trainer.state's folder inside a checkpoint
@@ -57,6 +58,8 @@ class WorkerConfig:
     fingerprint: dict[str, Any]
     init_from: str | None = None
     """A raygpt checkpoint whose weights replace the random init (model.init_from); a resume overwrites them."""
+    tracking_env: dict[str, str] = field(default_factory=dict)
+    """The driver's W&B / MLflow settings (trainer.tracking.TRACKING_ENV), for rank 0's trackers."""
     faults: dict[str, int] = field(default_factory=dict)
     """Tests only (set by the driver from RAYGPT_TEST_FAULTS): exit_after_step kills the last rank once after that
     step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit; step_ms makes every step
@@ -248,34 +251,33 @@ class Worker:
 
     # -- log ---------------------------------------------------------------------------------------------------------
     def open_logs(self) -> None:
-        """Rank 0: the metrics file and TensorBoard, continued after a resume (later steps of an earlier attempt are
-        dropped: they are about to run again)."""
-        self.writer = self.metrics_file = None
+        """Rank 0: the metrics file and the loggers (`train.loggers`), continued after a resume (later steps of an
+        earlier attempt are dropped: they are about to run again)."""
+        self.trackers = self.metrics_file = None
         if self.rank != 0:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         layout = self.cfg.layout
         continue_metrics(layout, self.step if self.resumed else None)
-        self.writer = SummaryWriter(str(layout.tensorboard_local), purge_step=self.step + 1 if self.resumed else None)
+        config = {"train": self.t.model_dump(mode="json"), "model": self.cfg.model.model_dump(mode="json"),
+                  "seed": self.cfg.seed, "global_batch_size": self.cfg.global_batch}
+        self.trackers = Trackers(self.t.loggers, layout, self.t.tracking_project, config, self.cfg.tracking_env,
+                                 self.step if self.resumed else None)
         self.metrics_file = open(layout.metrics_local, "a")
 
     def log(self, metrics: dict[str, Any], eta_s: float) -> None:
-        """Rank 0: one progress line, one metrics.jsonl line, the scalars to TensorBoard."""
-        if self.rank != 0 or self.metrics_file is None or self.writer is None:
+        """Rank 0: one progress line, one metrics.jsonl line, the scalars to the loggers."""
+        if self.rank != 0 or self.metrics_file is None or self.trackers is None:
             return
         scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "wall_time"}
         shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if not k.startswith("time_"))
         print(f"[train] step {self.step}/{self.t.max_steps} {shown} eta {eta_s:.0f}s", flush=True)
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, self.step)
-        self.writer.flush()
+        self.trackers.log(scalars, self.step)
 
     def close_logs(self) -> None:
-        if self.writer is not None and self.metrics_file is not None:
-            self.writer.close()
+        if self.trackers is not None and self.metrics_file is not None:
+            self.trackers.close()
             self.metrics_file.close()
             upload_metrics(self.cfg.layout)
         self.train_data.close()

@@ -323,3 +323,62 @@ def test_training_starts_from_an_imported_checkpoint(prepared: Path, tmp_path: P
     assert "model.init_from" in capsys.readouterr().err
     assert main([*args, f"model.init_from={tmp_path / 'base'}", "model.overrides={n_layer: 3}"]) == 2
     assert "model.overrides.n_layer: the architecture comes from model.init_from" in capsys.readouterr().err
+
+
+def test_weights_and_biases_and_mlflow_get_every_logged_step(prepared: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train.loggers` through Ray's W&B and MLflow integrations, offline: W&B in offline mode, MLflow's file store
+    in RUN_DIR/mlruns; what they recorded is read back and equals metrics.jsonl."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = _run_dir(prepared, tmp_path, "tracked")
+    _train(run_dir, "train.loggers=[tensorboard,wandb,mlflow]", "train.max_steps=6", "train.log_every=2",
+           "train.checkpoint_every=6", "train.tracking_project=raygpt-test")
+    logged = [m for m in _metrics(run_dir) if "loss" in m]
+    assert [m["step"] for m in logged] == [2, 4, 6]
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the file store raygpt wrote
+    client = MlflowClient((run_dir / "mlruns").resolve().as_uri())
+    [experiment] = [e for e in client.search_experiments() if e.name == "raygpt-test"]
+    [run] = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(h.step, round(h.value, 5)) for h in history] == [(m["step"], round(m["loss"], 5)) for m in logged]
+    assert run.info.run_name == "tracked" and run.data.params["train.max_steps"] == "6"
+
+    [offline] = list((run_dir / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = _wandb_records(offline)
+    [run_record] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run_record.display_name == "tracked" and run_record.project == "raygpt-test"
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
+               if r.WhichOneof("record_type") == "history"]
+    losses = [(h["_step"], round(h["loss"], 5)) for h in history if "loss" in h]
+    assert losses == [(m["step"], round(m["loss"], 5)) for m in logged]
+    assert list((run_dir / "tb").iterdir())  # TensorBoard as well
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run file: LevelDB-log framing (7-byte file header; 32 KiB blocks of
+    chunks with a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/LAST). wandb 0.31 ships no Python reader."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, chunk, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):  # block padding
+            pos += left
+            continue
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
