@@ -32,6 +32,8 @@ from cluster.errors import UserError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raygpt", description="Build and train a GPT from scratch on Ray.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's output too (it always goes "
+                        "to RUN_DIR/logs/console.log)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("prepare", "corpus → tokenizer + webdataset shards in RUN_DIR/data"),
@@ -169,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.config import load_config
             from cluster.run_lock import run_lock
 
+            from cluster.console import quiet_console
+
             cfg = load_config(args.config, args.overrides)
             with run_lock(cfg.run_dir, f"raygpt {args.command} {args.config}"):  # one writer per run_dir
-                if args.command == "run":
-                    pipeline.run(cfg)
-                else:
-                    pipeline.STAGES[args.command](cfg)
+                with quiet_console(cfg.layout.console_log, verbose=args.verbose):
+                    if args.command == "run":
+                        pipeline.run(cfg)
+                    else:
+                        pipeline.STAGES[args.command](cfg)
     except Exception as e:
         if (user := _user_error(e)) is None:
             raise

@@ -141,6 +141,12 @@ class RunLayout:
         return DataLayout(self._at("data"))
 
     @property
+    def console_log(self) -> Path:
+        """Everything a stage command printed, Ray's and DeepSpeed's internals included (cluster/console.py): a
+        local file."""
+        return self.scratch / "logs" / "console.log"
+
+    @property
     def lock(self) -> Location:
         """A file held with flock, or on object storage a lease object (cluster/run_lock.py)."""
         return self._at(".lock")

@@ -10,6 +10,7 @@ resources; on a cluster (`cluster.address`, RAY_ADDRESS, or inside `raygpt submi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,7 +79,9 @@ def run_train(cfg: RunConfig) -> Any:
                           eot_token=manifest.eot_token, fingerprint=run_fp, init_from=cfg.model.init_from,
                           tracking_env=tracking_env())
     result = train(worker, cfg.cluster)
-    storage.write_json(layout.train_done, {"fingerprint": done_key, "step": published_step(layout.checkpoint)})
+    step = published_step(layout.checkpoint)
+    storage.write_json(layout.train_done, {"fingerprint": done_key, "step": step})
+    print(f"[train] done: step {step}, checkpoint {layout.checkpoint}, metrics {layout.metrics}", flush=True)
     return result
 
 
@@ -129,12 +132,39 @@ STAGES: dict[str, Callable[[RunConfig], Any]] = {
 
 
 def run(cfg: RunConfig) -> None:
-    """The main job: every stage in order; complete stages skip themselves, so a re-run continues after a failure."""
+    """The main job: every stage in order; complete stages skip themselves, so a re-run continues after a failure.
+    Ends with the report card and a summary table: each stage's time, what it produced and where."""
+    results, seconds = {}, {}
     for name, stage in STAGES.items():
         started = time.perf_counter()
         print(f"[run] stage {name}", flush=True)
-        stage(cfg)
-        print(f"[run] stage {name} done in {time.perf_counter() - started:.1f} s", flush=True)
+        results[name] = stage(cfg)
+        seconds[name] = time.perf_counter() - started
+        print(f"[run] stage {name} done in {seconds[name]:.1f} s", flush=True)
     from cluster.report import write_report  # matplotlib: only when a report is written
 
-    print(f"[run] report card: {write_report(cfg.run_dir)}", flush=True)
+    report = write_report(cfg.run_dir)
+    print("\n".join(f"[run] {line}" for line in summary(cfg, results, seconds, report)), flush=True)
+
+
+def summary(cfg: RunConfig, results: dict[str, Any], seconds: dict[str, float], report: Any) -> list[str]:
+    """The table `raygpt run` ends with: stage, seconds, the key figure, where its output is."""
+    layout = cfg.layout
+    metrics = storage.read_text(layout.metrics).splitlines() if storage.is_file(layout.metrics) else []
+    last_val = next((json.loads(m) for m in reversed(metrics) if '"val_bpb"' in m), {})
+    manifest, evaluation, quantized = results.get("prepare"), results.get("eval"), results.get("quantize")
+    figures = {
+        "prepare": f"{sum(s.tokens for s in manifest.splits['train'].shards):,} train tokens" if manifest else "",
+        "train": f"step {last_val.get('step', '?')}, val {last_val.get('val_bpb', float('nan')):.3f} bits/byte",
+        "eval": ", ".join(f"{name} {m['bits_per_byte']:.3f} bpb" for name, m in
+                          (evaluation or {"checkpoints": [{"intrinsic": {}}]})["checkpoints"][0]["intrinsic"].items()),
+        "quantize": ", ".join(r["method"] for r in (quantized or {}).get("methods", [])),
+        "sample": f"{len(results.get('sample') or '')} characters",
+    }
+    where = {"prepare": layout.data.root, "train": layout.checkpoint, "eval": layout.eval_report,
+             "quantize": layout.quantize_report_md, "sample": layout.sample}
+    rows = [("stage", "seconds", "result", "output")]
+    rows += [(name, f"{seconds[name]:.1f}", figures[name], str(where[name])) for name in STAGES]
+    rows.append(("report", "", "loss, throughput, eval, quantization", str(report)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

@@ -26,9 +26,15 @@ def start_local(num_cpus: int | None = None, **kwargs: object) -> None:
     )
 
 
+STARTED_HERE = False
+"""Whether this process connected Ray (and so may shut it down); tests share one session's Ray instead."""
+
+
 def connect(cfg: ClusterConfig) -> int:
     """Initialise Ray once per process and return the cluster's CPU count."""
+    global STARTED_HERE
     if not ray.is_initialized():
+        STARTED_HERE = True
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True, runtime_env=cfg.runtime_env or None)

@@ -1,0 +1,152 @@
+"""What a stage command prints: raygpt's own lines on the console, everything (Ray's and DeepSpeed's internals
+included) in the run's log file. `--verbose` shows everything on the console too.
+
+    raygpt run configs/demo.yaml              # stage lines, progress, summaries; the rest in RUN_DIR/logs/console.log
+    raygpt --verbose run configs/demo.yaml    # everything
+
+Ray forwards its workers' output to the driver line by line, prefixed `(Actor pid=N)`, through sys.stdout /
+sys.stderr; Ray's own Python loggers and Ray Data's progress bars write to the same streams. `quiet_console` puts a
+filter in front of both for the command's lifetime: a worker line reaches the console only if it is one of raygpt's
+(`[train] ...`), repeated lines are shown once, and Ray's INFO/DEBUG records, progress bars and library warnings go to
+the log file only. Lines that are neither (our own, errors, tracebacks) pass as they are.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+OURS = re.compile(r"^\[(run|prepare|train|eval|quantize|sample|submit|report)\b")
+"""raygpt's own progress and summary lines."""
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+RAY_PREFIX = re.compile(r"^\((?P<who>[^()]*?)(?: pid=\d+[^)]*)?\)\s?")
+"""What Ray puts before a forwarded worker line: `(RayTrainWorker pid=28268)`, `(pid=27344)`, `(_phase2 pid=1, ip=x)`."""
+NOISE = [
+    re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|DEBUG)\b"),  # Ray's INFO / DEBUG log records
+    re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING|DEBUG)\]"),  # DeepSpeed's logger
+    re.compile(r"\d+%\|.*\|"),  # progress bars (tqdm, Ray Data)
+    re.compile(r"^(Running Dataset|- \w+.*: (Tasks|0\.00|\d))"),  # Ray Data's progress reporting
+    re.compile(r"\b\w*Warning: "),  # library warnings (the next line, the source, is dropped with them)
+    re.compile(r"^\s+(warnings\.warn|\w+ = |return |qw = )"),
+    re.compile(r"^:(task|actor)_name:"),  # Ray's markers for its log monitor
+    re.compile(r"Token authentication is enabled for this Ray cluster|Progress bars disabled\. To enable"),
+]
+
+
+class _Shown:
+    """The lines shown lately, shared by the stdout and stderr filters: Ray forwards some worker lines twice."""
+
+    def __init__(self) -> None:
+        self.recent: collections.deque[str] = collections.deque(maxlen=64)
+
+    def seen(self, line: str) -> bool:
+        if line in self.recent:
+            return True
+        self.recent.append(line)
+        return False
+
+
+class _Filter(io.TextIOBase):
+    """A text stream that writes every line to `log` and the lines a person needs to `console`."""
+
+    def __init__(self, console: TextIO, log: TextIO, shown: _Shown) -> None:
+        self.console, self.log, self.pending, self.shown = console, log, "", shown
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self._route(line)
+        self.pending = self.pending.rsplit("\r", 1)[-1]  # a progress bar redrawn in place: only its last state
+        return len(text)
+
+    def close_line(self) -> None:
+        if self.pending:
+            self._route(self.pending)
+            self.pending = ""
+
+    def _route(self, line: str) -> None:
+        plain = ANSI.sub("", line).rsplit("\r", 1)[-1]
+        forwarded = RAY_PREFIX.match(plain)
+        if forwarded:
+            plain = plain[forwarded.end():]
+            if not OURS.match(plain):
+                return
+        elif not plain.strip() or any(pattern.search(plain) for pattern in NOISE):
+            return
+        if forwarded and self.shown.seen(plain):  # a worker line forwarded twice
+            return
+        self.console.write(plain + "\n")
+        self.console.flush()
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.console.flush()
+
+    def isatty(self) -> bool:
+        return False  # no live progress bars through the filter
+
+    def fileno(self) -> int:
+        return self.console.fileno()
+
+
+@contextlib.contextmanager
+def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
+    """For a stage command: everything to `log_file` (appended), only raygpt's lines to the console."""
+    if verbose:
+        yield
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a", encoding="utf-8", buffering=1) as log:
+        out, err = sys.stdout, sys.stderr
+        shown = _Shown()
+        sys.stdout, sys.stderr = _Filter(out, log, shown), _Filter(err, log, shown)
+        handlers = _redirect_library_loggers({out, err}, sys.stderr)
+        _quiet_ray_data()
+        try:
+            yield
+        finally:
+            from cluster import ray_connect
+
+            if ray_connect.STARTED_HERE:  # workers' last lines arrive as Ray shuts down: through the filter too
+                import ray
+
+                ray.shutdown()
+                ray_connect.STARTED_HERE = False
+            for handler, stream in handlers:
+                handler.setStream(stream)
+            for stream in (sys.stdout, sys.stderr):
+                if isinstance(stream, _Filter):
+                    stream.close_line()
+                    stream.flush()
+            sys.stdout, sys.stderr = out, err
+
+
+def _redirect_library_loggers(streams: set[TextIO], target: TextIO) -> list[tuple[logging.StreamHandler, TextIO]]:
+    """Point Ray's and DeepSpeed's log handlers (which keep the stream they were created with) at the filter."""
+    changed = []
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in streams:
+                changed.append((handler, handler.setStream(target)))
+    return changed
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's progress bars off (its summary lines still go to the log through the filter)."""
+    try:
+        from ray.data import DataContext
+    except ImportError:
+        return
+    DataContext.get_current().enable_progress_bars = False
