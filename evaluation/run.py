@@ -49,6 +49,7 @@ def run_tasks(lm: Any, cfg: EvalConfig, work_dir: Path) -> dict[str, Any]:
             fewshot_random_seed=cfg.seed,
         )
     out["tasks"] = {task: _headline(r) for task, r in results["results"].items()}
+    out["groups"] = {group: list(members) for group, members in results.get("group_subtasks", {}).items()}
     out["lm_eval"] = {
         "results": results["results"], "versions": results.get("versions", {}),
         "n-shot": results.get("n-shot", {}), "n-samples": results.get("n-samples", {}),
@@ -115,15 +116,19 @@ def eval_fingerprint(cfg: EvalConfig, checkpoints: list[str]) -> str:
     return fingerprint({"config": cfg.model_dump(mode="json"), "checkpoints": [weights_stamp(c) for c in checkpoints]})
 
 
-def report_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per (source, metric), one column per checkpoint."""
+def report_table(results: dict[str, Any], brief: bool = False) -> str:
+    """Markdown: one row per (source, metric), one column per checkpoint. `brief` (the console) leaves out the member
+    tasks of groups (mmlu's 57 subjects): their group's row stands for them."""
     runs = results["checkpoints"]
     rows: dict[tuple[str, str], list[str]] = {}
     for i, run in enumerate(runs):
+        members = {t for group in run.get("groups", {}).values() for t in group} if brief else set()
         for source, metrics in run["intrinsic"].items():
             for metric in ("bits_per_byte", "token_perplexity", "byte_perplexity"):
                 rows.setdefault((source, metric), [""] * len(runs))[i] = f"{metrics[metric]:.4f}"
         for task, metrics in run.get("tasks", {}).items():
+            if task in members:
+                continue
             for metric, value in metrics.items():
                 rows.setdefault((task, metric), [""] * len(runs))[i] = f"{value:.4f}"
         for task, reason in run.get("skipped", {}).items():
@@ -157,7 +162,7 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     results_path = layout.eval_results
     if (previous := storage.completed(results_path, key)) is not None:
         print(f"[eval] {results_path} is complete for this config and these checkpoints; skipping", flush=True)
-        print(report_table(previous), flush=True)
+        print(report_table(previous, brief=True), flush=True)
         return previous
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(evaluate_checkpoint).options(
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
@@ -172,7 +177,7 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     table = report_table(results)
     storage.write_bytes(layout.eval_report, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in "
                                             f"{str(results_path).rsplit('/', 1)[-1]}.\n")
-    print(table, flush=True)
+    print(report_table(results, brief=True), flush=True)
     for run in results["checkpoints"]:
         for task, reason in run.get("skipped", {}).items():
             print(f"[eval] skipped {task}: {reason}", flush=True)
