@@ -28,13 +28,14 @@ OURS = re.compile(r"^\[(run|prepare|train|eval|quantize|sample|submit|report)\b"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 RAY_PREFIX = re.compile(r"^\((?P<who>[^()]*?)(?: pid=\d+[^)]*)?\)\s?")
 """What Ray puts before a forwarded worker line: `(RayTrainWorker pid=28268)`, `(pid=27344)`, `(_phase2 pid=1, ip=x)`."""
+WARNING = re.compile(r"\b\w*Warning: ")
+"""A library warning (`warnings.warn`): dropped with its source line, the next one."""
 NOISE = [
     re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|DEBUG)\b"),  # Ray's INFO / DEBUG log records
     re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING|DEBUG)\]"),  # DeepSpeed's logger
     re.compile(r"\d+%\|.*\|"),  # progress bars (tqdm, Ray Data)
     re.compile(r"^(Running Dataset|- \w+.*: (Tasks|0\.00|\d))"),  # Ray Data's progress reporting
-    re.compile(r"\b\w*Warning: "),  # library warnings (the next line, the source, is dropped with them)
-    re.compile(r"^\s+(warnings\.warn|\w+ = |return |qw = )"),
+    WARNING,
     re.compile(r"^:(task|actor)_name:"),  # Ray's markers for its log monitor
     re.compile(r"Token authentication is enabled for this Ray cluster|Progress bars disabled\. To enable"),
 ]
@@ -57,7 +58,7 @@ class _Filter(io.TextIOBase):
     """A text stream that writes every line to `log` and the lines a person needs to `console`."""
 
     def __init__(self, console: TextIO, log: TextIO, shown: _Shown) -> None:
-        self.console, self.log, self.pending, self.shown = console, log, "", shown
+        self.console, self.log, self.pending, self.shown, self.after_warning = console, log, "", shown, False
 
     def writable(self) -> bool:
         return True
@@ -79,11 +80,15 @@ class _Filter(io.TextIOBase):
     def _route(self, line: str) -> None:
         plain = ANSI.sub("", line).rsplit("\r", 1)[-1]
         forwarded = RAY_PREFIX.match(plain)
+        after_warning, self.after_warning = self.after_warning, False
         if forwarded:
             plain = plain[forwarded.end():]
             if not OURS.match(plain):
                 return
-        elif not plain.strip() or any(pattern.search(plain) for pattern in NOISE):
+        elif not plain.strip() or (after_warning and plain.startswith(" ")):
+            return
+        elif any(pattern.search(plain) for pattern in NOISE):
+            self.after_warning = bool(WARNING.search(plain))
             return
         if forwarded and self.shown.seen(plain):  # a worker line forwarded twice
             return

@@ -63,3 +63,14 @@ def test_verbose_keeps_the_streams(tmp_path: Path) -> None:
         assert isinstance(sys.stdout, _Filter)
         print("[run] hello")
     assert sys.stdout is before and "[run] hello" in (tmp_path / "console.log").read_text()
+
+
+def test_warnings_are_dropped_with_their_source_line_but_tracebacks_stay_whole() -> None:
+    console = io.StringIO()
+    stream = _Filter(console, io.StringIO(), _Shown())
+    stream.write("/x/quantize_kernels.py:122: UserWarning: torch.quantize_per_tensor is deprecated\n")
+    stream.write("  qw = torch._make_per_channel_quantized_tensor(\n")
+    stream.write("Traceback (most recent call last):\n  File \"a.py\", line 1, in <module>\n    x = f()\n")
+    stream.write("ValueError: boom\n")
+    assert console.getvalue() == ('Traceback (most recent call last):\n  File "a.py", line 1, in <module>\n'
+                                  "    x = f()\nValueError: boom\n")
