@@ -33,7 +33,7 @@ WARNING = re.compile(r"\b\w*Warning: ")
 NOISE = [
     re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|DEBUG)\b"),  # Ray's INFO / DEBUG log records
     re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING|DEBUG)\]"),  # DeepSpeed's logger
-    re.compile(r"\d+%\|.*\|"),  # progress bars (tqdm, Ray Data)
+    re.compile(r"\d+%\|.*\||\[\d+:\d\d[<,\]]"),  # progress bars and counters (tqdm, Ray Data, datasets)
     re.compile(r"^(Running Dataset|- \w+.*: (Tasks|0\.00|\d))"),  # Ray Data's progress reporting
     WARNING,
     re.compile(r"^:(task|actor)_name:"),  # Ray's markers for its log monitor
@@ -78,11 +78,13 @@ class _Filter(io.TextIOBase):
             self.pending = ""
 
     def _route(self, line: str) -> None:
-        plain = ANSI.sub("", line).rsplit("\r", 1)[-1]
+        plain = ANSI.sub("", line)
         forwarded = RAY_PREFIX.match(plain)
-        after_warning, self.after_warning = self.after_warning, False
         if forwarded:
             plain = plain[forwarded.end():]
+        plain = plain.rsplit("\r", 1)[-1]  # a bar redrawn in place (after Ray's prefix): its last state
+        after_warning, self.after_warning = self.after_warning, False
+        if forwarded:
             if not OURS.match(plain):
                 return
         elif not plain.strip() or (after_warning and plain.startswith(" ")):

@@ -45,6 +45,8 @@ def test_the_filter_routes_lines() -> None:
         "2026-11-26 10:27:44,064\tINFO worker.py:2038 -- Started a local Ray instance.\n",
         "Reading: 50%|#####     | 1/2 [00:01<00:01]\r",
         "Reading: 100%|##########| 2/2 [00:02<00:00]\n",
+        "Generating test split: 0 examples [00:00, ? examples/s]\rGenerating test split: 203 examples [00:00, 5e4/s]\n",
+        "\x1b[36m(evaluate_checkpoint pid=4)\x1b[0m Map: 0 examples [00:00, ?]\rMap: 5 examples [00:00, 9.1/s]\n",
         "[prepare    0.3s] reading 1 files\n",
         "raygpt: error: data.seq_len: expected int\n",
     ]
