@@ -9,6 +9,7 @@ Everything checkable (task names, local files, checkpoints) is checked in the dr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -36,11 +37,11 @@ def run_tasks(lm: Any, cfg: EvalConfig, work_dir: Path) -> dict[str, Any]:
 
     # Hugging Face's own code_eval, should any task reach it, runs programs only with this variable: never here
     os.environ.pop("HF_ALLOW_CODE_EVAL", None)
-    specs, skipped, manager = resolve(cfg, work_dir)
+    specs, skipped, manager, runs_code = resolve(cfg, work_dir)
     out: dict[str, Any] = {"skipped": skipped, "tasks": {}}
     if not specs:
         return out
-    with code_execution(cfg):
+    with code_execution(cfg) if runs_code else contextlib.nullcontext():
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[built(s, manager) for s in specs], task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
             gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lm_eval.tasks
 from lm_eval.tasks import TaskManager
@@ -170,8 +170,19 @@ def task_manager() -> TaskManager:
     return TaskManager()
 
 
-def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]], dict[str, str], TaskManager]:
-    """(task specs for lm_eval.simple_evaluate, skipped task → reason, the task manager)."""
+class Resolved(NamedTuple):
+    """The tasks of an eval config, ready for lm_eval.simple_evaluate."""
+
+    specs: list[str | dict[str, Any]]
+    skipped: dict[str, str]
+    """task → why it is not run"""
+    manager: TaskManager
+    runs_code: bool
+    """some task runs model-written code: run them under `code_execution`"""
+
+
+def resolve(cfg: EvalConfig, work_dir: Path) -> Resolved:
+    """The task specs of `cfg` (its local data wired in), what is skipped and why, and whether any runs code."""
     manager = task_manager()
     index = manager.task_index
     unknown = [t for t in [*cfg.tasks, *cfg.local_data] if t not in index]
@@ -179,6 +190,7 @@ def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]]
         raise EvalError(f"eval.tasks: unknown lm-eval task {unknown[0]!r} (`lm_eval ls tasks` lists them)")
     specs: list[str | dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    runs_code = False
     for task in cfg.tasks:
         entry = index[task]
         unsafe = [leaf for leaf in _leaves(index, task) if executes_code(leaf)]
@@ -192,6 +204,7 @@ def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]]
                                 f"in the evaluating process, which raygpt cannot sandbox; it is refused")
         if unsafe:
             check_sandbox(cfg)  # before any model runs, on the driver and again in each task
+            runs_code = True
         shots = {"num_fewshot": cfg.fewshot[task]} if task in cfg.fewshot else {}
         local = task in cfg.local_data
         if local and (missing := [p for p in cfg.local_data[task].values()
@@ -204,18 +217,20 @@ def resolve(cfg: EvalConfig, work_dir: Path) -> tuple[list[str | dict[str, Any]]
         if not local and not (shots and entry.kind != Kind.GROUP):
             specs.append(task)
             continue
+        # A code task's utils load "code_eval" when its YAML is read: only those under `code_execution`.
+        loading = code_execution(cfg) if unsafe else contextlib.nullcontext()
         if not local:  # a task with its own few-shot count: its definition with that count
-            with code_execution(cfg):
+            with loading:
                 specs.append({**load_yaml(entry.yaml_path, resolve_func=True), **shots})
             continue
         files = _local_files(task, cfg.local_data[task], work_dir)
         if entry.kind == Kind.GROUP:
             specs.append(_group_with_local_data(task, entry, files, index, work_dir, shots))
             continue
-        with code_execution(cfg):  # a code task's utils load "code_eval" when imported
+        with loading:
             spec: dict[str, Any] = load_yaml(entry.yaml_path, resolve_func=True)
         specs.append({**_with_local_data(task, spec, _own_rows(task, spec, files, work_dir)), **shots})
-    return specs, skipped, manager
+    return Resolved(specs, skipped, manager, runs_code)
 
 
 def _own_rows(task: str, spec: dict[str, Any], files: dict[str, str], work_dir: Path) -> dict[str, str]:

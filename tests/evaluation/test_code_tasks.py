@@ -139,13 +139,13 @@ def test_every_code_task_in_lm_eval_is_sandboxed_or_refused(tmp_path: Path) -> N
     refused = sorted(set(code_tasks) - set(sandboxed))
     assert len(refused) >= 20 and any(t.startswith("cruxeval") for t in refused)  # own in-process executors
     for task in code_tasks:
-        specs, skipped, _ = resolve(EvalConfig(tasks=[task]), tmp_path)
+        specs, skipped, *_ = resolve(EvalConfig(tasks=[task]), tmp_path)
         assert specs == [] and "allow_code_execution" in skipped[task]
     for task in [*refused, "longproc"]:  # a group with refused members is refused as a whole
         with pytest.raises(EvalError, match="raygpt cannot sandbox; it is refused") as error:
             resolve(EvalConfig(tasks=[task], allow_code_execution=True), tmp_path)
         assert "\n" not in str(error.value)
-    specs, skipped, _ = resolve(EvalConfig(tasks=["humaneval_infilling"], allow_code_execution=True), tmp_path)
+    specs, skipped, *_ = resolve(EvalConfig(tasks=["humaneval_infilling"], allow_code_execution=True), tmp_path)
     assert specs == ["humaneval_infilling"] and skipped == {}  # a group of sandboxed tasks
 
 

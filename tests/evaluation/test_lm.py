@@ -168,7 +168,7 @@ def test_mmlu_offline_picks_the_same_answers_as_lm_evals_hf_backend(lm: RaygptLM
     mmlu = {"test": str(shared_data / "mmlu" / "mmlu_test.jsonl"), "dev": str(shared_data / "mmlu" / "mmlu_dev.jsonl")}
     cfg = EvalConfig(tasks=["mmlu_abstract_algebra", "mmlu_anatomy"], fewshot={"mmlu_abstract_algebra": 5,
                      "mmlu_anatomy": 5}, local_data={"mmlu_abstract_algebra": mmlu, "mmlu_anatomy": mmlu})
-    specs, _, manager = resolve(cfg, tmp_path)
+    specs, _, manager, _ = resolve(cfg, tmp_path)
     hf_dir = export(lm.checkpoint, tmp_path / "hf")
     runs = [lm_eval.simple_evaluate(model=model, tasks=[built(s, manager) for s in specs], task_manager=manager, limit=8,
                                     bootstrap_iters=0, log_samples=True, **extra)
@@ -185,7 +185,7 @@ def test_the_mmlu_group_runs_offline_with_each_subject_on_its_own_rows(shared_da
     from evaluation.tasks import resolve
 
     mmlu = {"test": str(shared_data / "mmlu" / "mmlu_test.jsonl"), "dev": str(shared_data / "mmlu" / "mmlu_dev.jsonl")}
-    [group], _, _ = resolve(EvalConfig(tasks=["mmlu"], local_data={"mmlu": mmlu}, fewshot={"mmlu": 5}), tmp_path)
+    [group], *_ = resolve(EvalConfig(tasks=["mmlu"], local_data={"mmlu": mmlu}, fewshot={"mmlu": 5}), tmp_path)
     assert group["group"] == "mmlu" and len(group["task"]) == 57
     assert group["aggregate_metric_list"] == [{"metric": "acc", "weight_by_size": True}]  # lm-eval's own aggregate
     sizes = {}

