@@ -9,6 +9,10 @@ sys.stderr; Ray's own Python loggers and Ray Data's progress bars write to the s
 filter in front of both for the command's lifetime: a worker line reaches the console only if it is one of raygpt's
 (`[train] ...`), repeated lines are shown once, and Ray's INFO/DEBUG records, progress bars and library warnings go to
 the log file only. Lines that are neither (our own, errors, tracebacks) pass as they are.
+
+Progress is one line per interval (`progress_line`: `[train] step 120/400 (30%) loss 3.2 ... eta 12s`); where the
+console is a terminal, the filter draws those lines as one live bar at the bottom instead, other lines scrolling above
+it, and the bar's last state stays when the command ends.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import contextlib
 import io
 import logging
 import re
+import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -41,6 +47,53 @@ NOISE = [
 ]
 
 
+PROGRESS = re.compile(r"^\[(?P<stage>\w+)\] (?P<label>.+?) (?P<done>\d+)/(?P<total>\d+) \((?P<percent>\d+)%\)(?P<rest>.*)$")
+"""A progress line (`progress_line`), drawn as a live bar on a terminal."""
+
+
+def progress_line(stage: str, label: str, done: int, total: int, detail: str = "") -> str:
+    """`[train] step 120/400 (30%) loss 3.2`: the one format of progress lines, which the console recognises."""
+    percent = 100 * done // max(total, 1)
+    return f"[{stage}] {label} {done}/{total} ({percent}%)" + (f" {detail}" if detail else "")
+
+
+class Progress:
+    """A one-line progress log for a loop that may run longer than a few seconds: a `progress_line` each time
+    `every_s` seconds have passed, and the final state if any line was shown (a quick loop prints nothing). Used where
+    tqdm would be: its redrawn bars do not survive Ray's line-by-line forwarding from workers."""
+
+    def __init__(self, stage: str, label: str, total: int, every_s: float = 10.0, unit: str = "",
+                 enabled: bool = True) -> None:
+        self.stage, self.label, self.total, self.every_s, self.unit = stage, label, total, every_s, unit
+        self.enabled, self.done, self.shown = enabled, 0, False
+        self.started = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if not self.enabled or not (now - self.last >= self.every_s or (self.done >= self.total and self.shown)):
+            return
+        self.last, self.shown = now, True
+        rate = self.done / max(now - self.started, 1e-9)
+        unit = f" {self.unit}" if self.unit else ""
+        print(progress_line(self.stage, self.label, self.done, self.total, f"{rate:.1f}{unit}/s"), flush=True)
+
+
+def draw_bar(line: str, width: int) -> str:
+    """A progress line as one line of the terminal's `width`, the eta first and the details cut to fit:
+    `[train] step ━━━━━━━━──────────── 120/400 eta 12s loss 3.2 lr 0.001 ...`."""
+    match = PROGRESS.match(line)
+    if match is None:
+        return line[:width]
+    rest = match["rest"]
+    if eta := re.search(r" eta \S+$", rest):
+        rest = eta.group() + rest[: eta.start()]
+    head, count = f"[{match['stage']}] {match['label']} ", f" {match['done']}/{match['total']}"
+    cells = max(20, min(30, width - len(head) - len(count) - len(rest)))
+    filled = cells * int(match["percent"]) // 100
+    return (head + "━" * filled + "─" * (cells - filled) + count + rest)[:width]
+
+
 class _Shown:
     """The lines shown lately, shared by the stdout and stderr filters: Ray forwards some worker lines twice."""
 
@@ -57,8 +110,9 @@ class _Shown:
 class _Filter(io.TextIOBase):
     """A text stream that writes every line to `log` and the lines a person needs to `console`."""
 
-    def __init__(self, console: TextIO, log: TextIO, shown: _Shown) -> None:
+    def __init__(self, console: TextIO, log: TextIO, shown: _Shown, bar: "_Bar | None" = None) -> None:
         self.console, self.log, self.pending, self.shown, self.after_warning = console, log, "", shown, False
+        self.bar = bar
 
     def writable(self) -> bool:
         return True
@@ -94,6 +148,9 @@ class _Filter(io.TextIOBase):
             return
         if forwarded and self.shown.seen(plain):  # a worker line forwarded twice
             return
+        if self.bar is not None:
+            self.bar.show(plain, self.console)
+            return
         self.console.write(plain + "\n")
         self.console.flush()
 
@@ -108,6 +165,40 @@ class _Filter(io.TextIOBase):
         return self.console.fileno()
 
 
+class _Bar:
+    """On a terminal: progress lines redraw one live bar on the bottom line, other lines print above it, and a bar
+    that reaches its total stays as a line of its own."""
+
+    def __init__(self, console: TextIO) -> None:
+        self.console, self.current = console, ""
+
+    def show(self, line: str, stream: TextIO) -> None:
+        """Draw a progress line, or print `line` to `stream` (stdout or stderr) above the bar."""
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        if match := PROGRESS.match(line):
+            self.current = draw_bar(line, width)
+            self.console.write("\r\x1b[K" + self.current)
+            if int(match["done"]) >= int(match["total"]):
+                self.finish()
+            self.console.flush()
+            return
+        if self.current:
+            self.console.write("\r\x1b[K")
+            self.console.flush()
+        stream.write(line + "\n")
+        stream.flush()
+        if self.current:
+            self.console.write(self.current)
+            self.console.flush()
+
+    def finish(self) -> None:
+        """The bar's last state stays, on its own line."""
+        if self.current:
+            self.console.write("\n")
+            self.console.flush()
+            self.current = ""
+
+
 @contextlib.contextmanager
 def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
     """For a stage command: everything to `log_file` (appended), only raygpt's lines to the console."""
@@ -118,7 +209,8 @@ def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
     with open(log_file, "a", encoding="utf-8", buffering=1) as log:
         out, err = sys.stdout, sys.stderr
         shown = _Shown()
-        sys.stdout, sys.stderr = _Filter(out, log, shown), _Filter(err, log, shown)
+        bar = _Bar(out) if out.isatty() else None  # both streams draw through it: one bottom line
+        sys.stdout, sys.stderr = _Filter(out, log, shown, bar), _Filter(err, log, shown, bar)
         handlers = _redirect_library_loggers({out, err}, sys.stderr)
         _quiet_ray_data()
         try:
@@ -137,6 +229,8 @@ def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
                 if isinstance(stream, _Filter):
                     stream.close_line()
                     stream.flush()
+            if bar is not None:
+                bar.finish()
             sys.stdout, sys.stderr = out, err
 
 

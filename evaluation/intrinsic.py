@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
+from cluster.console import Progress
 from cluster.layout import Location
 from model.gpt import GPT
 from data_pipeline.manifest import read_manifest
@@ -79,7 +79,8 @@ def score_tokens(
     device = next(model.parameters()).device
     spans = windows(n, context, stride)
     total = 0.0
-    for i in tqdm(range(0, len(spans), batch_size), desc=desc, unit="batch", mininterval=5, leave=False):
+    progress = Progress("eval", desc, len(spans), unit="windows")
+    for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
         width = max(end - begin for begin, end, _ in chunk)
         inputs = torch.zeros(len(chunk), width, dtype=torch.long)  # (B, T), right-padded
@@ -90,6 +91,7 @@ def score_tokens(
         logits, _ = model(inputs.to(device))  # (B, T, V)
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-1, reduction="sum")
         total += nll.double().item()
+        progress.update(len(chunk))
     return total, n
 
 

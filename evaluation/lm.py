@@ -21,7 +21,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator
-from tqdm import tqdm
+
+from cluster.console import Progress
 
 from model.checkpoint import load_checkpoint
 from model.generate import generate_tokens
@@ -84,7 +85,7 @@ class RaygptLM(TemplateLM):
         Sorted longest first so each batch's first request sets its padded width."""
         collator = Collator(requests, sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])))
         results: list[tuple[float, bool]] = []
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood", mininterval=5)
+        progress = Progress("eval", "loglikelihood", len(requests), unit="requests", enabled=not disable_tqdm)
         for batch in collator.get_batched(n=self.batch_size):
             if any(len(cont) > self.max_length for _, _, cont in batch):
                 raise ValueError(f"a continuation is longer than the model's context of {self.max_length} tokens")
@@ -104,7 +105,6 @@ class RaygptLM(TemplateLM):
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
                 progress.update(1)
-        progress.close()
         return collator.get_original(results)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
@@ -131,7 +131,8 @@ class RaygptLM(TemplateLM):
         """Greedy (or sampled, if asked) continuations with the KV cache, cut at the first stop string.
         One request at a time: the model has no padding mask, so prompts of different lengths are not batched."""
         outputs = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until", mininterval=5):
+        progress = Progress("eval", "generate_until", len(requests), unit="requests", enabled=not disable_tqdm)
+        for req in requests:
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs)
             until = kwargs.pop("until", None) or []
@@ -141,6 +142,7 @@ class RaygptLM(TemplateLM):
             text = self._generate(context, until, max_gen, float(kwargs.get("temperature", 0.0)) if sample else 0.0)
             outputs.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            progress.update(1)
         return outputs
 
     @torch.inference_mode()

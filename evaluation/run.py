@@ -178,8 +178,5 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     table = report_table(results)
     storage.write_bytes(layout.eval_report, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in "
                                             f"{str(results_path).rsplit('/', 1)[-1]}.\n")
-    print(report_table(results, brief=True), flush=True)
-    for run in results["checkpoints"]:
-        for task, reason in run.get("skipped", {}).items():
-            print(f"[eval] skipped {task}: {reason}", flush=True)
+    print(report_table(results, brief=True), flush=True)  # skipped tasks and texts are rows of it, with the reason
     return results

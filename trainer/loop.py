@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from cluster import storage
+from cluster.console import progress_line
 from cluster.files import file_records
 from cluster.layout import RunLayout, step_name
 from data_pipeline.manifest import read_manifest
@@ -270,7 +271,7 @@ class Worker:
             return
         scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "wall_time"}
         shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if not k.startswith("time_"))
-        print(f"[train] step {self.step}/{self.t.max_steps} {shown} eta {eta_s:.0f}s", flush=True)
+        print(progress_line("train", "step", self.step, self.t.max_steps, f"{shown} eta {eta_s:.0f}s"), flush=True)
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
         self.trackers.log(scalars, self.step)

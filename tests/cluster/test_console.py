@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.console import _Filter, _Shown, quiet_console
+import pytest
+
+from cluster.console import Progress, _Bar, _Filter, _Shown, progress_line, quiet_console
+from cluster.console import draw_bar as _draw
 from tests.conftest import BASE, REPO, SHAKESPEARE
 
 
@@ -55,6 +58,51 @@ def test_the_filter_routes_lines() -> None:
     assert console.getvalue() == ("[train] step 10/20 loss 6.1\n[prepare    0.3s] reading 1 files\n"
                                   "raygpt: error: data.seq_len: expected int\n")
     assert log.getvalue() == "".join(lines)
+
+
+def test_on_a_terminal_progress_lines_are_one_live_bar_with_other_lines_above_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
+    bar, shown = _Bar(out), _Shown()
+    stdout, stderr = _Filter(out, log, shown, bar), _Filter(err, log, shown, bar)
+    stdout.write("(RayTrainWorker pid=1) " + progress_line("train", "step", 10, 40, "loss 6.1 eta 30s") + "\n")
+    stdout.write("(RayTrainWorker pid=1) " + progress_line("train", "step", 20, 40, "loss 5.2 eta 20s") + "\n")
+    stderr.write("raygpt: a warning of our own\n")
+    stdout.write("(RayTrainWorker pid=1) " + progress_line("train", "step", 40, 40, "loss 4.0 eta 0s") + "\n")
+    bar.finish()
+    first = "[train] step " + "━" * 7 + "─" * 23 + " 10/40 eta 30s loss 6.1"  # the eta first, then the details
+    half = "[train] step " + "━" * 15 + "─" * 15 + " 20/40 eta 20s loss 5.2"
+    done = "[train] step " + "━" * 30 + " 40/40 eta 0s loss 4.0"
+    # each state redraws the bottom line; the other line goes to its own stream while the bar is cleared and redrawn
+    assert out.getvalue() == f"\r\x1b[K{first}\r\x1b[K{half}\r\x1b[K{half}\r\x1b[K{done}\n"  # done: it stays
+    stdout.write("[run] stage eval\n")
+    assert out.getvalue().endswith(f"{done}\n[run] stage eval\n")  # below the finished bar, which is not redrawn
+    assert err.getvalue() == "raygpt: a warning of our own\n"
+    long = progress_line("train", "step", 1, 4, " ".join(f"metric_{i} 1.0" for i in range(20)) + " eta 9s")
+    assert _draw(long, 79).startswith("[train] step " + "━" * 5 + "─" * 15 + " 1/4 eta 9s metric_0 1.0 ")
+    assert len(_draw(long, 79)) == 79  # cut to the terminal's width
+    assert log.getvalue().count("[train] step") == 3  # the log keeps every progress line
+
+
+def test_progress_prints_at_most_every_interval_and_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = Progress("eval", "loglikelihood", 1000, every_s=3600, unit="requests")
+    for _ in range(1000):
+        progress.update()
+    assert capsys.readouterr().out == ""  # a loop quicker than the interval prints nothing
+    progress = Progress("eval", "windows", 3, every_s=0)
+    for _ in range(3):
+        progress.update()
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "[eval] windows 1/3", "[eval] windows 2/3", "[eval] windows 3/3"]
+    progress = Progress("eval", "loglikelihood", 1000, every_s=0, unit="requests")
+    progress.update(400)  # an interval passed: shown
+    progress.every_s = 3600
+    progress.update(300)  # within the interval: not shown
+    progress.update(300)  # the end, after a shown line: shown
+    first, last = capsys.readouterr().out.splitlines()
+    assert first.startswith("[eval] loglikelihood 400/1000 (40%) ") and last.startswith("[eval] loglikelihood 1000/1000 (100%) ")
+    assert last.endswith(" requests/s")
 
 
 def test_verbose_keeps_the_streams(tmp_path: Path) -> None:

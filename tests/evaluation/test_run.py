@@ -87,8 +87,8 @@ def test_a_clone_without_the_shared_data_evaluates_what_it_can(trained_run: Path
     assert run["skipped"]["gsm8k"] == (f"its local data is missing ({empty}/gsm8k/train.jsonl) and the Hugging Face "
                                        "hub is unreachable")
     out = capsys.readouterr().out
-    assert f"[eval] skipped texts.wikitext2: file not found: {empty}/wikitext-2/valid.txt" in out
-    assert "[eval] skipped gsm8k: its local data is missing" in out
+    assert f"| texts.wikitext2 | skipped | file not found: {empty}/wikitext-2/valid.txt |" in out  # rows of the table
+    assert f"| gsm8k | skipped | its local data is missing ({empty}/gsm8k/train.jsonl) and the Hugging" in out
 
 
 def test_overlapping_windows_help_a_trained_model(trained_run: Path) -> None:
