@@ -23,6 +23,7 @@ import ray
 from pydantic import Field
 
 from cluster import storage
+from cluster.console import progress_line
 from cluster.files import fingerprint
 from cluster.layout import Location, RunLayout, is_uri
 from data_pipeline.config import Section
@@ -230,8 +231,15 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
     )
     methods = [FULL, *cfg.methods]
     print(f"[quantize] {', '.join(cfg.methods)} of {checkpoint}", flush=True)
-    refs = [task.remote(m, cfg, str(checkpoint), layout, eval_cfg) for m in methods]
-    results = dict(zip(methods, ray.get(refs)))
+    refs = {task.remote(m, cfg, str(checkpoint), layout, eval_cfg): m for m in methods}
+    results, pending, started = {}, list(refs), time.perf_counter()
+    while pending:  # one progress line per finished method
+        [ref], pending = ray.wait(pending, num_returns=1)
+        results[refs[ref]] = ray.get(ref)
+        print(progress_line("quantize", "methods", len(results), len(methods),
+                            f"{refs[ref]} after {time.perf_counter() - started:.0f}s"), flush=True)
+    results = {m: results[m] for m in methods}
+    print(f"[quantize] decode speed and agreement with {FULL} of {len(methods)} checkpoints", flush=True)
     phase2 = ray.get(
         ray.remote(num_cpus=cfg.num_cpus)(_phase2).remote({m: r["checkpoint"] for m, r in results.items()},
                                                           cfg.decode_tokens, str(data_dir), cfg.fidelity_blocks)

@@ -51,7 +51,8 @@ def test_quantize_end_to_end(trained_run: Path, tmp_path: Path, capsys: pytest.C
     markdown = (run_dir / "quantized" / "report.md").read_text()
     assert markdown.startswith("# Quantization\n") and "| gptq | 4 | 32 |" in markdown and "Every metric" in markdown
     assert (run_dir / "eval" / "report.md").read_text().endswith("written by raygpt eval\n")  # eval's file is eval's
-    assert "| gptq | 4 | 32 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| gptq | 4 | 32 |" in out and "[quantize] methods 4/4 (100%) " in out  # one progress line per method
     lm = RaygptLM(str(run_dir / "quantized" / "gptq"))  # what `raygpt eval` and `lm_eval --model raygpt` load
     [logprob] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("ROMEO: What say you?",), 0)])
     assert -200 < logprob < 0
