@@ -23,9 +23,9 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator
 
 from cluster.console import Progress
+from model.batching import Engine, Request
 
 from model.checkpoint import load_checkpoint
-from model.generate import generate_tokens
 from model.precision import detect
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -128,43 +128,49 @@ class RaygptLM(TemplateLM):
 
     # ---------------------------------------------------------------- generation
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, if asked) continuations with the KV cache, cut at the first stop string.
-        One request at a time: the model has no padding mask, so prompts of different lengths are not batched."""
-        outputs = []
+        """Greedy (or sampled, if asked) continuations, cut at the first stop string. Up to batch_size requests
+        decode together with continuous batching (model/batching.py); each gives what it gives decoded alone."""
+        engine = Engine(self.model, max_batch=self.batch_size, eos_id=self.eot_token_id)
         progress = Progress("eval", "generate_until", len(requests), unit="requests", enabled=not disable_tqdm)
-        for req in requests:
+        outputs: list[str | None] = [None] * len(requests)
+        running: dict[int, tuple[int, list[str], list[int]]] = {}  # engine id → (request index, stop strings, ids)
+        for index, req in enumerate(requests):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs)
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             sample = bool(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 0.0)) > 0
-            text = self._generate(context, until, max_gen, float(kwargs.get("temperature", 0.0)) if sample else 0.0)
-            outputs.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            progress.update(1)
-        return outputs
+            # keep at least half the window for context when a task asks for more new tokens than fit
+            budget = max(self.max_length - max_gen, self.max_length // 2)
+            prompt = (self.tok_encode(context) or [self.eot_token_id])[-budget:]
+            new_tokens = min(max_gen, self.max_length - len(prompt))
+            if new_tokens < 1:
+                outputs[index] = self._finish(req, "", until, progress)
+                continue
+            temperature = float(kwargs.get("temperature", 0.0)) if sample else 0.0
+            running[engine.add(Request(prompt, new_tokens, temperature, seed=self.seed))] = (index, until, [])
+        while not engine.idle:
+            for event in engine.step():
+                if event.id not in running:  # cut at a stop string already; this is its "cancelled"
+                    continue
+                index, until, ids = running[event.id]
+                done = event.finish is not None
+                if event.token is not None and event.token != self.eot_token_id:
+                    ids.append(event.token)
+                    if until and any(stop in self.tok_decode(ids[-64:]) for stop in until) and not done:
+                        engine.cancel(event.id)
+                        done = True
+                if done:
+                    del running[event.id]
+                    outputs[index] = self._finish(requests[index], self.tok_decode(ids), until, progress)
+        return [text or "" for text in outputs]
 
-    @torch.inference_mode()
-    def _generate(self, context: str, until: list[str], max_gen: int, temperature: float) -> str:
-        # keep at least half the window for context when a task asks for more new tokens than fit
-        budget = max(self.max_length - max_gen, self.max_length // 2)
-        prompt = (self.tok_encode(context) or [self.eot_token_id])[-budget:]
-        new_tokens = min(max_gen, self.max_length - len(prompt))
-        ids: list[int] = []
-        stream = generate_tokens(
-            self.model, torch.tensor([prompt], device=self.device), new_tokens, temperature=temperature,
-            eos_id=self.eot_token_id, seed=self.seed,
-        )
-        for token in stream:
-            if token.item() == self.eot_token_id:
-                break
-            ids.append(int(token.item()))
-            if until and any(stop in self.tok_decode(ids[-64:]) for stop in until):
-                break
-        text = self.tok_decode(ids)
+    def _finish(self, req: Instance, text: str, until: list[str], progress: Progress) -> str:
         for stop in until:
             text = text.split(stop)[0]
+        self.cache_hook.add_partial("generate_until", req.args, text)
+        progress.update(1)
         return text
 
 

@@ -148,18 +148,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Pre-allocated keys and values of every layer for incremental decoding: (n_layer, B, nkv, max_len, hs) each."""
+    """Pre-allocated keys and values of every layer for incremental decoding: (n_layer, B, nkv, max_len, hs) each.
+    Row b holds one sequence. `rows(i, j)` is a view of rows i..j on the same storage, so one sequence can be
+    prefilled into its row while the others decode (continuous batching, model/batching.py)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values up to there."""
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+    def rows(self, begin: int, end: int) -> KVCache:
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, begin:end], self.v[:, begin:end]
+        return view
+
+    def update(
+        self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values up to there. With a tensor
+        `start` (B,), T is 1 and row b's token goes to position start[b]; keys/values up to the furthest row return."""
+        if isinstance(start, torch.Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer, rows, :, start] = k[:, :, 0]  # (B, nkv, hs) into each row's own position
+            self.v[layer, rows, :, start] = v[:, :, 0]
+            end = int(start.max()) + 1
+        else:
+            end = start + k.shape[2]
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -174,7 +190,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, start: int
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hs = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_size
@@ -187,7 +204,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
         S = k.shape[2]
-        if T == S:  # no cached prefix: plain causal attention
+        if isinstance(start, torch.Tensor):  # row b's one token sees its own prefix only: positions ≤ start[b]
+            mask = (torch.arange(S, device=x.device) <= start[:, None])[:, None, None, :]  # (B, 1, 1, S)
+            causal = False
+        elif T == S:  # no cached prefix: plain causal attention
             mask, causal = None, True
         elif T == 1:  # one new token attends to everything before it
             mask, causal = None, False
@@ -230,7 +250,8 @@ class Block(nn.Module):
         self.norm2, self.mlp = norm_layer(cfg), MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, start: int
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, cache, start)
         return x + self.mlp(self.norm2(x))
@@ -274,21 +295,33 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return n
 
-    def embed(self, idx: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """idx (B, T) at positions start..start+T → the input of the first block (B, T, C) and the rope tables (T, hs/2)
-        the blocks rotate with (None unless rope). Also used by GPTQ/AWQ calibration (model/quantize_calibrate.py)."""
+    def embed(
+        self, idx: torch.Tensor, start: int | torch.Tensor = 0
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """idx (B, T) at positions start..start+T → the input of the first block (B, T, C) and the rope tables the
+        blocks rotate with ((T, hs), or (B, 1, 1, hs) for per-row positions; None unless rope). A tensor `start` (B,)
+        gives each row its own position (batched decoding, T = 1). Also used by GPTQ/AWQ calibration."""
         B, T = idx.shape
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        per_row = isinstance(start, torch.Tensor)
+        positions: slice | torch.Tensor
+        if isinstance(start, torch.Tensor):
+            if T != 1:
+                raise ValueError(f"per-row positions decode one token per row, not {T}")
+            positions, last = start[:, None], int(start.max())  # (B, 1)
+        else:
+            positions, last = slice(start, start + T), start + T - 1
+        if last >= self.cfg.block_size:
+            raise ValueError(f"sequence of {last + 1} tokens exceeds block_size {self.cfg.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe.weight[start : start + T]
+            x = x + self.wpe.weight[positions]
         elif self.cfg.pos_encoding == "sinusoidal":
-            x = x + self.pe[start : start + T].to(x.dtype)
+            x = x + self.pe[positions].to(x.dtype)
         x = self.drop(x)
         rope = None
         if self.cfg.pos_encoding == "rope":
-            rope = (self.rope_cos[start : start + T].to(x.dtype), self.rope_sin[start : start + T].to(x.dtype))
+            cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)  # (T, hs) | (B, 1, hs)
+            rope = (cos[:, None], sin[:, None]) if per_row else (cos, sin)  # per row: (B, 1, 1, hs)
         return x, rope
 
     def forward(
@@ -296,10 +329,11 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids at positions start..start+T → logits (B, T, V) and, given targets (B, T), the mean
-        cross-entropy. With a cache, keys/values of earlier positions come from it and these are added to it."""
+        cross-entropy. With a cache, keys/values of earlier positions come from it and these are added to it; a
+        tensor `start` (B,) decodes one token per row, row b at position start[b] over its own cached prefix."""
         x, rope = self.embed(idx, start)  # (B, T, C)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:

@@ -20,6 +20,7 @@ from evaluation.intrinsic import score_text, score_tokens, windows
 from evaluation.lm import RaygptLM
 from model.checkpoint import save_checkpoint
 from model.export import export
+from model.generate import generate_tokens
 from tests.conftest import perturbed_model
 
 WIKITEXT_YAML = Path(lm_eval.__file__).parent / "tasks" / "wikitext" / "wikitext.yaml"
@@ -104,6 +105,31 @@ def test_generate_until_stops_at_the_stop_string(lm: RaygptLM) -> None:
     # a prompt longer than the model's window keeps its right end and still leaves room to generate
     [long] = lm.generate_until(_requests("generate_until", [("ROMEO: " * 200, {"max_gen_toks": 500})]))
     assert long
+
+
+def test_generate_until_batched_gives_what_each_request_gives_alone(lm: RaygptLM) -> None:
+    """lm-eval's generate_until decodes up to batch_size (3) requests together; the outputs are those of the
+    sequential decoder, request by request (stop strings, end-of-text, budgets and a prompt past the window)."""
+    args = [("ROMEO:", {"max_gen_toks": 20}), ("JULIET: O", {"until": ["e"], "max_gen_toks": 12}),
+            ("First Citizen:\nBefore", {"until": ["\n\n", "o"], "max_gen_toks": 30}), ("A", {"max_gen_toks": 5}),
+            ("KING " * 40, {"max_gen_toks": 40}), ("Q", {"until": "s", "max_gen_toks": 25})]
+    batched = lm.generate_until(_requests("generate_until", args))
+    for (context, kwargs), got in zip(args, batched):
+        budget = max(lm.max_length - kwargs["max_gen_toks"], lm.max_length // 2)
+        prompt = torch.tensor([lm.tok_encode(context)[-budget:]])
+        until = [kwargs["until"]] if isinstance(kwargs.get("until"), str) else kwargs.get("until", [])
+        ids: list[int] = []
+        for token in generate_tokens(lm.model, prompt, min(kwargs["max_gen_toks"], lm.max_length - prompt.shape[1])):
+            if int(token) == lm.eot_token_id:
+                break
+            ids.append(int(token))
+            if until and any(stop in lm.tok_decode(ids[-64:]) for stop in until):
+                break
+        alone = lm.tok_decode(ids)
+        for stop in until:
+            alone = alone.split(stop)[0]
+        assert got == alone
+    assert sum(bool(text) for text in batched) >= 4
 
 
 def _local_wikitext_task(folder: Path, shared_data: Path, name: str) -> Path:
