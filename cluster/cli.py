@@ -13,6 +13,7 @@
     raygpt report   RUN_DIR                          RUN_DIR/report.md + plots (also at the end of `run`)
     raygpt import   HF_DIR --out CKPT                a Hugging Face Llama / GPT-2 checkpoint → raygpt (model.init_from)
     raygpt config   show CONFIG [overrides] | schema [SECTION]   the resolved recipe / every key's type, default, doc
+    raygpt serve    RUN_DIR|CHECKPOINT [--host H --port P --replicas N] [serve.key=value ...]   OpenAI-compatible API
 
 Bad configs, paths and inputs exit with status 2 and one line on stderr naming the problem, never a traceback.
 """
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
+    srv = commands.add_parser("serve", help="the model behind an OpenAI-compatible API on Ray Serve (/v1/completions)")
+    srv.add_argument("target", help="a run directory (its final checkpoint, or serve.checkpoint) or a checkpoint folder")
+    srv.add_argument("overrides", nargs="*", metavar="serve.key=value", help="serve settings (raygpt config schema serve)")
+    srv.add_argument("--host", help="listen address (default serve.host: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, help="listen port (default serve.port: 8000)")
+    srv.add_argument("--replicas", type=int, help="a fixed number of replicas (sets serve.min_replicas and max_replicas)")
     rep = commands.add_parser("report", help="RUN_DIR/report.md + plots: loss, bits per byte, throughput, eval, quantization")
     rep.add_argument("run_dir", help="a run directory (local, s3:// or gs://)")
     imp = commands.add_parser("import", help="a Hugging Face Llama / GPT-2 folder (safetensors) → a raygpt checkpoint")
@@ -125,7 +132,12 @@ def _env_vars(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `key=value` overrides after an option (`serve RUN --port 8001 serve.max_batch=8`) are still overrides
+        if getattr(args, "overrides", None) is None or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         if args.command == "generate":
             from model.sample import stream_text
@@ -156,6 +168,16 @@ def main(argv: list[str] | None = None) -> int:
                     print(schema.text(args.section), end="")
                 except KeyError as e:
                     raise UserError(e.args[0]) from None
+        elif args.command == "serve":
+            from cluster.console import quiet_console
+            from cluster.serve import resolve_target, serve_forever
+
+            flags = [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
+            if args.replicas is not None:
+                flags += [f"serve.min_replicas={args.replicas}", f"serve.max_replicas={args.replicas}"]
+            target = resolve_target(args.target, [*args.overrides, *flags])
+            with quiet_console(target.log_file, verbose=args.verbose):
+                serve_forever(target)
         elif args.command == "submit":
             from cluster.jobs import submit
 

@@ -93,6 +93,39 @@ class SampleConfig(Section):
     """Seed of the sampling."""
 
 
+class ServeConfig(Section):
+    """`raygpt serve RUN_DIR_OR_CHECKPOINT`: the model behind an OpenAI-compatible HTTP API on Ray Serve
+    (cluster/serve.py)."""
+
+    checkpoint: str = ""
+    """Which checkpoint of a run to serve, relative to the run_dir (e.g. quantized/int8); empty: the final one."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy listens on: this machine only unless told otherwise (0.0.0.0: every interface)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Port of the HTTP proxy."""
+    min_replicas: int = Field(default=1, ge=1)
+    """Fewest model replicas (Ray Serve autoscaling)."""
+    max_replicas: int = Field(default=1, ge=1)
+    """Most model replicas; above min_replicas, Serve adds replicas while each has more than max_batch requests."""
+    num_cpus: float = Field(default=1.0, ge=0)
+    """CPUs reserved per replica (its torch threads)."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs per replica; > 0 decodes on CUDA."""
+    max_batch: int = Field(default=16, ge=1)
+    """Sequences a replica decodes together (continuous batching; KV-cache rows)."""
+    api_key_env: str = "RAYGPT_API_KEY"
+    """Environment variable holding the API key: when it is set where `raygpt serve` starts, requests must carry
+    `Authorization: Bearer KEY` (only its sha256 reaches the replicas)."""
+    model_name: str = ""
+    """The model's id in /v1/models and responses; empty: the run's name (or the checkpoint folder's)."""
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"serve.max_replicas ({self.max_replicas}) is below serve.min_replicas ({self.min_replicas})")
+        return self
+
+
 INIT_FROM_OVERRIDES = frozenset({"dropout", "activation_checkpointing"})
 """ModelConfig fields that do not change the weights' shapes: the only overrides allowed with model.init_from."""
 
@@ -152,6 +185,8 @@ class RunConfig(Section):
     """Post-training quantization of the final checkpoint (`raygpt quantize`)."""
     sample: SampleConfig = SampleConfig()
     """A generated sample at the end of `raygpt run`."""
+    serve: ServeConfig = ServeConfig()
+    """The OpenAI-compatible HTTP API of `raygpt serve`."""
     cluster: ClusterConfig = ClusterConfig()
     """Ray connection and resources."""
 
@@ -271,6 +306,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: {_one_line(e)}") from None
     config.remember_env(written)
     return config
+
+
+def load_serve_config(overrides: list[str]) -> ServeConfig:
+    """The serve section from `serve.key=value` overrides alone (`raygpt serve CHECKPOINT`, no recipe)."""
+    tree: dict[str, Any] = {}
+    for override in overrides:
+        apply_override(tree, override)
+    try:
+        return ServeConfig.model_validate(_expand_env(tree.get("serve", {})))
+    except ValidationError as e:
+        raise ConfigError(f"serve.{_one_line(e)}") from None
 
 
 def config_to_yaml(config: RunConfig) -> str:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-OURS = re.compile(r"^\[(run|prepare|train|eval|quantize|sample|submit|report)\b")
+OURS = re.compile(r"^\[(run|prepare|train|eval|quantize|sample|submit|report|serve)\b")
 """raygpt's own progress and summary lines."""
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 RAY_PREFIX = re.compile(r"^\((?P<who>[^()]*?)(?: pid=\d+[^)]*)?\)\s?")
@@ -39,6 +39,7 @@ WARNING = re.compile(r"\b\w*Warning: ")
 NOISE = [
     re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|DEBUG)\b"),  # Ray's INFO / DEBUG log records
     re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING|DEBUG)\]"),  # DeepSpeed's logger
+    re.compile(r"^(INFO|DEBUG) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ "),  # Ray Serve's logger
     re.compile(r"\d+%\|.*\||\[\d+:\d\d[<,\]]"),  # progress bars and counters (tqdm, Ray Data, datasets)
     re.compile(r"^(Running Dataset|- \w+.*: (Tasks|0\.00|\d))"),  # Ray Data's progress reporting
     WARNING,
@@ -237,7 +238,7 @@ def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
 def _redirect_library_loggers(streams: set[TextIO], target: TextIO) -> list[tuple[logging.StreamHandler, TextIO]]:
     """Point Ray's and DeepSpeed's log handlers (which keep the stream they were created with) at the filter."""
     changed = []
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "DeepSpeed", "deepspeed"):
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "DeepSpeed", "deepspeed"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream in streams:
                 changed.append((handler, handler.setStream(target)))

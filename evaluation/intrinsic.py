@@ -69,9 +69,10 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.inference_mode()
 def score_tokens(
-    model: GPT, tokens: np.ndarray | list[int], context: int, stride: int, batch_size: int, desc: str = "windows"
+    model: GPT, tokens: np.ndarray | list[int], context: int, stride: int, batch_size: int, desc: str | None = "windows"
 ) -> tuple[float, int]:
-    """Summed NLL (nats, float64) and number of scored targets of one token stream."""
+    """Summed NLL (nats, float64) and number of scored targets of one token stream; progress lines named `desc`
+    (None: none)."""
     seq = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     n = len(seq) - 1
     if n < 1:
@@ -79,7 +80,7 @@ def score_tokens(
     device = next(model.parameters()).device
     spans = windows(n, context, stride)
     total = 0.0
-    progress = Progress("eval", desc, len(spans), unit="windows")
+    progress = Progress("eval", desc or "", len(spans), unit="windows", enabled=desc is not None)
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
         width = max(end - begin for begin, end, _ in chunk)
@@ -95,19 +96,20 @@ def score_tokens(
     return total, n
 
 
-def score_val_shards(model: GPT, data_dir: Location, context: int, stride: int, batch_size: int, max_tokens: int | None) -> StreamScore:
+def score_val_shards(model: GPT, data_dir: Location, context: int, stride: int, batch_size: int, max_tokens: int | None,
+                     progress: bool = True) -> StreamScore:
     """The val split as one stream (its blocks concatenated in shard order); bytes from the manifest's ratio."""
     manifest = read_manifest(data_dir)
     stream = np.concatenate(list(manifest.blocks(data_dir, "val")))
     if max_tokens:
         stream = stream[: max_tokens + 1]
-    nll, n = score_tokens(model, stream, context, stride, batch_size, desc="val shards")
+    nll, n = score_tokens(model, stream, context, stride, batch_size, desc="val shards" if progress else None)
     return StreamScore(nll=nll, tokens=n, bytes=n / manifest.tokens_per_byte())
 
 
 def score_text(
     model: GPT, text: str, tokenizer: Tokenizer, eot_id: int, context: int, stride: int, batch_size: int,
-    max_tokens: int | None = None, name: str = "text",
+    max_tokens: int | None = None, name: str = "text", progress: bool = True,
 ) -> StreamScore:
     """A text as one stream prefixed by the end-of-text token; bytes are those of the text the scored tokens cover."""
     encoding = tokenizer.encode(text, add_special_tokens=False)
@@ -116,5 +118,5 @@ def score_text(
     if max_tokens and len(ids) > max_tokens:
         ids = ids[:max_tokens]
         covered = len(text[: encoding.offsets[max_tokens - 1][1]].encode("utf-8"))  # offsets are character spans
-    nll, n = score_tokens(model, [eot_id, *ids], context, stride, batch_size, desc=name)
+    nll, n = score_tokens(model, [eot_id, *ids], context, stride, batch_size, desc=name if progress else None)
     return StreamScore(nll=nll, tokens=n, bytes=covered)

@@ -113,7 +113,7 @@ def quantize_and_evaluate(
             storage.delete(location)
             storage.upload_folder(folder, location)
     evaluation = evaluate_checkpoint(str(folder), eval_cfg if cfg.eval_tasks else eval_cfg.model_copy(update={"tasks": []}),
-                                     str(layout.data.root), str(layout.quantize_work))
+                                     str(layout.data.root), str(layout.quantize_work), progress=False)  # per method instead
     return {
         "method": method, "bits": METHODS.get(method, 32), "group_size": (record or {}).get("group_size"),
         "act_order": (record or {}).get("act_order"), "checkpoint": str(location),

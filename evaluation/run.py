@@ -64,8 +64,10 @@ def run_tasks(lm: Any, cfg: EvalConfig, work_dir: Path) -> dict[str, Any]:
     return out
 
 
-def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, work_dir: str) -> dict[str, Any]:
-    """Intrinsic metrics and lm-eval tasks of one checkpoint (runs inside a Ray task, or in-process)."""
+def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, work_dir: str,
+                        progress: bool = True) -> dict[str, Any]:
+    """Intrinsic metrics and lm-eval tasks of one checkpoint (runs inside a Ray task, or in-process); `progress`:
+    progress lines of the intrinsic scoring."""
     import torch
 
     from evaluation.intrinsic import score_text, score_val_shards
@@ -81,7 +83,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
         "precision": lm.dtype, "context": context, "stride": stride, "intrinsic": {}, "tasks": {},
     }
     if cfg.val_shards and data_dir and finished(data_dir) is not None:
-        score = score_val_shards(lm.model, data_dir, context, stride, cfg.batch_size, cfg.max_tokens)
+        score = score_val_shards(lm.model, data_dir, context, stride, cfg.batch_size, cfg.max_tokens, progress)
         out["intrinsic"]["val"] = score.to_json()
     skipped = {}
     for name, path in cfg.texts.items():
@@ -89,7 +91,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
             skipped[f"texts.{name}"] = f"file not found: {path}"
             continue
         text = storage.read_text(path)  # a local file or an object
-        score = score_text(lm.model, text, lm.tokenizer, lm.eot_token_id, context, stride, cfg.batch_size, cfg.max_tokens, name)
+        score = score_text(lm.model, text, lm.tokenizer, lm.eot_token_id, context, stride, cfg.batch_size, cfg.max_tokens, name, progress)
         out["intrinsic"][name] = score.to_json()
     if cfg.tasks:
         out.update(run_tasks(lm, cfg, Path(work_dir)))

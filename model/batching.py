@@ -74,6 +74,8 @@ class Engine:
         self.waiting: collections.deque[_Sequence] = collections.deque()
         self.running: list[_Sequence] = []  # index = cache row
         self.cancelled: set[int] = set()
+        self.finished: collections.Counter[str] = collections.Counter()
+        """requests finished so far, by reason (stop, length, cancelled)"""
         self.lock = threading.Lock()
         self.ids = itertools.count()
 
@@ -119,13 +121,15 @@ class Engine:
             cancelled, self.cancelled = self.cancelled, set()
             for sequence in [s for s in self.waiting if s.id in cancelled]:
                 self.waiting.remove(sequence)
+                self.finished["cancelled"] += 1
                 events.append(Event(sequence.id, None, "cancelled"))
             joining = []
             while self.waiting and len(self.running) + len(joining) < self.max_batch:
                 joining.append(self.waiting.popleft())
         for sequence in self.running:
-            if sequence.id in cancelled:
+            if sequence.id in cancelled and sequence.finished is None:
                 sequence.finished = "cancelled"
+                self.finished["cancelled"] += 1
                 events.append(Event(sequence.id, None, "cancelled"))
         self._leave()
         if self.running:
@@ -159,6 +163,8 @@ class Engine:
             sequence.finished = "stop"
         elif sequence.made >= sequence.limit:
             sequence.finished = "length"
+        if sequence.finished:
+            self.finished[sequence.finished] += 1
         return Event(sequence.id, token, sequence.finished)
 
     def _leave(self) -> None:

@@ -1,0 +1,393 @@
+"""`raygpt serve`: a checkpoint behind an OpenAI-compatible completions API on Ray Serve, with continuous batching.
+
+    raygpt serve runs/demo                                   # http://127.0.0.1:8000/v1, the run's final checkpoint
+    raygpt serve runs/demo serve.checkpoint=quantized/int8 --port 8001 --replicas 2
+    RAYGPT_API_KEY=secret raygpt serve runs/demo --host 0.0.0.0   # requests need `Authorization: Bearer secret`
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.completions.create(model="demo", prompt="def fib(n):", max_tokens=64, temperature=0)
+
+Routes: `GET /healthz`, `GET /v1/models`, `POST /v1/completions` (prompt: a string, a list of strings, or token
+ids; max_tokens, temperature, top_p, stop, seed, stream as server-sent events; fields we do not implement are
+ignored). Each replica runs one `model.batching.Engine` on a thread: the requests of all its clients decode together,
+joining and leaving the batch as they come and finish; a client that disconnects mid-stream is dropped from the batch.
+A bad request is answered with OpenAI's error JSON and a 4xx status, never a crash. Ray Serve scales the replicas
+between serve.min_replicas and serve.max_replicas.
+"""
+
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
+from ray import serve
+
+from cluster.config import ClusterConfig, ServeConfig
+from cluster.errors import UserError
+
+APP = "raygpt"
+MAX_STOP = 4  # OpenAI's limit of stop sequences
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's completions request we implement; others (echo, logprobs, penalties, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: StrictInt | None = 16
+    temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0, le=2)
+    top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    n: StrictInt = Field(default=1, ge=1, le=1)
+
+
+class BadRequest(Exception):
+    """An error the client caused: the status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+        body = {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _validation_message(error: ValidationError) -> tuple[str, str]:
+    """One line naming the first bad field, and the field."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("str", "list", "int", "float")))
+    return f"{field or 'body'}: {first['msg']}", field.split(".")[0] or "body"
+
+
+class TextStream:
+    """A sequence's tokens as text: what may be sent so far (whole characters, and nothing that could still become a
+    stop string), and whether a stop string ended it."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer, self.stop, self.ids, self.sent, self.text = tokenizer, stop, [], 0, ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Take a token; return the new text that is safe to send."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character not complete yet
+            return ""
+        self.text = text
+        for stop in self.stop:
+            if (at := text.find(stop)) != -1:
+                self.text, self.stopped = text[:at], True
+        safe = len(self.text) if self.stopped else len(self.text) - self._held_back()
+        piece = self.text[self.sent : max(safe, self.sent)]
+        self.sent += len(piece)
+        return piece
+
+    def rest(self) -> str:
+        """The text not sent yet (at the end)."""
+        piece, self.sent = self.text[self.sent :], len(self.text)
+        return piece
+
+    def _held_back(self) -> int:
+        """Characters at the end that begin a stop string: not sent until it is clear they do not end the text."""
+        return max((k for stop in self.stop for k in range(1, len(stop)) if self.text.endswith(stop[:k])), default=0)
+
+
+class EngineLoop:
+    """A `model.batching.Engine` driven by one thread; asyncio callers get their events through queues."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.queues, self.wake = engine, {}, threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        threading.Thread(target=self._run, name="raygpt-engine", daemon=True).start()
+
+    def submit(self, request: Any) -> tuple[int, asyncio.Queue]:
+        self.loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        id = self.engine.add(request)  # ValueError: the request cannot run on this model
+        self.queues[id] = queue
+        self.wake.set()
+        return id, queue
+
+    def cancel(self, id: int) -> None:
+        if self.queues.pop(id, None) is not None:
+            self.engine.cancel(id)
+            self.wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            while not self.engine.idle:
+                for event in self.engine.step():
+                    queue = self.queues.get(event.id)
+                    if queue is not None and self.loop is not None:
+                        self.loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
+api = FastAPI(title="raygpt", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(name="raygpt")
+@serve.ingress(api)
+class CompletionServer:
+    """One replica: the checkpoint's model and tokenizer, and an engine decoding every client's requests together."""
+
+    def __init__(self, checkpoint: str, model_name: str, max_batch: int, api_key_sha256: str | None) -> None:
+        import torch
+
+        from model.batching import Engine
+        from model.checkpoint import load_checkpoint
+
+        device = "cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
+        loaded = load_checkpoint(checkpoint, device=device)
+        self.model, self.tokenizer, self.eot = loaded.model, loaded.tokenizer, loaded.eot_id
+        self.name, self.key_sha256, self.created = model_name, api_key_sha256, int(time.time())
+        self.context = loaded.config.block_size
+        self.engine = EngineLoop(Engine(self.model, max_batch=max_batch, eos_id=self.eot))
+
+    # ------------------------------------------------------------------ routes
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        """Liveness, and this replica's batch: sequences decoding, waiting for a row, and finished by reason."""
+        engine = self.engine.engine
+        return {"status": "ok", "model": self.name, "running": len(engine.running), "waiting": len(engine.waiting),
+                "finished": dict(engine.finished)}
+
+    @api.get("/v1/models")
+    def models(self, request: Request) -> JSONResponse:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "raygpt"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        try:
+            body, prompts = await self._parse(request)
+            from model.batching import Request as Generation
+
+            limit = body.max_tokens if body.max_tokens is not None else 16
+            if not 1 <= limit <= self.context:
+                raise BadRequest(400, f"max_tokens must be between 1 and the model's context ({self.context}), "
+                                      f"not {limit}", "max_tokens")
+            temperature = float(body.temperature)
+            generations = [Generation(ids, limit, temperature, top_p=float(body.top_p) if body.top_p < 1 else None,
+                                      seed=body.seed) for ids in prompts]
+            for index, generation in enumerate(generations):
+                try:
+                    self.engine.engine.validate(generation)
+                except ValueError as e:
+                    raise BadRequest(400, f"prompt{f'[{index}]' if len(prompts) > 1 else ''}: {e}", "prompt",
+                                     "context_length_exceeded" if "context" in str(e) else None) from None
+        except BadRequest as e:
+            return e.response()
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.name}
+        if body.stream:
+            return StreamingResponse(self._stream(generations, stop, meta), media_type="text/event-stream")
+        choices = await asyncio.gather(*(self._complete(g, stop) for g in generations))
+        usage_out = sum(c.pop("tokens") for c in choices)
+        usage_in = sum(len(g.prompt) for g in generations)
+        for index, choice in enumerate(choices):
+            choice["index"] = index
+        return {**meta, "object": "text_completion", "choices": choices,
+                "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out, "total_tokens": usage_in + usage_out}}
+
+    # ------------------------------------------------------------------ helpers
+    def _auth(self, request: Request) -> JSONResponse | None:
+        if self.key_sha256 is None:
+            return None
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.key_sha256):
+            return None
+        return BadRequest(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key").response()
+
+    async def _parse(self, request: Request) -> tuple[CompletionRequest, list[list[int]]]:
+        try:
+            raw = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest(400, "the body is not JSON") from None
+        if not isinstance(raw, dict):
+            raise BadRequest(400, "the body must be a JSON object")
+        try:
+            body = CompletionRequest.model_validate(raw)
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            raise BadRequest(400, message, param) from None
+        if body.model not in (None, self.name):
+            raise BadRequest(404, f"model {body.model!r} does not exist; this server has {self.name!r}", "model",
+                             "model_not_found")
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise BadRequest(400, f"stop: at most {MAX_STOP} non-empty strings", "stop")
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            texts: list[str] | None = [prompt]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            texts = list(prompt)  # type: ignore[arg-type]
+        else:
+            texts = None
+        if texts is not None:
+            prompts = [self.tokenizer.encode(t, add_special_tokens=False).ids if t else [] for t in texts]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = [list(p) for p in prompt]  # type: ignore[union-attr]
+        if not prompts or any(not p for p in prompts):
+            raise BadRequest(400, "prompt: must not be empty", "prompt")
+        return body, prompts
+
+    async def _tokens(self, generation: Any, text: TextStream) -> AsyncIterator[tuple[str, str | None]]:
+        """(new text, finish reason or None) as the engine decodes; the sequence is dropped from the batch if the
+        caller goes away (a disconnected client) or a stop string ends it."""
+        id, queue = self.engine.submit(generation)
+        try:
+            while True:
+                event = await queue.get()
+                finish = event.finish
+                piece = ""
+                if event.token is not None and event.token != self.eot:
+                    piece = text.add(event.token)
+                if text.stopped:
+                    finish = "stop"
+                if finish is not None:
+                    yield piece + text.rest(), "stop" if finish == "stop" else "length"
+                    return
+                yield piece, None
+        finally:
+            self.engine.cancel(id)  # a no-op when it finished
+
+    async def _complete(self, generation: Any, stop: list[str]) -> dict[str, Any]:
+        text, pieces, finish = TextStream(self.tokenizer, stop), [], "length"
+        async for piece, reason in self._tokens(generation, text):
+            pieces.append(piece)
+            finish = reason or finish
+        return {"text": "".join(pieces), "logprobs": None, "finish_reason": finish, "tokens": len(text.ids)}
+
+    async def _stream(self, generations: list[Any], stop: list[str], meta: dict[str, Any]) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per piece of text of each prompt (by index), its last with finish_reason."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, generation: Any) -> None:
+            async for piece, finish in self._tokens(generation, TextStream(self.tokenizer, stop)):
+                await queue.put((index, piece, finish))
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                index, piece, finish = item
+                if piece or finish:
+                    choice = {"text": piece, "index": index, "logprobs": None, "finish_reason": finish}
+                    yield f"data: {json.dumps({**meta, 'object': 'text_completion', 'choices': [choice]})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:  # the client went away: its sequences leave the batch
+                task.cancel()
+
+
+class Target(NamedTuple):
+    """What `raygpt serve TARGET [serve.key=value ...]` serves, and how."""
+
+    checkpoint: str
+    serve: ServeConfig
+    cluster: ClusterConfig
+    model_name: str
+    log_file: Path
+    """where the console's filtered lines go (the run's console.log, or a temp file for a bare checkpoint)"""
+
+
+def resolve_target(target: str, overrides: list[str]) -> Target:
+    """A run directory (its config.yaml's serve and cluster sections; its final checkpoint or serve.checkpoint) or a
+    checkpoint folder (default sections)."""
+    from cluster.config import load_config, load_serve_config
+    from model.checkpoint import CONFIG
+
+    bad = [o for o in overrides if not o.startswith("serve.")]
+    if bad:
+        raise UserError(f"{bad[0]}: only serve.* keys can be set here (e.g. serve.max_batch=8)")
+    config_file = Path(target) / "config.yaml"
+    if config_file.is_file():
+        run = load_config(config_file, overrides)
+        cfg = run.serve
+        checkpoint = f"{run.run_dir.rstrip('/')}/{cfg.checkpoint}" if cfg.checkpoint else str(run.layout.checkpoint)
+        log = run.layout.console_log if not run.layout.remote else Path(tempfile.gettempdir()) / "raygpt-serve.log"
+        return Target(checkpoint, cfg, run.cluster, cfg.model_name or run.name, Path(str(log)))
+    if (Path(target) / CONFIG).is_file() or "://" in target:  # a checkpoint (a URI: checked when it loads)
+        cfg = load_serve_config(overrides)
+        if cfg.checkpoint:
+            raise UserError("serve.checkpoint: only for a run directory; give the checkpoint folder itself")
+        name = cfg.model_name or Path(target.rstrip("/")).name
+        return Target(target, cfg, ClusterConfig(), name, Path(tempfile.gettempdir()) / "raygpt-serve.log")
+    raise UserError(f"{target}: neither a run directory (no config.yaml) nor a checkpoint (no {CONFIG})")
+
+
+def start(checkpoint: str, cfg: ServeConfig, model_name: str) -> str:
+    """Deploy the app on the connected Ray cluster and return its base URL (…/v1); `stop()` takes it down."""
+    key = os.environ.get(cfg.api_key_env) or None
+    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    if cfg.num_cpus >= 1:
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(int(cfg.num_cpus))}}
+    deployment = CompletionServer.options(
+        ray_actor_options=options,
+        max_ongoing_requests=max(4 * cfg.max_batch, 32),
+        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                            "target_ongoing_requests": cfg.max_batch},
+    )
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    app = deployment.bind(checkpoint, model_name, cfg.max_batch, hashlib.sha256(key.encode()).hexdigest() if key else None)
+    serve.run(app, name=APP, route_prefix="/")
+    shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{shown}:{cfg.port}/v1"
+
+
+def stop() -> None:
+    serve.delete(APP)
+
+
+def serve_forever(target: Target) -> None:
+    """`raygpt serve`: connect to Ray, deploy, print where, and keep serving until Ctrl-C / SIGTERM (e.g. `raygpt jobs
+    stop`), then take the app down (Serve apps outlive their driver on a cluster)."""
+    import signal
+
+    from cluster import ray_connect
+
+    ray_connect.connect(target.cluster)
+    url = start(target.checkpoint, target.serve, target.model_name)
+    keyed = " (API key required)" if os.environ.get(target.serve.api_key_env) else ""
+    print(f"[serve] {target.model_name} ({target.checkpoint}) at {url}{keyed}; "
+          f"{target.serve.min_replicas}-{target.serve.max_replicas} replica(s); Ctrl-C stops", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        done.wait()
+    finally:
+        stop()
+        print("[serve] stopped", flush=True)

@@ -1,0 +1,195 @@
+"""`raygpt serve`: the official `openai` client against a real Ray Serve deployment of a trained checkpoint on a free
+127.0.0.1 port (the session's local Ray), and `raygpt serve` itself as a user starts and stops it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from cluster.config import ServeConfig
+from model.checkpoint import load_checkpoint
+from model.generate import generate_tokens
+from tests.conftest import REPO
+
+KEY = "test-key-0123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run: Path, ray_session: None) -> Iterator[str]:
+    """The run's checkpoint served with an API key; yields the base URL (…/v1)."""
+    from ray import serve
+
+    from cluster.serve import start, stop
+
+    os.environ["RAYGPT_TEST_KEY"] = KEY
+    try:
+        cfg = ServeConfig(port=_free_port(), max_batch=8, api_key_env="RAYGPT_TEST_KEY")
+        url = start(str(trained_run / "checkpoint"), cfg, "shakespeare")
+    finally:
+        del os.environ["RAYGPT_TEST_KEY"]
+    yield url
+    stop()
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def alone(trained_run: Path):  # noqa: ANN201
+    """Greedy text of a prompt decoded by itself with the sequential decoder, as the server's tokenizer sees it."""
+    loaded = load_checkpoint(trained_run / "checkpoint")
+
+    def decode(prompt: str, max_tokens: int) -> str:
+        ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
+        new = []
+        for token in generate_tokens(loaded.model, torch.tensor([ids]), max_tokens, eos_id=loaded.eot_id):
+            if int(token) == loaded.eot_id:
+                break
+            new.append(int(token))
+        return loaded.tokenizer.decode(new)
+
+    return decode
+
+
+PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING", "To be", "MENENIUS:\nWhat",
+           "O", "And", "The", "CORIOLANUS:", "I will", "Thou", "Good", "My lord", "What is", "Nay"]
+
+
+def test_completions_models_streaming_stop_and_seeds_through_the_openai_client(client: openai.OpenAI, alone) -> None:  # noqa: ANN001
+    [model] = client.models.list().data
+    assert model.id == "shakespeare" and model.owned_by == "raygpt"
+    done = client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=24, temperature=0)
+    expected = alone("ROMEO:", 24)
+    assert done.choices[0].text == expected and done.choices[0].finish_reason == "length" and len(expected) > 10
+    assert done.usage.completion_tokens == 24 and done.usage.prompt_tokens > 0
+    several = client.completions.create(model="shakespeare", prompt=PROMPTS[:3], max_tokens=12, temperature=0)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert [c.text for c in several.choices] == [alone(p, 12) for p in PROMPTS[:3]]
+    stream = client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=24, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == expected and len(chunks) > 5
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    stop = expected[len(expected) // 2 : len(expected) // 2 + 2]  # cut in the middle of the greedy continuation
+    cut = client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == expected[: expected.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed_cut = client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=24, temperature=0,
+                                             stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed_cut) == cut.choices[0].text  # no part of the stop string sent
+    sampled = [client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=16, temperature=1.0,
+                                         top_p=0.9, seed=seed).choices[0].text for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
+def test_sixteen_concurrent_clients_each_get_what_the_request_gives_alone(client: openai.OpenAI, alone) -> None:  # noqa: ANN001
+    def ask(prompt: str) -> str:
+        return client.completions.create(model="shakespeare", prompt=prompt, max_tokens=20, temperature=0).choices[0].text
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, PROMPTS))
+    assert time.perf_counter() - started < 120  # bounded: 16 × 20 tokens of a tiny model
+    assert answers == [alone(p, 20) for p in PROMPTS]
+
+
+def _health(server: str) -> dict:
+    return httpx.get(server.removesuffix("/v1") + "/healthz").json()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"max_tokens": 5}, 400, "prompt: Field required"),
+        ({"prompt": "", "max_tokens": 5}, 400, "prompt: must not be empty"),
+        ({"prompt": [], "max_tokens": 5}, 400, "prompt: must not be empty"),
+        ({"prompt": "ROMEO " * 200}, 400, "may have at most 63"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be between 1 and the model's context (64), not 0"),
+        ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens must be between 1"),
+        ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens: Input should be a valid integer"),
+        ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": 5}, 400, "prompt"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"prompt": "x", "n": 2}, 400, "n: Input should be less than or equal to 1"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: at most 4"),
+        ({"prompt": "x", "model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),
+        ({"prompt": [1, 99999]}, 400, "token ids must be in 0..511"),
+        ([1, 2], 400, "the body must be a JSON object"),
+        ("not json", 400, "the body is not JSON"),
+    ],
+)
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(
+    server: str, body: object, status: int, message: str
+) -> None:
+    raw = body if isinstance(body, str) else json.dumps(body)
+    answer = httpx.post(f"{server}/completions", content=raw, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert message in error["message"] and "\n" not in error["message"] and error["type"]
+    fine = httpx.post(f"{server}/completions", json={"prompt": "x", "max_tokens": 2, "whatever": [1], "echo": False},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # unknown fields are ignored
+    assert fine.status_code == 200 and len(fine.json()["choices"]) == 1
+
+
+def test_a_client_that_disconnects_mid_stream_is_dropped_from_the_batch(server: str) -> None:
+    before = _health(server)["finished"].get("cancelled", 0)
+    body = {"prompt": "ROMEO:", "max_tokens": 60, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the first chunk arrived; then the client goes away
+    deadline = time.monotonic() + 30
+    while _health(server)["finished"].get("cancelled", 0) == before:
+        assert time.monotonic() < deadline, _health(server)
+        time.sleep(0.2)
+    assert _health(server)["running"] == 0
+
+
+def test_the_api_key_is_required_when_set(server: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for method, path in (("GET", "/models"), ("POST", "/completions")):
+            answer = httpx.request(method, server + path, json={"prompt": "x"}, headers=headers, timeout=30)
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server, api_key="wrong", max_retries=0).completions.create(model="shakespeare", prompt="x")
+
+
+def test_raygpt_serve_starts_on_a_run_dir_and_stops_on_ctrl_c(trained_run: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "RAYGPT_API_KEY": ""}
+    argv = [sys.executable, "-m", "cluster.cli", "serve", str(trained_run), "--port", str(port), "serve.max_batch=4"]
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = process.stdout.readline()  # type: ignore[union-attr]
+        assert first.startswith("[serve] shakespeare (") and f"http://127.0.0.1:{port}/v1" in first, first
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 4},
+                            timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"] == "shakespeare"  # no key set: none asked
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and out.strip().splitlines()[-1] == "[serve] stopped", out
+    assert len(out.splitlines()) <= 3, out  # Ray Serve's own logging goes to the log file
+    bad = subprocess.run([*argv[:4], str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == (f"raygpt: error: {tmp_path}: neither a run directory (no "
+                                                          "config.yaml) nor a checkpoint (no config.json)")
