@@ -55,6 +55,8 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
     stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    """{"include_usage": true}: a last chunk with the token counts (OpenAI's)"""
     n: StrictInt = Field(default=1, ge=1, le=1)
 
 
@@ -205,7 +207,8 @@ class CompletionServer:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.name}
         if body.stream:
-            return StreamingResponse(self._stream(generations, stop, meta), media_type="text/event-stream")
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._stream(generations, stop, meta, usage), media_type="text/event-stream")
         choices = await asyncio.gather(*(self._complete(g, stop) for g in generations))
         usage_out = sum(c.pop("tokens") for c in choices)
         usage_in = sum(len(g.prompt) for g in generations)
@@ -285,12 +288,15 @@ class CompletionServer:
             finish = reason or finish
         return {"text": "".join(pieces), "logprobs": None, "finish_reason": finish, "tokens": len(text.ids)}
 
-    async def _stream(self, generations: list[Any], stop: list[str], meta: dict[str, Any]) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per piece of text of each prompt (by index), its last with finish_reason."""
+    async def _stream(self, generations: list[Any], stop: list[str], meta: dict[str, Any], usage: bool,
+                      ) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per piece of text of each prompt (by index), its last with finish_reason;
+        with `usage`, a final chunk of token counts."""
         queue: asyncio.Queue = asyncio.Queue()
+        texts = [TextStream(self.tokenizer, stop) for _ in generations]
 
         async def pump(index: int, generation: Any) -> None:
-            async for piece, finish in self._tokens(generation, TextStream(self.tokenizer, stop)):
+            async for piece, finish in self._tokens(generation, texts[index]):
                 await queue.put((index, piece, finish))
             await queue.put(None)
 
@@ -306,6 +312,10 @@ class CompletionServer:
                 if piece or finish:
                     choice = {"text": piece, "index": index, "logprobs": None, "finish_reason": finish}
                     yield f"data: {json.dumps({**meta, 'object': 'text_completion', 'choices': [choice]})}\n\n"
+            if usage:
+                made, read = sum(len(t.ids) for t in texts), sum(len(g.prompt) for g in generations)
+                counts = {"prompt_tokens": read, "completion_tokens": made, "total_tokens": read + made}
+                yield f"data: {json.dumps({**meta, 'object': 'text_completion', 'choices': [], 'usage': counts})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for task in tasks:  # the client went away: its sequences leave the batch
