@@ -334,10 +334,11 @@ class Target(NamedTuple):
 
 
 def resolve_target(target: str, overrides: list[str]) -> Target:
-    """A run directory (its config.yaml's serve and cluster sections; its final checkpoint or serve.checkpoint) or a
-    checkpoint folder (default sections)."""
+    """A local run directory (its config.yaml's serve and cluster sections; its final checkpoint or serve.checkpoint)
+    or a checkpoint folder, local or a URI (default sections)."""
     from cluster.config import load_config, load_serve_config
     from model.checkpoint import CONFIG
+    from model.checkpoint import load_config as checkpoint_config
 
     bad = [o for o in overrides if not o.startswith("serve.")]
     if bad:
@@ -346,9 +347,10 @@ def resolve_target(target: str, overrides: list[str]) -> Target:
     if config_file.is_file():
         run = load_config(config_file, overrides)
         cfg = run.serve
-        checkpoint = f"{run.run_dir.rstrip('/')}/{cfg.checkpoint}" if cfg.checkpoint else str(run.layout.checkpoint)
-        log = run.layout.console_log if not run.layout.remote else Path(tempfile.gettempdir()) / "raygpt-serve.log"
-        return Target(checkpoint, cfg, run.cluster, cfg.model_name or run.name, Path(str(log)))
+        checkpoint = str(Path(target) / (cfg.checkpoint or "checkpoint"))  # where the folder is now, moved or not
+        checkpoint_config(checkpoint)  # a missing or broken checkpoint: one line here, not a replica's traceback
+        log = Path(target) / "logs" / "console.log"
+        return Target(checkpoint, cfg, run.cluster, cfg.model_name or run.name, log)
     if (Path(target) / CONFIG).is_file() or "://" in target:  # a checkpoint (a URI: checked when it loads)
         cfg = load_serve_config(overrides)
         if cfg.checkpoint:
@@ -372,7 +374,11 @@ def start(checkpoint: str, cfg: ServeConfig, model_name: str) -> str:
     )
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     app = deployment.bind(checkpoint, model_name, cfg.max_batch, hashlib.sha256(key.encode()).hexdigest() if key else None)
-    serve.run(app, name=APP, route_prefix="/")
+    try:
+        serve.run(app, name=APP, route_prefix="/")
+    except RuntimeError as e:  # Serve's message names the app; the replica's traceback is in the log
+        raise UserError(f"serve: the model server did not start ({str(e).splitlines()[0]}); the replica's error is "
+                        "in the log (RUN_DIR/logs/console.log, or run with --verbose)") from None
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{shown}:{cfg.port}/v1"
 

@@ -68,9 +68,9 @@ class Engine:
 
     def __init__(self, model: GPT, max_batch: int, eos_id: int | None) -> None:
         self.model, self.cfg, self.max_batch, self.eos_id = model, model.cfg, max_batch, eos_id
-        weight = model.wte.weight
-        self.device = weight.device
-        self.cache = KVCache(self.cfg, max_batch, self.cfg.block_size, weight.device, weight.dtype)
+        first = next(model.parameters())  # as generate_tokens: quantized models keep float norms and biases
+        self.device = first.device
+        self.cache = KVCache(self.cfg, max_batch, self.cfg.block_size, first.device, first.dtype)
         self.waiting: collections.deque[_Sequence] = collections.deque()
         self.running: list[_Sequence] = []  # index = cache row
         self.cancelled: set[int] = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from cluster.config import ServeConfig
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.generate import generate_tokens
 from tests.conftest import REPO
 
@@ -175,21 +176,40 @@ def test_the_api_key_is_required_when_set(server: str) -> None:
 
 
 def test_raygpt_serve_starts_on_a_run_dir_and_stops_on_ctrl_c(trained_run: Path, tmp_path: Path) -> None:
+    """The command as a user runs it, on a copied run dir whose int8 checkpoint it serves (quantized ones serve too)."""
+    from model.quantize import quantize_model
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoint", run / "checkpoint")
+    shutil.copy(trained_run / "config.yaml", run / "config.yaml")
+    loaded = load_checkpoint(run / "checkpoint")
+    record = quantize_model(loaded.model, "int8", 32, None, False, 0.01)
+    save_checkpoint(loaded.model, run / "quantized" / "int8", loaded.tokenizer_file,
+                    extra={"step": loaded.step, "eot_token": loaded.eot_token, "quantization": record})
+    int8 = load_checkpoint(run / "quantized" / "int8")
+    prompt = int8.tokenizer.encode("ROMEO:", add_special_tokens=False).ids
+    expected = int8.tokenizer.decode([int(t) for t in generate_tokens(int8.model, torch.tensor([prompt]), 6)])
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "", "RAYGPT_API_KEY": ""}
-    argv = [sys.executable, "-m", "cluster.cli", "serve", str(trained_run), "--port", str(port), "serve.max_batch=4"]
+    argv = [sys.executable, "-m", "cluster.cli", "serve", str(run), "--port", str(port), "serve.checkpoint=quantized/int8"]
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = process.stdout.readline()  # type: ignore[union-attr]
-        assert first.startswith("[serve] shakespeare (") and f"http://127.0.0.1:{port}/v1" in first, first
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 4},
-                            timeout=60)
+        assert first.startswith(f"[serve] shakespeare ({run}/quantized/int8) at http://127.0.0.1:{port}/v1"), first
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                            json={"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0})
         assert answer.status_code == 200 and answer.json()["model"] == "shakespeare"  # no key set: none asked
+        assert answer.json()["choices"][0]["text"] == expected
     finally:
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=60)
     assert process.returncode == 0 and out.strip().splitlines()[-1] == "[serve] stopped", out
-    assert len(out.splitlines()) <= 3, out  # Ray Serve's own logging goes to the log file
+    assert len(out.splitlines()) <= 3, out  # Ray Serve's own logging goes to RUN_DIR/logs/console.log
+    assert "Application 'raygpt' is ready" in (run / "logs" / "console.log").read_text()
     bad = subprocess.run([*argv[:4], str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == (f"raygpt: error: {tmp_path}: neither a run directory (no "
                                                           "config.yaml) nor a checkpoint (no config.json)")
+    missing = subprocess.run([*argv[:5], "serve.checkpoint=quantized/nope"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip() == (f"raygpt: error: {run}/quantized/nope: not a "
+                                                                  "checkpoint (no config.json)")
