@@ -21,9 +21,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from cluster.errors import UserError
 from cluster.layout import Location, RunLayout
 from data_pipeline.config import DataConfig, Section
-from evaluation.config import EvalConfig
-from evaluation.quantize import QuantizeConfig
-from model.gpt import ModelConfig
+from evaluation.config import EvalConfig, QuantizeConfig
+from model.config import ModelConfig
 from trainer.config import TrainConfig
 
 

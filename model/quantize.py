@@ -27,20 +27,20 @@ kernels in `model.quantize_kernels`, GPTQ/AWQ in `model.quantize_calibrate`, bit
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from cluster.errors import UserError
+from model.config import QUANT_METHODS, QuantMethod  # noqa: F401  # re-exported
 from model.gpt import GPT
 from model.quantize_bnb import bitsandbytes, bnb_linear
 from model.quantize_calibrate import calibrate
 from model.quantize_kernels import QuantEmbedding, QuantLinear, group_size_for
 
-METHODS: dict[str, int] = {"int8": 8, "int4-rtn": 4, "gptq": 4, "awq": 4, "bnb-int8": 8, "bnb-nf4": 4}
+METHODS = QUANT_METHODS
 """Method → bits of the block linears: the one list of methods (the config's choices come from it)."""
-QuantMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 CALIBRATED = {"gptq", "awq"}
 
 
