@@ -13,6 +13,7 @@
     raygpt report   RUN_DIR                          RUN_DIR/report.md + plots (also at the end of `run`)
     raygpt import   HF_DIR --out CKPT                a Hugging Face Llama / GPT-2 checkpoint → raygpt (model.init_from)
     raygpt config   show CONFIG [overrides] | schema [SECTION]   the resolved recipe / every key's type, default, doc
+    raygpt plan     CONFIG [overrides] [--gpus N --gpu h100 --tokens T --mfu F]   memory and time on paper
     raygpt serve    RUN_DIR|CHECKPOINT [--host H --port P --replicas N] [serve.key=value ...]   OpenAI-compatible API
 
 Bad configs, paths and inputs exit with status 2 and one line on stderr naming the problem, never a traceback.
@@ -47,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
+    pln = commands.add_parser("plan", help="memory per GPU for each ZeRO stage, the micro-batch that fits, step time "
+                              "and GPU-hours, on paper (starts nothing)")
+    pln.add_argument("config", help="YAML recipe, e.g. configs/cloud_gpu.yaml")
+    pln.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
+    pln.add_argument("--gpus", type=int, default=8, help="GPUs in the run (default 8)")
+    pln.add_argument("--gpu", default="h100", help="h200, h100, h100-pcie, a100-80g, a100-40g, l40s, l4, a10g, v100, "
+                     "t4 (default h100)")
+    pln.add_argument("--tokens", type=float, help="tokens to train (default: train.max_steps × global batch × context)")
+    pln.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (default 0.4)")
     srv = commands.add_parser("serve", help="the model behind an OpenAI-compatible API on Ray Serve (/v1/completions)")
     srv.add_argument("target", help="a run directory (its final checkpoint, or serve.checkpoint) or a checkpoint folder")
     srv.add_argument("overrides", nargs="*", metavar="serve.key=value", help="serve settings (raygpt config schema serve)")
@@ -168,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(schema.text(args.section), end="")
                 except KeyError as e:
                     raise UserError(e.args[0]) from None
+        elif args.command == "plan":
+            from cluster.config import load_config
+            from trainer.plan import plan
+
+            print(plan(load_config(args.config, args.overrides), args.gpus, args.gpu, args.tokens, args.mfu))
         elif args.command == "serve":
             from cluster.console import quiet_console
             from cluster.serve import resolve_target, serve_forever

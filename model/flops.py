@@ -1,4 +1,4 @@
-"""FLOPs per token and model FLOPs utilization (MFU): a peak table for GPUs, a measured peak for CPUs.
+"""FLOPs per token and model FLOPs utilization (MFU): a peak table for GPUs (model/hardware.py), a measured peak for CPUs.
 
     python -m model.flops            # prints this machine's measured CPU peak per dtype
 
@@ -15,26 +15,17 @@ import platform
 import time
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from cluster.files import write_json
 from cluster.layout import cache_dir
-from model.gpt import ModelConfig
+from model.config import ModelConfig
+from model.hardware import gpu_named
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
-# Longer keys are matched first ("H100 PCIe" before "H100").
-GPU_PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
-    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
-    "H100 PCIe": {torch.bfloat16: 756e12, torch.float16: 756e12, torch.float32: 51e12},
-    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
-    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12},
-    "A10G": {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 35e12},
-    "L40S": {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12},
-    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30e12},
-    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
-    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
-}
+
 def _peak_cache() -> Path:
     return cache_dir() / "cpu_peak.json"
 
@@ -58,6 +49,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
     """FLOP/s of a 512² matmul on this CPU with `threads` threads, timed for ~0.3 s (bounded, so an emulated dtype
     costs about a second, not minutes); cached on disk per CPU model, dispatch capability and forced ISA."""
+    import torch  # here, not at the top: `raygpt plan` counts FLOPs without torch
+
     isa = f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}/{os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')}"  # forced ISAs
     key = (f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}|{dtype}|"
            f"{torch.backends.cpu.get_cpu_capability()}|{isa}")
@@ -87,14 +80,15 @@ def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype, threads: int | None = None) -> float | None:
     """Peak FLOP/s of one device: the table for known GPUs, a measurement on CPU, None for an unknown device."""
+    import torch  # here, not at the top: `raygpt plan` counts FLOPs without torch
+
     device = torch.device(device)
     if device.type == "cpu":
         return measured_cpu_peak(dtype, threads or torch.get_num_threads())
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
-            if key in name:
-                return GPU_PEAK_FLOPS[key].get(dtype)
+        gpu = gpu_named(torch.cuda.get_device_name(device))
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, "")
+        return gpu.peak.get(precision) if gpu is not None else None
     return None
 
 
@@ -107,6 +101,8 @@ def mfu(tokens_per_sec: float, flops_per_tok: float, peak_per_device: float | No
 
 def machine_header(threads: int | None = None) -> str:
     """One line for benchmark output: CPU capability, thread count and measured peak per dtype (or the GPU)."""
+    import torch  # here, not at the top: `raygpt plan` counts FLOPs without torch
+
     threads = threads or torch.get_num_threads()
     peaks = ", ".join(f"{name} {measured_cpu_peak(dt, threads) / 1e9:,.1f}" for name, dt in
                       (("fp32", torch.float32), ("bf16", torch.bfloat16)))
