@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: a GPU when there is one")
+    gen.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                     help="auto: bf16 on GPUs that have it (else fp16), bf16 on CPUs that run it natively (else fp32)")
     sub = commands.add_parser("submit", help="run a raygpt subcommand as a Ray job on a cluster, streaming its logs")
     sub.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     sub.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's working_dir")
@@ -152,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from model.sample import stream_text
 
-            stream_text(
-                args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
-            )
+            stream_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                        args.seed, device=args.device, precision=args.precision)
         elif args.command == "export":
             from model.export import export
 

@@ -112,6 +112,9 @@ class ServeConfig(Section):
     """GPUs per replica; > 0 decodes on CUDA."""
     max_batch: int = Field(default=16, ge=1)
     """Sequences a replica decodes together (continuous batching; KV-cache rows)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Decoding dtype: auto is bf16 on GPUs that have it (else fp16) and on CPUs that run bf16 natively (else fp32);
+    quantized checkpoints keep their kernels' dtypes."""
     api_key_env: str = "RAYGPT_API_KEY"
     """Environment variable holding the API key: when it is set where `raygpt serve` starts, requests must carry
     `Authorization: Bearer KEY` (only its sha256 reaches the replicas)."""

@@ -103,23 +103,23 @@ def _sample(checkpoint: str, prompt: str, max_new_tokens: int, temperature: floa
     """Ray task: the prompt and its generated continuation."""
     import torch
 
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_for_inference
     from model.generate import generate
 
-    loaded = load_checkpoint(checkpoint)
+    loaded, _ = load_for_inference(checkpoint)  # the task's GPU when it reserved one
     ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids or [loaded.eot_id]
-    prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]])
+    prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]], device=next(loaded.model.parameters()).device)
     out = generate(loaded.model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=loaded.eot_id,
                    seed=seed)
-    return loaded.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+    return loaded.tokenizer.decode(out[0].cpu().tolist(), skip_special_tokens=True)
 
 
 def run_sample(cfg: RunConfig) -> str:
     """The final checkpoint's continuation of `sample.prompt` → RUN_DIR/sample.txt (and printed)."""
     connect(cfg.cluster)
     s = cfg.sample
-    text = ray.get(ray.remote(num_cpus=1)(_sample).remote(str(cfg.layout.checkpoint), s.prompt, s.max_new_tokens,
-                                                            s.temperature, s.top_k, s.seed))
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.cluster.use_gpu else 0)(_sample)
+    text = ray.get(task.remote(str(cfg.layout.checkpoint), s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed))
     out = storage.write_bytes(cfg.layout.sample, text)
     print(f"[sample] {out}:\n{text}", flush=True)
     return text

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from ray import serve
 
 from cluster.config import ClusterConfig, ServeConfig
+from cluster.layout import RunLayout, join
 from cluster.errors import UserError
 
 APP = "raygpt"
@@ -153,14 +154,12 @@ api = FastAPI(title="raygpt", docs_url=None, redoc_url=None)
 class CompletionServer:
     """One replica: the checkpoint's model and tokenizer, and an engine decoding every client's requests together."""
 
-    def __init__(self, checkpoint: str, model_name: str, max_batch: int, api_key_sha256: str | None) -> None:
-        import torch
-
+    def __init__(self, checkpoint: str, model_name: str, max_batch: int, api_key_sha256: str | None,
+                 precision: str = "auto") -> None:
         from model.batching import Engine
-        from model.checkpoint import load_checkpoint
+        from model.checkpoint import load_for_inference
 
-        device = "cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
-        loaded = load_checkpoint(checkpoint, device=device)
+        loaded, _ = load_for_inference(checkpoint, None, precision)  # the replica's GPU when it reserved one
         self.model, self.tokenizer, self.eot = loaded.model, loaded.tokenizer, loaded.eot_id
         self.name, self.key_sha256, self.created = model_name, api_key_sha256, int(time.time())
         self.context = loaded.config.block_size
@@ -343,14 +342,13 @@ def resolve_target(target: str, overrides: list[str]) -> Target:
     bad = [o for o in overrides if not o.startswith("serve.")]
     if bad:
         raise UserError(f"{bad[0]}: only serve.* keys can be set here (e.g. serve.max_batch=8)")
-    config_file = Path(target) / "config.yaml"
-    if config_file.is_file():
-        run = load_config(config_file, overrides)
+    layout = RunLayout.of(target)
+    if not layout.remote and Path(layout.config).is_file():
+        run = load_config(layout.config, overrides)
         cfg = run.serve
-        checkpoint = str(Path(target) / (cfg.checkpoint or "checkpoint"))  # where the folder is now, moved or not
+        checkpoint = str(join(layout.run_dir, cfg.checkpoint) if cfg.checkpoint else layout.checkpoint)  # as moved
         checkpoint_config(checkpoint)  # a missing or broken checkpoint: one line here, not a replica's traceback
-        log = Path(target) / "logs" / "console.log"
-        return Target(checkpoint, cfg, run.cluster, cfg.model_name or run.name, log)
+        return Target(checkpoint, cfg, run.cluster, cfg.model_name or run.name, layout.console_log)
     if (Path(target) / CONFIG).is_file() or "://" in target:  # a checkpoint (a URI: checked when it loads)
         cfg = load_serve_config(overrides)
         if cfg.checkpoint:
@@ -373,7 +371,8 @@ def start(checkpoint: str, cfg: ServeConfig, model_name: str) -> str:
                             "target_ongoing_requests": cfg.max_batch},
     )
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    app = deployment.bind(checkpoint, model_name, cfg.max_batch, hashlib.sha256(key.encode()).hexdigest() if key else None)
+    key_sha256 = hashlib.sha256(key.encode()).hexdigest() if key else None
+    app = deployment.bind(checkpoint, model_name, cfg.max_batch, key_sha256, cfg.precision)
     try:
         serve.run(app, name=APP, route_prefix="/")
     except RuntimeError as e:  # Serve's message names the app; the replica's traceback is in the log

@@ -74,7 +74,8 @@ class EvalConfig(Section):
     """Address-space limit per executed program in MiB (code tasks)."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """Dtype of the weights during evaluation: fp32 (the default: the same numbers on every machine), bf16, or auto
-    (bf16 where the hardware runs it natively, see `model.precision`; the choice is recorded in results.json)."""
+    (bf16 on GPUs that have it, else fp16; fp32 on CPUs; `model.precision.inference_precision`; the choice is
+    recorded in results.json)."""
     num_cpus: float = Field(default=1.0, gt=0)
     """CPUs reserved by each evaluation task."""
     num_gpus: float = Field(default=0.0, ge=0)

@@ -24,12 +24,10 @@ from lm_eval.models.utils import Collator
 
 from cluster.console import Progress
 from model.batching import Engine, Request
+from model.checkpoint import load_for_inference
 
-from model.checkpoint import load_checkpoint
-from model.precision import detect
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-"""Weight dtypes by name; "auto" is bf16 where the hardware runs it natively, else fp32 (`model.precision`)."""
+PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+"""lm-eval's dtype names → ours; "auto" is `model.precision.inference_precision`'s rule."""
 
 
 class RaygptLM(TemplateLM):
@@ -47,14 +45,13 @@ class RaygptLM(TemplateLM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        if device in (None, "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
-        loaded = load_checkpoint(checkpoint, device=device)
+        # lm_eval's CLI asks for cuda by default: a GPU when there is one, else the CPU (model.precision)
+        use_gpu = None if device in (None, "auto") or str(device).startswith("cuda") else False
+        loaded, choice = load_for_inference(checkpoint, use_gpu, PRECISIONS.get(dtype, dtype))
         cfg = loaded.config
-        if dtype == "auto":
-            dtype = "bf16" if detect(device).native_bf16 else "fp32"
-        self.dtype = dtype
-        self.model = loaded.model.to(DTYPES[dtype]).eval()
+        device = str(next(loaded.model.parameters()).device)
+        self.dtype = choice.precision
+        self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
         self._eot = loaded.eot_id
         self.checkpoint = str(checkpoint)

@@ -68,13 +68,12 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
                         progress: bool = True) -> dict[str, Any]:
     """Intrinsic metrics and lm-eval tasks of one checkpoint (runs inside a Ray task, or in-process); `progress`:
     progress lines of the intrinsic scoring."""
-    import torch
-
     from evaluation.intrinsic import score_text, score_val_shards
     from evaluation.lm import RaygptLM
+    from model.precision import inference_device
 
     started = time.perf_counter()
-    device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    device = str(inference_device(cfg.num_gpus > 0))
     lm = RaygptLM(checkpoint, batch_size=cfg.batch_size, device=device, dtype=cfg.precision, seed=cfg.seed)
     context = lm.max_length
     stride = min(cfg.stride or context, context)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -31,6 +31,9 @@ from cluster.errors import UserError
 from cluster.files import RunFileError, atomic_folder, fingerprint, read_json, sha256_file
 from cluster.layout import Location, RunLayout, cached_checkpoint, is_uri, join
 from model.gpt import GPT, ModelConfig
+
+if TYPE_CHECKING:
+    from model.precision import Choice
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 FORMAT = "raygpt"
@@ -257,3 +260,17 @@ def load_checkpoint(folder: Location, device: str | torch.device = "cpu") -> Che
             )
     model.load_state_dict(state, strict=not cfg.tie_embeddings)
     return Checkpoint(folder, model.to(device).eval(), cfg, tokenizer, meta)
+
+
+def load_for_inference(folder: Location, use_gpu: bool | None = None, precision: str = "auto") -> tuple[Checkpoint, Choice]:
+    """A checkpoint ready for inference where this task runs (`model.precision.inference_device`: CUDA when it may
+    and can use a GPU) in the dtype of `inference_precision` (auto: bf16 on GPUs that have it, else fp16; bf16 on CPUs
+    that run it natively, else fp32). Quantized checkpoints keep their own kernels' dtypes."""
+    from model.precision import inference_device, inference_precision
+
+    device = inference_device(use_gpu)
+    loaded = load_checkpoint(folder, device=device)
+    choice = inference_precision(device, precision)  # type: ignore[arg-type]
+    if "quantization" not in loaded.meta:
+        loaded.model.to(choice.dtype)
+    return loaded, choice

@@ -10,7 +10,8 @@ without BF16) PyTorch emulates bf16 matmuls — measured here ~100× slower than
     CUDA, no bf16 (V100/T4) → fp16 + loss scaling    any other CPU → fp32
 
 "Native bf16 on this CPU" needs both the capability (PyTorch's dispatch level is AVX-512 or better and oneDNN has
-bf16 instructions) and the measurement (a bf16 matmul beats fp32 on this CPU). Forcing the capability
+bf16 instructions) and the measurement (a bf16 matmul beats fp32 on this CPU). Inference work picks its device and
+dtype here too (`inference_device`, `inference_precision`). Forcing the capability
 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`) makes an AVX-512 machine take the AVX2 paths.
 """
 
@@ -142,6 +143,28 @@ def emulated_bf16_slowdown(threads: int | None = None) -> float:
     """fp32 peak / bf16 peak on this CPU (a short timed matmul; > 1 means bf16 is slower)."""
     threads = threads or torch.get_num_threads()
     return measured_cpu_peak(torch.float32, threads) / measured_cpu_peak(torch.bfloat16, threads)
+
+
+def inference_device(use_gpu: bool | None = None) -> torch.device:
+    """Where inference work (generate, sample, eval, quantize, serve, the lm-eval adapter) runs: CUDA when it may use
+    a GPU (`use_gpu`, e.g. the task reserved one; None: whenever one is visible) and CUDA works here, else the CPU.
+    Inside a Ray task CUDA shows only the GPUs the task reserved (CUDA_VISIBLE_DEVICES), so a task without one gets
+    the CPU even on a GPU node."""
+    if use_gpu is not False and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def inference_precision(device: str | torch.device, requested: Precision = "auto") -> Choice:
+    """The dtype inference runs in on `device`. auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPUs
+    (decoding and scoring small models on a CPU are not matmul-bound, and fp32 keeps scores and samples the same on
+    every CPU kind; ask for bf16 explicitly). An explicit choice follows `choose`, except that fp16 asked for on a
+    CPU (a GPU recipe run where there is none) becomes fp32 with a warning instead of an error."""
+    device = torch.device(device)
+    if device.type == "cpu" and requested in ("auto", "fp16"):
+        warning = "fp16 needs a GPU; running in fp32 on this CPU" if requested == "fp16" else None
+        return Choice("fp32", "inference on a CPU", warning)
+    return choose(requested, detect(device))
 
 
 def inference_dtype(device: str | torch.device = "cpu") -> torch.dtype:

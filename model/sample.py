@@ -11,7 +11,7 @@ from typing import TextIO
 
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_for_inference
 from model.generate import generate_tokens
 
 
@@ -24,13 +24,16 @@ def stream_text(
     top_p: float | None = None,
     seed: int | None = None,
     out: TextIO | None = None,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> str:
-    """Write the prompt, then each new piece of text as soon as it decodes cleanly; return the continuation."""
+    """Write the prompt, then each new piece of text as soon as it decodes cleanly; return the continuation.
+    `device`: auto (a GPU when there is one), cuda or cpu; `precision` as `model.precision.inference_precision`."""
     out = out or sys.stdout
-    loaded = load_checkpoint(checkpoint)
+    loaded, _ = load_for_inference(checkpoint, {"auto": None, "cuda": True, "cpu": False}[device], precision)
     model, tokenizer, eot = loaded.model, loaded.tokenizer, loaded.eot_id
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eot]
-    prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]])
+    prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]], device=next(model.parameters()).device)
     out.write(prompt)
     new: list[int] = []
     shown = ""

@@ -43,7 +43,7 @@ def server(trained_run: Path, ray_session: None) -> Iterator[str]:
 
     os.environ["RAYGPT_TEST_KEY"] = KEY
     try:
-        cfg = ServeConfig(port=_free_port(), max_batch=8, api_key_env="RAYGPT_TEST_KEY")
+        cfg = ServeConfig(port=_free_port(), max_batch=8, api_key_env="RAYGPT_TEST_KEY", precision="fp32")
         url = start(str(trained_run / "checkpoint"), cfg, "shakespeare")
     finally:
         del os.environ["RAYGPT_TEST_KEY"]
@@ -191,7 +191,8 @@ def test_raygpt_serve_starts_on_a_run_dir_and_stops_on_ctrl_c(trained_run: Path,
     expected = int8.tokenizer.decode([int(t) for t in generate_tokens(int8.model, torch.tensor([prompt]), 6)])
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "", "RAYGPT_API_KEY": ""}
-    argv = [sys.executable, "-m", "cluster.cli", "serve", str(run), "--port", str(port), "serve.checkpoint=quantized/int8"]
+    argv = [sys.executable, "-m", "cluster.cli", "serve", str(run), "--port", str(port), "serve.checkpoint=quantized/int8",
+            "serve.precision=fp32"]
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = process.stdout.readline()  # type: ignore[union-attr]

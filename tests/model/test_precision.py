@@ -59,3 +59,55 @@ def test_this_machine_is_consistent() -> None:
     assert choose("auto", hw).precision == ("bf16" if hw.native_bf16 else "fp32")
     if hw.peak_bf16 is not None:  # measured only where the ISA has bf16
         assert hw.cpu_bf16_isa
+
+
+def test_inference_runs_on_the_gpu_only_when_the_task_may_and_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from model import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [precision.inference_device(x).type for x in (None, True, False)] == ["cpu", "cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a task that reserved a GPU sees one
+    assert [precision.inference_device(x).type for x in (None, True, False)] == ["cuda", "cuda", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu_bf16", "requested", "expected", "warns"),
+    [
+        ("cpu", False, "auto", "fp32", False),
+        ("cpu", False, "fp16", "fp32", True),  # a GPU recipe evaluated on a CPU: fp32, said once
+        ("cpu", False, "fp32", "fp32", False),
+        ("cuda", True, "auto", "bf16", False),  # A100 / H100
+        ("cuda", False, "auto", "fp16", False),  # V100 / T4
+        ("cuda", True, "fp32", "fp32", False),
+        ("cuda", False, "fp16", "fp16", False),
+    ],
+)
+def test_inference_precision_rules(monkeypatch: pytest.MonkeyPatch, device: str, gpu_bf16: bool, requested: str,
+                                   expected: str, warns: bool) -> None:
+    from model import precision
+
+    monkeypatch.setattr(precision, "detect", lambda d: Hardware("cuda", "GPU", cuda_bf16=gpu_bf16))
+    choice = precision.inference_precision(device, requested)  # type: ignore[arg-type]
+    assert choice.precision == expected and (choice.warning is not None) == warns
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from model import precision
+
+    monkeypatch.setattr(precision, "detect", lambda d: Hardware("cuda", "Tesla V100", cuda_bf16=False))
+    with pytest.raises(ValueError, match="Tesla V100 does not support bf16"):
+        precision.inference_precision("cuda", "bf16")
+
+
+def test_load_for_inference_puts_the_model_where_and_how_the_rule_says(checkpoint) -> None:  # noqa: ANN001
+    import torch
+
+    from model.checkpoint import load_for_inference
+
+    loaded, choice = load_for_inference(checkpoint, use_gpu=False)
+    assert choice.precision == "fp32" and {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    loaded, choice = load_for_inference(checkpoint, use_gpu=False, precision="bf16")
+    assert choice.precision == "bf16" and {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
