@@ -319,6 +319,8 @@ class Worker:
             # rank 0's profile of the window: where the time of a step goes, as fractions (the rest: logging,
             # reporting, the clock broadcast)
             **{f"time_{name}": float(t / window) for name, t in zip(PHASES, phases)},
+            # on a GPU, rank 0's peak allocated memory so far (what `raygpt plan` estimates)
+            **({"gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
         }
 
     def run(self) -> None:
