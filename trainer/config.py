@@ -40,6 +40,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto (bf16 where the hardware runs it natively — bf16 GPUs, CPUs with AVX512_BF16/AMX —, fp16 on older GPUs,
     else fp32; see `model.precision`), or bf16, fp16 (dynamic loss scaling; GPU only), fp32."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's `engine.compile()`, inductor): faster steps after a one-off compile of
+    tens of seconds to minutes; see the README for what it measured."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
     offload_optimizer: bool = False

@@ -143,6 +143,8 @@ class Worker:
             config=deepspeed_config(t, cfg.use_gpu, self.precision.precision, self.accum),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t)),
         )
+        if t.compile:  # compiled on the first step; parameter names and checkpoints are those of the plain model
+            self.engine.compile()
         self.train_data = SampleReader(cfg.layout.data.root, "train", self.manifest)
         self.val_data = SampleReader(cfg.layout.data.root, "val", self.manifest)
         self.order = SampleOrder(self.train_data.num_samples, cfg.seed)
