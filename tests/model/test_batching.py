@@ -90,7 +90,8 @@ def test_a_cancelled_request_leaves_and_the_others_are_unaffected() -> None:
     assert finish == ["cancelled", "length", "length"] and len(tokens[0]) == 4
     assert tokens[1:] == [_alone(model, r) for r in requests[1:]]
     engine = Engine(model, max_batch=1, eos_id=None)  # cancelled while still waiting for a row
-    running, waiting = engine.add(requests[0]), engine.add(requests[1])
+    engine.add(requests[0])  # takes the only row
+    waiting = engine.add(requests[1])
     engine.cancel(waiting)
     assert Event(waiting, None, "cancelled") in engine.step()
 
