@@ -115,23 +115,28 @@ class TextStream:
 
 
 class EngineLoop:
-    """A `model.batching.Engine` driven by one thread; asyncio callers get their events through queues."""
+    """A `model.batching.Engine` driven by one thread; asyncio callers get their events through queues. `lock` makes
+    adding a request and registering its queue one step for the thread that hands out events, so no event can come
+    before its queue exists."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine, self.queues, self.wake = engine, {}, threading.Event()
+        self.engine, self.queues, self.wake, self.lock = engine, {}, threading.Event(), threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         threading.Thread(target=self._run, name="raygpt-engine", daemon=True).start()
 
     def submit(self, request: Any) -> tuple[int, asyncio.Queue]:
         self.loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        id = self.engine.add(request)  # ValueError: the request cannot run on this model
-        self.queues[id] = queue
+        with self.lock:
+            id = self.engine.add(request)  # ValueError: the request cannot run on this model
+            self.queues[id] = queue
         self.wake.set()
         return id, queue
 
     def cancel(self, id: int) -> None:
-        if self.queues.pop(id, None) is not None:
+        with self.lock:
+            known = self.queues.pop(id, None) is not None
+        if known:
             self.engine.cancel(id)
             self.wake.set()
 
@@ -140,10 +145,12 @@ class EngineLoop:
             self.wake.wait()
             self.wake.clear()
             while not self.engine.idle:
-                for event in self.engine.step():
-                    queue = self.queues.get(event.id)
-                    if queue is not None and self.loop is not None:
-                        self.loop.call_soon_threadsafe(queue.put_nowait, event)
+                events = self.engine.step()
+                with self.lock:
+                    for event in events:
+                        queue = self.queues.get(event.id)
+                        if queue is not None and self.loop is not None:
+                            self.loop.call_soon_threadsafe(queue.put_nowait, event)
 
 
 api = FastAPI(title="raygpt", docs_url=None, redoc_url=None)
