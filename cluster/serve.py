@@ -145,7 +145,12 @@ class EngineLoop:
             self.wake.wait()
             self.wake.clear()
             while not self.engine.idle:
-                events = self.engine.step()
+                try:
+                    events = self.engine.step()
+                except Exception as error:  # e.g. out of memory: the requests in the batch fail, the replica lives
+                    print(f"[serve] a decoding step failed ({type(error).__name__}: {error}); its requests end with "
+                          "an error", flush=True)
+                    events = self.engine.drop_all()
                 with self.lock:
                     for event in events:
                         queue = self.queues.get(event.id)
@@ -274,6 +279,8 @@ class CompletionServer:
         try:
             while True:
                 event = await queue.get()
+                if event.finish == "error":
+                    raise RuntimeError("the decoding step of this request failed (see the server's log)")
                 finish = event.finish
                 piece = ""
                 if event.token is not None and event.token != self.eot:

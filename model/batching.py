@@ -44,7 +44,8 @@ class Request:
 @dataclass(frozen=True)
 class Event:
     """One step of one request: its new `token`, and `finish` once it is done ("stop": the end-of-text token, which
-    is then `token`; "length": `max_new_tokens` or the context's end; "cancelled": `Engine.cancel`, token None)."""
+    is then `token`; "length": `max_new_tokens` or the context's end; "cancelled": `Engine.cancel`, token None;
+    "error": `Engine.drop_all` after a failed step)."""
 
     id: int
     token: int | None
@@ -149,6 +150,15 @@ class Engine:
             events.append(self._next(sequence, logits[0, -1]))
         self._leave()
         return events
+
+    def drop_all(self, reason: str = "error") -> list[Event]:
+        """End every request (after a step failed): a `reason` event each, and the engine is empty again."""
+        with self.lock:
+            dropped = [*self.running, *self.waiting]
+            self.running, self.cancelled = [], set()
+            self.waiting.clear()
+        self.finished[reason] += len(dropped)
+        return [Event(sequence.id, None, reason) for sequence in dropped]
 
     def _next(self, sequence: _Sequence, logits: torch.Tensor) -> Event:
         """Choose a sequence's next token from its logits (V,) and say whether it finished."""

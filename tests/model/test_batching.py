@@ -108,3 +108,14 @@ def test_a_cancelled_request_leaves_and_the_others_are_unaffected() -> None:
 def test_requests_the_model_cannot_run_are_refused_with_one_line(request_: Request, message: str) -> None:
     with pytest.raises(ValueError, match="^" + message.replace(".", r"\.") + "$"):
         Engine(perturbed_model("llama"), max_batch=2, eos_id=None).add(request_)
+
+
+def test_after_a_failed_step_every_request_ends_with_an_error_and_the_engine_serves_again() -> None:
+    model = perturbed_model("llama")
+    engine = Engine(model, max_batch=1, eos_id=None)
+    first, second = engine.add(Request([1, 2, 3], 5)), engine.add(Request([4, 5], 5))
+    engine.step()  # the first runs, the second waits
+    assert engine.drop_all() == [Event(first, None, "error"), Event(second, None, "error")]  # running, then waiting
+    assert engine.idle and engine.finished["error"] == 2
+    tokens, finish, _ = _run(engine, [Request([1, 2, 3], 5)])
+    assert tokens == [_alone(model, Request([1, 2, 3], 5))] and finish == ["length"]
