@@ -50,10 +50,10 @@ def one(url: str, model: str, prompt: str, tokens: int) -> tuple[float, float, i
     return first or time.perf_counter() - started, time.perf_counter() - started, made
 
 
-def measure(url: str, model: str, prompts: list[str], tokens: int, concurrent: bool) -> dict[str, float]:
+def measure(url: str, model: str, prompts: list[str], tokens: int, together: bool) -> dict[str, float]:
     started = time.perf_counter()
-    if concurrent:
-        with concurrent_pool(len(prompts)) as pool:
+    if together:
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             results = list(pool.map(lambda p: one(url, model, p, tokens), prompts))
     else:
         results = [one(url, model, p, tokens) for p in prompts]
@@ -61,10 +61,6 @@ def measure(url: str, model: str, prompts: list[str], tokens: int, concurrent: b
     ttft = sorted(r[0] for r in results)
     return {"tokens_per_s": sum(r[2] for r in results) / wall, "wall_s": wall, "ttft_p50": statistics.median(ttft),
             "ttft_p99": ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))]}
-
-
-def concurrent_pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(n)
 
 
 def main() -> None:
@@ -92,8 +88,8 @@ def main() -> None:
     one(url, target.model_name, "warm up", 8)
     runs: dict[str, list[dict[str, float]]] = {"sequential": [], "concurrent": []}
     for _ in range(args.rounds):  # alternating, so drift hits both alike
-        runs["sequential"].append(measure(url, target.model_name, prompts, args.tokens, concurrent=False))
-        runs["concurrent"].append(measure(url, target.model_name, prompts, args.tokens, concurrent=True))
+        runs["sequential"].append(measure(url, target.model_name, prompts, args.tokens, together=False))
+        runs["concurrent"].append(measure(url, target.model_name, prompts, args.tokens, together=True))
     stop()
     serve.shutdown()
 

@@ -13,7 +13,8 @@ ids; max_tokens, temperature, top_p, stop, seed, stream as server-sent events; f
 ignored). Each replica runs one `model.batching.Engine` on a thread: the requests of all its clients decode together,
 joining and leaving the batch as they come and finish; a client that disconnects mid-stream is dropped from the batch.
 A bad request is answered with OpenAI's error JSON and a 4xx status, never a crash. Ray Serve scales the replicas
-between serve.min_replicas and serve.max_replicas.
+between serve.min_replicas and serve.max_replicas. The request format, the text streaming and the bridge to the
+engine's thread are in cluster/serve_api.py.
 """
 
 
@@ -32,132 +33,15 @@ from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
+from pydantic import ValidationError
 from ray import serve
 
 from cluster.config import ClusterConfig, ServeConfig
 from cluster.layout import RunLayout, join
 from cluster.errors import UserError
+from cluster.serve_api import MAX_STOP, BadRequest, CompletionRequest, EngineLoop, TextStream, validation_message
 
 APP = "raygpt"
-MAX_STOP = 4  # OpenAI's limit of stop sequences
-
-
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's completions request we implement; others (echo, logprobs, penalties, ...) are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = 16
-    temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0, le=2)
-    top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: StrictInt | None = None
-    stream: StrictBool = False
-    stream_options: dict[str, Any] | None = None
-    """{"include_usage": true}: a last chunk with the token counts (OpenAI's)"""
-    n: StrictInt = Field(default=1, ge=1, le=1)
-
-
-class BadRequest(Exception):
-    """An error the client caused: the status and OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
-
-    def response(self) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
-        body = {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def _validation_message(error: ValidationError) -> tuple[str, str]:
-    """One line naming the first bad field, and the field."""
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("str", "list", "int", "float")))
-    return f"{field or 'body'}: {first['msg']}", field.split(".")[0] or "body"
-
-
-class TextStream:
-    """A sequence's tokens as text: what may be sent so far (whole characters, and nothing that could still become a
-    stop string), and whether a stop string ended it."""
-
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
-        self.tokenizer, self.stop, self.ids, self.sent, self.text = tokenizer, stop, [], 0, ""
-        self.stopped = False
-
-    def add(self, token: int) -> str:
-        """Take a token; return the new text that is safe to send."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character not complete yet
-            return ""
-        self.text = text
-        for stop in self.stop:
-            if (at := text.find(stop)) != -1:
-                self.text, self.stopped = text[:at], True
-        safe = len(self.text) if self.stopped else len(self.text) - self._held_back()
-        piece = self.text[self.sent : max(safe, self.sent)]
-        self.sent += len(piece)
-        return piece
-
-    def rest(self) -> str:
-        """The text not sent yet (at the end)."""
-        piece, self.sent = self.text[self.sent :], len(self.text)
-        return piece
-
-    def _held_back(self) -> int:
-        """Characters at the end that begin a stop string: not sent until it is clear they do not end the text."""
-        return max((k for stop in self.stop for k in range(1, len(stop)) if self.text.endswith(stop[:k])), default=0)
-
-
-class EngineLoop:
-    """A `model.batching.Engine` driven by one thread; asyncio callers get their events through queues. `lock` makes
-    adding a request and registering its queue one step for the thread that hands out events, so no event can come
-    before its queue exists."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine, self.queues, self.wake, self.lock = engine, {}, threading.Event(), threading.Lock()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        threading.Thread(target=self._run, name="raygpt-engine", daemon=True).start()
-
-    def submit(self, request: Any) -> tuple[int, asyncio.Queue]:
-        self.loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        with self.lock:
-            id = self.engine.add(request)  # ValueError: the request cannot run on this model
-            self.queues[id] = queue
-        self.wake.set()
-        return id, queue
-
-    def cancel(self, id: int) -> None:
-        with self.lock:
-            known = self.queues.pop(id, None) is not None
-        if known:
-            self.engine.cancel(id)
-            self.wake.set()
-
-    def _run(self) -> None:
-        while True:
-            self.wake.wait()
-            self.wake.clear()
-            while not self.engine.idle:
-                try:
-                    events = self.engine.step()
-                except Exception as error:  # e.g. out of memory: the requests in the batch fail, the replica lives
-                    print(f"[serve] a decoding step failed ({type(error).__name__}: {error}); its requests end with "
-                          "an error", flush=True)
-                    events = self.engine.drop_all()
-                with self.lock:
-                    for event in events:
-                        queue = self.queues.get(event.id)
-                        if queue is not None and self.loop is not None:
-                            self.loop.call_soon_threadsafe(queue.put_nowait, event)
-
-
 api = FastAPI(title="raygpt", docs_url=None, redoc_url=None)
 
 
@@ -215,7 +99,7 @@ class CompletionServer:
                                      "context_length_exceeded" if "context" in str(e) else None) from None
         except BadRequest as e:
             return e.response()
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stop = body.stops
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.name}
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
@@ -247,13 +131,12 @@ class CompletionServer:
         try:
             body = CompletionRequest.model_validate(raw)
         except ValidationError as e:
-            message, param = _validation_message(e)
+            message, param = validation_message(e)
             raise BadRequest(400, message, param) from None
         if body.model not in (None, self.name):
             raise BadRequest(404, f"model {body.model!r} does not exist; this server has {self.name!r}", "model",
                              "model_not_found")
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
+        if len(body.stops) > MAX_STOP or any(not s for s in body.stops):
             raise BadRequest(400, f"stop: at most {MAX_STOP} non-empty strings", "stop")
         prompt = body.prompt
         if isinstance(prompt, str):
