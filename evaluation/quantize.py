@@ -4,6 +4,9 @@ report comparing them with full precision (RUN_DIR/quantized/report.json and rep
     raygpt quantize configs/demo.yaml
     raygpt quantize configs/demo.yaml quantize.methods=[int8,gptq] quantize.group_size=64
 
+Each task reserves `quantize.num_gpus`; with a GPU, GPTQ/AWQ calibrate on it, evaluation runs on it and phase 2 times
+decoding there in bf16 (`model.checkpoint.load_for_inference`).
+
 Phase 1 (parallel tasks): quantize (timing the calibration), save (bnb-int8 / bnb-nf4 also in transformers' format,
 in <method>/hf), and evaluate each checkpoint with the `eval`
 section (bits per byte on the val shards and texts; its lm-eval tasks too when `quantize.eval_tasks`); the
@@ -29,6 +32,7 @@ from data_pipeline.manifest import finished, read_manifest
 from evaluation.config import EvalConfig, QuantizeConfig  # noqa: F401  # QuantizeConfig re-exported
 from evaluation.run import evaluate_checkpoint, report_table
 from model.checkpoint import WEIGHTS, CheckpointError, load_config, read_meta, weights_stamp
+from model.precision import inference_device
 from model.quantize import CALIBRATED, METHODS, QuantizeError, quantize_model
 
 FULL = "fp32"
@@ -63,12 +67,20 @@ def quantize_and_evaluate(
 
     folder, record, seconds, transformers_dir = local_checkpoint(checkpoint), None, 0.0, None
     location: Location = checkpoint
+    device = "cpu"
     if method != FULL:
-        loaded = load_checkpoint(checkpoint)
-        calibration = first_blocks(layout.data.root, "train", cfg.calibration_samples) if method in CALIBRATED else None
+        # GPTQ/AWQ calibrate on the task's GPU when it reserved one (that is where they are fast); the others only
+        # round weights, and bitsandbytes quantizes on its own when a layer moves to a device: both on the CPU
+        device = str(inference_device(cfg.num_gpus > 0)) if method in CALIBRATED else "cpu"
+        loaded = load_checkpoint(checkpoint, device=device)
+        calibration = None
+        if method in CALIBRATED:
+            calibration = first_blocks(layout.data.root, "train", cfg.calibration_samples).to(device)
         started = time.perf_counter()
         record = quantize_model(loaded.model, method, cfg.group_size, calibration, cfg.act_order, cfg.damp)
+        _sync(device)
         seconds = time.perf_counter() - started
+        loaded.model.to("cpu")
         extra = {"step": loaded.step, "eot_token": loaded.eot_token, "quantization": record}
         folder = save_checkpoint(loaded.model, layout.quantized_local(method), loaded.tokenizer_file, extra=extra,
                                  replace=True)
@@ -83,14 +95,23 @@ def quantize_and_evaluate(
             storage.delete(location)
             storage.upload_folder(folder, location)
     evaluation = evaluate_checkpoint(str(folder), eval_cfg if cfg.eval_tasks else eval_cfg.model_copy(update={"tasks": []}),
-                                     str(layout.data.root), str(layout.quantize_work), progress=False)  # per method instead
+                                     str(layout.data.root), str(layout.quantize_work), progress=False,  # per method instead
+                                     use_gpu=cfg.num_gpus > 0)
     return {
         "method": method, "bits": METHODS.get(method, 32), "group_size": (record or {}).get("group_size"),
         "act_order": (record or {}).get("act_order"), "checkpoint": str(location),
         "size_bytes": (folder / WEIGHTS).stat().st_size, "calibration_s": round(seconds, 2),
-        "calibration_samples": cfg.calibration_samples if method in CALIBRATED else 0,
+        "calibration_samples": cfg.calibration_samples if method in CALIBRATED else 0, "calibration_device": device,
         "transformers": transformers_dir, "eval": evaluation,
     }
+
+
+def _sync(device: Any) -> None:
+    """Wait for a GPU's queued work (timings on CUDA are asynchronous otherwise)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def decode_speeds(models: dict[str, Any], new_tokens: int, rounds: int = 3) -> dict[str, float]:
@@ -99,13 +120,16 @@ def decode_speeds(models: dict[str, Any], new_tokens: int, rounds: int = 3) -> d
 
     from model.generate import generate_tokens
 
-    prompt = torch.arange(16)[None, :] % next(iter(models.values())).cfg.vocab_size
-    new_tokens = min(new_tokens, next(iter(models.values())).cfg.block_size - 16)
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    prompt = (torch.arange(16)[None, :] % first.cfg.vocab_size).to(device)
+    new_tokens = min(new_tokens, first.cfg.block_size - 16)
 
     def run(model: Any) -> float:
         started = time.perf_counter()
         for _ in generate_tokens(model, prompt, new_tokens):
             pass
+        _sync(device)
         return time.perf_counter() - started
 
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -127,6 +151,7 @@ def output_fidelity(models: dict[str, Any], data_dir: str, blocks: int) -> dict[
     ids = first_blocks(data_dir, "val", blocks) if finished(data_dir) is not None else None
     if ids is None:
         return {}
+    ids = ids.to(next(models[FULL].parameters()).device)
     sums = {name: [0.0, 0, 0] for name in models}  # KL, same top-1, tokens
     with torch.no_grad():
         for x in ids.split(4):  # a few blocks at a time: (B, T, V) log-probs are large
@@ -139,12 +164,22 @@ def output_fidelity(models: dict[str, Any], data_dir: str, blocks: int) -> dict[
     return {name: {"kl_vs_fp32": kl / n, "top1_agreement": same / n} for name, (kl, same, n) in sums.items()}
 
 
-def _phase2(folders: dict[str, str], new_tokens: int, data_dir: str, blocks: int) -> dict[str, Any]:
-    """One task: output fidelity, then decode speeds (so nothing else competes for the cores while timing)."""
-    from model.checkpoint import load_checkpoint
+def _phase2(folders: dict[str, str], new_tokens: int, data_dir: str, blocks: int, use_gpu: bool) -> dict[str, Any]:
+    """One task: output fidelity, then decode speeds (so nothing else competes for the cores while timing), on the
+    task's GPU when it reserved one. Fidelity compares fp32 activations (the reference is exact); decoding is timed
+    in the precision inference runs in there (`model.checkpoint.load_for_inference`: bf16 on a GPU, fp32 on a CPU)."""
+    from model.checkpoint import load_for_inference
 
-    models = {name: load_checkpoint(folder).model for name, folder in folders.items()}
-    return {"fidelity": output_fidelity(models, data_dir, blocks), "speeds": decode_speeds(models, new_tokens)}
+    def load_all(precision: str) -> tuple[dict[str, Any], str]:
+        loaded = {name: load_for_inference(folder, use_gpu, precision) for name, folder in folders.items()}
+        return {name: ckpt.model for name, (ckpt, _) in loaded.items()}, next(iter(loaded.values()))[1].precision
+
+    models, _ = load_all("fp32")
+    fidelity = output_fidelity(models, data_dir, blocks)
+    device = str(next(models[FULL].parameters()).device)
+    models, precision = load_all("auto") if device != "cpu" else (models, "fp32")  # on a CPU auto is fp32
+    return {"fidelity": fidelity, "speeds": decode_speeds(models, new_tokens), "decode_device": device,
+            "decode_precision": precision}
 
 
 def _bpb(result: dict[str, Any]) -> float | None:
@@ -211,15 +246,18 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
     results = {m: results[m] for m in methods}
     print(f"[quantize] decode speed and agreement with {FULL} of {len(methods)} checkpoints", flush=True)
     phase2 = ray.get(
-        ray.remote(num_cpus=cfg.num_cpus)(_phase2).remote({m: r["checkpoint"] for m, r in results.items()},
-                                                          cfg.decode_tokens, str(data_dir), cfg.fidelity_blocks)
+        ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(_phase2).remote(
+            {m: r["checkpoint"] for m, r in results.items()}, cfg.decode_tokens, str(data_dir), cfg.fidelity_blocks,
+            cfg.num_gpus > 0,
+        )
     )
     speeds, fidelity = phase2["speeds"], phase2["fidelity"]
     full = results[FULL]
     rows = []
     for method, r in results.items():
         row = {k: r[k] for k in ("method", "bits", "group_size", "act_order", "checkpoint", "size_bytes",
-                                 "calibration_s", "calibration_samples", "transformers")}
+                                 "calibration_s", "calibration_samples", "calibration_device", "transformers")}
+        row["decode_device"], row["decode_precision"] = phase2["decode_device"], phase2["decode_precision"]
         row["size_vs_fp32"] = r["size_bytes"] / full["size_bytes"]
         row["size_vs_bf16"] = r["size_bytes"] / (full["size_bytes"] / 2)
         row["val_bpb"] = _bpb(r)
@@ -235,7 +273,11 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
               "full_precision": rows[0], "methods": rows[1:]}
     table = comparison_table(report)
     every_metric = report_table({"checkpoints": [r["eval"] for r in rows]})
-    storage.write_bytes(layout.quantize_report_md, f"# Quantization\n\n{table}\n\nEvery metric, per checkpoint:\n\n{every_metric}\n")
+    calibrated = [r["calibration_device"] for m, r in results.items() if m in CALIBRATED]
+    where = (f"GPTQ/AWQ calibrated on {calibrated[0]}; " if calibrated else "") + (
+        f"decoding timed on {phase2['decode_device']} in {phase2['decode_precision']}.")
+    storage.write_bytes(layout.quantize_report_md,
+                        f"# Quantization\n\n{table}\n\n{where}\n\nEvery metric, per checkpoint:\n\n{every_metric}\n")
     storage.write_json(layout.quantize_report, report)  # last: the stage's completion record
     print(table, flush=True)
     return report

@@ -65,15 +65,16 @@ def run_tasks(lm: Any, cfg: EvalConfig, work_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, work_dir: str,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, use_gpu: bool | None = None) -> dict[str, Any]:
     """Intrinsic metrics and lm-eval tasks of one checkpoint (runs inside a Ray task, or in-process); `progress`:
-    progress lines of the intrinsic scoring."""
+    progress lines of the intrinsic scoring; `use_gpu`: whether the task reserved a GPU (default: `eval.num_gpus`,
+    the quantize stage passes its own)."""
     from evaluation.intrinsic import score_text, score_val_shards
     from evaluation.lm import RaygptLM
     from model.precision import inference_device
 
     started = time.perf_counter()
-    device = str(inference_device(cfg.num_gpus > 0))
+    device = str(inference_device(cfg.num_gpus > 0 if use_gpu is None else use_gpu))
     lm = RaygptLM(checkpoint, batch_size=cfg.batch_size, device=device, dtype=cfg.precision, seed=cfg.seed)
     context = lm.max_length
     stride = min(cfg.stride or context, context)

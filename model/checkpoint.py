@@ -265,7 +265,8 @@ def load_checkpoint(folder: Location, device: str | torch.device = "cpu") -> Che
 def load_for_inference(folder: Location, use_gpu: bool | None = None, precision: str = "auto") -> tuple[Checkpoint, Choice]:
     """A checkpoint ready for inference where this task runs (`model.precision.inference_device`: CUDA when it may
     and can use a GPU) in the dtype of `inference_precision` (auto: bf16 on GPUs that have it, else fp16; bf16 on CPUs
-    that run it natively, else fp32). Quantized checkpoints keep their own kernels' dtypes."""
+    that run it natively, else fp32). A quantized checkpoint keeps its codes and scales; its activations run in that
+    dtype (`model.quantize.set_activation_dtype`), which on a GPU selects the bf16 int4 kernel."""
     from model.precision import inference_device, inference_precision
 
     device = inference_device(use_gpu)
@@ -273,4 +274,8 @@ def load_for_inference(folder: Location, use_gpu: bool | None = None, precision:
     choice = inference_precision(device, precision)  # type: ignore[arg-type]
     if "quantization" not in loaded.meta:
         loaded.model.to(choice.dtype)
+    elif choice.dtype != torch.float32:
+        from model.quantize import set_activation_dtype
+
+        set_activation_dtype(loaded.model, choice.dtype)
     return loaded, choice

@@ -17,7 +17,9 @@ Formats (safetensors, loaded back by `model.checkpoint.load_checkpoint`, so gene
   than an fp32 matmul). Where bf16 is emulated (AVX2) that kernel runs 1.3-2.3x slower than an fp32 matmul (measured
   with the capability forced to AVX2), so there the weight is dequantized once to fp32 on first use and kept: decode
   runs at fp32 speed and the checkpoint stays 4-bit. Group sizes the kernel does not take (not 32/64/128/256, or
-  out_features not a multiple of 16) and other devices dequantize the weight on the fly.
+  out_features not a multiple of 16) dequantize the weight on the fly. On a CUDA GPU (bf16 activations, set by
+  `set_activation_dtype` when `model.checkpoint.load_for_inference` puts a quantized checkpoint there) the matmul is
+  PyTorch's tinygemm int4 kernel, checked against the dequantized weight when first used (`model.quantize_kernels`).
 - bnb-int8 / bnb-nf4: bitsandbytes `Linear8bitLt` / `Linear4bit` modules and their own state-dict layout.
 
 This module swaps quantized modules into a GPT and loads them back; the pieces live beside it: codes, layers and
@@ -167,6 +169,22 @@ def dequantized_model(model: GPT) -> GPT:
     state["wte.weight"] = table.qweight.float() * table.scales.float()[:, None]
     plain.load_state_dict(state)
     return plain
+
+
+def set_activation_dtype(model: GPT, dtype: torch.dtype) -> GPT:
+    """Run a quantized model's activations in `dtype` (bf16 / fp16 on a GPU): its norms, biases and learned positions
+    are cast, while codes and scales keep their dtypes (`model.to(dtype)` would round the int8 and 4-bit scales) and
+    the position tables stay fp32 (cast where used). Each quantized linear layer then picks its kernel for the
+    activations it sees; bitsandbytes layers convert on their own."""
+    for module in model.modules():
+        if isinstance(module, QuantEmbedding):
+            module.out_dtype = dtype
+        if isinstance(module, QuantLinear) or type(module).__module__.startswith("bitsandbytes"):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+    return model
 
 
 def quantized_state(model: GPT) -> dict[str, torch.Tensor]:

@@ -5,7 +5,8 @@ token sequences from the train shards, block by block.
 
 Written here rather than taken from GPTQModel / llm-compressor / AutoAWQ: those operate on Hugging Face models with
 CUDA-oriented kernels and large dependency trees, and were not tried on this CPU-only torch; the algorithms
-themselves are ~100 lines and run on our model directly. The calibration activations enter the first block through
+themselves are ~100 lines and run on our model directly, on whatever device it is on (`raygpt quantize` calibrates
+on the task's GPU when `quantize.num_gpus` reserves one: GPTQ's per-column loop and the Hessians are GPU work). The calibration activations enter the first block through
 `GPT.embed`, the model's own embedding and position code, so a new position encoding cannot silently break them.
 """
 
@@ -42,7 +43,7 @@ def calibrate(
                 h = x.T @ x
                 s["H"] = h if s["H"] is None else s["H"] + h
                 s["n"] += len(x)
-                s["rows"].append(x[torch.randperm(len(x))[:256]])
+                s["rows"].append(x[torch.randperm(len(x), device=x.device)[:256]])
 
             hooks.append(getattr(parent, attr).register_forward_hook(hook))
         for x in xs:
@@ -77,23 +78,24 @@ def gptq(
     H[dead, dead] = 1
     w[:, dead] = 0
     G = cols // group_size
-    scale, zero = torch.zeros(out_f, G), torch.zeros(out_f, G)
+    scale, zero = w.new_zeros(out_f, G), w.new_zeros(out_f, G)
     if act_order:
         for g in range(G):
             scale[:, g], zero[:, g] = int4_params(w[:, g * group_size : (g + 1) * group_size])
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
-        perm = torch.arange(cols)
+        perm = torch.arange(cols, device=w.device)
     w, H = w[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=w.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros_like(w)
+    order = perm.tolist()  # column indices on the host: no device sync per column
     block = max(group_size, block // group_size * group_size)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1, Err1, Hinv1 = w[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), Hinv[i1:i2, i1:i2]
+        W1, Err1, Hinv1 = w[:, i1:i2].clone(), w.new_zeros(out_f, i2 - i1), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = order[i1 + i]
             g = col // group_size
             if not act_order and col % group_size == 0:  # this group's grid, from the error-updated weights
                 scale[:, g], zero[:, g] = int4_params(W1[:, i : i + group_size])
@@ -112,7 +114,7 @@ def awq_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 20)
     x (n, in). The weight-clipping half of AWQ is `awq_clip`."""
     reference = x @ w.T
     magnitude = x.abs().mean(dim=0).clamp(min=1e-6)
-    best, best_err = torch.ones(w.shape[1]), math.inf
+    best, best_err = w.new_ones(w.shape[1]), math.inf
     for alpha in torch.linspace(0, 1, grid + 1).tolist():
         s = magnitude.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
@@ -137,7 +139,7 @@ def awq_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 20, 
         wg = groups_of(wc, group_size)  # (rows, G, gs)
         reference = torch.einsum("ngk,ogk->ngo", xg, wg)  # each group's contribution to each output
         top = wg.abs().amax(dim=-1, keepdim=True)  # (rows, G, 1)
-        best, best_err = wg.clone(), torch.full((rows, wg.shape[1]), math.inf)
+        best, best_err = wg.clone(), wg.new_full((rows, wg.shape[1]), math.inf)
         for i in range(int(grid * max_shrink) + 1):
             clipped = wg.clamp(-top * (1 - i / grid), top * (1 - i / grid))
             q, scale, zero = rtn_int4(clipped.reshape(rows, cols), group_size)

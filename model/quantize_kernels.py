@@ -4,14 +4,22 @@ by `model.quantize_calibrate` (GPTQ/AWQ produce the codes).
 
     python -c "from model.quantize_kernels import rtn_int4; import torch; print(rtn_int4(torch.randn(4, 64), 32)[0])"
 
-Kernels (see `model.quantize` for the formats): int8 uses PyTorch's fbgemm dynamic int8 matmul on x86 CPUs; 4-bit
-uses the packed int4 CPU kernel where bf16 is native, a cached dense fp32 weight where bf16 is emulated, and an
-on-the-fly dequantized weight elsewhere.
+Kernels (see `model.quantize` for the formats), chosen per layer on its first call (`QuantLinear.kernel`):
+- int8: PyTorch's fbgemm dynamic int8 matmul for fp32 activations on x86 CPUs; elsewhere (bf16/fp16 activations, a
+  GPU) the weight is dequantized in the activations' dtype on each call.
+- 4-bit on a CPU: the packed int4 CPU kernel where bf16 is native, a cached dense fp32 weight where bf16 is emulated.
+- 4-bit on a CUDA GPU with bf16 activations (compute capability ≥ 8.0): PyTorch's tinygemm kernel
+  (`_weight_int4pack_mm`, the one torchao's int4 weight-only layout and gpt-fast call). Its output is checked once
+  against the dequantized weight when the layer first packs; a mismatch or an error falls back to dequantizing
+  on each call with one warning, so an untested GPU/torch combination is slow rather than wrong.
+- Anything else: the weight dequantized on the fly.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -79,7 +87,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
         self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._packed: Any = None  # the CPU kernel's weight (fbgemm int8 / int4pack / fp32), built on first use
+        self.kernel: str | None = None  # which kernel forward uses (see the module docstring), chosen on the first
+        self._kernel_for: tuple[torch.device, torch.dtype] | None = None  # call with these activations
+        self._packed: Any = None  # that kernel's weight (fbgemm int8 / int4pack / dense fp32), built on first use
 
     @classmethod
     def from_linear(
@@ -89,6 +99,7 @@ class QuantLinear(nn.Module):
         """Quantize `linear` (RTN unless `codes` = (codes, scale, zero) from GPTQ/AWQ are given)."""
         w = linear.weight.detach().float()
         module = cls(w.shape[1], w.shape[0], bits, group_size, linear.bias is not None, input_scale is not None)
+        module.to(w.device)  # calibration may run on a GPU: the new layer lives where the old one did
         if input_scale is not None:
             module.input_scale.copy_(input_scale)
             w = w * input_scale  # x W^T = (x / s)(W s)^T
@@ -107,34 +118,73 @@ class QuantLinear(nn.Module):
         return w / self.input_scale if self.input_scale is not None else w
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._packed = None
+        self._kernel_for, self._packed = None, None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:  # .to(device): the packed weight is rebuilt there
+        self._kernel_for, self._packed = None, None
+        return super()._apply(fn, recurse)
+
+    def _choose_kernel(self, x: torch.Tensor) -> str:
+        if self.bits == 8:
+            return "fbgemm-int8" if _fbgemm_ok(x) else "dequantize"
+        if _dense_fp32_ok(x):
+            return "dense-fp32"
+        if _int4pack_ok(self, x):
+            return "int4pack-cpu"
+        if _int4pack_cuda_ok(self, x):
+            return "int4pack-cuda"
+        return "dequantize"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
-        if self.bits == 4 and _dense_fp32_ok(x):  # no native bf16: a dense fp32 weight beats the int4 kernel
-            if self._packed is None:
-                self._packed = self.dequantized()  # the input scale folded in: no per-call division
+        if self._kernel_for != (x.device, x.dtype):
+            self.kernel, self._kernel_for = self._choose_kernel(x), (x.device, x.dtype)
+            self._packed = self._pack(x)
+        if self.kernel == "dense-fp32":  # no native bf16 on this CPU: a dense fp32 weight beats the int4 kernel
             return F.linear(x, self._packed, self.bias)
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
-        if self.bits == 8 and _fbgemm_ok(x):
-            if self._packed is None:
-                qw = torch._make_per_channel_quantized_tensor(
-                    self.qweight, self.scales.double(), torch.zeros_like(self.scales, dtype=torch.long), 0
-                )
-                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self._packed, True)
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        if self.kernel == "fbgemm-int8":
+            y = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
             return y.reshape(*x.shape[:-1], self.out_features)
-        if self.bits == 4 and _int4pack_ok(self, x):
-            if self._packed is None:
-                self._packed = self._int4pack()
-            weight, scales_zeros = self._packed
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), weight, self.group_size, scales_zeros
-            ).to(x.dtype)
-            y = y.reshape(*x.shape[:-1], self.out_features)
+        if self.kernel in ("int4pack-cpu", "int4pack-cuda"):
+            y = self._int4_mm(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_codes(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _int4_mm(self, rows: torch.Tensor) -> torch.Tensor:  # (N, in) → (N, out), bf16
+        weight, scales_zeros = self._packed
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu if self.kernel == "int4pack-cpu" else torch.ops.aten._weight_int4pack_mm
+        return op(rows.to(torch.bfloat16).contiguous(), weight, self.group_size, scales_zeros)
+
+    def _pack(self, x: torch.Tensor) -> Any:
+        """The chosen kernel's weight. The CUDA int4 kernel is checked against the dequantized weight first."""
+        if self.kernel == "dense-fp32":
+            return self.dequantized()  # the input scale folded in: no per-call division
+        if self.kernel == "fbgemm-int8":
+            qw = torch._make_per_channel_quantized_tensor(
+                self.qweight, self.scales.double(), torch.zeros_like(self.scales, dtype=torch.long), 0
+            )
+            return torch.ops.quantized.linear_prepack(qw, self.bias)
+        if self.kernel == "int4pack-cpu":
+            return self._int4pack(cuda=False)
+        if self.kernel == "int4pack-cuda":
+            try:
+                self._packed = self._int4pack(cuda=True)
+                seeded = torch.Generator(x.device).manual_seed(0)  # not the global RNG: sampling stays reproducible
+                probe = torch.randn(8, self.in_features, device=x.device, dtype=torch.bfloat16, generator=seeded)
+                got = self._int4_mm(probe).float()
+                want = (probe @ self.dequantized_codes(torch.bfloat16).T).float()
+                error = ((got - want).norm() / want.norm().clamp(min=1e-6)).item()
+                if error < 2e-2:
+                    return self._packed
+                reason = f"its output differs from the dequantized weight's by {error:.1%}"
+            except RuntimeError as e:
+                reason = str(e).splitlines()[0][:120]
+            _warn_once(f"4-bit CUDA kernel _weight_int4pack_mm not used ({reason}); dequantizing per call instead")
+            self.kernel = "dequantize"
+        return None
 
     def dequantized_codes(self, dtype: torch.dtype) -> torch.Tensor:
         """The (out, in) weight in `dtype`, without the input scale (forward divides the input by it)."""
@@ -143,11 +193,17 @@ class QuantLinear(nn.Module):
         codes = groups_of(unpack4(self.qweight).to(dtype), self.group_size)
         return ((codes - self.zeros[..., None].to(dtype)) * self.scales[..., None].to(dtype)).flatten(1)
 
-    def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes and grids in the layout of `_weight_int4pack_mm_for_cpu`, which computes w = (q - 8)·scale + zp:
-        zp = scale·(8 - zero) gives our (q - zero)·scale. → (packed weight, scales_and_zeros (G, out, 2) bf16)."""
+    def _int4pack(self, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and grids in the layout of PyTorch's int4 kernels, which compute w = (q - 8)·scale + zp: zp =
+        scale·(8 - zero) gives our (q - zero)·scale. The CPU kernel packs (out, in) int32 codes; the CUDA one takes
+        (out, in/2) uint8 with the even column in the high nibble (as torchao packs for it), tiled for 8 inner
+        k-tiles. → (packed weight, scales_and_zeros (G, out, 2) bf16)."""
         codes = unpack4(self.qweight).to(torch.int32)  # (out, in) 0..15
-        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)  # inner k-tiles: CUDA's argument
+        if cuda:
+            nibbles = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # (out, in/2)
+            weight = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), 8)
+        else:
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)  # inner k-tiles: CUDA's argument
         scale = self.scales.float()
         scales_zeros = torch.stack([scale, scale * (8 - self.zeros.float())], dim=-1)  # (out, G, 2)
         return weight, scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -159,6 +215,25 @@ def _int4pack_ok(module: QuantLinear, x: torch.Tensor) -> bool:
         x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and module.group_size in (32, 64, 128, 256)
         and module.out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     )
+
+
+def _int4pack_cuda_ok(module: QuantLinear, x: torch.Tensor) -> bool:
+    """Whether PyTorch's tinygemm int4 CUDA kernel takes this layer and input: bf16 activations on a GPU of compute
+    capability ≥ 8.0, group size 32..256, in_features a multiple of 128 (8 inner k-tiles × 16) and out_features of 8."""
+    return (
+        x.device.type == "cuda" and x.dtype == torch.bfloat16 and module.group_size in (32, 64, 128, 256)
+        and module.in_features % 128 == 0 and module.out_features % 8 == 0
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm") and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _dense_fp32_ok(x: torch.Tensor) -> bool:
@@ -176,6 +251,7 @@ class QuantEmbedding(nn.Module):
     def __init__(self, head: QuantLinear | None, num: int = 0, dim: int = 0):
         super().__init__()
         self.head = [head]  # a list: not a submodule, so the tied tensors are saved once (under lm_head)
+        self.out_dtype = torch.float32  # the model's activation dtype (`model.quantize.set_activation_dtype`)
         if head is None:
             self.register_buffer("qweight", torch.zeros(num, dim, dtype=torch.int8))
             self.register_buffer("scales", torch.zeros(num))
@@ -190,7 +266,7 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) → (B, T, C)
         source = self.head[0] if self.head[0] is not None else self
-        return source.qweight[idx].float() * source.scales[idx][..., None]
+        return (source.qweight[idx].float() * source.scales[idx][..., None]).to(self.out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- model surgery

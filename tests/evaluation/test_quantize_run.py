@@ -46,10 +46,13 @@ def test_quantize_end_to_end(trained_run: Path, tmp_path: Path, capsys: pytest.C
         assert 0 < row["kl_vs_fp32"] < 0.5 and 0.5 < row["top1_agreement"] <= 1
     assert methods["gptq"]["calibration_samples"] == 16 and methods["gptq"]["group_size"] == 32
     assert methods["gptq"]["calibration_s"] > 0 and methods["int8"]["bits"] == 8
+    assert {row["calibration_device"] for row in methods.values()} == {"cpu"}  # quantize.num_gpus 0
+    assert {(row["decode_device"], row["decode_precision"]) for row in methods.values()} == {("cpu", "fp32")}
     assert methods["bnb-nf4"]["transformers"] == str(run_dir / "quantized" / "bnb-nf4" / "hf")
     assert methods["gptq"]["transformers"] is None  # raygpt's own packed format
     markdown = (run_dir / "quantized" / "report.md").read_text()
     assert markdown.startswith("# Quantization\n") and "| gptq | 4 | 32 |" in markdown and "Every metric" in markdown
+    assert "GPTQ/AWQ calibrated on cpu; decoding timed on cpu in fp32." in markdown
     assert (run_dir / "eval" / "report.md").read_text().endswith("written by raygpt eval\n")  # eval's file is eval's
     out = capsys.readouterr().out
     assert "| gptq | 4 | 32 |" in out and "[quantize] methods 4/4 (100%) " in out  # one progress line per method

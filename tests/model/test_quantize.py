@@ -84,7 +84,7 @@ def test_bitsandbytes_checkpoint_loads_in_transformers(
         theirs = hf(ids).logits
         close = ours(ids)[0]  # our int8 head also quantizes its input on x86 (fbgemm), transformers' head does not
         monkeypatch.setattr(quantize_module, "_fbgemm_ok", lambda x: False)  # weight-only: dequantize and matmul
-        same = ours(ids)[0]
+        same = load_checkpoint(folder).model(ids)[0]  # a fresh model: layers choose their kernel on the first call
     # The same codes and the same weight-only function, but not always the same kernel: bitsandbytes' CPU NF4 matmul
     # and ours dequantize identically and then accumulate in an order that depends on the ISA (equal bit for bit on
     # AVX-512, 7e-7 apart on AVX2). fp32 accumulation over n_embd=64 terms of logits ~1 stays within 1e-5.
@@ -154,11 +154,56 @@ def test_int4_cpu_kernel_matches_dequantized_matmul(
             y, exact = q(x), torch.nn.functional.linear(x, q.dequantized(), q.bias)
         assert y.dtype == torch.float32 and y.shape == (3, 7, out_features)
         assert (q._packed is not None) is (kernel or not native_bf16)  # a kernel weight was built and kept
+        assert q.kernel == ("dense-fp32" if not native_bf16 else "int4pack-cpu" if kernel else "dequantize")
         if not native_bf16:
             assert q._packed.dtype == torch.float32 and q._packed.shape == (out_features, 128)
         error = ((y - exact).norm() / exact.norm()).item()
         # bf16 activations: ~3e-3; the fp32 paths compute the same weight (exact but for summation order)
         assert (0 < error < 1e-2) if kernel and native_bf16 else error < 1e-6, error
+
+
+def test_a_failing_int4_kernel_falls_back_to_the_dequantized_weight_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA int4 kernel is checked when a layer first packs; here it is forced on CPU tensors, where
+    `_convert_weight_to_int4pack` has no kernel and raises: the layer warns once and computes the exact weight."""
+    monkeypatch.setattr(QuantLinear, "_choose_kernel", lambda self, x: "int4pack-cuda")
+    monkeypatch.setattr(quantize_module, "_WARNED", set())
+    layers = [QuantLinear.from_linear(torch.nn.Linear(128, 64), 4, 32) for _ in range(2)]
+    x = torch.randn(2, 5, 128)
+    with pytest.warns(RuntimeWarning, match="_weight_int4pack_mm not used") as caught:
+        for q in layers:
+            with torch.no_grad():
+                y = q(x)
+            assert q.kernel == "dequantize"
+            assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantized(), q.bias), atol=1e-5)
+    assert len(caught) == 1
+
+
+@pytest.mark.parametrize("method", ["int8", "int4-rtn", "awq"])
+def test_quantized_checkpoint_runs_its_activations_in_bf16(method: str, trained_run: Path, val_batch: torch.Tensor,
+                                                           tmp_path: Path) -> None:
+    """`load_for_inference` with bf16 (what a GPU gets by default) keeps codes and scales as saved, casts norms and
+    biases, and each layer picks its kernel for bf16 activations; the logits stay close to the fp32 ones."""
+    from model.checkpoint import load_for_inference
+
+    loaded = load_checkpoint(trained_run / "checkpoint")
+    calibration = first_blocks(trained_run / "data", "train", 8)
+    record = quantize_model(loaded.model, method, group_size=32, calibration=calibration)
+    folder = save_checkpoint(loaded.model, tmp_path / method, loaded.tokenizer_file, extra={"quantization": record})
+    fp32, _ = load_for_inference(folder, use_gpu=False)
+    bf16, choice = load_for_inference(folder, use_gpu=False, precision="bf16")
+    assert choice.precision == "bf16"
+    scales = {k: v.dtype for k, v in fp32.model.state_dict().items() if k.endswith("scales")}
+    assert scales and {k: v.dtype for k, v in bf16.model.state_dict().items() if k.endswith("scales")} == scales
+    assert bf16.model.blocks[0].norm1.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        want, got = fp32.model(val_batch[:2])[0], bf16.model(val_batch[:2])[0]
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()).item() < 0.05
+    kernels = {m.kernel for m in bf16.model.modules() if isinstance(m, QuantLinear)}
+    assert kernels <= {"dequantize", "int4pack-cpu"} and kernels
+    assert generate(bf16.model, val_batch[:1, :8], max_new_tokens=4).shape == (1, 12)
 
 
 def test_bad_quantize_input(trained_run: Path, tmp_path: Path) -> None:
