@@ -8,7 +8,7 @@
     raygpt run      CONFIG [section.key=value ...]   the main job: prepare → train → eval → quantize → sample
     raygpt submit   --address http://HOST:8265 [--no-wait] -- SUBCOMMAND ARGS...   as a Ray job; exits with its status
     raygpt jobs     list|status|logs|stop [JOB_ID] --address http://HOST:8265
-    raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --compile]
     raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
     raygpt report   RUN_DIR                          RUN_DIR/report.md + plots (also at the end of `run`)
     raygpt import   HF_DIR --out CKPT                a Hugging Face Llama / GPT-2 checkpoint → raygpt (model.init_from)
@@ -88,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: a GPU when there is one")
     gen.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                     help="auto: bf16 on GPUs that have it (else fp16), bf16 on CPUs that run it natively (else fp32)")
+                     help="auto: bf16 on GPUs that have it (else fp16), fp32 on CPUs")
+    gen.add_argument("--compile", action="store_true",
+                     help="decode through torch.compile: the first call compiles (seconds), later steps run one graph")
     sub = commands.add_parser("submit", help="run a raygpt subcommand as a Ray job on a cluster, streaming its logs")
     sub.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     sub.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's working_dir")
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             from model.sample import stream_text
 
             stream_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        args.seed, device=args.device, precision=args.precision)
+                        args.seed, device=args.device, precision=args.precision, compile=args.compile)
         elif args.command == "export":
             from model.export import export
 

@@ -90,6 +90,9 @@ class SampleConfig(Section):
     """Sample among the k most likely tokens; None for all."""
     seed: int = 0
     """Seed of the sampling."""
+    compile: bool = False
+    """Decode through torch.compile (model/generate.py): the first call compiles, then each step runs one graph (a
+    CUDA graph on a GPU). Measured on a CPU it helps batch-1 decoding of small models only (README)."""
 
 
 class ServeConfig(Section):

@@ -99,7 +99,8 @@ def run_quantization(cfg: RunConfig) -> dict[str, Any]:
     return run_quantize(cfg.quantize, cfg.eval, cfg.layout)
 
 
-def _sample(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+def _sample(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+            compile: bool) -> str:
     """Ray task: the prompt and its generated continuation."""
     import torch
 
@@ -110,7 +111,7 @@ def _sample(checkpoint: str, prompt: str, max_new_tokens: int, temperature: floa
     ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids or [loaded.eot_id]
     prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]], device=next(loaded.model.parameters()).device)
     out = generate(loaded.model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=loaded.eot_id,
-                   seed=seed)
+                   seed=seed, compile=compile)
     return loaded.tokenizer.decode(out[0].cpu().tolist(), skip_special_tokens=True)
 
 
@@ -119,7 +120,8 @@ def run_sample(cfg: RunConfig) -> str:
     connect(cfg.cluster)
     s = cfg.sample
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.cluster.use_gpu else 0)(_sample)
-    text = ray.get(task.remote(str(cfg.layout.checkpoint), s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed))
+    text = ray.get(task.remote(str(cfg.layout.checkpoint), s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed,
+                                 s.compile))
     out = storage.write_bytes(cfg.layout.sample, text)
     print(f"[sample] {out}:\n{text}", flush=True)
     return text

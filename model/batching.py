@@ -187,6 +187,7 @@ class Engine:
             last = self.running.pop()
             if row < len(self.running):  # `last` was not the finished one: it takes over the row
                 end = last.position
-                self.cache.k[:, row, :, :end] = self.cache.k[:, len(self.running), :, :end]
-                self.cache.v[:, row, :, :end] = self.cache.v[:, len(self.running), :, :end]
+                for keys, values in zip(self.cache.k, self.cache.v):  # (max_batch, nkv, block_size, hs) per layer
+                    keys[row, :, :end] = keys[len(self.running), :, :end]
+                    values[row, :, :end] = values[len(self.running), :, :end]
                 self.running[row] = last

@@ -4,15 +4,49 @@
 
 Temperature 0 is greedy decoding. Top-k and top-p (nucleus) filter the distribution before sampling. Generation stops
 at the end-of-text token or after max_new_tokens. A batch of prompts of equal length decodes together.
+
+`compile=True` (`raygpt generate --compile`, `sample.compile`) decodes through `torch.compile`: the prompt is
+prefilled eagerly, then every one-token step runs one compiled graph over a static KV cache (`KVCache(static=True)`:
+positions are a tensor and the attention is masked over the whole cache, so the shapes never change during a
+generation). The cache length is the generation's length rounded up to a power of two (`static_length`), so the step
+compiles once per batch size, dtype and length bucket; the first call pays the compile. On a GPU the cache tensors
+are marked as static addresses and the step is captured as a CUDA graph (mode "reduce-overhead", as gpt-fast and
+transformers' static cache do): decoding a small model there is bound by kernel launches, which the graph removes.
+`benchmarks/decode_compile.py` measures compiled against eager decoding in one run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from model.gpt import GPT, KVCache
+
+DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor], torch.Tensor]
+
+
+def _decode_step(model: GPT, token: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+    """One token per row (B, 1) at positions (B,) → the next-token logits (B, V)."""
+    return model(token, cache=cache, start=positions)[0][:, -1]
+
+
+def compiled_decoder(model: GPT) -> DecodeStep:
+    """The model's decode step under torch.compile, made once per model and kept on it (recompiled by torch only
+    when the batch size, dtype or cache length changes); a CUDA graph on a GPU."""
+    step: Any = model.__dict__.get("_compiled_decode")
+    if step is None:
+        cuda = next(model.parameters()).device.type == "cuda"
+        compiled = torch.compile(_decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
+        step = model.__dict__["_compiled_decode"] = lambda token, cache, positions: compiled(model, token, cache, positions)
+    return step
+
+
+def static_length(total: int, block_size: int) -> int:
+    """The static cache length for a generation of `total` positions: the next power of two (at least 64), at most
+    the context. Few buckets (few compiles), and at most 2x the attention a cache of exactly `total` would need."""
+    return min(block_size, max(64, 1 << (total - 1).bit_length()))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -38,8 +72,10 @@ def generate_tokens(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sequence, (B,), one step at a time. prompt: (B, T) token ids."""
+    """Yield the next token of every sequence, (B,), one step at a time. prompt: (B, T) token ids. `compile`: the
+    decode steps run `compiled_decoder(model)` (see the module docstring)."""
     B, T = prompt.shape
     total = min(T + max_new_tokens, model.cfg.block_size)
     if T >= total:
@@ -48,11 +84,18 @@ def generate_tokens(
     if seed is not None:
         generator.manual_seed(seed)
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, total, prompt.device, dtype)
-    logits, _ = model(prompt, cache=cache, start=0)  # prefill: (B, T, V)
+    length = static_length(total, model.cfg.block_size) if compile else total
+    cache = KVCache(model.cfg, B, length, prompt.device, dtype, static=compile)
+    step = None
+    if compile:
+        step = compiled_decoder(model)
+        if prompt.device.type == "cuda":  # a CUDA graph replays fixed addresses: the cache is updated where it is
+            for t in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(t)
+    logits = model(prompt, cache=cache, start=0)[0][:, -1]  # prefill: (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     for pos in range(T, total):
-        last = logits[:, -1, :].float()  # (B, V)
+        last = logits.float()  # (B, V)
         if temperature <= 0:
             token = last.argmax(dim=-1)
         else:
@@ -64,7 +107,10 @@ def generate_tokens(
         yield token
         if done.all() or pos + 1 == total:
             return
-        logits, _ = model(token[:, None], cache=cache, start=pos)  # (B, 1, V)
+        if step is not None:
+            logits = step(token[:, None], cache, torch.full((B,), pos, device=prompt.device))  # (B, V)
+        else:
+            logits = model(token[:, None], cache=cache, start=pos)[0][:, -1]  # (B, V)
 
 
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, **kwargs: object) -> torch.Tensor:

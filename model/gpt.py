@@ -53,35 +53,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Pre-allocated keys and values of every layer for incremental decoding: (n_layer, B, nkv, max_len, hs) each.
+    """Pre-allocated keys and values for incremental decoding: one (B, nkv, max_len, hs) tensor per layer in `k` and
+    `v` (separate tensors, not views of one: a compiled decode step then updates them in place instead of copying).
     Row b holds one sequence. `rows(i, j)` is a view of rows i..j on the same storage, so one sequence can be
     prefilled into its row while the others decode (continuous batching, model/batching.py)."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype, static: bool = False
+    ) -> None:
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.static = static
+        """Per-row decoding attends over all max_len positions (masked) instead of up to the furthest row: shapes
+        that do not depend on the positions, so a compiled decode step (`model.generate`) compiles once."""
 
     def rows(self, begin: int, end: int) -> KVCache:
         view = object.__new__(KVCache)
-        view.k, view.v = self.k[:, begin:end], self.v[:, begin:end]
+        view.k, view.v, view.static = [t[begin:end] for t in self.k], [t[begin:end] for t in self.v], self.static
         return view
 
     def update(
         self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values up to there. With a tensor
-        `start` (B,), T is 1 and row b's token goes to position start[b]; keys/values up to the furthest row return."""
+        `start` (B,), T is 1 and row b's token goes to position start[b]; keys/values up to the furthest row return
+        (all max_len positions when static)."""
+        keys, values = self.k[layer], self.v[layer]  # (B, nkv, max_len, hs)
         if isinstance(start, torch.Tensor):
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer, rows, :, start] = k[:, :, 0]  # (B, nkv, hs) into each row's own position
-            self.v[layer, rows, :, start] = v[:, :, 0]
-            end = int(start.max()) + 1
+            at = start[:, None, None, None].expand(k.shape)  # (B, nkv, 1, hs): row b's token to position start[b]
+            keys.scatter_(2, at, k)
+            values.scatter_(2, at, v)
+            end = keys.shape[2] if self.static else int(start.max()) + 1
         else:
             end = start + k.shape[2]
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -212,7 +220,8 @@ class GPT(nn.Module):
         if isinstance(start, torch.Tensor):
             if T != 1:
                 raise ValueError(f"per-row positions decode one token per row, not {T}")
-            positions, last = start[:, None], int(start.max())  # (B, 1)
+            # under torch.compile the caller keeps positions in range: reading them here would sync and break the graph
+            positions, last = start[:, None], -1 if torch.compiler.is_compiling() else int(start.max())  # (B, 1)
         else:
             positions, last = slice(start, start + T), start + T - 1
         if last >= self.cfg.block_size:

@@ -26,9 +26,11 @@ def stream_text(
     out: TextIO | None = None,
     device: str = "auto",
     precision: str = "auto",
+    compile: bool = False,
 ) -> str:
     """Write the prompt, then each new piece of text as soon as it decodes cleanly; return the continuation.
-    `device`: auto (a GPU when there is one), cuda or cpu; `precision` as `model.precision.inference_precision`."""
+    `device`: auto (a GPU when there is one), cuda or cpu; `precision` as `model.precision.inference_precision`;
+    `compile`: decode through torch.compile (`model.generate`)."""
     out = out or sys.stdout
     loaded, _ = load_for_inference(checkpoint, {"auto": None, "cuda": True, "cpu": False}[device], precision)
     model, tokenizer, eot = loaded.model, loaded.tokenizer, loaded.eot_id
@@ -37,7 +39,7 @@ def stream_text(
     out.write(prompt)
     new: list[int] = []
     shown = ""
-    for token in generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eot, seed):
+    for token in generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eot, seed, compile):
         if token.item() == eot:
             break
         new.append(int(token.item()))

@@ -10,8 +10,8 @@ import torch
 
 from cluster.cli import main
 from model.flops import flops_per_token, matmul_params, mfu, peak_flops
-from model.generate import filter_logits, generate, generate_tokens
-from model.gpt import GPT, ModelConfig
+from model.generate import _decode_step, filter_logits, generate, generate_tokens, static_length
+from model.gpt import GPT, KVCache, ModelConfig
 from tests.conftest import perturbed_model
 
 
@@ -56,12 +56,42 @@ def test_stops_at_end_of_text_and_block_size() -> None:
         generate(model, torch.zeros(1, 64, dtype=torch.long), 1)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_static_cache_decodes_like_a_growing_one(arch: str) -> None:
+    """A static cache (what the compiled step uses) attends over every position, masked: the same logits."""
+    model = perturbed_model(arch)
+    prompt = torch.randint(0, 300, (3, 7))
+    caches = [KVCache(model.cfg, 3, length, torch.device("cpu"), torch.float32, static=static)
+              for length, static in ((20, False), (64, True))]
+    with torch.no_grad():
+        token = [model(prompt, cache=c, start=0)[0][:, -1:].argmax(-1) for c in caches][0]  # (3, 1)
+        for pos in range(7, 12):
+            positions = torch.full((3,), pos)
+            growing, static = (_decode_step(model, token, c, positions) for c in caches)
+            torch.testing.assert_close(static, growing, rtol=1e-5, atol=1e-5)
+            token = growing.argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_decoding_gives_the_eager_tokens(arch: str) -> None:
+    """`compile=True` runs the real torch.compile (inductor) step: greedy and seeded sampling give the eager tokens,
+    and a second generation of another length in the same bucket reuses the compiled step."""
+    model = perturbed_model(arch)
+    prompt = torch.randint(0, 300, (2, 5))
+    assert torch.equal(generate(model, prompt, 20, compile=True), generate(model, prompt, 20))
+    sampled = dict(temperature=1.0, top_k=20, seed=7)
+    assert torch.equal(generate(model, prompt, 12, compile=True, **sampled), generate(model, prompt, 12, **sampled))
+    assert [static_length(n, 1024) for n in (10, 64, 65, 200, 1000, 1024)] == [64, 64, 128, 256, 1024, 1024]
+    assert static_length(100, 96) == 96  # never past the context
+
+
 def test_cli_generate_streams_text(checkpoint: Path, capsys) -> None:
     args = ["generate", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert first.startswith("ROMEO:") and len(first) > len("ROMEO:\n")
     assert main(args) == 0 and capsys.readouterr().out == first  # greedy is deterministic
+    assert main([*args, "--compile"]) == 0 and capsys.readouterr().out == first  # the compiled step: the same text
     assert main([*args[:-2], "--temperature", "1", "--top-p", "0.9", "--seed", "1"]) == 0
 
 
