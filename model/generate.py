@@ -43,6 +43,21 @@ def compiled_decoder(model: GPT) -> DecodeStep:
     return step
 
 
+def static_cache(model: GPT, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    """The model's static KV cache of this shape, made once and reused by later generations (kept on the model).
+    Reuse is what lets the compiled step run again without recompiling: on a GPU its tensors are marked as static
+    addresses (a CUDA graph replays fixed addresses, and torch.compile guards on them). Stale entries need no
+    clearing: the prefill overwrites positions 0..T and the mask hides every position after the current one."""
+    caches: dict[tuple[Any, ...], KVCache] = model.__dict__.setdefault("_static_caches", {})
+    key = (batch, length, str(device), dtype)
+    if key not in caches:
+        cache = caches[key] = KVCache(model.cfg, batch, length, device, dtype, static=True)
+        if torch.device(device).type == "cuda":
+            for t in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(t)
+    return caches[key]
+
+
 def static_length(total: int, block_size: int) -> int:
     """The static cache length for a generation of `total` positions: the next power of two (at least 64), at most
     the context. Few buckets (few compiles), and at most 2x the attention a cache of exactly `total` would need."""
@@ -84,14 +99,11 @@ def generate_tokens(
     if seed is not None:
         generator.manual_seed(seed)
     dtype = next(model.parameters()).dtype
-    length = static_length(total, model.cfg.block_size) if compile else total
-    cache = KVCache(model.cfg, B, length, prompt.device, dtype, static=compile)
-    step = None
+    step = compiled_decoder(model) if compile else None
     if compile:
-        step = compiled_decoder(model)
-        if prompt.device.type == "cuda":  # a CUDA graph replays fixed addresses: the cache is updated where it is
-            for t in (*cache.k, *cache.v):
-                torch._dynamo.mark_static_address(t)
+        cache = static_cache(model, B, static_length(total, model.cfg.block_size), prompt.device, dtype)
+    else:
+        cache = KVCache(model.cfg, B, total, prompt.device, dtype)
     logits = model(prompt, cache=cache, start=0)[0][:, -1]  # prefill: (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     for pos in range(T, total):
