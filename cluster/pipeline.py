@@ -20,7 +20,7 @@ import ray
 from cluster import storage
 from cluster.config import RunConfig, save_resolved
 from cluster.files import fingerprint
-from cluster.ray_connect import connect
+from cluster.ray_connect import connect, require_gpus
 from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest
 from data_pipeline.prepare import plan as data_plan
@@ -73,6 +73,7 @@ def run_train(cfg: RunConfig) -> Any:
         for moved in start_over(layout):
             print(f"[train] train.resume=false: moved {moved.name} aside", flush=True)
     connect(cfg.cluster)
+    require_gpus("cluster.use_gpu", cfg.cluster.worker_range[0] if cfg.cluster.use_gpu else 0)
     save_resolved(cfg)
     worker = WorkerConfig(train=cfg.train, model=model_cfg, layout=layout, seed=cfg.seed,
                           global_batch=cfg.global_batch_size, use_gpu=cfg.cluster.use_gpu,
@@ -88,6 +89,7 @@ def run_train(cfg: RunConfig) -> Any:
 def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
     """Checkpoints → RUN_DIR/eval/results.json + report.md, one Ray task per checkpoint."""
     connect(cfg.cluster)
+    require_gpus("eval.num_gpus", cfg.eval.num_gpus)
     save_resolved(cfg)
     return run_eval(cfg.eval, cfg.layout)
 
@@ -95,6 +97,7 @@ def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
 def run_quantization(cfg: RunConfig) -> dict[str, Any]:
     """The checkpoint → RUN_DIR/quantized/<method>/ for every configured method + report vs full precision."""
     connect(cfg.cluster)
+    require_gpus("quantize.num_gpus", cfg.quantize.num_gpus)
     save_resolved(cfg)
     return run_quantize(cfg.quantize, cfg.eval, cfg.layout)
 
@@ -118,6 +121,7 @@ def _sample(checkpoint: str, prompt: str, max_new_tokens: int, temperature: floa
 def run_sample(cfg: RunConfig) -> str:
     """The final checkpoint's continuation of `sample.prompt` → RUN_DIR/sample.txt (and printed)."""
     connect(cfg.cluster)
+    require_gpus("cluster.use_gpu", 1 if cfg.cluster.use_gpu else 0)  # the sample task's GPU
     s = cfg.sample
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.cluster.use_gpu else 0)(_sample)
     text = ray.get(task.remote(str(cfg.layout.checkpoint), s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed,
@@ -125,6 +129,13 @@ def run_sample(cfg: RunConfig) -> str:
     out = storage.write_bytes(cfg.layout.sample, text)
     print(f"[sample] {out}:\n{text}", flush=True)
     return text
+
+
+def gpu_requests(cfg: RunConfig) -> dict[str, float]:
+    """The GPUs each stage's tasks ask for, by the setting that asks."""
+    gpus = 1.0 if cfg.cluster.use_gpu else 0.0
+    return {"cluster.use_gpu": gpus * cfg.cluster.worker_range[0], "eval.num_gpus": cfg.eval.num_gpus,
+            "quantize.num_gpus": cfg.quantize.num_gpus}
 
 
 STAGES: dict[str, Callable[[RunConfig], Any]] = {
@@ -135,7 +146,11 @@ STAGES: dict[str, Callable[[RunConfig], Any]] = {
 
 def run(cfg: RunConfig) -> None:
     """The main job: every stage in order; complete stages skip themselves, so a re-run continues after a failure.
-    Ends with the report card and a summary table: each stage's time, what it produced and where."""
+    Ends with the report card and a summary table: each stage's time, what it produced and where. GPUs that a stage
+    asks for and a local Ray does not have are refused before the first stage starts."""
+    connect(cfg.cluster)
+    for setting, count in gpu_requests(cfg).items():
+        require_gpus(setting, count)
     results, seconds = {}, {}
     for name, stage in STAGES.items():
         started = time.perf_counter()

@@ -10,6 +10,14 @@ import os
 import ray
 
 from cluster.config import ClusterConfig
+from cluster.errors import UserError
+
+LOCAL = False
+"""Whether Ray was started on this machine by `start_local` (no autoscaler: its resources are all there will be)."""
+
+
+class ResourceError(UserError):
+    """A request for resources this Ray can never provide; one line instead of a task that waits forever."""
 
 
 def start_local(num_cpus: int | None = None, **kwargs: object) -> None:
@@ -17,6 +25,8 @@ def start_local(num_cpus: int | None = None, **kwargs: object) -> None:
     redirect it); the dashboard stays off, so nothing listens beyond what Ray itself needs. Workers run at normal
     priority (Ray's default is nice 15): on a laptop any other busy process would otherwise take a core from one
     training rank almost entirely (CFS weight 1024 vs 36), and the other rank then waits for it at every all-reduce."""
+    global LOCAL
+    LOCAL = True
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count(),
@@ -41,3 +51,13 @@ def connect(cfg: ClusterConfig) -> int:
         else:
             start_local(cfg.num_cpus)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def require_gpus(setting: str, count: float) -> None:
+    """Refuse, in one line, `count` GPUs asked for by `setting` on a local Ray that has fewer (Ray would keep such a
+    task pending forever, waiting for a node that cannot come). A connected cluster may add GPU nodes on demand
+    (its autoscaler), so there the request stands."""
+    have = ray.cluster_resources().get("GPU", 0)
+    if count > 0 and LOCAL and have < count:
+        raise ResourceError(f"{setting} asks for {count:g} GPU(s) but the local Ray on this machine has {have:g}; "
+                            "set it to 0 here, or submit to a cluster with GPU nodes")

@@ -291,6 +291,7 @@ def serve_forever(target: Target) -> None:
     from cluster import ray_connect
 
     ray_connect.connect(target.cluster)
+    ray_connect.require_gpus("serve.num_gpus", target.serve.num_gpus)
     url = start(target.checkpoint, target.serve, target.model_name)
     keyed = " (API key required)" if os.environ.get(target.serve.api_key_env) else ""
     print(f"[serve] {target.model_name} ({target.checkpoint}) at {url}{keyed}; "
