@@ -180,6 +180,25 @@ def test_a_failing_int4_kernel_falls_back_to_the_dequantized_weight_with_one_war
     assert len(caught) == 1
 
 
+def test_the_cuda_int4_path_type_checks_against_torchs_own_shape_rules() -> None:
+    """No GPU here, but PyTorch's meta kernels of `_convert_weight_to_int4pack` / `_weight_int4pack_mm` (the CUDA
+    ops) run under FakeTensorMode: our packing gives the (n/8, k/128, 32, 4) int32 layout and (G, n, 2) bf16 grids the
+    kernel takes, and the matmul gives (rows, out) bf16. The numbers themselves are checked on a GPU when a layer
+    first packs (see the fallback test above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = QuantLinear.from_linear(torch.nn.Linear(256, 96), 4, 64)
+    with FakeTensorMode() as mode:
+        for name in ("qweight", "scales", "zeros"):
+            setattr(q, name, mode.from_tensor(getattr(q, name)))
+        q.kernel = "int4pack-cuda"
+        q._packed = weight, grids = q._int4pack(cuda=True)
+        y = q._int4_mm(torch.empty(5, 256, dtype=torch.bfloat16))
+    assert (weight.shape, weight.dtype) == ((96 // 8, 256 // 128, 32, 4), torch.int32)
+    assert (grids.shape, grids.dtype) == ((256 // 64, 96, 2), torch.bfloat16)
+    assert (y.shape, y.dtype) == ((5, 96), torch.bfloat16)
+
+
 @pytest.mark.parametrize("method", ["int8", "int4-rtn", "awq"])
 def test_quantized_checkpoint_runs_its_activations_in_bf16(method: str, trained_run: Path, val_batch: torch.Tensor,
                                                            tmp_path: Path) -> None:
