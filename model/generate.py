@@ -33,23 +33,26 @@ def _decode_step(model: GPT, token: torch.Tensor, cache: KVCache, positions: tor
 
 
 def compiled_decoder(model: GPT) -> DecodeStep:
-    """The model's decode step under torch.compile, made once per model and kept on it (recompiled by torch only
-    when the batch size, dtype or cache length changes); a CUDA graph on a GPU."""
-    step: Any = model.__dict__.get("_compiled_decode")
-    if step is None:
-        cuda = next(model.parameters()).device.type == "cuda"
-        compiled = torch.compile(_decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
-        step = model.__dict__["_compiled_decode"] = lambda token, cache, positions: compiled(model, token, cache, positions)
-    return step
+    """The model's decode step under torch.compile, made once per model and device kind and kept on the model
+    (recompiled by torch only when the batch size, dtype or cache length changes); a CUDA graph on a GPU."""
+    kind = next(model.parameters()).device.type
+    steps: dict[str, Any] = model.__dict__.setdefault("_compiled_decode", {})
+    if kind not in steps:
+        compiled = torch.compile(_decode_step, dynamic=False, mode="reduce-overhead" if kind == "cuda" else None)
+        steps[kind] = lambda token, cache, positions: compiled(model, token, cache, positions)
+    return steps[kind]
 
 
 def static_cache(model: GPT, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
     """The model's static KV cache of this shape, made once and reused by later generations (kept on the model).
     Reuse is what lets the compiled step run again without recompiling: on a GPU its tensors are marked as static
     addresses (a CUDA graph replays fixed addresses, and torch.compile guards on them). Stale entries need no
-    clearing: the prefill overwrites positions 0..T and the mask hides every position after the current one."""
+    clearing: the prefill overwrites positions 0..T and the mask hides every position after the current one. While
+    a generation holds it (`in_use`), another one on the same model gets a cache of its own."""
     caches: dict[tuple[Any, ...], KVCache] = model.__dict__.setdefault("_static_caches", {})
     key = (batch, length, str(device), dtype)
+    if key in caches and caches[key].in_use:
+        return KVCache(model.cfg, batch, length, device, dtype, static=True)  # interleaved generations: not shared
     if key not in caches:
         cache = caches[key] = KVCache(model.cfg, batch, length, device, dtype, static=True)
         if torch.device(device).type == "cuda":
@@ -104,25 +107,29 @@ def generate_tokens(
         cache = static_cache(model, B, static_length(total, model.cfg.block_size), prompt.device, dtype)
     else:
         cache = KVCache(model.cfg, B, total, prompt.device, dtype)
-    logits = model(prompt, cache=cache, start=0)[0][:, -1]  # prefill: (B, V)
-    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    for pos in range(T, total):
-        last = logits.float()  # (B, V)
-        if temperature <= 0:
-            token = last.argmax(dim=-1)
-        else:
-            probs = filter_logits(last / temperature, top_k, top_p).softmax(dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        if eos_id is not None:
-            token = torch.where(done, torch.full_like(token, eos_id), token)
-            done |= token == eos_id
-        yield token
-        if done.all() or pos + 1 == total:
-            return
-        if step is not None:
-            logits = step(token[:, None], cache, torch.full((B,), pos, device=prompt.device))  # (B, V)
-        else:
-            logits = model(token[:, None], cache=cache, start=pos)[0][:, -1]  # (B, V)
+    cache.in_use = True  # a reused static cache is this generation's until it ends
+    try:
+        logits = model(prompt, cache=cache, start=0)[0][:, -1]  # prefill: (B, V)
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        for pos in range(T, total):
+            last = logits.float()  # (B, V)
+            if temperature <= 0:
+                token = last.argmax(dim=-1)
+            else:
+                probs = filter_logits(last / temperature, top_k, top_p).softmax(dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            yield token
+            if done.all() or pos + 1 == total:
+                return
+            if step is not None:
+                logits = step(token[:, None], cache, torch.full((B,), pos, device=prompt.device))  # (B, V)
+            else:
+                logits = model(token[:, None], cache=cache, start=pos)[0][:, -1]  # (B, V)
+    finally:
+        cache.in_use = False
 
 
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, **kwargs: object) -> torch.Tensor:

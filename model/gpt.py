@@ -67,6 +67,8 @@ class KVCache:
         self.static = static
         """Per-row decoding attends over all max_len positions (masked) instead of up to the furthest row: shapes
         that do not depend on the positions, so a compiled decode step (`model.generate`) compiles once."""
+        self.in_use = False
+        """Held by a generation (`model.generate` reuses static caches between generations, never during one)."""
 
     def rows(self, begin: int, end: int) -> KVCache:
         view = object.__new__(KVCache)

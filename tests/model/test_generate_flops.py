@@ -83,6 +83,10 @@ def test_compiled_decoding_gives_the_eager_tokens(arch: str) -> None:
     other = torch.randint(0, 300, (2, 9))  # the reused cache holds the last generation's keys: masked, overwritten
     assert torch.equal(generate(model, other, 12, compile=True, **sampled), generate(model, other, 12, **sampled))
     assert len(model.__dict__["_static_caches"]) == 1  # both in the 64-position bucket: one cache, one compiled step
+    first, second = generate_tokens(model, prompt, 10, compile=True), generate_tokens(model, other, 10, compile=True)
+    interleaved = [(int(a[0]), int(b[0])) for a, b in zip(first, second)]  # two live generations: two caches
+    assert [a for a, _ in interleaved] == generate(model, prompt, 10)[0, 5:].tolist()
+    assert [b for _, b in interleaved] == generate(model, other, 10)[0, 9:].tolist()
     assert [static_length(n, 1024) for n in (10, 64, 65, 200, 1000, 1024)] == [64, 64, 128, 256, 1024, 1024]
     assert static_length(100, 96) == 96  # never past the context
 
