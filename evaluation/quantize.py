@@ -177,7 +177,10 @@ def _phase2(folders: dict[str, str], new_tokens: int, data_dir: str, blocks: int
     models, _ = load_all("fp32")
     fidelity = output_fidelity(models, data_dir, blocks)
     device = str(next(models[FULL].parameters()).device)
-    models, precision = load_all("auto") if device != "cpu" else (models, "fp32")  # on a CPU auto is fp32
+    precision = "fp32"  # on a CPU inference runs in fp32 anyway: the same models are timed
+    if device != "cpu":
+        del models  # one set of models on the GPU at a time
+        models, precision = load_all("auto")
     return {"fidelity": fidelity, "speeds": decode_speeds(models, new_tokens), "decode_device": device,
             "decode_precision": precision}
 
