@@ -149,12 +149,13 @@ class QuantLinear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.kernel in ("int4pack-cpu", "int4pack-cuda"):
-            y = self._int4_mm(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = self._int4_mm(rows, self._packed).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_codes(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def _int4_mm(self, rows: torch.Tensor) -> torch.Tensor:  # (N, in) → (N, out), bf16
-        weight, scales_zeros = self._packed
+    def _int4_mm(self, rows: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(N, in) → (N, out) bf16 through the chosen int4 kernel and its packed weight."""
+        weight, scales_zeros = packed
         op = torch.ops.aten._weight_int4pack_mm_for_cpu if self.kernel == "int4pack-cpu" else torch.ops.aten._weight_int4pack_mm
         return op(rows.to(torch.bfloat16).contiguous(), weight, self.group_size, scales_zeros)
 
@@ -170,20 +171,26 @@ class QuantLinear(nn.Module):
         if self.kernel == "int4pack-cpu":
             return self._int4pack(cuda=False)
         if self.kernel == "int4pack-cuda":
-            try:
-                self._packed = self._int4pack(cuda=True)
-                seeded = torch.Generator(x.device).manual_seed(0)  # not the global RNG: sampling stays reproducible
-                probe = torch.randn(8, self.in_features, device=x.device, dtype=torch.bfloat16, generator=seeded)
-                got = self._int4_mm(probe).float()
-                want = (probe @ self.dequantized_codes(torch.bfloat16).T).float()
-                error = ((got - want).norm() / want.norm().clamp(min=1e-6)).item()
-                if error < 2e-2:
-                    return self._packed
-                reason = f"its output differs from the dequantized weight's by {error:.1%}"
-            except RuntimeError as e:
-                reason = str(e).splitlines()[0][:120]
-            _warn_once(f"4-bit CUDA kernel _weight_int4pack_mm not used ({reason}); dequantizing per call instead")
-            self.kernel = "dequantize"
+            return self._checked_cuda_int4pack(x.device)
+        return None
+
+    def _checked_cuda_int4pack(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The CUDA int4 weight, if the kernel computes our weight on a seeded probe; else one warning, the
+        dequantizing kernel, and None."""
+        try:
+            packed = self._int4pack(cuda=True)
+            seeded = torch.Generator(device).manual_seed(0)  # not the global RNG: sampling stays reproducible
+            probe = torch.randn(8, self.in_features, device=device, dtype=torch.bfloat16, generator=seeded)
+            got = self._int4_mm(probe, packed).float()
+            want = (probe @ self.dequantized_codes(torch.bfloat16).T).float()
+            error = ((got - want).norm() / want.norm().clamp(min=1e-6)).item()
+            if error < 2e-2:
+                return packed
+            reason = f"its output differs from the dequantized weight's by {error:.1%}"
+        except RuntimeError as e:
+            reason = str(e).splitlines()[0][:120]
+        _warn_once(f"4-bit CUDA kernel _weight_int4pack_mm not used ({reason}); dequantizing per call instead")
+        self.kernel = "dequantize"
         return None
 
     def dequantized_codes(self, dtype: torch.dtype) -> torch.Tensor:

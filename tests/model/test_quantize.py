@@ -192,8 +192,8 @@ def test_the_cuda_int4_path_type_checks_against_torchs_own_shape_rules() -> None
         for name in ("qweight", "scales", "zeros"):
             setattr(q, name, mode.from_tensor(getattr(q, name)))
         q.kernel = "int4pack-cuda"
-        q._packed = weight, grids = q._int4pack(cuda=True)
-        y = q._int4_mm(torch.empty(5, 256, dtype=torch.bfloat16))
+        weight, grids = q._int4pack(cuda=True)
+        y = q._int4_mm(torch.empty(5, 256, dtype=torch.bfloat16), (weight, grids))
     assert (weight.shape, weight.dtype) == ((96 // 8, 256 // 128, 32, 4), torch.int32)
     assert (grids.shape, grids.dtype) == ((256 // 64, 96, 2), torch.bfloat16)
     assert (y.shape, y.dtype) == ((5, 96), torch.bfloat16)
