@@ -25,9 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster import pipeline, storage  # noqa: E402
+from cluster import pipeline  # noqa: E402
+from core import files
 from cluster.config import load_config  # noqa: E402
-from cluster.layout import RunLayout  # noqa: E402
+from core.layout import RunLayout  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
 from data_pipeline.prepare import plan, prepare  # noqa: E402
@@ -67,7 +68,7 @@ def _train(run_dir: str, steps: int) -> float:
     cfg = load_config(REPO / "configs" / "shakespeare.yaml", _config(run_dir, steps))
     pipeline.run_prepare(cfg)
     pipeline.run_train(cfg)
-    rows = [json.loads(line) for line in storage.read_text(cfg.layout.metrics).splitlines() if line]
+    rows = [json.loads(line) for line in files.read_text(cfg.layout.metrics).splitlines() if line]
     return statistics.median(r["tokens_per_sec"] for r in rows[1:])
 
 

@@ -25,7 +25,7 @@ import argparse
 import os
 import sys
 
-from cluster.errors import UserError
+from core.errors import UserError
 
 # Each command imports what it needs when it runs: `raygpt --help`, `jobs` and `submit` never load torch,
 # transformers or lm-eval (benchmarks/cli_startup.py).
@@ -186,16 +186,22 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.config import load_config
             from trainer.plan import plan
 
-            print(plan(load_config(args.config, args.overrides), args.gpus, args.gpu, args.tokens, args.mfu))
+            if args.gpus < 1:
+                raise UserError("--gpus must be at least 1")
+            cfg = load_config(args.config, [*args.overrides, f"cluster.num_workers={args.gpus}"])  # the run on --gpus
+            label = cfg.model.preset if cfg.model.init_from is None else cfg.model.init_from
+            print(plan(cfg.planned_model(), label, cfg.train, cfg.global_batch_size, args.gpus, args.gpu, args.tokens,
+                       args.mfu))
         elif args.command == "serve":
             from cluster.console import quiet_console
+            from cluster.ray_connect import ray_session
             from cluster.serve import resolve_target, serve_forever
 
             flags = [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
             if args.replicas is not None:
                 flags += [f"serve.min_replicas={args.replicas}", f"serve.max_replicas={args.replicas}"]
             target = resolve_target(args.target, [*args.overrides, *flags])
-            with quiet_console(target.log_file, verbose=args.verbose):
+            with quiet_console(target.log_file, verbose=args.verbose), ray_session():
                 serve_forever(target)
         elif args.command == "submit":
             from cluster.jobs import submit
@@ -210,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from cluster import pipeline
             from cluster.config import load_config
-            from cluster.run_lock import run_lock
-
             from cluster.console import quiet_console
+            from cluster.ray_connect import ray_session
+            from cluster.run_lock import run_lock
 
             cfg = load_config(args.config, args.overrides)
             with run_lock(cfg.run_dir, f"raygpt {args.command} {args.config}"):  # one writer per run_dir
-                with quiet_console(cfg.layout.console_log, verbose=args.verbose):
+                with quiet_console(cfg.layout.console_log, verbose=args.verbose), ray_session():
                     if args.command == "run":
                         pipeline.run(cfg)
                     else:

@@ -16,83 +16,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from cluster.errors import UserError
-from cluster.layout import Location, RunLayout
-from data_pipeline.config import DataConfig, Section
+from core.config import ClusterConfig, Section
+from core.errors import UserError
+from core.layout import Location, RunLayout
+from data_pipeline.config import DataConfig
 from evaluation.config import EvalConfig, QuantizeConfig
-from model.config import ModelConfig
+from model.config import PRESETS, ModelConfig, ModelSection, SampleConfig
 from trainer.config import TrainConfig
 
 
 class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line meant for the user."""
-
-
-class ClusterConfig(Section):
-    """Where the Ray work runs and with what resources."""
-
-    address: str | None = None
-    """Ray cluster to connect to ('auto', 'ray://host:10001', 'host:6379'); None reads RAY_ADDRESS, else starts a local Ray."""
-    num_cpus: int | None = Field(default=None, ge=1)
-    """CPUs of the local Ray started when there is no address; None uses every core of this machine."""
-    num_workers: int | tuple[int, int] = 2
-    """Ray Train workers (data-parallel DeepSpeed ranks): a number, or [min, max] for an elastic group that starts
-    with what the cluster has (at least min), grows when nodes are added and shrinks when one is lost, resuming from
-    the newest committed checkpoint at each resize (the same global batches at every size)."""
-    elastic_resize_s: float = Field(default=60.0, ge=0)
-    """Elastic groups: how often Ray Train checks whether more workers could run (a grow restarts the group from
-    the newest checkpoint, so keep it well above train.checkpoint_every_s)."""
-    worker_start_timeout_s: float = Field(default=60.0, gt=0)
-    """How long Ray Train waits for a worker group to be placed before it counts a failure and decides again. After
-    a node is lost Ray still counts its resources for a while, so an elastic group first tries its old size and
-    shrinks only after this timeout (Ray's default, 60 s)."""
-    use_gpu: bool = False
-    """One GPU per worker (NCCL); False trains on CPU (gloo)."""
-    cpus_per_worker: float = Field(default=0.5, gt=0)
-    """CPUs reserved per worker; below 1 on a small machine so Ray Data and the driver keep a share."""
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """How workers are placed on nodes."""
-    storage_path: str | None = None
-    """Ray Train storage for training checkpoints (local path or s3:// / gs:// URI), holding `checkpoints/step-N/`;
-    None means RUN_DIR."""
-    max_failures: int = Field(default=0, ge=-1)
-    """Worker-group restarts (from the last checkpoint) before the run fails; -1 retries forever."""
-    @field_validator("num_workers")
-    @classmethod
-    def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        low, high = (value, value) if isinstance(value, int) else value
-        if not 1 <= low <= high:
-            raise ValueError(f"must be a number ≥ 1 or [min, max] with 1 ≤ min ≤ max, got {value}")
-        return value
-
-    @property
-    def worker_range(self) -> tuple[int, int]:
-        """(min, max) workers; equal for a fixed group."""
-        return (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
-
-    runtime_env: dict[str, Any] = {}
-    """Ray runtime_env for the work this process starts on an existing cluster (working_dir, py_modules, env_vars,
-    pip, ...); unused for a local Ray. Jobs from `raygpt submit` already carry the repository and these env vars."""
-
-
-class SampleConfig(Section):
-    """The last stage of `raygpt run`: a generated sample from the final checkpoint (RUN_DIR/sample.txt)."""
-
-    prompt: str = "def "
-    """Text the sample continues."""
-    max_new_tokens: int = Field(default=128, ge=1)
-    """Tokens generated."""
-    temperature: float = Field(default=0.8, ge=0)
-    """Sampling temperature; 0 is greedy."""
-    top_k: int | None = Field(default=50, ge=1)
-    """Sample among the k most likely tokens; None for all."""
-    seed: int = 0
-    """Seed of the sampling."""
-    compile: bool = False
-    """Decode through torch.compile (model/generate.py): the first call compiles, then each step runs one graph (a
-    CUDA graph on a GPU). Measured on a CPU it helps batch-1 decoding of small models only (README)."""
 
 
 class ServeConfig(Section):
@@ -131,43 +67,6 @@ class ServeConfig(Section):
         return self
 
 
-INIT_FROM_OVERRIDES = frozenset({"dropout", "activation_checkpointing"})
-"""ModelConfig fields that do not change the weights' shapes: the only overrides allowed with model.init_from."""
-
-
-class ModelSection(Section):
-    """The architecture: a preset plus fields replaced; vocab_size comes from the prepared data."""
-
-    preset: str = "tiny"
-    """A model.gpt preset: debug, tiny, gpt2-124m, gpt2-350m, llama-1b, llama-7b."""
-    overrides: dict[str, Any] = {}
-    """ModelConfig fields replacing the preset's (e.g. {n_layer: 6, dropout: 0.1}); block_size defaults to data.seq_len."""
-    init_from: str | None = None
-    """A raygpt checkpoint (e.g. written by `raygpt import HF_DIR`) to start training from: continued pretraining.
-    Its architecture replaces `preset` (overrides may only set dropout and activation_checkpointing) and its weights
-    the random init; prepare the data with its tokenizer (data.tokenizer.path: CKPT/tokenizer.json)."""
-
-    @model_validator(mode="after")
-    def _resolves(self) -> ModelSection:
-        if self.init_from is not None:
-            if changed := sorted(set(self.overrides) - INIT_FROM_OVERRIDES):
-                raise ValueError(f"model.overrides.{changed[0]}: the architecture comes from model.init_from; only "
-                                 f"{' and '.join(sorted(INIT_FROM_OVERRIDES))} may be set")
-            return self
-        self.resolve(vocab_size=self.overrides.get("vocab_size", 256), block_size=None)
-        return self
-
-    def resolve(self, vocab_size: int, block_size: int | None) -> ModelConfig:
-        """The model config: the preset with overrides, or the architecture of `init_from` (whose vocabulary and
-        context the data must fit: checked by the trainer)."""
-        if self.init_from is not None:
-            from model.checkpoint import load_config as checkpoint_config  # reads the checkpoint: at train time only
-
-            return ModelConfig.model_validate({**checkpoint_config(self.init_from).model_dump(), **self.overrides})
-        fields = {"vocab_size": vocab_size, **({"block_size": block_size} if block_size else {}), **self.overrides}
-        return ModelConfig.preset(self.preset, **fields)
-
-
 class RunConfig(Section):
     """The root of a raygpt run: every stage reads its section from here."""
 
@@ -175,7 +74,7 @@ class RunConfig(Section):
     """Name of the run (letters, digits, '_', '-', '.'); the default run_dir is runs/<name>."""
     run_dir: str = ""
     """Folder holding everything the run writes (data/, checkpoints, eval/, config.yaml): a local path or an s3:// /
-    gs:// URI (no shared file system needed on a cluster; `cluster.storage`); empty means runs/<name>."""
+    gs:// URI (no shared file system needed on a cluster; `core.files`); empty means runs/<name>."""
     seed: int = 1337
     """Seed of every random choice in the run (model init, data order, sampling)."""
     data: DataConfig
@@ -216,11 +115,21 @@ class RunConfig(Section):
     @property
     def global_batch_size(self) -> int:
         """Sequences per optimizer step at every world size (train.global_batch_size, or micro × the largest group)."""
-        return self.train.global_batch_size or self.train.micro_batch_size * self.cluster.worker_range[1]
+        return self.train.resolved_global_batch(self.cluster.worker_range[1])
+
+    def planned_model(self) -> ModelConfig:
+        """The architecture the run trains, before any data is prepared (`raygpt plan`): the vocabulary of the
+        tokenizer it will train (or the preset's for a given tokenizer file); init_from is read from its checkpoint."""
+        if self.model.init_from is not None:
+            return self.model.resolve(vocab_size=0, block_size=None)
+        if self.model.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {self.model.preset!r} (known: {', '.join(PRESETS)})")
+        vocab = PRESETS[self.model.preset]["vocab_size"] if self.data.tokenizer.path else self.data.tokenizer.vocab_size
+        return self.model.resolve(vocab_size=vocab, block_size=self.data.seq_len)
 
     @property
     def layout(self) -> RunLayout:
-        """Every path of this run (`cluster.layout`)."""
+        """Every path of this run (`core.layout`)."""
         return RunLayout.of(self.run_dir, self.cluster.storage_path)
 
     @property
@@ -332,6 +241,6 @@ def config_to_yaml(config: RunConfig) -> str:
 def save_resolved(config: RunConfig) -> Location:
     """Write the resolved config to RUN_DIR/config.yaml (atomically; one PUT on object storage); stages call it once
     their checks passed."""
-    from cluster import storage  # pyarrow: not needed to parse a config
+    from core import files  # pyarrow: not needed to parse a config
 
-    return storage.write_bytes(config.layout.config, config_to_yaml(config))
+    return files.atomic_write(config.layout.config, config_to_yaml(config))

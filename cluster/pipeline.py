@@ -15,120 +15,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import ray
-
-from cluster import storage
 from cluster.config import RunConfig, save_resolved
-from cluster.files import fingerprint
 from cluster.ray_connect import connect, require_gpus
-from data_pipeline.config import DataError
+from core import files
 from data_pipeline.manifest import Manifest
-from data_pipeline.prepare import plan as data_plan
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import prepare_stage
 from evaluation.quantize import run_quantize
 from evaluation.run import run_eval
-from model.checkpoint import published_step, weights_stamp
-from trainer.checkpoints import run_fingerprint, start_over
-from trainer.driver import check_data, check_model, check_resume, train
-from trainer.loop import WorkerConfig
-from trainer.tracking import tracking_env
-
-
-def run_prepare(cfg: RunConfig) -> Manifest:
-    """Corpus → tokenizer + webdataset shards in RUN_DIR/data. A conflicting data folder is refused before anything
-    is written."""
-    key, resolved, existing = data_plan(cfg.data, cfg.data_dir)
-    if existing is not None:
-        print(f"[prepare] {cfg.data_dir} is already prepared from this config and corpus; set data.overwrite=true "
-              "to redo", flush=True)
-        return existing
-    num_cpus = connect(cfg.cluster)
-    save_resolved(cfg)
-    return prepare(cfg.data, cfg.data_dir, num_cpus, key, resolved)
-
-
-def run_train(cfg: RunConfig) -> Any:
-    """Shards → committed checkpoints, resuming from the newest committed one of the same run. Everything checkable —
-    data, model, the run fingerprint against existing checkpoints — fails before any worker starts or file is written."""
-    layout = cfg.layout
-    manifest = check_data(cfg.data_dir)
-    model_cfg = cfg.model.resolve(vocab_size=manifest.vocab_size, block_size=manifest.seq_len)
-    if cfg.model.init_from is not None and model_cfg.vocab_size != manifest.vocab_size:
-        raise DataError(f"model.init_from {cfg.model.init_from} has {model_cfg.vocab_size} tokens, the prepared data "
-                        f"{manifest.vocab_size}: prepare it with that tokenizer (data.tokenizer.path: "
-                        f"{cfg.model.init_from}/tokenizer.json)")
-    check_model(manifest, model_cfg)
-    run_fp = run_fingerprint(cfg.train, model_cfg, manifest, cfg.seed, cfg.global_batch_size)
-    if cfg.model.init_from is not None:
-        run_fp["model.init_from"] = fingerprint(weights_stamp(cfg.model.init_from))  # other base weights: another run
-    done_key = fingerprint({"run": run_fp, "max_steps": cfg.train.max_steps, "time_budget_s": cfg.train.time_budget_s})
-    if cfg.train.resume:
-        if storage.completed(layout.train_done, done_key) and published_step(layout.checkpoint) is not None:
-            print(f"[train] {layout.checkpoint} is complete for this config; skipping", flush=True)
-            return None
-        resumed = check_resume(layout, run_fp)
-        if resumed is not None:
-            print(f"[train] resuming from committed checkpoint {resumed.location}", flush=True)
-    else:
-        for moved in start_over(layout):
-            print(f"[train] train.resume=false: moved {moved.name} aside", flush=True)
-    connect(cfg.cluster)
-    require_gpus("cluster.use_gpu", cfg.cluster.worker_range[0] if cfg.cluster.use_gpu else 0)
-    save_resolved(cfg)
-    worker = WorkerConfig(train=cfg.train, model=model_cfg, layout=layout, seed=cfg.seed,
-                          global_batch=cfg.global_batch_size, use_gpu=cfg.cluster.use_gpu,
-                          eot_token=manifest.eot_token, fingerprint=run_fp, init_from=cfg.model.init_from,
-                          tracking_env=tracking_env())
-    result = train(worker, cfg.cluster)
-    step = published_step(layout.checkpoint)
-    storage.write_json(layout.train_done, {"fingerprint": done_key, "step": step})
-    print(f"[train] done: step {step}, checkpoint {layout.checkpoint}, metrics {layout.metrics}", flush=True)
-    return result
-
-
-def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
-    """Checkpoints → RUN_DIR/eval/results.json + report.md, one Ray task per checkpoint."""
-    connect(cfg.cluster)
-    require_gpus("eval.num_gpus", cfg.eval.num_gpus)
-    save_resolved(cfg)
-    return run_eval(cfg.eval, cfg.layout)
-
-
-def run_quantization(cfg: RunConfig) -> dict[str, Any]:
-    """The checkpoint → RUN_DIR/quantized/<method>/ for every configured method + report vs full precision."""
-    connect(cfg.cluster)
-    require_gpus("quantize.num_gpus", cfg.quantize.num_gpus)
-    save_resolved(cfg)
-    return run_quantize(cfg.quantize, cfg.eval, cfg.layout)
-
-
-def _sample(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
-            compile: bool) -> str:
-    """Ray task: the prompt and its generated continuation."""
-    import torch
-
-    from model.checkpoint import load_for_inference
-    from model.generate import generate
-
-    loaded, _ = load_for_inference(checkpoint)  # the task's GPU when it reserved one
-    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids or [loaded.eot_id]
-    prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]], device=next(loaded.model.parameters()).device)
-    out = generate(loaded.model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=loaded.eot_id,
-                   seed=seed, compile=compile)
-    return loaded.tokenizer.decode(out[0].cpu().tolist(), skip_special_tokens=True)
-
-
-def run_sample(cfg: RunConfig) -> str:
-    """The final checkpoint's continuation of `sample.prompt` → RUN_DIR/sample.txt (and printed)."""
-    connect(cfg.cluster)
-    require_gpus("cluster.use_gpu", 1 if cfg.cluster.use_gpu else 0)  # the sample task's GPU
-    s = cfg.sample
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.cluster.use_gpu else 0)(_sample)
-    text = ray.get(task.remote(str(cfg.layout.checkpoint), s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed,
-                                 s.compile))
-    out = storage.write_bytes(cfg.layout.sample, text)
-    print(f"[sample] {out}:\n{text}", flush=True)
-    return text
+from model.sample import sample_stage
+from trainer.driver import train_stage
 
 
 def gpu_requests(cfg: RunConfig) -> dict[str, float]:
@@ -136,6 +31,48 @@ def gpu_requests(cfg: RunConfig) -> dict[str, float]:
     gpus = 1.0 if cfg.cluster.use_gpu else 0.0
     return {"cluster.use_gpu": gpus * cfg.cluster.worker_range[0], "eval.num_gpus": cfg.eval.num_gpus,
             "quantize.num_gpus": cfg.quantize.num_gpus}
+
+
+def _begin(cfg: RunConfig, gpu_setting: str, gpus: float | None = None) -> Callable[[], int]:
+    """What a stage calls once its own checks passed: connect to Ray, refuse GPUs a local Ray lacks (the count that
+    `gpu_setting` asks for), and record the resolved config in RUN_DIR/config.yaml. Returns the cluster's CPUs."""
+
+    def begin() -> int:
+        num_cpus = connect(cfg.cluster)
+        require_gpus(gpu_setting, gpu_requests(cfg)[gpu_setting] if gpus is None else gpus)
+        save_resolved(cfg)
+        return num_cpus
+
+    return begin
+
+
+def run_prepare(cfg: RunConfig) -> Manifest:
+    """Corpus → tokenizer + webdataset shards in RUN_DIR/data (`data_pipeline.prepare.prepare_stage`)."""
+    return prepare_stage(cfg.data, cfg.data_dir, _begin(cfg, "cluster.use_gpu", 0))
+
+
+def run_train(cfg: RunConfig) -> Any:
+    """Shards → committed checkpoints (`trainer.driver.train_stage`)."""
+    return train_stage(cfg.train, cfg.model, cfg.cluster, cfg.layout, cfg.seed, cfg.global_batch_size,
+                       _begin(cfg, "cluster.use_gpu"))
+
+
+def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
+    """Checkpoints → RUN_DIR/eval/results.json + report.md (`evaluation.run.run_eval`)."""
+    _begin(cfg, "eval.num_gpus")()
+    return run_eval(cfg.eval, cfg.layout)
+
+
+def run_quantization(cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint → RUN_DIR/quantized/<method>/ + report vs full precision (`evaluation.quantize.run_quantize`)."""
+    _begin(cfg, "quantize.num_gpus")()
+    return run_quantize(cfg.quantize, cfg.eval, cfg.layout)
+
+
+def run_sample(cfg: RunConfig) -> str:
+    """The final checkpoint's continuation of `sample.prompt` → RUN_DIR/sample.txt (`model.sample.sample_stage`)."""
+    _begin(cfg, "cluster.use_gpu", 1 if cfg.cluster.use_gpu else 0)()  # the sample task's GPU
+    return sample_stage(cfg.layout.checkpoint, cfg.sample, cfg.layout.sample, cfg.cluster.use_gpu)
 
 
 STAGES: dict[str, Callable[[RunConfig], Any]] = {
@@ -167,7 +104,7 @@ def run(cfg: RunConfig) -> None:
 def summary(cfg: RunConfig, results: dict[str, Any], seconds: dict[str, float], report: Any) -> list[str]:
     """The table `raygpt run` ends with: stage, seconds, the key figure, where its output is."""
     layout = cfg.layout
-    metrics = storage.read_text(layout.metrics).splitlines() if storage.is_file(layout.metrics) else []
+    metrics = files.read_text(layout.metrics).splitlines() if files.is_file(layout.metrics) else []
     last_val = next((json.loads(m) for m in reversed(metrics) if '"val_bpb"' in m), {})
     manifest, evaluation, quantized = results.get("prepare"), results.get("eval"), results.get("quantize")
     figures = {

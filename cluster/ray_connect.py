@@ -5,12 +5,14 @@ Used by every `raygpt` subcommand before it runs Ray work, e.g. `raygpt prepare 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import ray
 
-from cluster.config import ClusterConfig
-from cluster.errors import UserError
+from core.config import ClusterConfig
+from core.errors import UserError
 
 LOCAL = False
 """Whether Ray was started on this machine by `start_local` (no autoscaler: its resources are all there will be)."""
@@ -36,21 +38,28 @@ def start_local(num_cpus: int | None = None, **kwargs: object) -> None:
     )
 
 
-STARTED_HERE = False
-"""Whether this process connected Ray (and so may shut it down); tests share one session's Ray instead."""
-
-
 def connect(cfg: ClusterConfig) -> int:
     """Initialise Ray once per process and return the cluster's CPU count."""
-    global STARTED_HERE
     if not ray.is_initialized():
-        STARTED_HERE = True
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True, runtime_env=cfg.runtime_env or None)
         else:
             start_local(cfg.num_cpus)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    """A command's Ray: whatever the block connects (`connect`, from a stage) is shut down when it ends. Entered inside
+    the console filter (`cluster.console.quiet_console`), so the workers' last lines, which arrive as Ray shuts down,
+    pass through it too. A Ray already running when the block starts (the tests' shared one) is left running."""
+    already = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not already and ray.is_initialized():
+            ray.shutdown()
 
 
 def require_gpus(setting: str, count: float) -> None:

@@ -14,33 +14,25 @@ import io
 import json
 from typing import Any
 
-import yaml
-
-from cluster import storage
-from cluster.files import RunFileError
-from cluster.layout import Location, RunLayout
+from core import files
+from core.errors import RunFileError
+from core.layout import Location, RunLayout
 
 PLOTS = "report"
 """Folder of the PNGs beside report.md (RunLayout.report_plot), as report.md links them."""
 
 
 def _read_json_lines(loc: Location) -> list[dict[str, Any]]:
-    if not storage.is_file(loc):
+    if not files.is_file(loc):
         return []
-    return [json.loads(line) for line in storage.read_text(loc).splitlines() if line.strip()]
+    return [json.loads(line) for line in files.read_text(loc).splitlines() if line.strip()]
 
 
-def _tokens_per_step(layout: RunLayout) -> int | None:
-    """Global batch × sequence length, from RUN_DIR/config.yaml (None when it cannot tell)."""
-    if not storage.is_file(layout.config):
-        return None
-    cfg = yaml.safe_load(storage.read_text(layout.config)) or {}
-    train, data, cluster = cfg.get("train", {}), cfg.get("data", {}), cfg.get("cluster", {})
-    workers = cluster.get("num_workers", 1)
-    workers = max(workers) if isinstance(workers, list) else workers
-    batch = train.get("global_batch_size") or (train.get("micro_batch_size", 0) * (workers if isinstance(workers, int) else 1))
-    seq_len = data.get("seq_len")
-    return batch * seq_len if isinstance(batch, int) and isinstance(seq_len, int) and batch and seq_len else None
+def _tokens_per_step(metrics: list[dict[str, Any]]) -> int | None:
+    """Global batch × sequence length, as the trainer recorded it (`tokens` in metrics.jsonl: the tokens seen by a
+    step); None for metrics written before it was recorded."""
+    counted = [m for m in metrics if m.get("tokens") and m.get("step")]
+    return counted[-1]["tokens"] // counted[-1]["step"] if counted else None
 
 
 def _png(figure: Any) -> bytes:
@@ -125,7 +117,7 @@ def _quantization_table(report: dict[str, Any]) -> str:
 def write_report(run_dir: Location) -> Location:
     """Write RUN_DIR/report.md and RUN_DIR/report/*.png from the run's outputs; returns the report's location."""
     layout = RunLayout.of(run_dir)
-    if not (storage.is_file(layout.config) or storage.is_file(layout.metrics)):
+    if not (files.is_file(layout.config) or files.is_file(layout.metrics)):
         raise RunFileError(f"{run_dir}: not a run directory (no config.yaml or metrics.jsonl)")
     metrics = _read_json_lines(layout.metrics)
     plots: dict[str, bytes] = {}
@@ -133,7 +125,7 @@ def write_report(run_dir: Location) -> Location:
     md = [f"# Report card: {name}", ""]
     md += ["## Training", ""]
     if metrics:
-        tokens_per_step = _tokens_per_step(layout)
+        tokens_per_step = _tokens_per_step(metrics)
         last = metrics[-1]
         val = [m for m in metrics if "val_loss" in m]
         md.append(f"{last['step']} steps" + (f", {last['step'] * tokens_per_step / 1e6:.2f}M tokens" if tokens_per_step else "")
@@ -149,18 +141,18 @@ def write_report(run_dir: Location) -> Location:
     else:
         md += ["Not run yet (no metrics.jsonl).", ""]
     md += ["## Evaluation", ""]
-    if storage.is_file(layout.eval_report):
-        table = storage.read_text(layout.eval_report).split("\n", 2)[-1].strip()  # the stage's own table
+    if files.is_file(layout.eval_report):
+        table = files.read_text(layout.eval_report).split("\n", 2)[-1].strip()  # the stage's own table
         md += [table, ""]
     else:
         md += ["Not run yet.", ""]
     md += ["## Quantization", ""]
-    if storage.is_file(layout.quantize_report):
-        report = storage.read_json(layout.quantize_report, "quantization report")
+    if files.is_file(layout.quantize_report):
+        report = files.read_json(layout.quantize_report, "quantization report")
         plots["quantization.png"] = _quantization_plot(report)
         md += [_quantization_table(report), "", f"![quantization]({PLOTS}/quantization.png)", ""]
     else:
         md += ["Not run yet.", ""]
     for file, data in plots.items():
-        storage.write_bytes(layout.report_plot(file), data)
-    return storage.write_bytes(layout.report, "\n".join(md))
+        files.atomic_write(layout.report_plot(file), data)
+    return files.atomic_write(layout.report, "\n".join(md))

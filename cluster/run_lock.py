@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError
-from cluster.layout import RunLayout, is_uri
+from core.errors import StorageError
+from core.layout import RunLayout, is_uri
 
 LEASE_S = 60.0
 """Lifetime of a lease on object storage; its holder renews it every LEASE_S / 4."""
@@ -79,21 +80,18 @@ def _named(who: dict[str, Any]) -> str:
 @contextmanager
 def _lease(run_dir: str, command: str) -> Iterator[None]:
     """Hold the lease object RUN_DIR/.lock on object storage for the duration of the block."""
-    from cluster import storage
+    from core import files
 
-    storage.check(run_dir)  # bucket, credentials and endpoint: one line each
+    files.check(run_dir)  # bucket, credentials and endpoint: one line each
     if not run_dir.startswith("s3://"):
         print(f"[lock] warning: {run_dir} is not locked (leases are implemented for s3:// only); make sure no other "
               "command writes this run", flush=True)
         yield
         return
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import ClientError
 
     bucket, _, key = str(RunLayout.of(run_dir).lock).split("://", 1)[1].partition("/")
-    client = boto3.client("s3", endpoint_url=storage._endpoint(), config=Config(
-        retries={"max_attempts": storage.ATTEMPTS, "mode": "standard"}, connect_timeout=storage.CONNECT_TIMEOUT_S))
+    client = files.s3_client()
     me = _holder(command)
 
     def put(condition: dict[str, str]) -> str:
@@ -112,7 +110,7 @@ def _lease(run_dir: str, command: str) -> Iterator[None]:
             yield
             return
         if code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
-            raise storage.StorageError(f"{run_dir}: cannot create the run lock ({code(e) or e})") from None
+            raise StorageError(f"{run_dir}: cannot create the run lock ({code(e) or e})") from None
         current = client.get_object(Bucket=bucket, Key=key)
         who = json.loads(current["Body"].read() or b"{}")
         if float(who.get("expires", 0)) > time.time():

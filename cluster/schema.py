@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from cluster.config import RunConfig
-from data_pipeline.config import Section
+from core.config import Section
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from pydantic import ValidationError
 from ray import serve
 
 from cluster.config import ClusterConfig, ServeConfig
-from cluster.layout import RunLayout, join
-from cluster.errors import UserError
+from core.layout import RunLayout, join
+from core.errors import UserError
 from cluster.serve_api import MAX_STOP, BadRequest, CompletionRequest, EngineLoop, TextStream, validation_message
 
 APP = "raygpt"

@@ -7,60 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, get_args
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from cluster.errors import UserError
+from core.config import Section
+from core.errors import UserError
 
 
 class DataError(UserError, ValueError):
     """Bad input to the data pipeline (missing path, unreadable source, empty corpus); one line for the user."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, attribute docstrings are the field docs. A boolean is
-    not a number and floats are finite, so `seq_len=true` or `lr=.inf` is an error rather than 1 or infinity (strings
-    that spell numbers, like YAML's `3e-4`, are still numbers)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False)
-    _from_env: dict[tuple[str | int, ...], str] = PrivateAttr(default_factory=dict)
-    """Values that came from `${VAR}` in the recipe: path in this section → the text as written."""
-
-    def remember_env(self, written: dict[tuple[str | int, ...], str]) -> None:
-        """Record which values came from `${VAR}` (paths relative to this section), here and in nested sections."""
-        self._from_env = dict(written)
-        for name in type(self).model_fields:
-            child = getattr(self, name)
-            if isinstance(child, Section):
-                child.remember_env({p[1:]: text for p, text in written.items() if len(p) > 1 and p[0] == name})
-
-    def dump_as_written(self) -> dict[str, Any]:
-        """`model_dump(mode="json")`, except that values which came from `${VAR}` stay `${VAR}`: what any file under a
-        run directory records of a config, so tokens and keys passed through the environment never land there."""
-        tree = self.model_dump(mode="json")
-        for path, text in self._from_env.items():
-            node: Any = tree
-            for key in path[:-1]:
-                node = node[key] if _has(node, key) else None
-            if _has(node, path[-1]):
-                node[path[-1]] = text
-        return tree
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_boolean_as_number(cls, value: Any, info: ValidationInfo) -> Any:
-        """YAML `true` is not 1: a boolean is accepted only by boolean fields."""
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
-            raise ValueError(f"expected {getattr(annotation, '__name__', annotation)}, got a boolean")
-        return value
-
-
-def _has(node: Any, key: str | int) -> bool:
-    if isinstance(node, dict):
-        return key in node
-    return isinstance(node, list) and isinstance(key, int) and key < len(node)
 
 
 SourceType = Literal["auto", "text", "jsonl", "parquet", "hf", "python-stdlib"]

@@ -5,7 +5,7 @@ that consumes shards needs: verified shard paths, every block of a split, tokens
 
 Written last and atomically by `raygpt prepare` (data_pipeline/prepare.py): the data is complete exactly when the
 manifest exists. Read by training, evaluation and quantization through `read_manifest` only. Shard paths are
-relative to the data folder and must stay inside it. The data folder may be on object storage (`cluster.storage`):
+relative to the data folder and must stay inside it. The data folder may be on object storage (`core.files`):
 shards are then streamed, never downloaded whole.
 """
 
@@ -22,9 +22,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from cluster import storage
-from cluster.files import RunFileError, inside
-from cluster.layout import SPLITS, DataLayout, Location, is_uri, join
+from core import files
+from core.errors import RunFileError
+from core.files import inside
+from core.layout import SPLITS, DataLayout, Location, is_uri, join
 from data_pipeline.config import DataError
 from data_pipeline.shards import BLOCK_DIGEST, index_name
 
@@ -96,13 +97,13 @@ class Manifest(BaseModel):
             if not self.splits[split].shards:
                 raise DataError(f"{data_dir}: the {split} split has no shards")
             for path, shard in self.shard_paths(data_dir, split):
-                found = storage.size(path)
+                found = files.size(path)
                 if found is None:
                     raise DataError(f"missing shard {path}")
-                if found != shard.bytes or (hashes and storage.sha256(path) != shard.sha256):
+                if found != shard.bytes or (hashes and files.sha256(path) != shard.sha256):
                     raise DataError(f"corrupt shard {path} (size or sha256 differs from the manifest)")
                 index = self.index_path(data_dir, shard)
-                if storage.size(index) != shard.sequences * BLOCK_DIGEST:
+                if files.size(index) != shard.sequences * BLOCK_DIGEST:
                     raise DataError(f"missing or corrupt block index {index}")
 
 
@@ -131,7 +132,7 @@ def shard_blocks(path: Location, sha256: str | None = None) -> Iterator[np.ndarr
     """Blocks of one tar, in order, streamed (a local file or an object: never read whole) and decoded by
     webdataset's own tar iterator. With `sha256`, the bytes are hashed on the way and a shard that differs from the
     manifest fails with one line once it has been read."""
-    with storage.open_read(path) as raw:
+    with files.open_read(path) as raw:
         stream = _Hashed(raw)
         for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
             yield np.load(io.BytesIO(sample["input_ids.npy"]), allow_pickle=False)
@@ -160,17 +161,17 @@ def _data(data_dir: Location) -> DataLayout:
 def read_manifest(data_dir: Location) -> Manifest:
     """The manifest of a data folder; missing, corrupt or of another version → one-line DataError."""
     where = _data(data_dir).manifest
-    if not storage.is_file(where):
+    if not files.is_file(where):
         raise DataError(f"{data_dir}: no manifest.json (run `raygpt prepare` first)")
     try:
-        return parse(storage.read_json(where, "manifest"), where)
+        return parse(files.read_json(where, "manifest"), where)
     except RunFileError as e:
         raise DataError(str(e)) from None
 
 
 def finished(data_dir: Location) -> Manifest | None:
     """The manifest when the data folder holds finished data, else None (never prepared, or crashed before the end)."""
-    return read_manifest(data_dir) if storage.is_file(_data(data_dir).manifest) else None
+    return read_manifest(data_dir) if files.is_file(_data(data_dir).manifest) else None
 
 
 if __name__ == "__main__":

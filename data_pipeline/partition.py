@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from cluster.layout import DataLayout, is_uri
+from core.layout import DataLayout, is_uri
 from data_pipeline.clean import DROP, HASH
 from data_pipeline.dedup import duplicate_reasons
 from data_pipeline.pack import is_val, pack_blocks, shard_index, token_stream

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,9 @@ import ray
 import ray.data
 from tokenizers import Tokenizer
 
-from cluster import storage
-from cluster.files import fingerprint, sha256_file
-from cluster.layout import SPLITS, DataLayout, Location, is_uri, join
+from core import files
+from core.files import fingerprint, sha256
+from core.layout import SPLITS, DataLayout, Location, is_uri, join
 from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT, clean_batch
 from data_pipeline.config import DataConfig, DataError, TokenizerConfig
 from data_pipeline.dedup import near_duplicates
@@ -165,7 +165,7 @@ def _survey_block(table: pa.Table) -> list[dict[str, Any]]:
 def data_fingerprint(cfg: DataConfig, resolved: list[SourceFiles]) -> str:
     """What the prepared bytes depend on: every output-changing config field, the tokenizer file's content, and each
     local source file's path, size and mtime (a changed corpus is new data)."""
-    tokenizer = sha256_file(Path(cfg.tokenizer.path)) if cfg.tokenizer.path else None
+    tokenizer = sha256(Path(cfg.tokenizer.path)) if cfg.tokenizer.path else None
     return fingerprint({"config": cfg.output_hash(), "tokenizer": tokenizer, "sources": [r.stamps for r in resolved]})
 
 
@@ -187,13 +187,25 @@ def plan(cfg: DataConfig, data_dir: Location) -> tuple[str, list[SourceFiles], M
     return key, resolved, existing
 
 
+def prepare_stage(cfg: DataConfig, data_dir: Location, begin: Callable[[], int]) -> Manifest:
+    """The prepare stage (`raygpt prepare`): corpus → tokenizer + webdataset shards in `data_dir`. Everything checkable
+    fails before anything is written; data already prepared from this config and corpus is kept as it is. `begin` is
+    called once the checks passed: it connects to Ray, records the run's config and returns the CPUs to use."""
+    key, resolved, existing = plan(cfg, data_dir)
+    if existing is not None:
+        print(f"[prepare] {data_dir} is already prepared from this config and corpus; set data.overwrite=true to redo",
+              flush=True)
+        return existing
+    return prepare(cfg, data_dir, begin(), key, resolved)
+
+
 def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolved: list[SourceFiles]) -> Manifest:
     """Run the whole data pipeline into data_dir (a local folder or an object-storage URI; after `plan`) and return
     the manifest."""
     global _START
     start = _START = time.perf_counter()
     layout = DataLayout(data_dir if is_uri(data_dir) else Path(data_dir).resolve())
-    storage.delete(layout.manifest)  # data.overwrite: from here on a crash leaves no manifest
+    files.remove(layout.manifest)  # data.overwrite: from here on a crash leaves no manifest
     loaded = load_tokenizer(cfg.tokenizer.path).to_str() if cfg.tokenizer.path else None
     docs = read_sources(cfg.sources, resolved, cfg.clean, num_cpus)
     input_bytes = sum(r.bytes for r in resolved)
@@ -260,10 +272,10 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
     for reason in ("duplicate", "near_duplicate"):
         if count := sum(int(w[reason]) for w in written):
             dropped[reason] = {"documents": count, "bytes": sum(int(w[f"{reason}_bytes"]) for w in written)}
-    storage.write_bytes(layout.tokenizer, fit["json"])
+    files.atomic_write(layout.tokenizer, fit["json"])
     manifest = _manifest(cfg, key, tokenizer, eot, dtype, num_shards, written, counts, dropped, resolved)
     _remove_stale(layout, manifest)
-    storage.write_json(layout.manifest, manifest)  # last: the data is complete
+    files.write_json(layout.manifest, manifest)  # last: the data is complete
     _summary(manifest, time.perf_counter() - start)
     return parse(manifest, layout.manifest)
 
@@ -341,9 +353,9 @@ def _remove_stale(layout: DataLayout, manifest: dict[str, Any]) -> None:
     listed = {name for split in manifest["splits"].values() for shard in split["shards"]
               for name in (shard["file"], index_name(shard["file"]))}
     for split in SPLITS:
-        for name in storage.listdir(layout.split_dir(split)):
+        for name in files.listdir(layout.split_dir(split)):
             if f"{split}/{name}" not in listed:
-                storage.delete(join(layout.split_dir(split), name))
+                files.remove(join(layout.split_dir(split), name))
 
 
 def _summary(manifest: dict[str, Any], seconds: float) -> None:

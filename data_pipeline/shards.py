@@ -1,5 +1,5 @@
 """Webdataset shard writing: deterministic bytes, written atomically to a local folder or object storage
-(`cluster.storage.output`).
+(`core.files.output`).
 
 Run inside Ray tasks by `raygpt prepare CONFIG` (data_pipeline/partition.py). Each tar sample is one packed block
 stored as `<key>.input_ids.npy`, which plain `webdataset` decodes back to a numpy array. Every block takes the same
@@ -16,8 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import webdataset as wds
 
-from cluster import storage
-from cluster.layout import Location
+from core import files
+from core.layout import Location
 from data_pipeline.pack import tar_bytes_per_block
 
 
@@ -65,7 +65,7 @@ def write_shard(path: Location, blocks: np.ndarray, key_prefix: str) -> WrittenS
     """Write blocks (n, seq_len + 1) as one tar, then its block index; fixed mtime/owner make the bytes reproducible.
     Returns the tar's sha256 and size and the index's sha256."""
     stride = tar_bytes_per_block(blocks.shape[1], blocks.dtype)
-    with storage.output(path) as f:
+    with files.output(path) as f:
         sink = _Hashing(f, stride)
         with wds.TarWriter(sink, user="raygpt", group="raygpt", mtime=0) as tar:
             for i, block in enumerate(blocks):
@@ -73,5 +73,5 @@ def write_shard(path: Location, blocks: np.ndarray, key_prefix: str) -> WrittenS
     index = bytes(sink.blocks[: len(blocks) * BLOCK_DIGEST])
     if len(index) != len(blocks) * BLOCK_DIGEST:
         raise ValueError(f"{path}: blocks do not take {stride} tar bytes each (a key of over 100 characters?)")
-    storage.write_bytes(index_name(str(path)), index)
+    files.atomic_write(index_name(str(path)), index)
     return WrittenShard(sink.digest.hexdigest(), sink.size, hashlib.sha256(index).hexdigest())

@@ -53,28 +53,28 @@ def _is_uri(path: str) -> bool:
 
 
 def _list_uri(uri: str) -> list[tuple[str, int, int]]:
-    """(URI, size, mtime_ns) of an object, or of every object under a prefix (through `cluster.storage`)."""
+    """(URI, size, mtime_ns) of an object, or of every object under a prefix (through `core.files`)."""
     import pyarrow.fs as pafs
 
-    from cluster import storage
+    from core import files
 
-    fs, root = storage.filesystem(uri)
+    fs, root = files.filesystem(uri)
     scheme = uri.split("://", 1)[0]
-    info = storage.info(uri)
+    info = files.info(uri)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"no such file or directory: {uri}")
     entries = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
     return sorted((f"{scheme}://{e.path}", e.size, e.mtime_ns or 0) for e in entries if e.type == pafs.FileType.File)
 
 
-def _readable(files: list[str]) -> dict:
-    """Ray Data reader arguments for these files: object-storage URIs are read through `cluster.storage`'s file
+def _readable(paths: list[str]) -> dict:
+    """Ray Data reader arguments for these files: object-storage URIs are read through `core.files`'s file
     system (the same endpoint, credentials and retries as the rest of the run)."""
-    if not files or not _is_uri(files[0]):
-        return {"paths": files}
-    from cluster import storage
+    if not paths or not _is_uri(paths[0]):
+        return {"paths": paths}
+    from core import files
 
-    return {"paths": [f.split("://", 1)[1] for f in files], "filesystem": storage.filesystem(files[0])[0]}
+    return {"paths": [f.split("://", 1)[1] for f in paths], "filesystem": files.filesystem(paths[0])[0]}
 
 
 def _list_local(path: str, extensions: set[str] | None, follow_symlinks: bool = False) -> list[str]:

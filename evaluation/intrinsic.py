@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from cluster.console import Progress
-from cluster.layout import Location
+from core.progress import Progress
+from core.layout import Location
 from model.gpt import GPT
 from data_pipeline.manifest import read_manifest
 

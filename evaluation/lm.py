@@ -22,7 +22,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator
 
-from cluster.console import Progress
+from core.progress import Progress
 from model.batching import Engine, Request
 from model.checkpoint import load_for_inference
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import ray
 
-from cluster import storage
-from cluster.console import progress_line
-from cluster.files import fingerprint
-from cluster.layout import Location, RunLayout, is_uri
+from core import files
+from core.progress import progress_line
+from core.files import fingerprint
+from core.layout import Location, RunLayout, is_uri
 from data_pipeline.manifest import finished, read_manifest
 from evaluation.config import EvalConfig, QuantizeConfig  # noqa: F401  # QuantizeConfig re-exported
 from evaluation.run import evaluate_checkpoint, report_table
@@ -92,8 +92,8 @@ def quantize_and_evaluate(
                 transformers_dir = f"not exported: {e}"
         location = layout.quantized(method)
         if layout.remote:  # built locally, then uploaded whole; the report written after it is the stage's record
-            storage.delete(location)
-            storage.upload_folder(folder, location)
+            files.remove(location)
+            files.upload_folder(folder, location)
     evaluation = evaluate_checkpoint(str(folder), eval_cfg if cfg.eval_tasks else eval_cfg.model_copy(update={"tasks": []}),
                                      str(layout.data.root), str(layout.quantize_work), progress=False,  # per method instead
                                      use_gpu=cfg.num_gpus > 0)
@@ -229,7 +229,7 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
         raise QuantizeError(f"quantize.checkpoint: {checkpoint} is already quantized ({meta['quantization']['method']})")
     _check_data(data_dir, model_cfg.vocab_size, bool(CALIBRATED & set(cfg.methods)))
     key = _fingerprint(cfg, eval_cfg, checkpoint)
-    if (report := storage.completed(layout.quantize_report, key)) is not None:
+    if (report := files.completed(layout.quantize_report, key)) is not None:
         print(f"[quantize] {layout.quantize_report} is complete for this config and checkpoint; skipping", flush=True)
         print(comparison_table(report), flush=True)
         return report
@@ -271,7 +271,7 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
         row["eval"] = r["eval"]
         rows.append(row)
         if method != FULL:
-            storage.write_json(layout.method_report(method), row)
+            files.write_json(layout.method_report(method), row)
     report = {"fingerprint": key, "checkpoint": str(checkpoint), "config": cfg.dump_as_written(),
               "full_precision": rows[0], "methods": rows[1:]}
     table = comparison_table(report)
@@ -279,8 +279,8 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
     calibrated = [r["calibration_device"] for m, r in results.items() if m in CALIBRATED]
     where = (f"GPTQ/AWQ calibrated on {calibrated[0]}; " if calibrated else "") + (
         f"decoding timed on {phase2['decode_device']} in {phase2['decode_precision']}.")
-    storage.write_bytes(layout.quantize_report_md,
+    files.atomic_write(layout.quantize_report_md,
                         f"# Quantization\n\n{table}\n\n{where}\n\nEvery metric, per checkpoint:\n\n{every_metric}\n")
-    storage.write_json(layout.quantize_report, report)  # last: the stage's completion record
+    files.write_json(layout.quantize_report, report)  # last: the stage's completion record
     print(table, flush=True)
     return report

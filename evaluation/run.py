@@ -17,9 +17,9 @@ from typing import Any
 
 import ray
 
-from cluster import storage
-from cluster.files import fingerprint
-from cluster.layout import RunLayout, is_uri
+from core import files
+from core.files import fingerprint
+from core.layout import RunLayout, is_uri
 from data_pipeline.manifest import finished
 from evaluation.config import EvalConfig, EvalError
 from evaluation.tasks import built, code_execution, resolve
@@ -87,10 +87,10 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
         out["intrinsic"]["val"] = score.to_json()
     skipped = {}
     for name, path in cfg.texts.items():
-        if not storage.is_file(path):
+        if not files.is_file(path):
             skipped[f"texts.{name}"] = f"file not found: {path}"
             continue
-        text = storage.read_text(path)  # a local file or an object
+        text = files.read_text(path)  # a local file or an object
         score = score_text(lm.model, text, lm.tokenizer, lm.eot_token_id, context, stride, cfg.batch_size, cfg.max_tokens, name, progress)
         out["intrinsic"][name] = score.to_json()
     if cfg.tasks:
@@ -108,7 +108,7 @@ def check(cfg: EvalConfig, checkpoints: list[str], work_dir: Path) -> None:
         except CheckpointError as e:
             raise EvalError(f"eval.checkpoints: {e}") from None
     for name, path in cfg.texts.items():
-        if not storage.is_file(path):  # skipped (and said so) rather than failing a run that can evaluate the rest
+        if not files.is_file(path):  # skipped (and said so) rather than failing a run that can evaluate the rest
             print(f"[eval] skipping eval.texts.{name}: file not found: {path}", flush=True)
     if cfg.tasks or cfg.local_data:
         resolve(cfg, work_dir)
@@ -163,7 +163,7 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
     check(cfg, checkpoints, work_dir)
     key = eval_fingerprint(cfg, checkpoints)
     results_path = layout.eval_results
-    if (previous := storage.completed(results_path, key)) is not None:
+    if (previous := files.completed(results_path, key)) is not None:
         print(f"[eval] {results_path} is complete for this config and these checkpoints; skipping", flush=True)
         print(report_table(previous, brief=True), flush=True)
         return previous
@@ -176,9 +176,9 @@ def run_eval(cfg: EvalConfig, layout: RunLayout) -> dict[str, Any]:
         "fingerprint": key, "lm_eval_version": lm_eval.__version__, "eval_config": cfg.dump_as_written(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": _gather(refs),
     }
-    storage.write_json(results_path, results)
+    files.write_json(results_path, results)
     table = report_table(results)
-    storage.write_bytes(layout.eval_report, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in "
+    files.atomic_write(layout.eval_report, f"# Evaluation\n\n{table}\n\nlm-eval {lm_eval.__version__}; details in "
                                             f"{str(results_path).rsplit('/', 1)[-1]}.\n")
     print(report_table(results, brief=True), flush=True)  # skipped tasks and texts are rows of it, with the reason
     return results

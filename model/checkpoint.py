@@ -4,12 +4,12 @@ tokenizer.json), loaded as one `Checkpoint` — model, config, tokenizer and met
     python -c "from model.checkpoint import load_checkpoint; print(load_checkpoint('runs/demo/checkpoint').config)"
 
 Weights are safetensors (never pickles). A tied output projection is stored once (as the embedding). The folder is
-written under a temporary name and renamed when complete (`cluster.files.atomic_folder`), so a crash never leaves a
+written under a temporary name and renamed when complete (`core.files.atomic_folder`), so a crash never leaves a
 half-written checkpoint. Nobody else reads config.json or guesses the end-of-text token: use the handle.
 
-A checkpoint may also be given as a location on object storage (`cluster.storage`): a run directory URI, its
+A checkpoint may also be given as a location on object storage (`core.files`): a run directory URI, its
 published pointer (RUN_DIR/checkpoint, a JSON object naming the step's model folder and the sha256 of its files), or a
-model folder URI. It is downloaded once into the local cache (`cluster.layout.cache_dir()`/checkpoints), under a name
+model folder URI. It is downloaded once into the local cache (`core.layout.cache_dir()`/checkpoints), under a name
 made from its files' hashes, verified, and reused by every later load — `local_checkpoint` does this.
 """
 
@@ -26,10 +26,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from cluster import storage
-from cluster.errors import UserError
-from cluster.files import RunFileError, atomic_folder, fingerprint, read_json, sha256_file
-from cluster.layout import Location, RunLayout, cached_checkpoint, is_uri, join
+from core import files
+from core.errors import UserError
+from core.errors import RunFileError
+from core.files import atomic_folder, fingerprint, read_json, sha256
+from core.layout import Location, RunLayout, cached_checkpoint, is_uri, join
 from model.gpt import GPT, ModelConfig
 
 if TYPE_CHECKING:
@@ -92,37 +93,37 @@ def save_checkpoint(
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "model": model.cfg.model_dump(), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / TOKENIZER).write_bytes(storage.read_bytes(tokenizer_file))  # a local file or an object
+        (tmp / TOKENIZER).write_bytes(files.read_bytes(tokenizer_file))  # a local file or an object
     return folder
 
 
-def pointer(step: int, model: Location, files: dict[str, Any]) -> dict[str, Any]:
+def pointer(step: int, model: Location, records: dict[str, Any]) -> dict[str, Any]:
     """The published-checkpoint object of a run on object storage: the step, its model folder and each file's size
     and sha256 (from the step's commit record)."""
-    return {"version": POINTER_VERSION, "step": step, "model": str(model), "files": files}
+    return {"version": POINTER_VERSION, "step": step, "model": str(model), "files": records}
 
 
 def _remote_files(loc: str) -> tuple[str, dict[str, Any], bool]:
     """(model folder URI, {file: {bytes, sha256?}}, hashed) of a checkpoint given on object storage."""
     target = loc
-    if not storage.is_file(target) and storage.is_file(RunLayout.of(loc).checkpoint):
+    if not files.is_file(target) and files.is_file(RunLayout.of(loc).checkpoint):
         target = str(RunLayout.of(loc).checkpoint)  # a run directory: its published checkpoint
-    if storage.is_file(target):
-        found = storage.read_json(target, "checkpoint pointer")
+    if files.is_file(target):
+        found = files.read_json(target, "checkpoint pointer")
         if not (isinstance(found, dict) and found.get("version") == POINTER_VERSION and found.get("files")):
             raise CheckpointError(f"{target}: not a raygpt checkpoint pointer")
         return str(found["model"]), found["files"], True
-    if not storage.is_file(join(loc, CONFIG)):
+    if not files.is_file(join(loc, CONFIG)):
         raise CheckpointError(f"checkpoint not found: {loc} (no {CONFIG}, no published checkpoint)")
     step_dir = loc.rstrip("/").rsplit("/", 1)[0]
     commit = join(step_dir, RunLayout.COMMIT)
-    if storage.is_file(commit):  # a model folder inside a committed training checkpoint: the record has its hashes
+    if files.is_file(commit):  # a model folder inside a committed training checkpoint: the record has its hashes
         prefix = loc.rstrip("/").rsplit("/", 1)[1] + "/"
-        record = storage.read_json(commit, "commit record")
-        files = {k[len(prefix):]: v for k, v in record.get("files", {}).items() if k.startswith(prefix)}
-        if files:
-            return loc, files, True
-    stamps = storage.stamps_under(loc)  # no hashes: a rewritten file has a new modification time
+        record = files.read_json(commit, "commit record")
+        records = {k[len(prefix):]: v for k, v in record.get("files", {}).items() if k.startswith(prefix)}
+        if records:
+            return loc, records, True
+    stamps = files.stamps_under(loc)  # no hashes: a rewritten file has a new modification time
     return loc, {name: {"bytes": size, "mtime_ns": mtime} for name, (size, mtime) in stamps.items()}, False
 
 
@@ -133,18 +134,18 @@ def local_checkpoint(loc: Location) -> Path:
     if not is_uri(loc):
         return Path(loc)
     try:
-        model, files, hashed = _remote_files(str(loc))
-        key = fingerprint({"files": files} if hashed else {"at": model, "files": files})
+        model, records, hashed = _remote_files(str(loc))
+        key = fingerprint({"files": records} if hashed else {"at": model, "files": records})
         folder = cached_checkpoint(key)
         if folder.is_dir():
             return folder
         try:
             with atomic_folder(folder) as tmp:
-                for name, want in files.items():
+                for name, want in records.items():
                     (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                    (tmp / name).write_bytes(storage.read_bytes(join(model, *name.split("/"))))
+                    (tmp / name).write_bytes(files.read_bytes(join(model, *name.split("/"))))
                     if (tmp / name).stat().st_size != want["bytes"] or (
-                        hashed and sha256_file(tmp / name) != want["sha256"]
+                        hashed and sha256(tmp / name) != want["sha256"]
                     ):
                         raise CheckpointError(f"{join(model, name)}: size or sha256 differs from its record; not loading it")
         except (RunFileError, OSError):
@@ -161,9 +162,9 @@ def local_checkpoint(loc: Location) -> Path:
 def published_step(loc: Location) -> int | None:
     """The step of a run's published checkpoint (RUN_DIR/checkpoint), None when nothing is published."""
     if is_uri(loc):
-        if not storage.is_file(loc):
+        if not files.is_file(loc):
             return None
-        return int(storage.read_json(loc, "checkpoint pointer")["step"])
+        return int(files.read_json(loc, "checkpoint pointer")["step"])
     return read_meta(loc).get("step") if Path(loc).is_dir() else None
 
 

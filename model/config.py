@@ -1,4 +1,5 @@
-"""The transformer's architecture as data: `ModelConfig`, the named presets, and the quantization methods' names.
+"""The transformer's architecture as data: `ModelConfig`, the named presets, the quantization methods' names, and the
+run config's `model` and `sample` sections.
 
     python -c "from model.config import ModelConfig; print(ModelConfig.preset('llama-7b'))"
 
@@ -12,6 +13,8 @@ import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.config import Section
 
 
 class ModelConfig(BaseModel):
@@ -113,3 +116,58 @@ PRESETS: dict[str, dict[str, Any]] = {
 QUANT_METHODS: dict[str, int] = {"int8": 8, "int4-rtn": 4, "gptq": 4, "awq": 4, "bnb-int8": 8, "bnb-nf4": 4}
 """Post-training quantization methods (model/quantize.py) → bits per weight."""
 QuantMethod = Literal[tuple(QUANT_METHODS)]  # type: ignore[valid-type]
+
+
+INIT_FROM_OVERRIDES = frozenset({"dropout", "activation_checkpointing"})
+"""ModelConfig fields that do not change the weights' shapes: the only overrides allowed with model.init_from."""
+
+
+class ModelSection(Section):
+    """The architecture: a preset plus fields replaced; vocab_size comes from the prepared data."""
+
+    preset: str = "tiny"
+    """A model.gpt preset: debug, tiny, gpt2-124m, gpt2-350m, llama-1b, llama-7b."""
+    overrides: dict[str, Any] = {}
+    """ModelConfig fields replacing the preset's (e.g. {n_layer: 6, dropout: 0.1}); block_size defaults to data.seq_len."""
+    init_from: str | None = None
+    """A raygpt checkpoint (e.g. written by `raygpt import HF_DIR`) to start training from: continued pretraining.
+    Its architecture replaces `preset` (overrides may only set dropout and activation_checkpointing) and its weights
+    the random init; prepare the data with its tokenizer (data.tokenizer.path: CKPT/tokenizer.json)."""
+
+    @model_validator(mode="after")
+    def _resolves(self) -> ModelSection:
+        if self.init_from is not None:
+            if changed := sorted(set(self.overrides) - INIT_FROM_OVERRIDES):
+                raise ValueError(f"model.overrides.{changed[0]}: the architecture comes from model.init_from; only "
+                                 f"{' and '.join(sorted(INIT_FROM_OVERRIDES))} may be set")
+            return self
+        self.resolve(vocab_size=self.overrides.get("vocab_size", 256), block_size=None)
+        return self
+
+    def resolve(self, vocab_size: int, block_size: int | None) -> ModelConfig:
+        """The model config: the preset with overrides, or the architecture of `init_from` (whose vocabulary and
+        context the data must fit: checked by the trainer)."""
+        if self.init_from is not None:
+            from model.checkpoint import load_config as checkpoint_config  # reads the checkpoint: at train time only
+
+            return ModelConfig.model_validate({**checkpoint_config(self.init_from).model_dump(), **self.overrides})
+        fields = {"vocab_size": vocab_size, **({"block_size": block_size} if block_size else {}), **self.overrides}
+        return ModelConfig.preset(self.preset, **fields)
+
+
+class SampleConfig(Section):
+    """The last stage of `raygpt run`: a generated sample from the final checkpoint (RUN_DIR/sample.txt)."""
+
+    prompt: str = "def "
+    """Text the sample continues."""
+    max_new_tokens: int = Field(default=128, ge=1)
+    """Tokens generated."""
+    temperature: float = Field(default=0.8, ge=0)
+    """Sampling temperature; 0 is greedy."""
+    top_k: int | None = Field(default=50, ge=1)
+    """Sample among the k most likely tokens; None for all."""
+    seed: int = 0
+    """Seed of the sampling."""
+    compile: bool = False
+    """Decode through torch.compile (model/generate.py): the first call compiles, then each step runs one graph (a
+    CUDA graph on a GPU). Measured on a CPU it helps batch-1 decoding of small models only (README)."""

@@ -27,8 +27,8 @@ from transformers import (
     GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
-from cluster.errors import UserError
-from cluster.files import atomic_folder
+from core.errors import UserError
+from core.files import atomic_folder
 from model.checkpoint import load_checkpoint, local_checkpoint, read_meta
 from model.gpt import GPT, ModelConfig
 

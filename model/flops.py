@@ -9,7 +9,6 @@ scores and values over a context of T. A forward pass alone is a third of that.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from cluster.files import write_json
-from cluster.layout import cache_dir
+from core.files import read_json, write_json
+from core.layout import cache_dir
 from model.config import ModelConfig
 from model.hardware import gpu_named
 
@@ -54,7 +53,7 @@ def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
     isa = f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}/{os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')}"  # forced ISAs
     key = (f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}|{dtype}|"
            f"{torch.backends.cpu.get_cpu_capability()}|{isa}")
-    stored = json.loads(_peak_cache().read_text()) if _peak_cache().is_file() else {}
+    stored = read_json(_peak_cache(), "peak FLOP/s cache") if _peak_cache().is_file() else {}
     if key in stored:
         return float(stored[key])
     previous = torch.get_num_threads()

@@ -15,7 +15,6 @@ refused with one line naming it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+from core import files
 from model.checkpoint import TOKENIZER, save_checkpoint
 from model.export import ExportError
 from model.gpt import GPT, ModelConfig
@@ -32,18 +32,13 @@ class HFImportError(ExportError):
     """A Hugging Face folder raygpt cannot import; one line."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise HFImportError(f"{path.parent}: no {path.name} (a transformers model folder is needed)")
-    return json.loads(path.read_text())
-
-
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").is_file():
         return load_file(str(folder / "model.safetensors"))
     if (folder / "model.safetensors.index.json").is_file():
-        files = sorted(set(_read_json(folder / "model.safetensors.index.json")["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(str(folder / f)).items()}
+        index = files.read_json(folder / "model.safetensors.index.json", "safetensors index")
+        parts = sorted(set(index["weight_map"].values()))
+        return {k: v for f in parts for k, v in load_file(str(folder / f)).items()}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise HFImportError(f"{folder}: only pickled weights (*.bin / *.pt), which raygpt never loads; re-save them with "
                            "safe_serialization=True")
@@ -52,7 +47,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _eot_token(folder: Path, config: dict[str, Any], tokenizer: Tokenizer) -> str:
     """The end-of-text token: the tokenizer config's eos token, else the model config's eos id."""
-    eos = _read_json(folder / "tokenizer_config.json").get("eos_token") if (folder / "tokenizer_config.json").is_file() else None
+    eos = files.read_json(folder / "tokenizer_config.json", "tokenizer config").get("eos_token") if (folder / "tokenizer_config.json").is_file() else None
     if isinstance(eos, dict):
         eos = eos.get("content")
     if eos is None and isinstance(config.get("eos_token_id"), int):
@@ -128,7 +123,9 @@ def _gpt2_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 def from_hf(folder: str | Path) -> tuple[GPT, Path, str]:
     """(the raygpt model, the folder's tokenizer.json, the end-of-text token) of a transformers folder."""
     folder = Path(folder)
-    config = _read_json(folder / "config.json")
+    if not (folder / "config.json").is_file():
+        raise HFImportError(f"{folder}: no config.json (a transformers model folder is needed)")
+    config = files.read_json(folder / "config.json", "transformers config")
     kind = config.get("model_type")
     if kind not in ("llama", "gpt2"):
         raise HFImportError(f"{folder}: model_type {kind!r} is not supported (llama or gpt2)")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from cluster.errors import UserError
+from core.errors import UserError
 from model.config import QUANT_METHODS, QuantMethod  # noqa: F401  # re-exported
 from model.gpt import GPT
 from model.quantize_bnb import bitsandbytes, bnb_linear

@@ -1,4 +1,5 @@
-"""Text in, text out: `raygpt generate CHECKPOINT --prompt TEXT` streams a checkpoint's continuation to stdout.
+"""Text in, text out: `raygpt generate CHECKPOINT --prompt TEXT` streams a checkpoint's continuation to stdout, and
+the sample stage of `raygpt run` writes one to RUN_DIR/sample.txt.
 
     raygpt generate runs/demo/checkpoint --prompt "import os" --max-new-tokens 80 --temperature 0.8 --top-k 40
 """
@@ -11,8 +12,11 @@ from typing import TextIO
 
 import torch
 
+from core import files
+from core.layout import Location
 from model.checkpoint import load_for_inference
-from model.generate import generate_tokens
+from model.config import SampleConfig
+from model.generate import generate, generate_tokens
 
 
 def stream_text(
@@ -50,3 +54,25 @@ def stream_text(
             shown = text
     out.write("\n")
     return tokenizer.decode(new)
+
+
+def _sample(checkpoint: str, cfg: SampleConfig) -> str:
+    """Ray task: the prompt and its generated continuation."""
+    loaded, _ = load_for_inference(checkpoint)  # the task's GPU when it reserved one
+    ids = loaded.tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [loaded.eot_id]
+    prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]], device=next(loaded.model.parameters()).device)
+    out = generate(loaded.model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                   eos_id=loaded.eot_id, seed=cfg.seed, compile=cfg.compile)
+    return loaded.tokenizer.decode(out[0].cpu().tolist(), skip_special_tokens=True)
+
+
+def sample_stage(checkpoint: Location, cfg: SampleConfig, out: Location, use_gpu: bool) -> str:
+    """The sample stage of `raygpt run`: the checkpoint's continuation of `sample.prompt`, generated in a Ray task (on
+    a GPU when `use_gpu`), written to `out` and printed."""
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_sample)
+    text = ray.get(task.remote(str(checkpoint), cfg))
+    written = files.atomic_write(out, text)
+    print(f"[sample] {written}:\n{text}", flush=True)
+    return text

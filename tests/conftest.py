@@ -87,9 +87,9 @@ def s3_bucket() -> Iterator[str]:
 
 def bucket_copy(folder: Path, uri: str) -> str:
     """Upload a local folder (prepared data) to a prefix of the test bucket; returns the prefix."""
-    from cluster import storage
+    from core import files
 
-    storage.upload_folder(folder, uri)
+    files.upload_folder(folder, uri)
     return uri
 
 

@@ -31,9 +31,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from cluster import storage
-from cluster.files import RunFileError, atomic_write, fingerprint, move_aside, point, remove, sha256_file
-from cluster.layout import RunLayout, step_name, step_of
+from core import files
+from core.errors import RunFileError
+from core.files import atomic_write, fingerprint, move_aside, point, remove, sha256
+from core.layout import RunLayout, step_name, step_of
 from data_pipeline.manifest import Manifest
 from model.checkpoint import pointer
 from model.gpt import ModelConfig
@@ -46,13 +47,13 @@ TRAJECTORY_FIELDS = ("lr", "min_lr", "warmup_steps", "weight_decay", "betas", "g
 world size trains on the same global batches — micro_batch_size, zero_stage and offloading (they change rounding)."""
 
 
-def run_fingerprint(train: TrainConfig, model: ModelConfig, manifest: Manifest, seed: int, global_batch: int) -> dict[str, Any]:
+def run_fingerprint(train: TrainConfig, model: ModelConfig, manifest: Manifest, seed: int, global_batch_size: int) -> dict[str, Any]:
     """Everything that determines the training trajectory, as flat `section.key` → value."""
     t = train.model_dump(mode="json")
     shards = [s.sha256 for split in manifest.splits.values() for s in split.shards]
     return {
         **{f"train.{k}": t[k] for k in TRAJECTORY_FIELDS},
-        "train.global_batch_size": global_batch,
+        "train.global_batch_size": global_batch_size,
         **{f"model.{k}": v for k, v in model.model_dump(mode="json").items()},
         "data.fingerprint": manifest.fingerprint,
         "data.shards": fingerprint(shards),
@@ -76,7 +77,7 @@ class Committed:
 
 
 def _fs(location: str) -> tuple[pafs.FileSystem, str]:
-    return storage.filesystem(location)
+    return files.filesystem(location)
 
 
 def _read_record(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -123,10 +124,10 @@ def newest(layout: RunLayout) -> Committed | None:
     return found[-1] if found else None
 
 
-def commit(layout: RunLayout, step: int, run_fp: dict[str, Any], world_size: int, files: dict[str, Any]) -> dict[str, Any]:
+def commit(layout: RunLayout, step: int, run_fp: dict[str, Any], world_size: int, records: dict[str, Any]) -> dict[str, Any]:
     """Write the commit record of `step` (last, atomically): from now on the checkpoint counts."""
     record = {"version": RECORD_VERSION, "step": step, "fingerprint": run_fp, "world_size": world_size,
-              "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+              "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": records}
     text = json.dumps(record, indent=2) + "\n"
     location = layout.checkpoint_dir(step)
     if layout.remote_storage:  # an object store's put is atomic
@@ -145,8 +146,8 @@ def publish(layout: RunLayout, step: int, record: dict[str, Any]) -> None:
         point(layout.checkpoint, layout.model_dir(step))
         return
     prefix = f"{RunLayout.MODEL}/"
-    files = {k[len(prefix):]: v for k, v in record["files"].items() if k.startswith(prefix)}
-    storage.write_json(layout.checkpoint, pointer(step, layout.model_dir(step), files))
+    records = {k[len(prefix):]: v for k, v in record["files"].items() if k.startswith(prefix)}
+    files.write_json(layout.checkpoint, pointer(step, layout.model_dir(step), records))
 
 
 def verify(folder: Path, record: dict[str, Any]) -> None:
@@ -160,15 +161,15 @@ def verify(folder: Path, record: dict[str, Any]) -> None:
         path = folder / name
         if not path.is_file():
             raise RunFileError(f"{folder}: {name} is missing (listed in the commit record)")
-        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
+        if path.stat().st_size != want["bytes"] or sha256(path) != want["sha256"]:
             raise RunFileError(f"{path}: size or sha256 differs from the commit record; the checkpoint is corrupt")
 
 
 def merge_files(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """The file records of every rank's part of one checkpoint (two ranks writing one name must agree)."""
     merged: dict[str, dict[str, Any]] = {}
-    for files in per_rank:
-        for name, info in files.items():
+    for records in per_rank:
+        for name, info in records.items():
             if merged.setdefault(name, info) != info:
                 raise RunFileError(f"two ranks wrote different {name} into one checkpoint")
     return merged
@@ -215,7 +216,7 @@ def start_over(layout: RunLayout) -> list[Path]:
         raise RunFileError(f"train.resume=false cannot move checkpoints on object storage ({layout.checkpoints}); "
                            "choose a new run_dir or cluster.storage_path")
     if layout.remote:  # object stores cannot rename: never delete what another run wrote
-        if any(storage.is_file(f) for f in (layout.train_done, layout.checkpoint, layout.metrics)):
+        if any(files.is_file(f) for f in (layout.train_done, layout.checkpoint, layout.metrics)):
             raise RunFileError(f"train.resume=false cannot move a run's files on object storage ({layout.run_dir}); "
                                "choose a new run_dir")
         return moved

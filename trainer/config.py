@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from data_pipeline.config import Section
+from core.config import Section
 
 
 class TrainConfig(Section):
@@ -78,6 +78,11 @@ class TrainConfig(Section):
     """Stop (with a checkpoint) once training has run this long; None trains for max_steps."""
     deepspeed: dict[str, Any] = {}
     """Escape hatch: merged (recursively) over the generated DeepSpeed config."""
+
+    def resolved_global_batch(self, max_workers: int) -> int:
+        """Sequences per optimizer step: `global_batch_size`, or micro_batch_size × the largest worker group. The one
+        place it is resolved; the run config, the plan and the workers all take it from here as `global_batch_size`."""
+        return self.global_batch_size or self.micro_batch_size * max_workers
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

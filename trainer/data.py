@@ -14,7 +14,7 @@ data position a checkpoint needs is the step.
 
 Reading (`SampleReader`): every block in a shard takes the same number of tar bytes (a 512-byte header, then the .npy
 padded to 512), so block i of a shard starts at byte i·S and is read directly — a `pread` locally, a ranged GET on
-object storage (`cluster.storage.open_random`), a few in parallel. Every block read is checked against the shard's
+object storage (`core.files.open_random`), a few in parallel. Every block read is checked against the shard's
 block index (`<shard>.idx`, an 8-byte blake2b digest per block, itself checked against the manifest's sha256 when
 first read; `data_pipeline.shards`): a block whose bytes differ from what prepare wrote stops training with one line,
 on local disk and on object storage alike, without reading whole shards.
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster import storage
-from cluster.layout import Location
+from core import files
+from core.layout import Location
 from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest, read_manifest
 from data_pipeline.pack import tar_bytes_per_block
@@ -177,7 +177,7 @@ class SampleReader:
     def _file(self, shard: int) -> Any:
         with self._lock:
             if shard not in self._files:
-                self._files[shard] = storage.open_random(self.shards[shard].location)
+                self._files[shard] = files.open_random(self.shards[shard].location)
             return self._files[shard]
 
     def _index(self, shard: int) -> bytes:
@@ -185,7 +185,7 @@ class SampleReader:
         with self._lock:
             if shard not in self._digests:
                 info = self.shards[shard]
-                raw = storage.read_bytes(info.index) if storage.is_file(info.index) else None
+                raw = files.read_bytes(info.index) if files.is_file(info.index) else None
                 if raw is None or hashlib.sha256(raw).hexdigest() != info.index_sha256:
                     raise DataError(f"missing or corrupt block index {info.index} (re-run raygpt prepare)")
                 self._digests[shard] = raw

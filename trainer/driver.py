@@ -16,25 +16,28 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster import storage
-from cluster.files import RunFileError
-from cluster.layout import Location, RunLayout
+from core import files
+from core.config import ClusterConfig
+from core.errors import RunFileError
+from core.layout import Location, RunLayout
 from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest, read_manifest
+from model.checkpoint import published_step, weights_stamp
+from model.config import ModelSection
 from model.gpt import ModelConfig
 from trainer import checkpoints
+from trainer.config import TrainConfig
 from trainer.data import even_world_sizes
 from trainer.loop import WorkerConfig, train_loop_per_worker
-
-if TYPE_CHECKING:
-    from cluster.config import ClusterConfig
+from trainer.tracking import tracking_env
 
 
 def check_data(data_dir: Location, verify_hashes: bool = True) -> Manifest:
@@ -42,7 +45,7 @@ def check_data(data_dir: Location, verify_hashes: bool = True) -> Manifest:
     storage size only — hashing there would download the corpus to the driver; the workers check each shard's sha256
     as they stream it."""
     manifest = read_manifest(data_dir)
-    manifest.verify(data_dir, verify_hashes and not storage.is_uri(data_dir))
+    manifest.verify(data_dir, verify_hashes and not files.is_uri(data_dir))
     return manifest
 
 
@@ -106,15 +109,15 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
         layout = RunLayout(Path(layout.run_dir).resolve(), layout.storage)
     worker = replace(worker, layout=layout, faults=injected_faults())
     low, high = cluster.worker_range
-    even = even_world_sizes(worker.global_batch, worker.train.micro_batch_size, max(high, 8))
-    print(f"[train] global batch {worker.global_batch} at every world size; workers {low}"
+    even = even_world_sizes(worker.global_batch_size, worker.train.micro_batch_size, max(high, 8))
+    print(f"[train] global batch {worker.global_batch_size} at every world size; workers {low}"
           + (f"–{high} (elastic)" if high > low else "") + f"; world sizes that fill every micro-batch: "
           f"{', '.join(map(str, even))} (others pad a few)", flush=True)
     checkpoints.forget_ray_state(layout)
     # read by Ray Train's controller (propagated from this process): how long a group may take to be placed
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cluster.worker_start_timeout_s)
     # Ray Train uploads every rank's checkpoint through the same pyarrow file system as the rest of the run
-    fs, storage_path = storage.filesystem(layout.storage) if layout.remote_storage else (None, layout.storage)
+    fs, storage_path = files.filesystem(layout.storage) if layout.remote_storage else (None, layout.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"worker": worker},
@@ -128,3 +131,41 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
         ),
     )
     return trainer.fit()
+
+
+def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterConfig, layout: RunLayout, seed: int,
+                global_batch_size: int, begin: Callable[[], Any]) -> Any:
+    """The train stage (`raygpt train`): shards → committed checkpoints, resuming from the newest committed one of the
+    same run; skipped when this run already finished. Everything checkable — data, model, the run fingerprint against
+    existing checkpoints — fails before any worker starts or file is written; then `begin` connects to Ray and
+    records the run's config. Returns Ray Train's Result (None when skipped)."""
+    manifest = check_data(layout.data.root)
+    model_cfg = model.resolve(vocab_size=manifest.vocab_size, block_size=manifest.seq_len)
+    if model.init_from is not None and model_cfg.vocab_size != manifest.vocab_size:
+        raise DataError(f"model.init_from {model.init_from} has {model_cfg.vocab_size} tokens, the prepared data "
+                        f"{manifest.vocab_size}: prepare it with that tokenizer (data.tokenizer.path: "
+                        f"{model.init_from}/tokenizer.json)")
+    check_model(manifest, model_cfg)
+    run_fp = checkpoints.run_fingerprint(train_cfg, model_cfg, manifest, seed, global_batch_size)
+    if model.init_from is not None:
+        run_fp["model.init_from"] = files.fingerprint(weights_stamp(model.init_from))  # other base weights: another run
+    done_key = files.fingerprint({"run": run_fp, "max_steps": train_cfg.max_steps, "time_budget_s": train_cfg.time_budget_s})
+    if train_cfg.resume:
+        if files.completed(layout.train_done, done_key) and published_step(layout.checkpoint) is not None:
+            print(f"[train] {layout.checkpoint} is complete for this config; skipping", flush=True)
+            return None
+        resumed = check_resume(layout, run_fp)
+        if resumed is not None:
+            print(f"[train] resuming from committed checkpoint {resumed.location}", flush=True)
+    else:
+        for moved in checkpoints.start_over(layout):
+            print(f"[train] train.resume=false: moved {moved.name} aside", flush=True)
+    begin()
+    worker = WorkerConfig(train=train_cfg, model=model_cfg, layout=layout, seed=seed, global_batch_size=global_batch_size,
+                          use_gpu=cluster.use_gpu, eot_token=manifest.eot_token, fingerprint=run_fp,
+                          init_from=model.init_from, tracking_env=tracking_env())
+    result = train(worker, cluster)
+    step = published_step(layout.checkpoint)
+    files.write_json(layout.train_done, {"fingerprint": done_key, "step": step})
+    print(f"[train] done: step {step}, checkpoint {layout.checkpoint}, metrics {layout.metrics}", flush=True)
+    return result

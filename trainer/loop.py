@@ -26,10 +26,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cluster import storage
-from cluster.console import progress_line
-from cluster.files import file_records
-from cluster.layout import RunLayout, step_name
+from core import files
+from core.progress import progress_line
+from core.files import file_records
+from core.layout import RunLayout, step_name
 from data_pipeline.manifest import read_manifest
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.flops import flops_per_token, mfu, peak_flops
@@ -53,7 +53,8 @@ class WorkerConfig:
     model: ModelConfig
     layout: RunLayout
     seed: int
-    global_batch: int
+    global_batch_size: int
+    """Sequences per optimizer step at every world size (`TrainConfig.resolved_global_batch`)."""
     use_gpu: bool
     eot_token: str
     fingerprint: dict[str, Any]
@@ -113,7 +114,7 @@ class Worker:
     def __init__(self, cfg: WorkerConfig):
         self.cfg, self.t = cfg, cfg.train
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.accum = grad_accum(cfg.global_batch, self.t.micro_batch_size, self.world)
+        self.accum = grad_accum(cfg.global_batch_size, self.t.micro_batch_size, self.world)
         self.step = 0
         self.resumed = False
 
@@ -126,9 +127,9 @@ class Worker:
         self.manifest = read_manifest(cfg.layout.data.root)
         device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")  # (no Ray Train session needed)
         self.precision = _agree_on_precision(t.precision, device)
-        used = cfg.global_batch / (self.world * self.accum * t.micro_batch_size)
+        used = cfg.global_batch_size / (self.world * self.accum * t.micro_batch_size)
         log_rank0(f"[train] {self.world} worker(s) × {self.accum} micro-batch(es) of ≤ {t.micro_batch_size}: global batch "
-                  f"{cfg.global_batch} ({used:.0%} of the slots filled); precision {self.precision.precision}: "
+                  f"{cfg.global_batch_size} ({used:.0%} of the slots filled); precision {self.precision.precision}: "
                   f"{self.precision.reason}")
         if self.precision.warning:
             log_rank0(f"[train] warning: {self.precision.warning}")
@@ -162,7 +163,7 @@ class Worker:
         chosen = holder[0]
         if chosen is None:
             return
-        fs, path = storage.filesystem(chosen.location)
+        fs, path = files.filesystem(chosen.location)
         example = torch.zeros(self.t.micro_batch_size, self.manifest.seq_len + 1, dtype=torch.long, device=self.engine.device)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
             checkpoints.verify(Path(folder), chosen.record)  # before anything in it is read
@@ -234,11 +235,11 @@ class Worker:
         layout, step = self.cfg.layout, self.step
         with tempfile.TemporaryDirectory() as tmp:
             model = self._save(Path(tmp))
-            files = file_records(tmp)
+            records = file_records(tmp)
             ray.train.report(metrics or {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=step_name(step))
         every: list[dict[str, Any] | None] = [None] * self.world
-        dist.all_gather_object(every, files)  # also the barrier: every rank's report (and upload) has returned
+        dist.all_gather_object(every, records)  # also the barrier: every rank's report (and upload) has returned
         if self.rank != 0:
             return
         if step == self.cfg.faults.get("kill_before_commit"):
@@ -262,7 +263,7 @@ class Worker:
         layout = self.cfg.layout
         continue_metrics(layout, self.step if self.resumed else None)
         config = {"train": self.t.model_dump(mode="json"), "model": self.cfg.model.model_dump(mode="json"),
-                  "seed": self.cfg.seed, "global_batch_size": self.cfg.global_batch}
+                  "seed": self.cfg.seed, "global_batch_size": self.cfg.global_batch_size}
         self.trackers = Trackers(self.t.loggers, layout, self.t.tracking_project, config, self.cfg.tracking_env,
                                  self.step if self.resumed else None)
         self.metrics_file = open(layout.metrics_local, "a")
@@ -300,7 +301,7 @@ class Worker:
 
     def _metrics(self, loss: torch.Tensor, data: StepData, window: float, steps: int, phases: np.ndarray,
                  started: float) -> dict[str, Any]:
-        tokens_per_step = self.cfg.global_batch * self.manifest.seq_len
+        tokens_per_step = self.cfg.global_batch_size * self.manifest.seq_len
         tps = tokens_per_step * steps / window
         loss_value = torch.stack([loss * len(data.ids), torch.tensor(float(len(data.ids)))])
         dist.all_reduce(loss_value)  # the mean over the global batch's samples
@@ -334,7 +335,7 @@ class Worker:
         last_checkpoint = window_start = started
         window_steps, phases = 0, np.zeros(len(PHASES))
         fault_step, slow = self.cfg.faults.get("exit_after_step"), self.cfg.faults.get("step_ms")
-        data_iter = rank_steps(self.train_data, self.order, self.step, self.cfg.global_batch, t.micro_batch_size,
+        data_iter = rank_steps(self.train_data, self.order, self.step, self.cfg.global_batch_size, t.micro_batch_size,
                                self.rank, self.world)
         while self.step < t.max_steps:
             t0 = time.perf_counter()
@@ -357,6 +358,7 @@ class Worker:
                 metrics["val_loss"], metrics["val_bpb"] = self.evaluate()
             if metrics:
                 metrics.setdefault("step", self.step)
+                metrics.setdefault("tokens", self.step * self.cfg.global_batch_size * self.manifest.seq_len)
                 self.log(metrics, (t.max_steps - self.step) * (time.perf_counter() - started) / max(self.step - first_step, 1))
             if self.step % t.checkpoint_every == 0 or last or checkpoint_due:
                 self.checkpoint(metrics)

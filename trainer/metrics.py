@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 
-from cluster import storage
-from cluster.files import atomic_write, remove
-from cluster.layout import RunLayout
+from core import files
+from core.files import atomic_write, remove
+from core.layout import RunLayout
 from trainer.data import StepData
 
 
@@ -36,10 +36,10 @@ def continue_metrics(layout: RunLayout, step: int | None) -> None:
         remove(layout.metrics_local)
         remove(layout.tensorboard_local)
         layout.scratch.mkdir(parents=True, exist_ok=True)
-        if step is not None and storage.is_file(layout.metrics):
-            atomic_write(layout.metrics_local, storage.read_bytes(layout.metrics))
-        if step is not None and storage.is_dir(layout.tensorboard):
-            storage.download_folder(layout.tensorboard, layout.tensorboard_local)
+        if step is not None and files.is_file(layout.metrics):
+            atomic_write(layout.metrics_local, files.read_bytes(layout.metrics))
+        if step is not None and files.is_dir(layout.tensorboard):
+            files.download_folder(layout.tensorboard, layout.tensorboard_local)
     if step is not None and layout.metrics_local.is_file():
         kept = [line for line in layout.metrics_local.read_text().splitlines(keepends=True)
                 if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -51,6 +51,6 @@ def upload_metrics(layout: RunLayout) -> None:
     stores do not append). Called at every checkpoint and at the end."""
     if layout.remote:
         if layout.metrics_local.is_file():
-            storage.upload(layout.metrics_local, layout.metrics)
+            files.upload(layout.metrics_local, layout.metrics)
         if layout.tensorboard_local.is_dir():
-            storage.upload_folder(layout.tensorboard_local, layout.tensorboard)
+            files.upload_folder(layout.tensorboard_local, layout.tensorboard)

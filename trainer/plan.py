@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.config import RunConfig
-from cluster.errors import UserError
-from model.config import PRESETS, ModelConfig
+from core.errors import UserError
+from model.config import ModelConfig
 from model.flops import flops_per_token
 from model.hardware import GPUS, GiB, Gpu
+from trainer.config import TrainConfig
 
 OVERHEAD_BYTES = GiB
 FRAGMENTATION = 0.10
@@ -124,27 +124,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def model_of(cfg: RunConfig) -> ModelConfig:
-    """The architecture the run trains, vocabulary from the tokenizer it will train (or the preset's for a given
-    tokenizer file); init_from needs the checkpoint and is read from it."""
-    if cfg.model.init_from is not None:
-        return cfg.model.resolve(vocab_size=0, block_size=None)
-    if cfg.model.preset not in PRESETS:
-        raise UserError(f"model.preset: unknown preset {cfg.model.preset!r} (known: {', '.join(PRESETS)})")
-    vocab = PRESETS[cfg.model.preset]["vocab_size"] if cfg.data.tokenizer.path else cfg.data.tokenizer.vocab_size
-    return cfg.model.resolve(vocab_size=vocab, block_size=cfg.data.seq_len)
-
-
-def plan(cfg: RunConfig, gpus: int, gpu: str, tokens: float | None = None, mfu: float = 0.4) -> str:
-    """The plan as text: a memory table per ZeRO stage, then the configured run's time and cost."""
+def plan(model: ModelConfig, label: str, t: TrainConfig, global_batch_size: int, gpus: int, gpu: str,
+         tokens: float | None = None, mfu: float = 0.4) -> str:
+    """The plan as text: a memory table per ZeRO stage, then the configured run's time and cost. `model` is the
+    architecture the run trains (named `label`), `t` its train section and `global_batch_size` its sequences per step
+    on `gpus` workers (`TrainConfig.resolved_global_batch`)."""
     if gpu not in GPUS:
         raise UserError(f"--gpu {gpu!r}: unknown GPU (known: {', '.join(GPUS)})")
     if gpus < 1 or not 0 < mfu <= 1:
         raise UserError("--gpus must be at least 1 and --mfu in (0, 1]")
     card: Gpu = GPUS[gpu]
-    model = model_of(cfg)
     params, largest = count_params(model)
-    T, t = model.block_size, cfg.train
+    T = model.block_size
     usable = card.memory * (1 - FRAGMENTATION) - OVERHEAD_BYTES
     act, act_ckpt = activations(model, T, False), activations(model, T, True)
     rows = [Row(z, o, model_states(params, largest, z, gpus, o), act, act_ckpt, usable)
@@ -156,7 +147,7 @@ def plan(cfg: RunConfig, gpus: int, gpu: str, tokens: float | None = None, mfu: 
     if t.precision == "fp32":
         precision = "fp32"
     lines = [
-        f"[plan] {cfg.model.preset if cfg.model.init_from is None else cfg.model.init_from}: {params / 1e9:.3f}B "
+        f"[plan] {label}: {params / 1e9:.3f}B "
         f"parameters, context {T}, vocab {model.vocab_size:,}; {gpus} × {card.name} ({_gib(card.memory)} GiB, "
         f"{card.peak[precision] / 1e12:,.0f} TFLOP/s {precision} dense); usable per GPU {_gib(usable)} GiB",
         f"[plan] activations per sequence: {_gib(act)} GiB, {_gib(act_ckpt)} GiB with activation checkpointing",
@@ -174,7 +165,7 @@ def plan(cfg: RunConfig, gpus: int, gpu: str, tokens: float | None = None, mfu: 
             f"{row.largest_micro_batch(False)} | {row.largest_micro_batch(True)} |")
     per_token = flops_per_token(model, T) * (4 / 3 if ckpt else 1)
     rate = throughput(model, gpus, card, precision, mfu, ckpt)  # tokens/s of the whole cluster
-    batch = t.global_batch_size or t.micro_batch_size * gpus
+    batch = global_batch_size
     total = tokens if tokens is not None else float(t.max_steps * batch * T)
     seconds = total / rate
     lines += [

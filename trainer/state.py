@@ -31,7 +31,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cluster.files import RunFileError, atomic_write, read_json
+from core.errors import RunFileError
+from core.files import atomic_write, read_json
 
 FORMAT = 1
 INDEX = "index.json"

@@ -14,7 +14,7 @@ import hashlib
 import os
 from typing import Any
 
-from cluster.layout import RunLayout
+from core.layout import RunLayout
 
 TRACKING_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY", "MLFLOW_TRACKING_URI",
                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")

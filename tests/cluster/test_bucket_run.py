@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from cluster import storage
+from core import files
 from cluster.cli import main
-from cluster.layout import DataLayout, RunLayout, cached_checkpoint
+from core.layout import DataLayout, RunLayout, cached_checkpoint
 from data_pipeline.config import DataError
 from data_pipeline.manifest import read_manifest, shard_blocks
 from evaluation.lm import RaygptLM
@@ -39,7 +39,7 @@ INPUTS = [f"data.sources=[{{path: {CORPUS}, split_by: paragraph}}]", f"eval.text
 
 
 def _objects(uri: str) -> dict[str, int]:
-    return {name: size for name, size in storage.files_under(uri).items() if not name.endswith("/")}
+    return {name: size for name, size in files.files_under(uri).items() if not name.endswith("/")}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def bucket_run(
     """`raygpt run` with run_dir, the corpus and an eval text on the bucket, from an empty working directory; yields
     (run URI, that directory)."""
     assert CORPUS.startswith(s3_bucket)
-    storage.write_bytes(CORPUS, (shared_data / "tinyshakespeare" / "input.txt").read_bytes())
-    storage.write_bytes(TEXT, (shared_data / "tinyshakespeare" / "input.txt").read_bytes()[:3000])
+    files.atomic_write(CORPUS, (shared_data / "tinyshakespeare" / "input.txt").read_bytes())
+    files.atomic_write(TEXT, (shared_data / "tinyshakespeare" / "input.txt").read_bytes()[:3000])
     cwd = tmp_path_factory.mktemp("cwd")
     before = os.getcwd()
     os.chdir(cwd)
@@ -76,11 +76,11 @@ def test_every_stage_writes_only_to_the_bucket(bucket_run: tuple[str, Path], cap
     assert any(n.startswith("tb/events.out.tfevents") for n in names)
     assert ".lock" not in names  # the lease was released
     assert list(cwd.iterdir()) == []  # no local run directory (runs/<name>) or anything else appeared
-    assert [m for m in storage.read_text(layout.metrics).splitlines() if m]  # rank 0's mirror was uploaded
-    assert storage.read_json(layout.checkpoint)["step"] == 4
-    config = storage.read_text(layout.config)
+    assert [m for m in files.read_text(layout.metrics).splitlines() if m]  # rank 0's mirror was uploaded
+    assert files.read_json(layout.checkpoint)["step"] == 4
+    config = files.read_text(layout.config)
     assert CORPUS in config and TEXT in config
-    results = storage.read_json(layout.eval_results)
+    results = files.read_json(layout.eval_results)
     assert {"val", "bucket_text"} <= set(results["checkpoints"][0]["intrinsic"])  # val shards and the text, streamed
 
     shutil.rmtree(cached_checkpoint("any").parent)  # as on another node: no cached checkpoint copies
@@ -126,7 +126,7 @@ def test_checkpoint_uris_are_downloaded_once_and_verified(
     assert first.step == 4 and first.folder == load_checkpoint(model_uri).folder  # one cached copy, by content
     assert RaygptLM(f"{run_dir}/checkpoint", batch_size=2).step == 4  # lm_eval --model raygpt --model_args pretrained=URI
 
-    read_bytes = storage.read_bytes
+    read_bytes = files.read_bytes
 
     def no_download(loc: object) -> bytes:
         assert str(loc) == f"{run_dir}/checkpoint", f"downloaded again: {loc}"  # only the small pointer object
@@ -137,9 +137,9 @@ def test_checkpoint_uris_are_downloaded_once_and_verified(
     assert again.folder == first.folder and again.step == 4
     monkeypatch.undo()
 
-    pointer = storage.read_json(f"{run_dir}/checkpoint")
+    pointer = files.read_json(f"{run_dir}/checkpoint")
     pointer["files"]["config.json"]["sha256"] = "0" * 64  # a record that does not match the object
-    storage.write_json(f"{s3_bucket}/tampered/checkpoint", pointer)
+    files.write_json(f"{s3_bucket}/tampered/checkpoint", pointer)
     with pytest.raises(CheckpointError, match="config.json: size or sha256 differs from its record"):
         load_checkpoint(f"{s3_bucket}/tampered")
     assert main(["generate", f"{s3_bucket}/nothing-here", "--prompt", "x"]) == 2
@@ -154,15 +154,15 @@ def test_bad_shards_in_the_bucket_are_one_line(
     for case, expected in cases.items():
         copy = f"{s3_bucket}/bad-{case}-{tmp_path.name}"
         for name in _objects(f"{run_dir}/data"):
-            storage.write_bytes(f"{copy}/data/{name}", storage.read_bytes(f"{run_dir}/data/{name}"))
+            files.atomic_write(f"{copy}/data/{name}", files.read_bytes(f"{run_dir}/data/{name}"))
         shard = f"{copy}/data/{read_manifest(f'{copy}/data').splits['train'].shards[0].file}"
-        raw = storage.read_bytes(shard)
+        raw = files.read_bytes(shard)
         if case == "missing":
-            storage.delete(shard)
+            files.remove(shard)
         elif case == "size":
-            storage.write_bytes(shard, raw + b"\0" * 512)
+            files.atomic_write(shard, raw + b"\0" * 512)
         else:
-            storage.write_bytes(shard, raw[:-2] + bytes([raw[-2] ^ 1, raw[-1]]))  # same size, one bit in the padding
+            files.atomic_write(shard, raw[:-2] + bytes([raw[-2] ^ 1, raw[-1]]))  # same size, one bit in the padding
         if case == "bytes":  # the driver checks sizes only; the reader hashes each shard as it streams it
             with pytest.raises(DataError, match=expected):
                 list(shard_blocks(shard, read_manifest(f"{copy}/data").splits["train"].shards[0].sha256))
@@ -170,7 +170,7 @@ def test_bad_shards_in_the_bucket_are_one_line(
         assert main(["train", SHAKESPEARE, f"run_dir={copy}", *TINY, *INPUTS]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
-        assert "checkpoints" not in storage.listdir(copy)  # refused before any worker started
+        assert "checkpoints" not in files.listdir(copy)  # refused before any worker started
 
 
 def test_a_crashed_prepare_on_the_bucket_completes_identically(
@@ -180,12 +180,12 @@ def test_a_crashed_prepare_on_the_bucket_completes_identically(
     stale shard — is completed by the re-run to the same objects as the uninterrupted run."""
     run_dir, _ = bucket_run
     copy = f"{s3_bucket}/crashed-{tmp_path.name}"
-    original = {name: storage.read_bytes(f"{run_dir}/data/{name}") for name in _objects(f"{run_dir}/data")}
+    original = {name: files.read_bytes(f"{run_dir}/data/{name}") for name in _objects(f"{run_dir}/data")}
     for name, raw in original.items():
-        storage.write_bytes(f"{copy}/data/{name}", raw)
-    storage.delete(f"{copy}/data/manifest.json")
+        files.atomic_write(f"{copy}/data/{name}", raw)
+    files.remove(f"{copy}/data/manifest.json")
     shard = f"{copy}/data/train/shard-000000.tar"
-    storage.write_bytes(shard, original["train/shard-000000.tar"][:1000])
-    storage.write_bytes(f"{copy}/data/train/shard-000042.tar", b"stale")
+    files.atomic_write(shard, original["train/shard-000000.tar"][:1000])
+    files.atomic_write(f"{copy}/data/train/shard-000042.tar", b"stale")
     assert main(["prepare", SHAKESPEARE, f"run_dir={copy}", *TINY, *INPUTS]) == 0
-    assert {name: storage.read_bytes(f"{copy}/data/{name}") for name in _objects(f"{copy}/data")} == original
+    assert {name: files.read_bytes(f"{copy}/data/{name}") for name in _objects(f"{copy}/data")} == original

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.console import Progress, _Bar, _Filter, _Shown, progress_line, quiet_console
+from cluster.console import _Bar, _Filter, _Shown, quiet_console
 from cluster.console import draw_bar as _draw
+from core.progress import progress_line
 from tests.conftest import BASE, REPO, SHAKESPEARE
 
 
@@ -83,26 +84,6 @@ def test_on_a_terminal_progress_lines_are_one_live_bar_with_other_lines_above_it
     assert _draw(long, 79).startswith("[train] step " + "━" * 5 + "─" * 15 + " 1/4 eta 9s metric_0 1.0 ")
     assert len(_draw(long, 79)) == 79  # cut to the terminal's width
     assert log.getvalue().count("[train] step") == 3  # the log keeps every progress line
-
-
-def test_progress_prints_at_most_every_interval_and_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:
-    progress = Progress("eval", "loglikelihood", 1000, every_s=3600, unit="requests")
-    for _ in range(1000):
-        progress.update()
-    assert capsys.readouterr().out == ""  # a loop quicker than the interval prints nothing
-    progress = Progress("eval", "windows", 3, every_s=0)
-    for _ in range(3):
-        progress.update()
-    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == [
-        "[eval] windows 1/3", "[eval] windows 2/3", "[eval] windows 3/3"]
-    progress = Progress("eval", "loglikelihood", 1000, every_s=0, unit="requests")
-    progress.update(400)  # an interval passed: shown
-    progress.every_s = 3600
-    progress.update(300)  # within the interval: not shown
-    progress.update(300)  # the end, after a shown line: shown
-    first, last = capsys.readouterr().out.splitlines()
-    assert first.startswith("[eval] loglikelihood 400/1000 (40%) ") and last.startswith("[eval] loglikelihood 1000/1000 (100%) ")
-    assert last.endswith(" requests/s")
 
 
 def test_verbose_keeps_the_streams(tmp_path: Path) -> None:

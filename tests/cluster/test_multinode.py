@@ -23,9 +23,9 @@ import pytest
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from cluster import storage
+from core import files
 from cluster.cli import main
-from cluster.layout import RunLayout
+from core.layout import RunLayout
 from model.checkpoint import load_checkpoint
 from trainer.data import SampleOrder, SampleReader
 from trainer.metrics import batch_digest
@@ -79,8 +79,8 @@ def test_submit_trains_across_two_nodes(
     loaded = load_checkpoint(run_dir)  # the published pointer in the bucket → the model, fetched to the cache
     assert loaded.config.n_layer == 2 and loaded.step == 6
     layout = RunLayout.of(run_dir)
-    assert storage.read_json(f"{layout.checkpoint_dir(6)}/commit.json")["world_size"] == 2
-    assert [json.loads(m)["step"] for m in storage.read_text(layout.metrics).splitlines()][-1] == 6
+    assert files.read_json(f"{layout.checkpoint_dir(6)}/commit.json")["world_size"] == 2
+    assert [json.loads(m)["step"] for m in files.read_text(layout.metrics).splitlines()][-1] == 6
     assert not (tmp_path / "run").exists() and not any(REPO.glob(f"runs/{tmp_path.name}*"))
 
     assert main(["jobs", "list", "--address", two_nodes]) == 0
@@ -149,9 +149,9 @@ def _expected_digests(data: str, steps: int, batch: int, seed: int) -> list[str]
 
 def _logged(layout: RunLayout) -> list[dict]:
     """The run's metrics lines in the bucket (uploaded at every checkpoint)."""
-    if not storage.is_file(layout.metrics):
+    if not files.is_file(layout.metrics):
         return []
-    return [json.loads(line) for line in storage.read_text(layout.metrics).splitlines() if line.strip()]
+    return [json.loads(line) for line in files.read_text(layout.metrics).splitlines() if line.strip()]
 
 
 def _wait(condition: Callable[[], bool], what: str, client: JobSubmissionClient, job_id: str, timeout_s: float = 240) -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from cluster.cli import main
-from cluster.layout import RunLayout
+from core.layout import RunLayout
 from cluster.run_lock import run_lock
 from model.checkpoint import save_checkpoint
 from tests.conftest import REPO, SHAKESPEARE, perturbed_model

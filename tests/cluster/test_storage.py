@@ -1,4 +1,4 @@
-"""Object storage through `cluster.storage` and the lease lock of `cluster.run_lock`, against a real S3-protocol server
+"""Object storage through `core.files` and the lease lock of `cluster.run_lock`, against a real S3-protocol server
 on 127.0.0.1 (`s3_bucket`): objects round-trip, folders upload and download, every bad location is one line (unknown
 bucket, missing credentials, unreachable endpoint after bounded retries, unsupported scheme), and a run_dir on the
 bucket is locked by a lease object that a second writer cannot take and a dead holder's expiry frees."""
@@ -14,45 +14,45 @@ import boto3
 import pytest
 
 from cluster import run_lock as lock_module
-from cluster import storage
+from core import files, object_store
 from cluster.cli import main
-from cluster.layout import RunLayout
+from core.layout import RunLayout
 from cluster.run_lock import RunLocked, run_lock
 from tests.conftest import SHAKESPEARE
 
 
 def test_objects_and_folders_round_trip(s3_bucket: str, tmp_path: Path) -> None:
     root = f"{s3_bucket}/{tmp_path.name}"
-    storage.write_json(f"{root}/a/record.json", {"fingerprint": "k"})
-    assert storage.read_json(f"{root}/a/record.json") == {"fingerprint": "k"}
-    assert storage.completed(f"{root}/a/record.json", "k") == {"fingerprint": "k"}
-    assert storage.completed(f"{root}/a/record.json", "other") is None
-    assert storage.completed(f"{root}/a/missing.json", "k") is None
-    with storage.output(f"{root}/b.bin") as f:
+    files.write_json(f"{root}/a/record.json", {"fingerprint": "k"})
+    assert files.read_json(f"{root}/a/record.json") == {"fingerprint": "k"}
+    assert files.completed(f"{root}/a/record.json", "k") == {"fingerprint": "k"}
+    assert files.completed(f"{root}/a/record.json", "other") is None
+    assert files.completed(f"{root}/a/missing.json", "k") is None
+    with files.output(f"{root}/b.bin") as f:
         f.write(b"x" * 3000)
-    assert storage.size(f"{root}/b.bin") == 3000 and storage.size(f"{root}/none") is None
-    with pytest.raises(RuntimeError), storage.output(f"{root}/never.bin") as f:
+    assert files.size(f"{root}/b.bin") == 3000 and files.size(f"{root}/none") is None
+    with pytest.raises(RuntimeError), files.output(f"{root}/never.bin") as f:
         f.write(b"half")
         raise RuntimeError("writer died")
-    assert not storage.is_file(f"{root}/never.bin")  # a failed writer publishes nothing
-    with storage.staged_folder(f"{root}/folder") as tmp:
+    assert not files.is_file(f"{root}/never.bin")  # a failed writer publishes nothing
+    with files.staged_folder(f"{root}/folder") as tmp:
         (tmp / "sub").mkdir()
         (tmp / "sub" / "x.txt").write_text("1")
         (tmp / "y.txt").write_text("22")
-    assert storage.files_under(f"{root}/folder") == {"sub/x.txt": 1, "y.txt": 2}
-    with storage.staged_folder(f"{root}/folder") as tmp:  # replaced whole: y.txt is gone
+    assert files.files_under(f"{root}/folder") == {"sub/x.txt": 1, "y.txt": 2}
+    with files.staged_folder(f"{root}/folder") as tmp:  # replaced whole: y.txt is gone
         (tmp / "z.txt").write_text("333")
-    assert storage.files_under(f"{root}/folder") == {"z.txt": 3}
-    storage.download_folder(f"{root}/folder", tmp_path / "down")
+    assert files.files_under(f"{root}/folder") == {"z.txt": 3}
+    files.download_folder(f"{root}/folder", tmp_path / "down")
     assert (tmp_path / "down" / "z.txt").read_text() == "333"
-    with storage.open_read(f"{root}/b.bin", buffer_size=1024) as f:
+    with files.open_read(f"{root}/b.bin", buffer_size=1024) as f:
         assert len(f.read(100)) == 100
-    assert storage.listdir(root) == ["a", "b.bin", "folder"]
-    storage.delete(f"{root}/folder")
-    assert not storage.is_dir(f"{root}/folder") and storage.listdir(f"{root}/nothing") == []
-    with pytest.raises(storage.RunFileError, match="corrupt record, not valid JSON"):
-        storage.write_bytes(f"{root}/bad.json", "{not json")
-        storage.read_json(f"{root}/bad.json", "record")
+    assert files.listdir(root) == ["a", "b.bin", "folder"]
+    files.remove(f"{root}/folder")
+    assert not files.is_dir(f"{root}/folder") and files.listdir(f"{root}/nothing") == []
+    with pytest.raises(files.RunFileError, match="corrupt record, not valid JSON"):
+        files.atomic_write(f"{root}/bad.json", "{not json")
+        files.read_json(f"{root}/bad.json", "record")
 
 
 @pytest.mark.parametrize("case", ["unknown bucket", "unreachable endpoint", "missing credentials", "unsupported scheme"])
@@ -64,7 +64,7 @@ def test_a_bad_location_is_one_line(
         run_dir, expected = "s3://no-such-bucket/run", "bucket 'no-such-bucket' does not exist"
     elif case == "unreachable endpoint":
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens on port 1
-        expected = f"cannot reach http://127.0.0.1:1 (gave up after {storage.ATTEMPTS} attempts)"
+        expected = f"cannot reach http://127.0.0.1:1 (gave up after {object_store.ATTEMPTS} attempts)"
     elif case == "missing credentials":
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             monkeypatch.delenv(name, raising=False)
@@ -78,7 +78,7 @@ def test_a_bad_location_is_one_line(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
     monkeypatch.undo()
-    assert not storage.listdir(f"{s3_bucket}/bad-location")  # nothing was written
+    assert not files.listdir(f"{s3_bucket}/bad-location")  # nothing was written
 
 
 def test_a_run_dir_on_the_bucket_is_locked_by_a_lease(
@@ -87,7 +87,7 @@ def test_a_run_dir_on_the_bucket_is_locked_by_a_lease(
     run_dir = f"{s3_bucket}/{tmp_path.name}"
     lease = str(RunLayout.of(run_dir).lock)
     with run_lock(run_dir, "raygpt train first"):
-        holder = storage.read_json(lease)
+        holder = files.read_json(lease)
         assert holder["pid"] == os.getpid() and holder["command"] == "raygpt train first"
         assert holder["expires"] > time.time()
         with pytest.raises(RunLocked, match=f"is in use by pid {os.getpid()} .*raygpt train first"):
@@ -95,22 +95,22 @@ def test_a_run_dir_on_the_bucket_is_locked_by_a_lease(
                 pass
         assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}"]) == 2
         assert "is in use by" in capsys.readouterr().err
-        assert storage.listdir(run_dir) == [".lock"]  # the refused command wrote nothing
-    assert not storage.is_file(lease)  # released
+        assert files.listdir(run_dir) == [".lock"]  # the refused command wrote nothing
+    assert not files.is_file(lease)  # released
 
     # a holder that died: its lease is not renewed and expires; the next command takes it over
     dead = {"pid": 1, "host": "gone", "command": "raygpt train", "since": "then", "owner": "x", "expires": time.time() - 1}
-    storage.write_json(lease, dead)
+    files.write_json(lease, dead)
     with run_lock(run_dir, "after the holder died"):
-        assert storage.read_json(lease)["command"] == "after the holder died"
+        assert files.read_json(lease)["command"] == "after the holder died"
     assert "took over the expired lock of pid 1 on gone" in capsys.readouterr().out
 
     # the holder renews its lease while it runs
     monkeypatch.setattr(lock_module, "LEASE_S", 0.4)
     with run_lock(run_dir, "renewing"):
-        first = storage.read_json(lease)["expires"]
+        first = files.read_json(lease)["expires"]
         deadline = time.monotonic() + 10
-        while storage.read_json(lease)["expires"] == first:
+        while files.read_json(lease)["expires"] == first:
             assert time.monotonic() < deadline
             time.sleep(0.05)
 

@@ -7,7 +7,7 @@ import webdataset as wds
 
 from data_pipeline.clean import doc_hash
 from data_pipeline.pack import is_val, pack_blocks, shard_index, tar_bytes_per_block, token_dtype, token_stream
-from cluster.files import sha256_file
+from core.files import sha256
 from data_pipeline.shards import block_digest, write_shard
 
 HASHES = np.array([doc_hash(f"doc {i}") for i in range(10_000)], dtype=np.int64)
@@ -52,11 +52,11 @@ def test_write_shard_is_reproducible_and_readable_by_webdataset(tmp_path) -> Non
     first, second = tmp_path / "a.tar", tmp_path / "b.tar"
     digest, size, index = write_shard(first, blocks, "train-000000")
     assert write_shard(second, blocks, "train-000000") == (digest, first.stat().st_size, index)
-    assert digest == sha256_file(first) and size == first.stat().st_size
+    assert digest == sha256(first) and size == first.stat().st_size
     stride = tar_bytes_per_block(9, np.dtype(np.uint16))  # the block index: a digest of each block's tar bytes
     raw = first.read_bytes()
     assert (tmp_path / "a.idx").read_bytes() == b"".join(block_digest(raw[i * stride : (i + 1) * stride]) for i in range(3))
-    assert index == sha256_file(tmp_path / "a.idx")
+    assert index == sha256(tmp_path / "a.idx")
     assert first.read_bytes() == second.read_bytes()
     samples = list(wds.WebDataset(str(first), shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == [f"train-000000-{i:07d}" for i in range(3)]

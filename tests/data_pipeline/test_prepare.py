@@ -19,7 +19,7 @@ from cluster.cli import main
 from data_pipeline.clean import clean_text, doc_hash, split_documents
 from data_pipeline.config import CleanConfig
 from data_pipeline.pack import is_val, pack_blocks, shard_index, token_stream
-from cluster.files import sha256_file
+from core.files import sha256
 from tests.conftest import REPO
 
 SHAKESPEARE = str(REPO / "configs" / "shakespeare.yaml")
@@ -86,7 +86,7 @@ def test_cli_shards_reproduce_the_cleaned_token_stream(cli_run: Path, shared_dat
             blocks = _read_blocks(cli_run / name)
             assert blocks.dtype == np.uint16 and blocks.shape == expected.shape
             assert (blocks == expected).all()  # same tokens, same order, EOT after every document
-            assert listed[name]["sha256"] == sha256_file(cli_run / name)
+            assert listed[name]["sha256"] == sha256(cli_run / name)
             assert listed[name]["bytes"] == (cli_run / name).stat().st_size
             assert listed[name]["sequences"] == len(blocks) and listed[name]["tokens"] == blocks.size
             total_blocks += len(blocks)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster.cli import main
-from cluster.files import RunFileError
+from core.errors import RunFileError
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.tokenizer import train_tokenizer
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.files import RunFileError, file_records
-from cluster.layout import RunLayout
+from core.errors import RunFileError
+from core.files import file_records
+from core.layout import RunLayout
 from trainer import checkpoints
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.files import RunFileError, sha256_file
+from core.errors import RunFileError
+from core.files import sha256
 from data_pipeline.config import DataError
 from data_pipeline.manifest import read_manifest
 from model.gpt import GPT, ModelConfig
@@ -85,7 +86,7 @@ def test_check_data_and_model(tmp_path: Path) -> None:
         check_model(manifest, ModelConfig(vocab_size=100, block_size=2, n_layer=1, n_head=1, n_embd=8))
     shard = data / "train" / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
-    assert sha256_file(shard) != manifest.splits["train"].shards[1].sha256
+    assert sha256(shard) != manifest.splits["train"].shards[1].sha256
     with pytest.raises(ValueError, match="corrupt shard .*shard-000001.tar"):
         check_data(data)
     shard.unlink()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster import storage
+from core import files
 from data_pipeline.config import DataError
 from data_pipeline.shards import write_shard
 from trainer.data import SampleOrder, SampleReader, even_world_sizes, grad_accum, rank_steps, read_ahead, val_ids
@@ -118,16 +118,16 @@ def test_a_block_whose_bytes_differ_is_refused(tmp_path: Path, s3_bucket: str, w
     data = hand_made_data(tmp_path / "local", SIZES)
     root = str(data) if where == "local" else bucket_copy(data, f"{s3_bucket}/{tmp_path.name}-{where}")
     shard = f"{root}/train/shard-000002.tar"
-    raw = bytearray(storage.read_bytes(shard))
+    raw = bytearray(files.read_bytes(shard))
     stride = SampleReader(root, "train").stride
     raw[stride + 512 + 128] ^= 1  # block 1's first token
-    storage.write_bytes(shard, bytes(raw))
+    files.atomic_write(shard, bytes(raw))
     reader = SampleReader(root, "train")
     assert int(reader.read(3 + 4 + 0)[0]) == 2000  # block 0 of shard 2 is intact
     with pytest.raises(DataError, match=r"^corrupt shard .*shard-000002.tar block 1: its bytes differ from the shard's block index$"):
         reader.read(3 + 4 + 1)
     index = f"{root}/train/shard-000003.idx"
-    storage.write_bytes(index, storage.read_bytes(index)[:-1] + b"\0")
+    files.atomic_write(index, files.read_bytes(index)[:-1] + b"\0")
     with pytest.raises(DataError, match=r"^missing or corrupt block index .*shard-000003.idx"):
         SampleReader(root, "train").read(3 + 4 + 5)
 

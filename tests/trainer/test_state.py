@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from cluster.files import RunFileError
+from core.errors import RunFileError
 from model.gpt import GPT, ModelConfig
 from trainer import state
 from trainer.config import TrainConfig, deepspeed_config, lr_at
@@ -96,7 +96,7 @@ def test_a_checkpoint_of_another_model_is_one_line(gloo: None, tmp_path: Path) -
 
 def test_the_worker_parts_run_on_their_own(gloo: None, tmp_path: Path) -> None:
     """Global batch 5 in micro-batches of 2 on one worker: 3 micro-batches of 2, 2, 1 (the short one weighted 1/2)."""
-    from cluster.layout import RunLayout
+    from core.layout import RunLayout
     from tests.trainer.test_data import hand_made_data
     from trainer.data import rank_steps
     from trainer.loop import Worker, WorkerConfig
@@ -104,7 +104,7 @@ def test_the_worker_parts_run_on_their_own(gloo: None, tmp_path: Path) -> None:
     hand_made_data(tmp_path / "data", [6, 5, 7], trainable=True)
     model = ModelConfig(vocab_size=100, block_size=4, n_layer=1, n_head=2, n_embd=16)
     train = TrainConfig(micro_batch_size=2, lr=1e-2, warmup_steps=0, eval_batches=2, precision="fp32")
-    worker = Worker(WorkerConfig(train=train, model=model, layout=RunLayout.of(tmp_path), seed=3, global_batch=5,
+    worker = Worker(WorkerConfig(train=train, model=model, layout=RunLayout.of(tmp_path), seed=3, global_batch_size=5,
                                  use_gpu=False, eot_token="<|endoftext|>", fingerprint={}))
     worker.setup()
     assert worker.accum == 3 and worker.step == 0

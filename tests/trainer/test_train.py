@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cluster import pipeline, storage
+from cluster import pipeline
+from core import files
 from cluster.cli import main
-from cluster.layout import RunLayout
+from core.layout import RunLayout
 from cluster.config import load_config
 from model.checkpoint import load_checkpoint
 from model.precision import detect
@@ -133,9 +134,9 @@ def test_worker_failure_recovers_to_the_same_weights_from_a_bucket(
     _train(run_dir, "train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4", "cluster.max_failures=1",
            faults={"exit_after_step": 7})
     layout = RunLayout.of(run_dir)
-    steps = [json.loads(line)["step"] for line in storage.read_text(layout.metrics).splitlines()]
+    steps = [json.loads(line)["step"] for line in files.read_text(layout.metrics).splitlines()]
     assert steps == list(range(1, 13))  # steps 5-7 ran twice; the first attempt's lines were dropped on resume
-    storage.download_folder(layout.tensorboard, tmp_path / "tb")
+    files.download_folder(layout.tensorboard, tmp_path / "tb")
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()  # TensorBoard drops the first attempt's steps 5-7 (the resumed writer's purge_step)
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
@@ -144,11 +145,11 @@ def test_worker_failure_recovers_to_the_same_weights_from_a_bucket(
     assert recovered.step == 12 and reference.keys() <= recovered.model.state_dict().keys()
     assert all(torch.equal(reference[k], v) for k, v in recovered.model.state_dict().items() if k in reference)
 
-    assert {n for n in storage.listdir(layout.checkpoints) if n.startswith("step-")} == {"step-000008", "step-000012"}
-    record = storage.read_json(f"{layout.checkpoint_dir(12)}/commit.json")
+    assert {n for n in files.listdir(layout.checkpoints) if n.startswith("step-")} == {"step-000008", "step-000012"}
+    record = files.read_json(f"{layout.checkpoint_dir(12)}/commit.json")
     assert record["step"] == 12 and record["world_size"] == 2
     assert {"state/index.json", "state/rank-00000.safetensors", "state/rank-00001.safetensors"} <= record["files"].keys()
-    assert storage.read_json(layout.checkpoint)["model"] == layout.model_dir(12)
+    assert files.read_json(layout.checkpoint)["model"] == layout.model_dir(12)
 
 
 def test_any_split_of_the_global_batch_trains_the_same_weights(prepared: Path, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Where every file of a run lives: `RunLayout` is computed once from the config and is the only place a path under a
 run directory is built (a test greps the code base for any other).
 
-    python -m cluster.layout runs/demo        # prints the layout of a run directory
+    python -m core.layout runs/demo        # prints the layout of a run directory
 
     RUN_DIR/
       .lock                     run_lock: the process writing this run (cluster/run_lock.py)
@@ -21,12 +21,12 @@ run directory is built (a test greps the code base for any other).
       quantized/<method>/, quantized/report.{json,md}   raygpt quantize (evaluation/quantize.py)
       sample.txt                raygpt sample (cluster/pipeline.py)
 
-RUN_DIR may be a local folder or an object-storage URI (s3://bucket/run, gs://bucket/run; `cluster.storage` reads
+RUN_DIR may be a local folder or an object-storage URI (s3://bucket/run, gs://bucket/run; `core.files` reads
 and writes it). Then every location above is a URI string instead of a `Path`; `checkpoint` is a small JSON object
 (step, model location, file hashes) instead of a symlink; and what must be a local folder while a stage runs (rank 0's
 metrics and TensorBoard before upload, lm-eval's task files) lives in `scratch`, a folder under the local cache.
 
-Standard library only, like `cluster.files`: every package may import it.
+Standard library only, like `core.files`: every package may import it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The run's files have one owner: paths under a run directory are built only by `cluster.layout`, files are written
-only by `cluster.files` (one atomic write, one atomic folder, one pointer swap), and those hold under concurrency."""
+"""The run's files have one owner: paths under a run directory are built only by `core.layout`, files are written
+only by `core.files` (one atomic write, one atomic folder, one pointer swap), and those hold under concurrency."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster.files import RunFileError, atomic_folder, completed, point, read_json, write_json
-from cluster.layout import RunLayout
+from core.errors import RunFileError
+from core.files import atomic_folder, completed, point, read_json, write_json
+from core.layout import RunLayout
 from tests.conftest import REPO
 
-SOURCES = [p for folder in ("cluster", "data_pipeline", "model", "trainer", "evaluation", "benchmarks")
+SOURCES = [p for folder in ("core", "cluster", "data_pipeline", "model", "trainer", "evaluation", "benchmarks")
            for p in sorted((REPO / folder).rglob("*.py"))]
 RUN_NAMES = {"manifest.json", "metrics.jsonl", "config.yaml", "sample.txt", "results.json", "report.md", "report.json",
              "train.done.json", "commit.json", "checkpoints", "checkpoint", ".lock", "tb", "data", "eval", "quantized",
@@ -45,7 +46,7 @@ def test_no_path_under_the_run_dir_is_built_outside_the_layout() -> None:
     package, or inside a work folder the layout handed to its stage; there are at most three."""
     offenders, opt_outs = [], []
     for path in SOURCES:
-        if path == REPO / "cluster" / "layout.py":
+        if path == REPO / "core" / "layout.py":
             continue
         text = path.read_text()
         lines = text.splitlines()
@@ -55,7 +56,7 @@ def test_no_path_under_the_run_dir_is_built_outside_the_layout() -> None:
         for line, name in hits:
             where = f"{path.relative_to(REPO)}:{line} ({name!r})"
             (opt_outs if "# own path: " in lines[line - 1] else offenders).append(where)
-    assert not offenders, "run paths built outside cluster/layout.py:\n" + "\n".join(offenders)
+    assert not offenders, "run paths built outside core/layout.py:\n" + "\n".join(offenders)
     assert len(opt_outs) <= 3, opt_outs
 
 
@@ -66,9 +67,9 @@ def test_the_scan_finds_what_it_looks_for() -> None:
 
 
 def test_one_atomic_write_helper() -> None:
-    """No second write-to-temp-then-rename, hand-made temp name or delete-then-rename outside cluster/files.py."""
+    """No second write-to-temp-then-rename, hand-made temp name or delete-then-rename outside core/files.py."""
     pattern = re.compile(r"os\.replace|os\.rename|\.rename\(|shutil\.move|rmtree|\.tmp\b|tmp\w*\.replace\(|\.unlink\(")
-    offenders = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in SOURCES if p != REPO / "cluster" / "files.py"
+    offenders = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in SOURCES if p != REPO / "core" / "files.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, "\n".join(offenders)
 
