@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster import pipeline  # noqa: E402
 from cluster.config import load_config  # noqa: E402
-from core.layout import RunLayout  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
+from core.layout import RunLayout  # noqa: E402
 from model.flops import machine_header  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

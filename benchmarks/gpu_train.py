@@ -35,8 +35,8 @@ def main() -> None:
 
     from cluster import pipeline
     from cluster.config import load_config
-    from core.layout import RunLayout
     from cluster.ray_connect import start_local
+    from core.layout import RunLayout
     from model.hardware import GPUS, gpu_named
     from trainer.plan import activations, count_params, model_of, model_states
 

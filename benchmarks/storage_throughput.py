@@ -26,10 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster import pipeline  # noqa: E402
-from core import files
 from cluster.config import load_config  # noqa: E402
-from core.layout import RunLayout  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
+from core import files
+from core.layout import RunLayout  # noqa: E402
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
 from data_pipeline.prepare import plan, prepare  # noqa: E402
 from data_pipeline.sources import stdlib_files  # noqa: E402

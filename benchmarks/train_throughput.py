@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster import pipeline  # noqa: E402
-from cluster.ray_connect import start_local  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from cluster.ray_connect import start_local  # noqa: E402
 from core.layout import RunLayout  # noqa: E402
 from data_pipeline.manifest import read_manifest  # noqa: E402
 from model.flops import flops_per_token, machine_header, mfu, peak_flops  # noqa: E402

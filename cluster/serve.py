@@ -37,9 +37,9 @@ from pydantic import ValidationError
 from ray import serve
 
 from cluster.config import ClusterConfig, ServeConfig
-from core.layout import RunLayout, join
-from core.errors import UserError
 from cluster.serve_api import MAX_STOP, BadRequest, CompletionRequest, EngineLoop, TextStream, validation_message
+from core.errors import UserError
+from core.layout import RunLayout, join
 
 APP = "raygpt"
 api = FastAPI(title="raygpt", docs_url=None, redoc_url=None)

@@ -19,7 +19,7 @@ run directory is built (a test greps the code base for any other).
       metrics.jsonl, tb/        rank 0 of training (trainer/loop.py)
       eval/results.json, eval/report.md                 raygpt eval (evaluation/run.py)
       quantized/<method>/, quantized/report.{json,md}   raygpt quantize (evaluation/quantize.py)
-      sample.txt                raygpt sample (cluster/pipeline.py)
+      sample.txt                the sample stage of raygpt run (model/sample.py)
 
 RUN_DIR may be a local folder or an object-storage URI (s3://bucket/run, gs://bucket/run; `core.files` reads
 and writes it). Then every location above is a URI string instead of a `Path`; `checkpoint` is a small JSON object

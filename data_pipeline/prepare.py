@@ -39,12 +39,12 @@ from core.layout import SPLITS, DataLayout, Location, is_uri, join
 from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT, clean_batch
 from data_pipeline.config import DataConfig, DataError, TokenizerConfig
 from data_pipeline.dedup import near_duplicates
+from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
 from data_pipeline.pack import in_sample, is_val, tar_bytes_per_block, token_dtype
 from data_pipeline.partition import columns, write_shards
-from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
+from data_pipeline.shards import index_name
 from data_pipeline.sources import SourceFiles, read_sources, resolve_sources
 from data_pipeline.tokenizer import eot_id, load_tokenizer, train_tokenizer
-from data_pipeline.shards import index_name
 
 _START = time.perf_counter()
 

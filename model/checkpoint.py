@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from core import files
-from core.errors import UserError
 from core.errors import RunFileError
+from core.errors import UserError
 from core.files import atomic_folder, fingerprint, read_json, sha256
 from core.layout import Location, RunLayout, cached_checkpoint, is_uri, join
 from model.gpt import GPT, ModelConfig

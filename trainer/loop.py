@@ -27,18 +27,18 @@ import torch
 import torch.distributed as dist
 
 from core import files
-from core.progress import progress_line
 from core.files import file_records
 from core.layout import RunLayout, step_name
+from core.progress import progress_line
 from data_pipeline.manifest import read_manifest
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.flops import flops_per_token, mfu, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
 from trainer import checkpoints, state
-from trainer.metrics import batch_digest, continue_metrics, sample_digests, upload_metrics
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.data import SampleOrder, SampleReader, StepData, grad_accum, rank_steps, val_ids
+from trainer.metrics import batch_digest, continue_metrics, sample_digests, upload_metrics
 from trainer.tracking import Trackers
 
 PHASES = ("data", "forward", "backward", "step")  # the parts of a training step timed into the metrics

@@ -23,14 +23,14 @@ import pytest
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from core import files
 from cluster.cli import main
+from core import files
 from core.layout import RunLayout
 from model.checkpoint import load_checkpoint
-from trainer.data import SampleOrder, SampleReader
-from trainer.metrics import batch_digest
 from tests.cluster.conftest import free_port, wait_for_job_server
 from tests.conftest import BASE, REPO, SHAKESPEARE, bucket_copy
+from trainer.data import SampleOrder, SampleReader
+from trainer.metrics import batch_digest
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ def test_report_card_of_a_trained_run(trained_run: Path, tmp_path: Path, capsys:
     report = (run_dir / "report.md").read_text()
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [m for m in metrics if "val_loss" in m][-1]
-    assert f"{metrics[-1]['step']} steps" in report and f"validation loss {val['val_loss']:.3f}" in report
+    assert f"{metrics[-1]['step']} steps, {metrics[-1]['tokens'] / 1e6:.2f}M tokens" in report  # as the trainer counted
+    assert f"validation loss {val['val_loss']:.3f}" in report
     assert "![loss](report/loss.png)" in report and report.count("Not run yet.") == 2  # eval, quantization
     for plot in ("loss.png", "throughput.png"):
         width, height = _png_size(run_dir / "report" / plot)

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from cluster.cli import main
-from core.layout import RunLayout
 from cluster.run_lock import run_lock
+from core.layout import RunLayout
 from model.checkpoint import save_checkpoint
 from tests.conftest import REPO, SHAKESPEARE, perturbed_model
 

@@ -14,10 +14,10 @@ import boto3
 import pytest
 
 from cluster import run_lock as lock_module
-from core import files, object_store
 from cluster.cli import main
-from core.layout import RunLayout
 from cluster.run_lock import RunLocked, run_lock
+from core import files, object_store
+from core.layout import RunLayout
 from tests.conftest import SHAKESPEARE
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import webdataset as wds
 
+from core.files import sha256
 from data_pipeline.clean import doc_hash
 from data_pipeline.pack import is_val, pack_blocks, shard_index, tar_bytes_per_block, token_dtype, token_stream
-from core.files import sha256
 from data_pipeline.shards import block_digest, write_shard
 
 HASHES = np.array([doc_hash(f"doc {i}") for i in range(10_000)], dtype=np.int64)

@@ -16,10 +16,10 @@ import webdataset as wds
 from tokenizers import Tokenizer
 
 from cluster.cli import main
+from core.files import sha256
 from data_pipeline.clean import clean_text, doc_hash, split_documents
 from data_pipeline.config import CleanConfig
 from data_pipeline.pack import is_val, pack_blocks, shard_index, token_stream
-from core.files import sha256
 from tests.conftest import REPO
 
 SHAKESPEARE = str(REPO / "configs" / "shakespeare.yaml")

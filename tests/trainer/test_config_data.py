@@ -13,11 +13,11 @@ from core.files import sha256
 from data_pipeline.config import DataError
 from data_pipeline.manifest import read_manifest
 from model.gpt import GPT, ModelConfig
+from tests.conftest import REPO
+from tests.trainer.test_data import hand_made_data
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.driver import check_data, check_model
 from trainer.loop import param_groups
-from tests.conftest import REPO
-from tests.trainer.test_data import hand_made_data
 
 
 def test_deepspeed_config_from_the_typed_config() -> None:

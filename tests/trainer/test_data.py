@@ -14,8 +14,8 @@ import pytest
 from core import files
 from data_pipeline.config import DataError
 from data_pipeline.shards import write_shard
-from trainer.data import SampleOrder, SampleReader, even_world_sizes, grad_accum, rank_steps, read_ahead, val_ids
 from tests.conftest import bucket_copy
+from trainer.data import SampleOrder, SampleReader, even_world_sizes, grad_accum, rank_steps, read_ahead, val_ids
 
 SIZES = [3, 4, 5, 6, 2, 7]  # 27 train samples in 6 shards of different sizes
 

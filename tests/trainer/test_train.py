@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cluster import pipeline
-from core import files
 from cluster.cli import main
-from core.layout import RunLayout
 from cluster.config import load_config
+from core import files
+from core.layout import RunLayout
 from model.checkpoint import load_checkpoint
 from model.precision import detect
 from tests.conftest import BASE, SHAKESPEARE, bucket_copy
@@ -62,6 +62,9 @@ def test_zero_stages_train(prepared: Path, tmp_path: Path, stage: int, precision
     expected = ("bf16" if detect().native_bf16 else "fp32") if precision == "auto" else precision
     assert {m.get("precision") for m in metrics if "loss" in m} == {expected}
     assert [m["step"] for m in metrics] == list(range(1, 26))
+    seq_len = json.loads((run_dir / "data" / "manifest.json").read_text())["seq_len"]
+    global_batch = load_config(SHAKESPEARE, [f"run_dir={run_dir}", *BASE]).global_batch_size  # the one resolved value
+    assert [m["tokens"] for m in metrics] == [m["step"] * global_batch * seq_len for m in metrics]
     first, last = metrics[0], metrics[-1]
     early, late = sum(m["loss"] for m in metrics[:5]) / 5, sum(m["loss"] for m in metrics[-5:]) / 5
     assert late < early - 0.5 and last["val_loss"] < metrics[4]["val_loss"]
