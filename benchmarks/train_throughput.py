@@ -33,7 +33,7 @@ from cluster.config import load_config  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
 from core.layout import RunLayout  # noqa: E402
 from data_pipeline.manifest import read_manifest  # noqa: E402
-from model.flops import flops_per_token, machine_header, mfu, peak_flops  # noqa: E402
+from model.flops import checked_mfu, flops_per_token, machine_header, peak_flops  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.precision import choose, detect  # noqa: E402
 from trainer.data import SampleOrder, SampleReader, rank_steps  # noqa: E402
@@ -87,6 +87,14 @@ def _busy_core() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
+def _mfu(tokens_per_sec: float, flops_per_tok: float, peak: float | None) -> str:
+    """The MFU as a table cell; one above 1 is a bug of the peak: "–" and the warning, never the number."""
+    value, warning = checked_mfu(tokens_per_sec, flops_per_tok, peak)
+    if warning is not None:
+        print(f"warning: {warning}")
+    return "–" if value is None else f"{value:.1%}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -122,18 +130,18 @@ def main() -> None:
     baseline = baselines[best]
     fpt = flops_per_token(model_cfg, manifest.seq_len)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    peak_1 = peak_flops("cpu", dtype, threads=1)  # each worker runs one thread
+    peak_1 = peak_flops("cpu", dtype, 1, model_cfg)  # each worker runs one thread
     print(f"\nmodel: tiny preset, {GPT(model_cfg).num_params() / 1e6:.1f}M parameters; global batch {2 * MICRO} × "
           f"{manifest.seq_len} tokens")
     print("| run | tokens/s | MFU | ratio |")
     print("| --- | --- | --- | --- |")
     for name, tps in baselines.items():
-        peak = peak_flops("cpu", torch.float32 if name == "fp32" else torch.bfloat16, threads=os.cpu_count())
-        print(f"| plain PyTorch, {name}, 1 process × {os.cpu_count()} threads | {tps:,.0f} | {mfu(tps, fpt, peak):.1%} | "
+        peak = peak_flops("cpu", torch.float32 if name == "fp32" else torch.bfloat16, os.cpu_count(), model_cfg)
+        print(f"| plain PyTorch, {name}, 1 process × {os.cpu_count()} threads | {tps:,.0f} | {_mfu(tps, fpt, peak)} | "
               f"{tps / baseline:.2f} |")
-    print(f"| raygpt train, 2 workers, auto → {precision}, ZeRO-1 | {two:,.0f} | {mfu(two / 2, fpt, peak_1):.1%} | "
+    print(f"| raygpt train, 2 workers, auto → {precision}, ZeRO-1 | {two:,.0f} | {_mfu(two / 2, fpt, peak_1)} | "
           f"**{two / baseline:.2f}** |")
-    print(f"| raygpt train, 1 worker, auto → {precision}, ZeRO-1 | {one:,.0f} | {mfu(one, fpt, peak_1):.1%} | "
+    print(f"| raygpt train, 1 worker, auto → {precision}, ZeRO-1 | {one:,.0f} | {_mfu(one, fpt, peak_1)} | "
           f"{one / baseline:.2f} |")
     print(f"| raygpt train, 2 workers, one core kept busy by another process | {loaded:,.0f} | – | "
           f"{loaded / baseline:.2f} |")

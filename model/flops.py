@@ -2,6 +2,12 @@
 
     python -m model.flops            # prints this machine's measured CPU peak per dtype
 
+A CPU's peak for MFU is measured the way training runs (`training_peak`): the model's own matmuls (`F.linear` at its
+attention, MLP and output shapes, forward and both backward products) in the training dtype, with autograd, the best
+of them. A bare square matmul is not enough: on a CPU that emulates bf16 (AVX2), `a @ b` of two bf16 tensors runs a
+slow reference kernel while `F.linear` in training takes a faster path, and the MFU came out above 1. An MFU above 1
+is still possible on a noisy machine; `checked_mfu` then reports None with one warning naming both rates.
+
 FLOPs per trained token = 6·N + 12·n_layer·n_embd·T (PaLM, appendix B): N counts the parameters used in matmuls
 (everything but the embedding lookup tables; a tied output projection counts once), the second term is attention
 scores and values over a context of T. A forward pass alone is a third of that.
@@ -44,15 +50,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     return total if training else total / 3
 
 
+def _machine_key(dtype: torch.dtype, threads: int) -> str:
+    """What a CPU measurement depends on: the CPU, cores, threads, dtype, dispatch capability and forced ISAs."""
+    import torch
+
+    isa = f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}/{os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')}"  # forced ISAs
+    return (f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}|{dtype}|"
+            f"{torch.backends.cpu.get_cpu_capability()}|{isa}")
+
+
 @cache
 def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
     """FLOP/s of a 512² matmul on this CPU with `threads` threads, timed for ~0.3 s (bounded, so an emulated dtype
     costs about a second, not minutes); cached on disk per CPU model, dispatch capability and forced ISA."""
     import torch  # here, not at the top: `raygpt plan` counts FLOPs without torch
 
-    isa = f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}/{os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')}"  # forced ISAs
-    key = (f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}|{dtype}|"
-           f"{torch.backends.cpu.get_cpu_capability()}|{isa}")
+    key = _machine_key(dtype, threads)
     stored = read_json(_peak_cache(), "peak FLOP/s cache") if _peak_cache().is_file() else {}
     if key in stored:
         return float(stored[key])
@@ -77,13 +90,73 @@ def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
     return peak
 
 
-def peak_flops(device: torch.device | str, dtype: torch.dtype, threads: int | None = None) -> float | None:
-    """Peak FLOP/s of one device: the table for known GPUs, a measurement on CPU, None for an unknown device."""
+def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) features of the model's distinct matmuls: attention in and out, the MLP up and down, the output."""
+    hs, C = cfg.head_size, cfg.n_embd
+    return sorted({(C, (cfg.n_head + 2 * cfg.kv_heads) * hs), (C, C), (C, cfg.hidden_size), (cfg.hidden_size, C),
+                   (C, cfg.vocab_size)})
+
+
+ROWS = 512
+"""Rows (tokens) of the measured products: enough for a matmul to reach its rate, few enough for an emulated dtype."""
+
+
+def training_peak(cfg: ModelConfig, dtype: torch.dtype, threads: int) -> float:
+    """FLOP/s of the model's own matmuls as training runs them on this CPU: for each (in, out) shape, `F.linear` of
+    ROWS tokens forward and backward in `dtype` with autograd (3 products), timed up to ~0.3 s; the best shape.
+    Cached on disk like `measured_cpu_peak` (per CPU, capability, forced ISA, threads, dtype and shapes)."""
+    import torch  # here, not at the top: `raygpt plan` counts FLOPs without torch
+
+    shapes = matmul_shapes(cfg)
+    key = f"linear|{_machine_key(dtype, threads)}|{ROWS}|{shapes}"
+    stored = read_json(_peak_cache(), "peak FLOP/s cache") if _peak_cache().is_file() else {}
+    if key in stored:
+        return float(stored[key])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)  # never the global RNG: measuring must not change a training run
+    best = 0.0
+    for n_in, n_out in shapes:
+        x = torch.randn(ROWS, n_in, generator=gen).to(dtype).requires_grad_()
+        w = torch.randn(n_out, n_in, generator=gen).to(dtype).requires_grad_()
+        grad = torch.randn(ROWS, n_out, generator=gen).to(dtype)  # dense, like a real gradient (not `.sum()`'s expand)
+        fastest, spent = float("inf"), 0.0
+        for i in range(20):  # the first is a warm-up; at least 3 timings, then until 0.3 s are spent
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w).backward(grad)
+            took = time.perf_counter() - start
+            if i:
+                fastest, spent = min(fastest, took), spent + took
+            if spent > 0.3 and i >= 3:
+                break
+        best = max(best, 3 * 2 * ROWS * n_in * n_out / fastest)
+    torch.set_num_threads(previous)
+    write_json(_peak_cache(), {**stored, key: best})
+    return best
+
+
+def checked_mfu(tokens_per_sec: float, flops_per_tok: float, peak_per_device: float | None,
+                devices: int = 1) -> tuple[float | None, str | None]:
+    """(MFU, warning): the MFU, or None with a one-line warning naming the peak and the achieved FLOP/s when it is
+    above 1 — a measured peak below what training achieves is a bug of the peak, never a number for a table."""
+    value = mfu(tokens_per_sec, flops_per_tok, peak_per_device, devices)
+    if value is None or value <= 1:
+        return value, None
+    achieved = tokens_per_sec * flops_per_tok / devices
+    return None, (f"MFU {value:.2f} is above 1: achieved {achieved / 1e9:,.1f} GFLOP/s per device against a measured "
+                  f"peak of {peak_per_device / 1e9:,.1f} GFLOP/s (model.flops); MFU is left out of the metrics")
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype, threads: int | None = None,
+               model: ModelConfig | None = None) -> float | None:
+    """Peak FLOP/s of one device: the table for known GPUs; on a CPU the measured rate of `model`'s own matmuls in
+    training (`training_peak`), or of a square matmul without a model; None for an unknown device."""
     import torch  # here, not at the top: `raygpt plan` counts FLOPs without torch
 
     device = torch.device(device)
     if device.type == "cpu":
-        return measured_cpu_peak(dtype, threads or torch.get_num_threads())
+        threads = threads or torch.get_num_threads()
+        return training_peak(model, dtype, threads) if model is not None else measured_cpu_peak(dtype, threads)
     if device.type == "cuda":
         gpu = gpu_named(torch.cuda.get_device_name(device))
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, "")

@@ -133,6 +133,19 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
     return trainer.fit()
 
 
+def kept_global_batch(layout: RunLayout, resolved: int) -> int:
+    """With train.global_batch_size unset, a resume keeps the global batch its run recorded (micro × the largest
+    group of the run that wrote it) rather than refusing a run that only changed cluster.num_workers; said in one
+    line. An explicit value is compared with the record like every other setting."""
+    newest = checkpoints.newest(layout)
+    recorded = newest.record.get("fingerprint", {}).get("train.global_batch_size") if newest is not None else None
+    if not isinstance(recorded, int) or recorded == resolved:
+        return resolved
+    print(f"[train] train.global_batch_size is unset: keeping this run's global batch of {recorded} (micro-batch × "
+          f"workers would now give {resolved}); set it explicitly to start another run", flush=True)
+    return recorded
+
+
 def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterConfig, layout: RunLayout, seed: int,
                 global_batch_size: int, begin: Callable[[], Any]) -> Any:
     """The train stage (`raygpt train`): shards → committed checkpoints, resuming from the newest committed one of the
@@ -146,6 +159,8 @@ def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterCon
                         f"{manifest.vocab_size}: prepare it with that tokenizer (data.tokenizer.path: "
                         f"{model.init_from}/tokenizer.json)")
     check_model(manifest, model_cfg)
+    if train_cfg.global_batch_size is None and train_cfg.resume:
+        global_batch_size = kept_global_batch(layout, global_batch_size)
     run_fp = checkpoints.run_fingerprint(train_cfg, model_cfg, manifest, seed, global_batch_size)
     if model.init_from is not None:
         run_fp["model.init_from"] = files.fingerprint(weights_stamp(model.init_from))  # other base weights: another run

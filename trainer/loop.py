@@ -32,7 +32,7 @@ from core.layout import RunLayout, step_name
 from core.progress import progress_line
 from data_pipeline.manifest import read_manifest
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.flops import flops_per_token, mfu, peak_flops
+from model.flops import checked_mfu, flops_per_token, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
 from trainer import checkpoints, state
@@ -313,7 +313,7 @@ class Worker:
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "tokens_per_sec": tps,
-            "mfu": mfu(tps / self.world, self.flops_per_token, self.peak),
+            "mfu": self._mfu(tps / self.world),
             "elapsed_s": time.perf_counter() - started,
             "wall_time": time.time(),  # unix time of the line: resizes and restarts show as gaps
             "precision": self.precision.precision,
@@ -326,10 +326,19 @@ class Worker:
             **({"gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
         }
 
+    def _mfu(self, tokens_per_sec: float) -> float | None:
+        """This rank's MFU against the measured peak; above 1 it is None, with one warning per run."""
+        value, warning = checked_mfu(tokens_per_sec, self.flops_per_token, self.peak)
+        if warning is not None and not self.warned_mfu:
+            self.warned_mfu = True
+            log_rank0(f"[train] warning: {warning}")
+        return value
+
     def run(self) -> None:
         t = self.t
         self.flops_per_token = flops_per_token(self.cfg.model, self.manifest.seq_len)
-        self.peak = peak_flops(self.engine.device, self.precision.dtype, threads=torch.get_num_threads())
+        self.peak = peak_flops(self.engine.device, self.precision.dtype, torch.get_num_threads(), self.cfg.model)
+        self.warned_mfu = False
         self.open_logs()
         first_step, started = self.step, time.perf_counter()
         last_checkpoint = window_start = started

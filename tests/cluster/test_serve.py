@@ -25,6 +25,8 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.generate import generate_tokens
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.kernels  # CI runs these again with the CPU ISA forced to AVX2
+
 KEY = "test-key-0123"
 
 

@@ -97,6 +97,7 @@ def test_rolling_loglikelihood_agrees_with_bits_per_byte(lm: RaygptLM, shared_da
     assert score.metrics["bits_per_byte"] == pytest.approx(-rolling / math.log(2) / len(text.encode()), rel=1e-5)
 
 
+@pytest.mark.kernels  # generation: CI reruns it with the ISA forced to AVX2
 def test_generate_until_stops_at_the_stop_string(lm: RaygptLM) -> None:
     free = lm.generate_until(_requests("generate_until", [("ROMEO:", {"max_gen_toks": 20})]))[0]
     stop = next(c for c in free[3:] if c.isascii() and c.strip())  # a character the greedy continuation contains
@@ -107,6 +108,7 @@ def test_generate_until_stops_at_the_stop_string(lm: RaygptLM) -> None:
     assert long
 
 
+@pytest.mark.kernels  # generation: CI reruns it with the ISA forced to AVX2
 def test_generate_until_batched_gives_what_each_request_gives_alone(lm: RaygptLM) -> None:
     """lm-eval's generate_until decodes up to batch_size (3) requests together; the outputs are those of the
     sequential decoder, request by request (stop strings, end-of-text, budgets and a prompt past the window)."""

@@ -11,6 +11,8 @@ from model.generate import generate_tokens
 from model.gpt import GPT
 from tests.conftest import ARCHS, perturbed_model
 
+pytestmark = pytest.mark.kernels  # CI runs these again with the CPU ISA forced to AVX2
+
 
 def _run(engine: Engine, requests: list[Request], cancel_after: dict[int, int] | None = None,
          ) -> tuple[list[list[int]], list[str], int]:

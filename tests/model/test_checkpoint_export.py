@@ -98,6 +98,7 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path: Path, capsys) -> Non
     assert capsys.readouterr().err == f"raygpt: error: {tmp_path}: missing model.safetensors\n"
 
 
+@pytest.mark.kernels  # generation: CI reruns it with the ISA forced to AVX2
 def test_export_parity_with_transformers(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     assert main(["export", str(checkpoint), "--out", str(out)]) == 0

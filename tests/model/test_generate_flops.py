@@ -14,6 +14,8 @@ from model.generate import _decode_step, filter_logits, generate, generate_token
 from model.gpt import GPT, KVCache, ModelConfig
 from tests.conftest import perturbed_model
 
+pytestmark = pytest.mark.kernels  # CI runs these again with the CPU ISA forced to AVX2
+
 
 def test_filter_logits_top_k_and_top_p() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))

@@ -12,6 +12,8 @@ import pytest
 
 from model.precision import Hardware, choose, detect
 
+pytestmark = pytest.mark.kernels  # CI runs these again with the CPU ISA forced to AVX2
+
 AVX2 = Hardware("cpu", "AVX2", cpu_bf16_isa=False, peak_fp32=110e9, peak_bf16=None)
 AVX512_NO_BF16 = Hardware("cpu", "AVX512", cpu_bf16_isa=True, peak_fp32=200e9, peak_bf16=150e9)  # Skylake: emulated
 AMX = Hardware("cpu", "AVX512", cpu_bf16_isa=True, peak_fp32=220e9, peak_bf16=650e9)

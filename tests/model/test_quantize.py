@@ -20,6 +20,8 @@ from model.quantize import METHODS, QuantizeError, quantize_model
 from model.quantize_calibrate import gptq
 from model.quantize_kernels import QuantLinear, pack4, rtn_int4, unpack4
 
+pytestmark = pytest.mark.kernels  # CI runs these again with the CPU ISA forced to AVX2
+
 # relative L2 error of the logits on val blocks, measured ~3x below these on the 60-step debug model
 BOUNDS = {"int8": 0.02, "int4-rtn": 0.15, "gptq": 0.15, "awq": 0.15, "bnb-int8": 0.05, "bnb-nf4": 0.15}
 

@@ -20,6 +20,7 @@ from cluster import pipeline
 from cluster.cli import main
 from cluster.config import load_config
 from core import files
+from core.errors import RunFileError
 from core.layout import RunLayout
 from model.checkpoint import load_checkpoint
 from model.precision import detect
@@ -51,6 +52,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
+@pytest.mark.kernels  # MFU and bf16 against the measured peak
 @pytest.mark.parametrize(("stage", "precision"), [(1, "bf16"), (2, "fp32"), (3, "auto")])
 def test_zero_stages_train(prepared: Path, tmp_path: Path, stage: int, precision: str) -> None:
     """Every ZeRO stage; bf16 (emulated and slower on an AVX2 CPU, still correct), fp32, and auto (the rule of
@@ -102,18 +104,24 @@ def test_fp32_resume_after_a_crash_is_bit_identical(prepared: Path, tmp_path: Pa
     assert after == {m["step"]: m["loss"] for m in _metrics(uninterrupted) if m["step"] > 4}
 
 
-def test_resumes_at_other_world_sizes_and_zero_stages_train_on_the_same_samples(prepared: Path, tmp_path: Path) -> None:
+def test_resumes_at_other_world_sizes_and_zero_stages_train_on_the_same_samples(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """2 workers (ZeRO-1) to step 4 → 1 worker (2 micro-batches each step) to step 8 → 2 workers at ZeRO-3 to step 12,
     against an uninterrupted 2-worker ZeRO-1 run: the same global batch at every step (the digest of its samples), the
     same losses and weights up to the rounding of another reduction order, and one metrics line per step. (A constant
-    learning rate: the schedule decays to max_steps, which each leg raises.)"""
-    common = ("train.precision=fp32", "train.checkpoint_every=4", "train.global_batch_size=8", "train.warmup_steps=0",
-              "train.min_lr=3e-3")
+    learning rate: the schedule decays to max_steps, which each leg raises.) train.global_batch_size is unset: the
+    1-worker leg keeps the run's recorded 8 (micro 4 × 2 workers) and says so; an explicit other value is refused."""
+    common = ("train.precision=fp32", "train.checkpoint_every=4", "train.warmup_steps=0", "train.min_lr=3e-3")
     reference_dir = _run_dir(prepared, tmp_path, "reference")
     _train(reference_dir, *common, "train.max_steps=12")
     run_dir = _run_dir(prepared, tmp_path, "resized")
     _train(run_dir, *common, "train.max_steps=4", "cluster.num_workers=2")
+    with pytest.raises(RunFileError, match="train.global_batch_size 8 → 4"):
+        _train(run_dir, *common, "train.max_steps=8", "cluster.num_workers=1", "train.global_batch_size=4")
+    capsys.readouterr()
     _train(run_dir, *common, "train.max_steps=8", "cluster.num_workers=1", "cluster.cpus_per_worker=1")
+    assert "[train] train.global_batch_size is unset: keeping this run's global batch of 8" in capsys.readouterr().out
     _train(run_dir, *common, "train.max_steps=12", "cluster.num_workers=2", "train.zero_stage=3")
     resized, reference = _metrics(run_dir), _metrics(reference_dir)
     assert [m["step"] for m in resized] == list(range(1, 13))
