@@ -22,13 +22,22 @@ Bad configs, paths and inputs exit with status 2 and one line on stderr naming t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import traceback
+from pathlib import Path
+from typing import Any
 
-from core.errors import UserError
+from core.errors import StageFailed, UserError, one_line, root_cause, shown, user_error
+from core.files import open_append
 
 # Each command imports what it needs when it runs: `raygpt --help`, `jobs` and `submit` never load torch,
 # transformers or lm-eval (benchmarks/cli_startup.py).
+
+
+LINE_LIMIT = 400
+"""The longest error line printed; values inside it are already cut to about 100 characters (`core.errors.shown`)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,14 +131,32 @@ def _version() -> str:
         return "unknown"
 
 
-def _user_error(error: BaseException) -> BaseException | None:
-    """The user error (bad config, input or checkpoint) behind an exception, also when it was raised inside a Ray task or actor."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, UserError):
-            return seen
-        seen = seen.__cause__ or getattr(seen, "cause", None)
-    return None
+def _failed(error: StageFailed, log: Path) -> int:
+    """A stage that failed for a reason other than the user's input: the whole traceback to the run's log, one line
+    to the console (what failed, in which stage, at which step, where the rest is). Exit status 1."""
+    with open_append(log) as f:
+        f.write("".join(traceback.format_exception(error)))
+    cause = root_cause(error)
+    print(f"raygpt: error: {error}: {type(cause).__name__}: {one_line(cause, 200)} (the whole traceback is in {log}; "
+          "--verbose shows it)", file=sys.stderr)
+    return 1
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    """`generate`'s options validated as the `sample` config section is (`model.config.SampleConfig`): `--top-k 0`,
+    `--temperature nan` or `--max-new-tokens -5` are one line naming the option."""
+    from pydantic import ValidationError
+
+    from model.config import SampleConfig
+
+    values = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "top_k": args.top_k, "top_p": args.top_p, **({} if args.seed is None else {"seed": args.seed})}
+    try:
+        return SampleConfig.model_validate(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        raise UserError(f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {shown(first.get('input'))})") from None
 
 
 def _env_vars(items: list[str]) -> dict[str, str]:
@@ -157,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from model.sample import stream_text
 
-            stream_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+            opts = _sampling(args)
+            stream_text(args.checkpoint, opts.prompt, opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p,
                         args.seed, device=args.device, precision=args.precision, compile=args.compile)
         elif args.command == "export":
             from model.export import export
@@ -188,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.gpus < 1:
                 raise UserError("--gpus must be at least 1")
+            if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):
+                raise UserError(f"--tokens must be a finite number above 0 (got {args.tokens})")
+            if not (math.isfinite(args.mfu) and 0 < args.mfu <= 1):
+                raise UserError(f"--mfu must be a fraction in (0, 1] (got {args.mfu})")
             cfg = load_config(args.config, [*args.overrides, f"cluster.num_workers={args.gpus}"])  # the run on --gpus
             label = cfg.model.preset if cfg.model.init_from is None else cfg.model.init_from
             print(plan(cfg.planned_model(), label, cfg.train, cfg.global_batch_size, args.gpus, args.gpu, args.tokens,
@@ -218,19 +250,24 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.config import load_config
             from cluster.console import quiet_console
             from cluster.ray_connect import ray_session
-            from cluster.run_lock import run_lock
+            from cluster.run_lock import run_locks
 
             cfg = load_config(args.config, args.overrides)
-            with run_lock(cfg.run_dir, f"raygpt {args.command} {args.config}"):  # one writer per run_dir
-                with quiet_console(cfg.layout.console_log, verbose=args.verbose), ray_session():
-                    if args.command == "run":
-                        pipeline.run(cfg)
-                    else:
-                        pipeline.STAGES[args.command](cfg)
+            with run_locks(cfg.layout, f"raygpt {args.command} {args.config}"):  # one writer per run_dir and storage
+                try:
+                    with quiet_console(cfg.layout.console_log, verbose=args.verbose), ray_session():
+                        if args.command == "run":
+                            pipeline.run(cfg)
+                        else:
+                            pipeline.run_stage(cfg, args.command)
+                except StageFailed as e:
+                    if args.verbose:
+                        raise
+                    return _failed(e, cfg.layout.console_log)
     except Exception as e:
-        if (user := _user_error(e)) is None:
+        if (user := user_error(e)) is None:
             raise
-        print(f"raygpt: error: {str(user).splitlines()[0]}", file=sys.stderr)
+        print(f"raygpt: error: {one_line(user, LINE_LIMIT)}", file=sys.stderr)
         return 2
     return 0
 

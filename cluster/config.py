@@ -19,7 +19,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from core.config import ClusterConfig, Section
-from core.errors import UserError
+from core.errors import UserError, one_line, shown
+from core.files import RECORD_LIMIT
 from core.layout import Location, RunLayout
 from data_pipeline.config import DataConfig
 from evaluation.config import EvalConfig, QuantizeConfig
@@ -75,8 +76,8 @@ class RunConfig(Section):
     run_dir: str = ""
     """Folder holding everything the run writes (data/, checkpoints, eval/, config.yaml): a local path or an s3:// /
     gs:// URI (no shared file system needed on a cluster; `core.files`); empty means runs/<name>."""
-    seed: int = 1337
-    """Seed of every random choice in the run (model init, data order, sampling)."""
+    seed: int = Field(default=1337, ge=0, lt=1 << 32)
+    """Seed of every random choice in the run (model init, data order, sampling); numpy's range, 0 to 2³²−1."""
     data: DataConfig
     """Corpus → tokenizer → webdataset shards (`raygpt prepare`)."""
     model: ModelSection = ModelSection()
@@ -163,14 +164,39 @@ def _expand_env(value: Any, path: tuple[str | int, ...] = (), written: dict[tupl
     return value
 
 
+YAML_ALIASES, YAML_DEPTH = 100, 32
+"""Bounds of a recipe: aliases (`*name`) and nesting. A "billion laughs" file (1 KB of aliases that expand to 10⁹
+nodes) or a deeply nested one is refused before it is built."""
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """Parse YAML (safe loader) after checking its events against YAML_ALIASES and YAML_DEPTH; one-line errors."""
+    aliases = depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > YAML_ALIASES:
+                    raise ConfigError(f"{where}: more than {YAML_ALIASES} YAML aliases (*name); write the values out")
+            elif isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > YAML_DEPTH:
+                    raise ConfigError(f"{where}: nested more than {YAML_DEPTH} levels deep; not a raygpt recipe")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({one_line(e)})") from None
+
+
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, booleans, lists, null)."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+        raise ConfigError(f"override {shown(override)} is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+        value = read_yaml(raw, f"override {shown(key)}") if raw else ""
+    except ConfigError:
         value = raw
     node = tree
     parts = key.split(".")
@@ -193,7 +219,7 @@ def _one_line(error: ValidationError) -> str:
         suggestion = closest_key(tuple(first["loc"]))
         message = "unknown key" + (f" (did you mean `{suggestion}`?)" if suggestion else "")
     elif first["type"] != "missing" and "input" in first and not isinstance(first["input"], (dict, BaseModel)):
-        message += f" (got {first['input']!r})"  # a value, not a whole section
+        message += f" (got {shown(first['input'])})"  # a value, not a whole section
     more = len(error.errors()) - 1
     return f"{key or 'config'}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
@@ -203,12 +229,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.stat().st_size > RECORD_LIMIT:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is not a recipe")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = read_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for override in overrides or []:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from core.files import open_append
 from core.progress import PROGRESS
 
 OURS = re.compile(r"^\[(run|prepare|train|eval|quantize|sample|submit|report|serve)\b")
@@ -175,8 +176,7 @@ def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
     if verbose:
         yield
         return
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a", encoding="utf-8", buffering=1) as log:
+    with open_append(log_file) as log:
         out, err = sys.stdout, sys.stderr
         shown = _Shown()
         bar = _Bar(out) if out.isatty() else None  # both streams draw through it: one bottom line

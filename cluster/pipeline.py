@@ -10,7 +10,6 @@ resources; on a cluster (`cluster.address`, RAY_ADDRESS, or inside `raygpt submi
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,12 +17,14 @@ from typing import Any
 from cluster.config import RunConfig, save_resolved
 from cluster.ray_connect import connect, require_gpus
 from core import files
+from core.errors import StageFailed, user_error
 from data_pipeline.manifest import Manifest
 from data_pipeline.prepare import prepare_stage
 from evaluation.quantize import run_quantize
 from evaluation.run import run_eval
 from model.sample import sample_stage
 from trainer.driver import train_stage
+from trainer.metrics import read_metrics
 
 
 def gpu_requests(cfg: RunConfig) -> dict[str, float]:
@@ -81,6 +82,24 @@ STAGES: dict[str, Callable[[RunConfig], Any]] = {
 }
 
 
+def run_stage(cfg: RunConfig, name: str) -> Any:
+    """One stage by name; a failure that is not the user's (a worker died, a bug) is raised as `StageFailed` naming
+    the stage and, for train, the last step logged, with the original error as its cause."""
+    try:
+        return STAGES[name](cfg)
+    except Exception as e:
+        if user_error(e) is not None:
+            raise
+        raise StageFailed(name, last_step(cfg) if name == "train" else None) from e
+
+
+def last_step(cfg: RunConfig) -> int | None:
+    """The last step in the run's metrics (the local mirror: what this node logged last), None before the first."""
+    path = cfg.layout.metrics_local
+    rows = read_metrics(path.read_text(errors="replace")) if path.is_file() else []
+    return rows[-1]["step"] if rows else None
+
+
 def run(cfg: RunConfig) -> None:
     """The main job: every stage in order; complete stages skip themselves, so a re-run continues after a failure.
     Ends with the report card and a summary table: each stage's time, what it produced and where. GPUs that a stage
@@ -89,10 +108,10 @@ def run(cfg: RunConfig) -> None:
     for setting, count in gpu_requests(cfg).items():
         require_gpus(setting, count)
     results, seconds = {}, {}
-    for name, stage in STAGES.items():
+    for name in STAGES:
         started = time.perf_counter()
         print(f"[run] stage {name}", flush=True)
-        results[name] = stage(cfg)
+        results[name] = run_stage(cfg, name)
         seconds[name] = time.perf_counter() - started
         print(f"[run] stage {name} done in {seconds[name]:.1f} s", flush=True)
     from cluster.report import write_report  # matplotlib: only when a report is written
@@ -104,8 +123,8 @@ def run(cfg: RunConfig) -> None:
 def summary(cfg: RunConfig, results: dict[str, Any], seconds: dict[str, float], report: Any) -> list[str]:
     """The table `raygpt run` ends with: stage, seconds, the key figure, where its output is."""
     layout = cfg.layout
-    metrics = files.read_text(layout.metrics).splitlines() if files.is_file(layout.metrics) else []
-    last_val = next((json.loads(m) for m in reversed(metrics) if '"val_bpb"' in m), {})
+    metrics = read_metrics(files.read_text(layout.metrics)) if files.is_file(layout.metrics) else []
+    last_val = next((m for m in reversed(metrics) if "val_bpb" in m), {})
     manifest, evaluation, quantized = results.get("prepare"), results.get("eval"), results.get("quantize")
     figures = {
         "prepare": f"{sum(s.tokens for s in manifest.splits['train'].shards):,} train tokens" if manifest else "",

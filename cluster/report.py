@@ -11,21 +11,19 @@ has not run is said so. Works on a local run directory or one on object storage;
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 from core import files
 from core.errors import RunFileError
 from core.layout import Location, RunLayout
+from trainer.metrics import read_metrics
 
 PLOTS = "report"
 """Folder of the PNGs beside report.md (RunLayout.report_plot), as report.md links them."""
 
 
-def _read_json_lines(loc: Location) -> list[dict[str, Any]]:
-    if not files.is_file(loc):
-        return []
-    return [json.loads(line) for line in files.read_text(loc).splitlines() if line.strip()]
+def _read_metrics(loc: Location) -> list[dict[str, Any]]:
+    return read_metrics(files.read_text(loc)) if files.is_file(loc) else []
 
 
 def _tokens_per_step(metrics: list[dict[str, Any]]) -> int | None:
@@ -119,7 +117,7 @@ def write_report(run_dir: Location) -> Location:
     layout = RunLayout.of(run_dir)
     if not (files.is_file(layout.config) or files.is_file(layout.metrics)):
         raise RunFileError(f"{run_dir}: not a run directory (no config.yaml or metrics.jsonl)")
-    metrics = _read_json_lines(layout.metrics)
+    metrics = _read_metrics(layout.metrics)
     plots: dict[str, bytes] = {}
     name = str(layout.run_dir).rstrip("/").rsplit("/", 1)[-1]
     md = [f"# Report card: {name}", ""]

@@ -46,8 +46,16 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
             yield
         return
     folder = Path(run_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder; choose another run_dir")
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(RunLayout.of(folder).lock, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = RunLayout.of(folder).lock
+    try:  # never through a symlink: a link planted as .lock would have its target truncated and overwritten
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if os.path.islink(lock):
+            raise ConfigError(f"{lock} is a symlink; remove it (raygpt's lock is a plain file)") from None
+        raise ConfigError(f"{lock}: cannot be opened ({e.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,6 +74,24 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the flock
+
+
+@contextmanager
+def run_locks(layout: RunLayout, command: str) -> Iterator[None]:
+    """The run directory's lock, and when `cluster.storage_path` puts the checkpoints elsewhere, the same lock on
+    that folder: two runs sharing it could otherwise move each other's checkpoints away (`train.resume=false`)."""
+    with run_lock(layout.run_dir, command):
+        if _same(layout.storage, layout.run_dir):
+            yield
+            return
+        with run_lock(layout.storage, command):
+            yield
+
+
+def _same(a: str | Path, b: str | Path) -> bool:
+    if is_uri(a) or is_uri(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _holder(command: str) -> dict[str, Any]:

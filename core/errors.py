@@ -18,3 +18,51 @@ class RunFileError(UserError, ValueError):
 
 class StorageError(RunFileError):
     """Object storage that cannot be used: one line naming the location and what is wrong."""
+
+
+ECHO_LIMIT = 100
+"""Characters of a user's value echoed in an error line; a longer value is cut (a 5 MB string is not echoed whole)."""
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` for an error line, cut to about `limit` characters with the full length said."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def one_line(error: BaseException, limit: int = 120) -> str:
+    """An exception's first line, cut to `limit` characters (its type when it has no message)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The user error (bad config, input or checkpoint) behind an exception, also when it was raised inside a Ray task
+    or actor (Ray keeps it as `.cause`)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    return None
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (`raise ... from`, and Ray's `.cause` of a task or actor error)."""
+    seen = error
+    for _ in range(32):
+        inner = seen.__cause__ or getattr(seen, "cause", None)
+        if not isinstance(inner, BaseException):
+            break
+        seen = inner
+    return seen
+
+
+class StageFailed(Exception):
+    """A stage that failed for a reason other than the user's input (a worker died, a bug): the CLI prints one line
+    naming the stage, the step and the log holding the whole traceback."""
+
+    def __init__(self, stage: str, step: int | None) -> None:
+        super().__init__(f"stage {stage} failed" + (f" at step {step}" if step is not None else ""))
+        self.stage, self.step = stage, step

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from core.errors import RunFileError, StorageError
+from core.errors import RunFileError, StorageError, shown
 from core.layout import Location, is_uri
 
 if TYPE_CHECKING:
@@ -133,10 +133,16 @@ def read_text(loc: Location) -> str:
     return read_bytes(loc).decode("utf-8")
 
 
-def read_json(loc: Location, what: str = "file") -> Any:
-    """A JSON file or object, or a one-line RunFileError naming it when it is missing, unreadable or not valid JSON."""
+RECORD_LIMIT = 64 << 20
+"""The largest JSON record raygpt reads (manifest, commit record, a checkpoint's config); a bigger file is refused."""
+
+
+def read_json(loc: Location, what: str = "file", limit: int = RECORD_LIMIT) -> Any:
+    """A JSON file or object; missing, unreadable, over `limit` bytes, too deep or not JSON: a one-line RunFileError."""
     try:
-        text = read_bytes(loc).decode("utf-8")
+        if (found := size(loc)) is not None and found > limit:
+            raise RunFileError(f"{loc}: {what} of {found:,} bytes is over the {limit:,} a record may have; not reading it")
+        text = read_text(loc)
     except FileNotFoundError:
         raise RunFileError(f"{loc}: {what} not found") from None
     except UnicodeDecodeError:
@@ -147,6 +153,8 @@ def read_json(loc: Location, what: str = "file") -> Any:
         raise RunFileError(f"{loc}: unreadable {what} ({type(e).__name__})") from None
     try:
         return json.loads(text)
+    except RecursionError:
+        raise RunFileError(f"{loc}: corrupt {what}, nested too deeply") from None
     except json.JSONDecodeError as e:
         raise RunFileError(f"{loc}: corrupt {what}, not valid JSON ({e.msg} at line {e.lineno}); delete it to redo") from None
 
@@ -191,18 +199,15 @@ def fingerprint(obj: Any) -> str:
 
 def completed(record: Location, key: str) -> dict[str, Any] | None:
     """The stage record at `record` if it exists and was written for fingerprint `key`, else None."""
-    if not is_file(record):
-        return None
-    found = read_json(record, "stage record")
+    found = read_json(record, "stage record") if is_file(record) else None
     return found if isinstance(found, dict) and found.get("fingerprint") == key else None
 
 
 def inside(root: str | Path, relative: str, what: str) -> Path:
     """`root / relative`, refusing a path that leaves `root` (absolute, `..`, or through a symlink)."""
     root = Path(root).resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise RunFileError(f"{what} {relative!r} points outside {root}")
+    if not (path := (root / relative).resolve()).is_relative_to(root):
+        raise RunFileError(f"{what} {shown(relative)} points outside {root}")
     return path
 
 
@@ -243,6 +248,18 @@ def output(loc: Location) -> Iterator[IO[bytes]]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def open_append(path: Path) -> IO[str]:
+    """A local log (metrics.jsonl, console.log) opened to append lines; a symlink in its place is refused: a link
+    planted under a run directory never redirects raygpt's writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        why = "a symlink where raygpt writes its own file; remove it" if path.is_symlink() else f"unwritable ({e.strerror})"
+        raise RunFileError(f"{path}: {why}") from None
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 
 def atomic_write(loc: Location, data: bytes | str) -> Location:
@@ -314,8 +331,7 @@ def upload(local: Path, loc: Location) -> None:
 
 
 def upload_folder(local: Path, loc: Location) -> None:
-    """Every file under a local folder (or one file) → the same relative names under `loc` (files beside them are
-    left)."""
+    """Every file under a local folder (or one file) → the same names under `loc` (files beside them are left)."""
     import pyarrow.fs as pafs
 
     with _remote(loc) as (fs, path):

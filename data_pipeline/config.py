@@ -105,6 +105,10 @@ class TokenizerConfig(Section):
     def _eot_is_special(self) -> TokenizerConfig:
         if self.path is None and self.eot_token not in self.special_tokens:
             raise ValueError(f"eot_token {self.eot_token!r} must be one of special_tokens")
+        floor = 256 + len(set(self.special_tokens))  # byte-level BPE starts from all 256 bytes
+        if self.path is None and self.type == "bpe" and self.vocab_size < floor:
+            raise ValueError(f"vocab_size {self.vocab_size} is below byte-level BPE's {floor} (256 bytes + "
+                             f"{len(set(self.special_tokens))} special token(s)); give at least {floor}")
         return self
 
 
@@ -117,7 +121,7 @@ class DataConfig(Section):
     """Cleaning, filtering and deduplication."""
     tokenizer: TokenizerConfig = TokenizerConfig()
     """Tokenizer training or loading."""
-    seq_len: int = Field(default=256, ge=1)
+    seq_len: int = Field(default=256, ge=1, le=1 << 20)
     """Training context length; every stored block holds seq_len + 1 token ids (inputs and shifted targets)."""
     val_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
     """Fraction of documents (chosen by content hash, so deterministic) that go to the val split."""

@@ -16,10 +16,10 @@ import io
 import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from core import files
@@ -34,14 +34,17 @@ FORMAT_VERSION = 3
 Version 2: `fingerprint` (config and source files) replaced version 1's `config_hash`."""
 
 
+NonNegative = Annotated[int, Field(ge=0)]
+
+
 class ShardEntry(BaseModel):
     """One tar of a split."""
 
     model_config = ConfigDict(extra="forbid")
     file: str
-    sequences: int
-    tokens: int
-    bytes: int
+    sequences: NonNegative
+    tokens: NonNegative
+    bytes: NonNegative
     sha256: str
     index_sha256: str
     """sha256 of the block index beside the tar (`<shard>.idx`: an 8-byte digest per block)."""
@@ -52,10 +55,10 @@ class SplitEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     shards: list[ShardEntry]
-    sequences: int
-    documents: int
-    doc_tokens: int
-    text_bytes: int
+    sequences: NonNegative
+    documents: NonNegative
+    doc_tokens: NonNegative
+    text_bytes: NonNegative
 
 
 class Manifest(BaseModel):
@@ -64,10 +67,10 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     format_version: int
     fingerprint: str
-    vocab_size: int
-    seq_len: int
+    vocab_size: Annotated[int, Field(ge=1, le=1 << 24)]
+    seq_len: Annotated[int, Field(ge=1, le=1 << 24)]
     dtype: str
-    eot_id: int
+    eot_id: NonNegative
     eot_token: str
     splits: dict[str, SplitEntry]
 

@@ -272,6 +272,10 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
     for reason in ("duplicate", "near_duplicate"):
         if count := sum(int(w[reason]) for w in written):
             dropped[reason] = {"documents": count, "bytes": sum(int(w[f"{reason}_bytes"]) for w in written)}
+    if not sum(int(w["sequences"]) for w in written if w["split"] == "train"):
+        tokens = sum(int(w["tokens"]) + int(w["tail_tokens"]) for w in written if w["split"] == "train")
+        raise DataError(f"the train split holds {tokens:,} tokens after dedup, not one block of data.seq_len + 1 = "
+                        f"{cfg.seq_len + 1:,}; add data or lower data.seq_len")
     files.atomic_write(layout.tokenizer, fit["json"])
     manifest = _manifest(cfg, key, tokenizer, eot, dtype, num_shards, written, counts, dropped, resolved)
     _remove_stale(layout, manifest)

@@ -89,7 +89,13 @@ def _list_local(path: str, extensions: set[str] | None, follow_symlinks: bool = 
     if p.is_dir():
         root = p.resolve()
         files = []
-        for folder, _, names in os.walk(root, followlinks=follow_symlinks):
+        seen: set[tuple[int, int]] = set()  # folders walked, by (device, inode): links that loop are walked once
+        for folder, subfolders, names in os.walk(root, followlinks=follow_symlinks):
+            here = os.stat(folder)
+            if (here.st_dev, here.st_ino) in seen:
+                subfolders.clear()
+                continue
+            seen.add((here.st_dev, here.st_ino))
             for name in names:
                 f = Path(folder) / name
                 if not f.is_file() or (extensions is not None and f.suffix not in extensions):
@@ -99,7 +105,7 @@ def _list_local(path: str, extensions: set[str] | None, follow_symlinks: bool = 
                 files.append(str(f.resolve() if follow_symlinks else f))
         if not files:
             raise DataError(f"directory holds no files of the source's extensions: {path}")
-        return sorted(files)
+        return sorted(set(files))  # a file reached through two links is read once
     raise DataError(f"no such file or directory: {path}")
 
 

@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from core import files
-from core.errors import RunFileError
-from core.errors import UserError
+from core.errors import RunFileError, UserError
 from core.files import atomic_folder, fingerprint, read_json, sha256
 from core.layout import Location, RunLayout, cached_checkpoint, is_uri, join
+from model.flops import matmul_params
 from model.gpt import GPT, ModelConfig
 
 if TYPE_CHECKING:
@@ -220,6 +220,21 @@ def load_tokenizer_of(folder: Path, cfg: ModelConfig, eot_token: str) -> Tokeniz
     return tokenizer
 
 
+MIN_BYTES_PER_PARAMETER = 0.45
+"""The fewest weight-file bytes per parameter of any format raygpt writes (int4: 0.5 plus scales)."""
+
+
+def _check_size(weights: Path, cfg: ModelConfig) -> None:
+    """Refuse a config that describes far more parameters than its weights file can hold, before anything is
+    allocated (a `config.json` saying `n_layer: 100000` must not cost 8 GB of memory to find out). Counted, not built:
+    the matmul weights alone (`model.flops.matmul_params`) are a lower bound of what any file of them holds."""
+    parameters = matmul_params(cfg)
+    held = weights.stat().st_size
+    if held < parameters * MIN_BYTES_PER_PARAMETER:
+        raise CheckpointError(f"{weights.parent / CONFIG}: the config describes {parameters:,} parameters but "
+                              f"{weights.name} holds {held:,} bytes; config and weights do not belong together")
+
+
 def load_checkpoint(folder: Location, device: str | torch.device = "cpu") -> Checkpoint:
     """The checkpoint in `folder` (local, or on object storage: `local_checkpoint`), model in eval mode on `device`.
     Every problem is a one-line CheckpointError."""
@@ -231,6 +246,7 @@ def load_checkpoint(folder: Location, device: str | torch.device = "cpu") -> Che
             raise CheckpointError(f"{folder}: missing {name}")
     meta = read_meta(folder)
     cfg = load_config(folder)
+    _check_size(folder / WEIGHTS, cfg)
     tokenizer = load_tokenizer_of(folder, cfg, str(meta.get("eot_token", DEFAULT_EOT)))
     try:
         state = load_file(str(folder / WEIGHTS), device="cpu")

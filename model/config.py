@@ -160,13 +160,15 @@ class SampleConfig(Section):
 
     prompt: str = "def "
     """Text the sample continues."""
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1, le=1 << 20)
     """Tokens generated."""
-    temperature: float = Field(default=0.8, ge=0)
+    temperature: float = Field(default=0.8, ge=0, le=100)
     """Sampling temperature; 0 is greedy."""
     top_k: int | None = Field(default=50, ge=1)
     """Sample among the k most likely tokens; None for all."""
-    seed: int = 0
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Sample among the most likely tokens whose probabilities sum to top_p (nucleus sampling); None for all."""
+    seed: int = Field(default=0, ge=0, lt=1 << 63)
     """Seed of the sampling."""
     compile: bool = False
     """Decode through torch.compile (model/generate.py): the first call compiles, then each step runs one graph (a

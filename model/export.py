@@ -154,13 +154,18 @@ def _save_bnb(model: GPT, method: str, folder: Path, eot_id: int | None) -> None
         hf.save_pretrained(folder, safe_serialization=True)
 
 
-def check_out(checkpoint: str | Path, out: str | Path, force: bool) -> None:
-    """Export never destroys what it did not write: `out` may not be (or contain) the checkpoint, and must not exist
-    or be empty unless `force`."""
-    src, dst = Path(checkpoint).resolve(), Path(out).resolve()
+def check_out(source: str | Path, out: str | Path, force: bool, what: str = "the checkpoint") -> None:
+    """Export and import never destroy what they did not write: `out` may not be, contain or sit inside `source` (a
+    folder written inside a committed checkpoint breaks its commit record), may not be a file, and must not exist or
+    be empty unless `force`."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
     if dst == src or src.is_relative_to(dst):
-        raise ExportError(f"--out {out} is or contains the checkpoint {checkpoint}; choose another folder")
-    if dst.exists() and not force and (not dst.is_dir() or any(dst.iterdir())):
+        raise ExportError(f"--out {out} is or contains {what} {source}; choose another folder")
+    if dst.is_relative_to(src):
+        raise ExportError(f"--out {out} is inside {what} {source}; choose a folder outside it")
+    if dst.exists() and not dst.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder; choose a folder")
+    if dst.exists() and not force and any(dst.iterdir()):
         raise ExportError(f"--out {out} already exists and is not empty; choose a new folder or pass --force to replace it")
 
 

@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from core import files
-from model.checkpoint import TOKENIZER, save_checkpoint
-from model.export import ExportError
+from core.errors import one_line, shown
+from model.checkpoint import MIN_BYTES_PER_PARAMETER, TOKENIZER, save_checkpoint
+from model.export import ExportError, check_out
+from model.flops import matmul_params
 from model.gpt import GPT, ModelConfig
 
 
@@ -32,13 +36,25 @@ class HFImportError(ExportError):
     """A Hugging Face folder raygpt cannot import; one line."""
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or foreign one (a pickle under that name is never run) is one line."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HFImportError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a transformers folder: model.safetensors, or the shards its index names, each inside
+    the folder (an index entry like `../outside.safetensors` is refused)."""
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return [folder / "model.safetensors"]
     if (folder / "model.safetensors.index.json").is_file():
         index = files.read_json(folder / "model.safetensors.index.json", "safetensors index")
-        parts = sorted(set(index["weight_map"].values()))
-        return {k: v for f in parts for k, v in load_file(str(folder / f)).items()}
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise HFImportError(f"{folder}/model.safetensors.index.json: no 'weight_map' of tensor → file")
+        return [files.inside(folder, name, "safetensors index entry") for name in sorted(set(weight_map.values()))]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise HFImportError(f"{folder}: only pickled weights (*.bin / *.pt), which raygpt never loads; re-save them with "
                            "safe_serialization=True")
@@ -120,26 +136,57 @@ def _gpt2_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     return out
 
 
+def _model_config(folder: Path, config: Any) -> tuple[str, ModelConfig]:
+    """(model_type, raygpt config) of a transformers config.json; a missing key or an impossible shape is one line."""
+    if not isinstance(config, dict):
+        raise HFImportError(f"{folder}/config.json: not a JSON object")
+    kind = config.get("model_type")
+    if kind not in ("llama", "gpt2"):
+        raise HFImportError(f"{folder}: model_type {shown(kind)} is not supported (llama or gpt2)")
+    try:
+        return kind, (_llama_config(config) if kind == "llama" else _gpt2_config(config))
+    except KeyError as e:
+        raise HFImportError(f"{folder}/config.json: no {e.args[0]!r} (needed for {kind})") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise HFImportError(f"{folder}/config.json: {where + ': ' if where else ''}"
+                            f"{first['msg'].removeprefix('Value error, ')}") from None
+
+
 def from_hf(folder: str | Path) -> tuple[GPT, Path, str]:
-    """(the raygpt model, the folder's tokenizer.json, the end-of-text token) of a transformers folder."""
+    """(the raygpt model, the folder's tokenizer.json, the end-of-text token) of a transformers folder. Everything is
+    checked before the model is built: the config's keys and shapes, the weights' size against the parameters the
+    config describes (an absurd config is refused, not allocated), the tokenizer and the tensors."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise HFImportError(f"{folder}: no config.json (a transformers model folder is needed)")
     config = files.read_json(folder / "config.json", "transformers config")
-    kind = config.get("model_type")
-    if kind not in ("llama", "gpt2"):
-        raise HFImportError(f"{folder}: model_type {kind!r} is not supported (llama or gpt2)")
-    weights = _weights(folder)
-    cfg = _llama_config(config) if kind == "llama" else _gpt2_config(config)
+    kind, cfg = _model_config(folder, config)
+    weight_files = _weight_files(folder)
+    held = sum(f.stat().st_size for f in weight_files if f.is_file())
+    if held < matmul_params(cfg) * MIN_BYTES_PER_PARAMETER:
+        raise HFImportError(f"{folder}/config.json describes {matmul_params(cfg):,} matmul parameters but the weights "
+                            f"hold {held:,} bytes; config and weights do not belong together")
     tokenizer_file = folder / TOKENIZER  # transformers' file name too
     if not tokenizer_file.is_file():
         raise HFImportError(f"{folder}: no tokenizer.json (a fast tokenizer is needed)")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise HFImportError(f"{tokenizer_file}: not a valid tokenizers file ({one_line(e)})") from None
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise HFImportError(f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model {cfg.vocab_size}")
-    state = (_llama_weights if kind == "llama" else _gpt2_weights)(weights, cfg)
+    weights = {k: v for f in weight_files for k, v in _safetensors(f).items()}
+    try:
+        state = (_llama_weights if kind == "llama" else _gpt2_weights)(weights, cfg)
+    except KeyError as e:
+        raise HFImportError(f"{folder}: the weights lack {e.args[0]!r}, which the config's architecture needs") from None
     model = GPT(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than the config's
+        raise HFImportError(f"{folder}: weights do not match the config ({one_line(e, 200)})") from None
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise HFImportError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -147,9 +194,11 @@ def from_hf(folder: str | Path) -> tuple[GPT, Path, str]:
 
 
 def import_hf(folder: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Write the raygpt checkpoint of a transformers folder to `out` (atomically; replaces only with `force`)."""
+    """Write the raygpt checkpoint of a transformers folder to `out` (atomically; replaces only with `force`). `out`
+    may not be, contain or sit inside the source folder, nor be a file (`model.export.check_out`)."""
+    if not Path(folder).is_dir():
+        raise HFImportError(f"{folder}: not a folder (a transformers model folder is needed)")
+    check_out(folder, out, force, "the source folder")
     model, tokenizer_file, eot = from_hf(folder)
-    if Path(out).exists() and not force and any(Path(out).iterdir()):
-        raise HFImportError(f"--out {out} already exists and is not empty; choose a new folder or pass --force")
     return save_checkpoint(model, out, tokenizer_file, {"eot_token": eot, "step": 0, "imported_from": str(folder)},
                            replace=True)

@@ -62,7 +62,7 @@ def _sample(checkpoint: str, cfg: SampleConfig) -> str:
     ids = loaded.tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [loaded.eot_id]
     prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]], device=next(loaded.model.parameters()).device)
     out = generate(loaded.model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                   eos_id=loaded.eot_id, seed=cfg.seed, compile=cfg.compile)
+                   top_p=cfg.top_p, eos_id=loaded.eot_id, seed=cfg.seed, compile=cfg.compile)
     return loaded.tokenizer.decode(out[0].cpu().tolist(), skip_special_tokens=True)
 
 

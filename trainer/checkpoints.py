@@ -93,7 +93,25 @@ def _read_record(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
     if isinstance(record, dict) and record.get("version") == 1:
         raise RunFileError(f"{path}: a checkpoint of an older raygpt (DeepSpeed files by rank), which this one cannot "
                            "resume; use a new run_dir (its model folder still works for eval, export and generate)")
-    return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+        return None
+    if problem := _record_problem(record):
+        raise RunFileError(f"{path}/{RunLayout.COMMIT}: {problem}; move that checkpoint away")
+    return record
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a commit record's shape (it is read before anything it names), or None."""
+    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool) or record["step"] < 0:
+        return "'step' is not a step number"
+    if not isinstance(record.get("world_size"), int) or not 0 < record["world_size"] <= 1 << 20:
+        return "'world_size' is not a worker count"
+    if not isinstance(record.get("fingerprint"), dict):
+        return "no 'fingerprint' mapping"
+    entries = record.get("files")
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        return "no 'files' mapping of file records"
+    return None
 
 
 def step_folders(layout: RunLayout) -> dict[int, str]:

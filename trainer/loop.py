@@ -266,7 +266,7 @@ class Worker:
                   "seed": self.cfg.seed, "global_batch_size": self.cfg.global_batch_size}
         self.trackers = Trackers(self.t.loggers, layout, self.t.tracking_project, config, self.cfg.tracking_env,
                                  self.step if self.resumed else None)
-        self.metrics_file = open(layout.metrics_local, "a")
+        self.metrics_file = files.open_append(layout.metrics_local)
 
     def log(self, metrics: dict[str, Any], eta_s: float) -> None:
         """Rank 0: one progress line, one metrics.jsonl line, the scalars to the loggers."""

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core import files
 from core.files import atomic_write, remove
 from core.layout import RunLayout
-from trainer.data import StepData
+
+if TYPE_CHECKING:
+    from trainer.data import StepData
 
 
 def sample_digests(data: StepData) -> list[bytes]:
@@ -40,10 +43,23 @@ def continue_metrics(layout: RunLayout, step: int | None) -> None:
             atomic_write(layout.metrics_local, files.read_bytes(layout.metrics))
         if step is not None and files.is_dir(layout.tensorboard):
             files.download_folder(layout.tensorboard, layout.tensorboard_local)
-    if step is not None and layout.metrics_local.is_file():
-        kept = [line for line in layout.metrics_local.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(layout.metrics_local, "".join(kept))
+    if layout.metrics_local.is_file():  # a fresh start keeps none: a killed first attempt's steps are run again
+        kept = [row for row in read_metrics(layout.metrics_local.read_text()) if step is not None and row["step"] <= step]
+        atomic_write(layout.metrics_local, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def read_metrics(text: str) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl: a line that is not a JSON object with an integer step (the torn last line of a
+    killed run) is dropped, and of two rows of one step the later wins (each step is logged once)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows[row["step"]] = row
+    return [rows[step] for step in sorted(rows)]
 
 
 def upload_metrics(layout: RunLayout) -> None:

@@ -163,3 +163,76 @@ def test_submit_forwards_only_the_env_vars_it_is_given(monkeypatch: pytest.Monke
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-job")
     env = runtime_env(".", _env_vars(["HF_TOKEN", "MODE=fast"]))["env_vars"]
     assert env == {"RAY_USAGE_STATS_ENABLED": "0", "HF_TOKEN": "hf_abc123", "MODE": "fast"}
+
+
+def test_hostile_recipes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The audit's config probes: a "billion laughs" recipe (1 KB of aliases) and a deeply nested one are refused
+    before they are built; a 5 MB value is echoed cut to about 100 characters; a negative seed is refused at load,
+    not inside the workers."""
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(12))
+    with pytest.raises(ConfigError, match="more than 100 YAML aliases"):
+        load_config(_write(tmp_path, MINIMAL + laughs))
+    with pytest.raises(ConfigError, match="nested more than 32 levels deep"):
+        load_config(_write(tmp_path, MINIMAL + "deep: " + "[" * 5000 + "]" * 5000 + "\n"))
+    assert main(["prepare", str(_write(tmp_path, MINIMAL)), "train.lr=" + "x" * 5_000_000]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400 and "(5,000,002 characters)" in err
+    with pytest.raises(ConfigError, match=r"seed: Input should be greater than or equal to 0"):
+        load_config(_write(tmp_path, MINIMAL), ["seed=-1"])
+
+
+def test_run_dir_that_is_a_file_or_a_planted_lock_link(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`run_dir` naming a regular file is one line at once (not after a minute of work); RUN_DIR/.lock as a symlink
+    to another file is refused and that file is left as it was."""
+    recipe = _write(tmp_path, MINIMAL)
+    (tmp_path / "afile").write_text("mine")
+    assert main(["prepare", str(recipe), f"run_dir={tmp_path / 'afile'}"]) == 2
+    assert "afile is a file, not a folder; choose another run_dir" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").symlink_to(tmp_path / "afile")
+    assert main(["prepare", str(recipe), f"run_dir={run_dir}"]) == 2
+    assert ".lock is a symlink; remove it" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_two_runs_sharing_a_storage_path_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """cluster.storage_path is locked like the run dir: a second run whose checkpoints go to the same folder is
+    refused in one line (one with train.resume=false would otherwise move the first one's checkpoints away)."""
+    from cluster.run_lock import run_locks
+
+    recipe, storage = _write(tmp_path, MINIMAL), tmp_path / "storage"
+    first = load_config(recipe, [f"run_dir={tmp_path / 'a'}", f"cluster.storage_path={storage}"])
+    with run_locks(first.layout, "raygpt train first"):
+        assert main(["train", str(recipe), f"run_dir={tmp_path / 'b'}", f"cluster.storage_path={storage}",
+                     "train.resume=false"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{storage} is in use by pid" in err and "raygpt train first" in err
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--tokens=-1e12", "--tokens must be a finite number above 0"), ("--tokens=nan", "--tokens must be a finite"),
+    ("--tokens=inf", "--tokens must be a finite"), ("--mfu=0", "--mfu must be a fraction in (0, 1]"),
+    ("--mfu=nan", "--mfu must be a fraction"),
+])
+def test_plan_refuses_non_finite_or_negative_inputs(flag: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(REPO / "configs/demo.yaml"), flag]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-new-tokens", "0"], "--max-new-tokens: Input should be greater than or equal to 1 (got 0)"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens: Input should be greater than or equal to 1 (got -5)"),
+    (["--top-k", "0"], "--top-k: Input should be greater than or equal to 1"),
+    (["--top-p", "0"], "--top-p: Input should be greater than 0"),
+    (["--temperature", "nan"], "--temperature: Input should be a finite number"),
+    (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
+])
+def test_generate_options_are_validated_like_config_fields(flags: list[str], message: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before the checkpoint is even looked at (the path here does not exist)."""
+    assert main(["generate", "/no/such/checkpoint", "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"raygpt: error: {message}"), err

@@ -105,3 +105,35 @@ def test_warnings_are_dropped_with_their_source_line_but_tracebacks_stay_whole()
     stream.write("ValueError: boom\n")
     assert console.getvalue() == ('Traceback (most recent call last):\n  File "a.py", line 1, in <module>\n'
                                   "    x = f()\nValueError: boom\n")
+
+
+def test_a_failed_stage_is_one_line_naming_the_stage_step_and_log(tmp_path: Path, ray_session: None,
+                                                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A failure that is not the user's (here a real Ray task raising, as a dying worker does) is one console line:
+    the stage, the last step logged, the root cause and where the whole traceback is; `--verbose` raises it whole."""
+    import json
+
+    import ray
+
+    from cluster import pipeline
+    from cluster.cli import main
+    from core.errors import StageFailed
+
+    @ray.remote
+    def worker() -> None:
+        raise RuntimeError("the worker lost its device")
+
+    def train(cfg: object) -> None:
+        cfg.layout.metrics_local.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+        ray.get(worker.remote())
+
+    monkeypatch.setitem(pipeline.STAGES, "train", train)
+    run_dir = tmp_path / "run"
+    assert main(["train", SHAKESPEARE, f"run_dir={run_dir}"]) == 1
+    err = capsys.readouterr().err
+    log = run_dir / "logs" / "console.log"
+    assert err == (f"raygpt: error: stage train failed at step 3: RuntimeError: the worker lost its device (the whole "
+                   f"traceback is in {log}; --verbose shows it)\n")
+    assert "Traceback" in log.read_text() and "raise RuntimeError" in log.read_text()
+    with pytest.raises(StageFailed, match="stage train failed at step 3"):
+        main(["--verbose", "train", SHAKESPEARE, f"run_dir={run_dir}"])

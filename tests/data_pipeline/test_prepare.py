@@ -302,3 +302,25 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path: Path) -> None:
         f"raygpt: error: {SHAKESPEARE}: data.seq_len: Input should be a valid integer, unable to parse string as an "
         "integer (got 'zero')"
     ]
+
+
+def test_too_little_data_loops_and_a_small_vocabulary_are_refused(tmp_path: Path, ray_session: None, capsys) -> None:
+    """The audit's prepare probes: a corpus that packs into no block of seq_len + 1 tokens says so instead of "done"
+    with no shards; a folder whose links loop (with follow_symlinks) is walked once instead of forever; a byte-level
+    BPE vocabulary below the 256 bytes is refused instead of silently becoming 257."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i in range(3):
+        (corpus / "sub" / f"doc{i}.txt").write_text(f"document {i} " * 30)
+    (corpus / "sub" / "up").symlink_to(corpus)  # two links that loop
+    (corpus / "again").symlink_to(corpus / "sub")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: small\nrun_dir: {tmp_path / 'run'}\ndata:\n  seq_len: 100000\n  sources:\n"
+                      f"    - {{path: {corpus}, follow_symlinks: true}}\n  tokenizer:\n    vocab_size: 300\n")
+    assert main(["prepare", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"the train split holds [\d,]+ tokens after dedup, not one block of "
+                                              r"data.seq_len \+ 1 = 100,001", err), err
+    assert not (tmp_path / "run" / "data" / "manifest.json").exists()
+    assert main(["prepare", str(config), "data.tokenizer.vocab_size=64"]) == 2
+    assert "vocab_size 64 is below byte-level BPE's 257" in capsys.readouterr().err

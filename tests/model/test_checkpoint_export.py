@@ -52,7 +52,7 @@ def test_bad_checkpoint_folders(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="missing tokenizer.json"):
         load_checkpoint(missing)
     corrupt = _broken(checkpoint, tmp_path / "b")
-    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * (corrupt / "model.safetensors").stat().st_size)
     with pytest.raises(CheckpointError, match="corrupt safetensors file"):
         load_checkpoint(corrupt)
     wrong = _broken(checkpoint, tmp_path / "c")
@@ -175,3 +175,20 @@ def test_export_never_destroys_what_it_did_not_write(checkpoint: Path, tmp_path:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["export", str(ckpt), "--out", str(empty)]) == 0 and (empty / "model.safetensors").is_file()
+
+
+def test_export_into_the_checkpoint_and_an_absurd_config_are_refused(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """--out inside the checkpoint (which would break its commit record) is refused; a config.json describing
+    n_layer 100000 is refused before anything is allocated (it would take gigabytes), by load, generate and export."""
+    ckpt = _broken(checkpoint, tmp_path)
+    assert main(["export", str(ckpt), "--out", str(ckpt / "sub"), "--force"]) == 2
+    assert "is inside the checkpoint" in capsys.readouterr().err and not (ckpt / "sub").exists()
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"]["n_layer"] = 100000
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="config and weights do not belong together"):
+        load_checkpoint(ckpt)
+    for argv in (["generate", str(ckpt), "--prompt", "x"], ["export", str(ckpt), "--out", str(tmp_path / "hf")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "config and weights do not belong together" in err

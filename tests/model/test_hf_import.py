@@ -5,6 +5,7 @@ imports to the same function (logits within 1e-4), export(import(x)) gives x's w
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,8 @@ def test_import_computes_the_same_function_and_round_trips(hf_folder: Path, tmp_
 
 def test_unsupported_or_unsafe_folders_are_one_line(hf_folder: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    config = json.loads((hf_folder / "config.json").read_text())
+    original = (hf_folder / "config.json").read_text()
+    config = json.loads(original)
     if config["model_type"] == "llama":
         config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
         expected = "rope scaling 'llama3' is not supported"
@@ -73,6 +75,7 @@ def test_unsupported_or_unsafe_folders_are_one_line(hf_folder: Path, tmp_path: P
     (hf_folder / "config.json").write_text(json.dumps(config))
     assert main(["import", str(hf_folder), "--out", str(tmp_path / "a")]) == 2
     assert expected in capsys.readouterr().err
+    (hf_folder / "config.json").write_text(original)
     (hf_folder / "model.safetensors").rename(hf_folder / "pytorch_model.bin")
     assert main(["import", str(hf_folder), "--out", str(tmp_path / "b")]) == 2
     assert "only pickled weights (*.bin / *.pt), which raygpt never loads" in capsys.readouterr().err
@@ -97,3 +100,59 @@ def test_the_export_stops_generate_at_end_of_text(arch: str, tmp_path: Path, tok
     prompt = torch.tensor([[5, 6, 7, 8]])
     generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
     assert generated[0, 4:].tolist() == [eot]  # stopped right after end-of-text, not after 20 tokens
+
+
+def _import_error(src: Path, out: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> str:
+    """`raygpt import` refused in one line; the error line."""
+    assert main(["import", str(src), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("raygpt: error: "), err
+    return err
+
+
+def test_broken_folders_are_one_line_and_nothing_is_written(hf_folder: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The audit's import probes: a config.json that is not JSON, lacks a key, has heads that do not divide, or
+    describes far more parameters than the weights hold; a truncated tokenizer or weights file; a pickle named
+    model.safetensors (never run); an index whose weight_map leaves the folder."""
+    config = json.loads((hf_folder / "config.json").read_text())
+    layers = "num_hidden_layers" if config["model_type"] == "llama" else "n_layer"
+    heads = "num_attention_heads" if config["model_type"] == "llama" else "n_head"
+    out = tmp_path / "out"
+
+    def broken(name: str, change: object) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(hf_folder, folder)
+        change(folder) if callable(change) else (folder / "config.json").write_text(json.dumps(change))
+        return folder
+
+    assert "not valid JSON" in _import_error(broken("notjson", lambda f: (f / "config.json").write_text("{oops")), out, capsys)
+    assert f"no '{layers}'" in _import_error(broken("nokey", {k: v for k, v in config.items() if k != layers}), out, capsys)
+    assert "is not divisible by n_head" in _import_error(broken("heads", {**config, heads: 7}), out, capsys)
+    assert "config and weights do not belong together" in _import_error(broken("huge", {**config, layers: 100000}), out, capsys)
+    half = lambda name: lambda f: (f / name).write_bytes((f / name).read_bytes()[: (f / name).stat().st_size // 2])  # noqa: E731
+    assert "tokenizer.json: not a valid tokenizers file" in _import_error(broken("tok", half("tokenizer.json")), out, capsys)
+    assert "not a readable safetensors file" in _import_error(broken("weights", half("model.safetensors")), out, capsys)
+    pickled = broken("pickle", lambda f: torch.save({"x": torch.zeros(1 << 18)}, f / "model.safetensors"))
+    assert "not a readable safetensors file" in _import_error(pickled, out, capsys)
+
+    def outside(folder: Path) -> None:
+        (folder / "model.safetensors").rename(tmp_path / "outside.safetensors")
+        names = load_file(str(tmp_path / "outside.safetensors"))
+        index = {"weight_map": {name: "../outside.safetensors" for name in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    assert "points outside" in _import_error(broken("index", outside), out, capsys)
+    assert not out.exists()
+
+
+def test_out_never_destroys_the_source(hf_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out equal to the source, its parent or a folder inside it is refused even with --force; --out a file too."""
+    before = {p.name: p.read_bytes() for p in hf_folder.iterdir()}
+    for out in (hf_folder, hf_folder.parent):
+        assert "is or contains the source folder" in _import_error(hf_folder, out, capsys, "--force")
+    assert "is inside the source folder" in _import_error(hf_folder, hf_folder / "sub", capsys, "--force")
+    (tmp_path / "afile").write_text("mine")
+    assert "is a file, not a folder" in _import_error(hf_folder, tmp_path / "afile", capsys, "--force")
+    assert {p.name: p.read_bytes() for p in hf_folder.iterdir()} == before
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -67,3 +67,33 @@ def test_fingerprint_differences_and_rank_file_merge() -> None:
     assert checkpoints.merge_files([same, same, {"b": {"bytes": 2, "sha256": "y"}}]) == {**same, "b": {"bytes": 2, "sha256": "y"}}
     with pytest.raises(RunFileError, match="two ranks wrote different a"):
         checkpoints.merge_files([same, {"a": {"bytes": 1, "sha256": "z"}}])
+
+
+@pytest.mark.parametrize(("drop", "message"), [("fingerprint", "no 'fingerprint' mapping"),
+                                               ("files", "no 'files' mapping"), ("step", "'step' is not a step number")])
+def test_a_commit_record_of_the_wrong_shape_is_one_line(tmp_path: Path, drop: str, message: str) -> None:
+    """A commit.json without fingerprint or files (or step) is refused naming the file, not a KeyError later."""
+    layout = RunLayout.of(tmp_path)
+    folder = _checkpoint(layout, 4)
+    record = json.loads((folder / "commit.json").read_text())
+    (folder / "commit.json").write_text(json.dumps({k: v for k, v in record.items() if k != drop}))
+    with pytest.raises(RunFileError, match=rf"step-000004/commit.json: {message}.*; move that checkpoint away"):
+        checkpoints.newest(layout)
+
+
+def test_metrics_drop_a_torn_line_and_never_repeat_a_step(tmp_path: Path) -> None:
+    """A torn last line (a killed run) is dropped on resume; a resume keeps only the steps up to its checkpoint, and
+    a start with no checkpoint (the first attempt was killed before its first commit) keeps none, so the re-run never
+    logs a step twice."""
+    from trainer.metrics import continue_metrics, read_metrics
+
+    layout = RunLayout.of(tmp_path)
+    rows = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7))
+    layout.metrics_local.write_text(rows + '{"step": 7, "lo')
+    assert [r["step"] for r in read_metrics(layout.metrics_local.read_text())] == [1, 2, 3, 4, 5, 6]
+    continue_metrics(layout, 4)
+    assert [r["step"] for r in read_metrics(layout.metrics_local.read_text())] == [1, 2, 3, 4]
+    assert layout.metrics_local.read_text().count("\n") == 4  # the file itself is clean again
+    continue_metrics(layout, None)
+    assert layout.metrics_local.read_text() == ""
+    assert [r["step"] for r in read_metrics(rows + rows)] == list(range(1, 7))  # one row per step
