@@ -60,6 +60,11 @@ class ServeConfig(Section):
     `Authorization: Bearer KEY` (only its sha256 reaches the replicas)."""
     model_name: str = ""
     """The model's id in /v1/models and responses; empty: the run's name (or the checkpoint folder's)."""
+    max_prompts: int = Field(default=32, ge=1, le=4096)
+    """Prompts one request may carry (a list prompt); more is a 400."""
+    allow_public: bool = False
+    """Listen on an address other than loopback without an API key. Off: such a host needs the key (serve.api_key_env)
+    set, so a model is never served to the network by accident."""
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeConfig:

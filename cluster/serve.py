@@ -37,12 +37,12 @@ from pydantic import ValidationError
 from ray import serve
 
 from cluster.config import ClusterConfig, ServeConfig
-from cluster.serve_api import MAX_STOP, BadRequest, CompletionRequest, EngineLoop, TextStream, validation_message
+from cluster.serve_api import MAX_STOP, MAX_STOP_CHARS, BadRequest, CompletionRequest, EngineLoop, TextStream, validation_message
 from core.errors import UserError
 from core.layout import RunLayout, join
 
 APP = "raygpt"
-api = FastAPI(title="raygpt", docs_url=None, redoc_url=None)
+api = FastAPI(title="raygpt", docs_url=None, redoc_url=None, openapi_url=None)  # no schema route: nothing unkeyed
 
 
 @serve.deployment(name="raygpt")
@@ -51,20 +51,23 @@ class CompletionServer:
     """One replica: the checkpoint's model and tokenizer, and an engine decoding every client's requests together."""
 
     def __init__(self, checkpoint: str, model_name: str, max_batch: int, api_key_sha256: str | None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", max_prompts: int = 32) -> None:
         from model.batching import Engine
         from model.checkpoint import load_for_inference
 
         loaded, _ = load_for_inference(checkpoint, None, precision)  # the replica's GPU when it reserved one
         self.model, self.tokenizer, self.eot = loaded.model, loaded.tokenizer, loaded.eot_id
         self.name, self.key_sha256, self.created = model_name, api_key_sha256, int(time.time())
-        self.context = loaded.config.block_size
+        self.context, self.max_prompts = loaded.config.block_size, max_prompts
         self.engine = EngineLoop(Engine(self.model, max_batch=max_batch, eos_id=self.eot))
 
     # ------------------------------------------------------------------ routes
     @api.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
-        """Liveness, and this replica's batch: sequences decoding, waiting for a row, and finished by reason."""
+    def healthz(self, request: Request) -> dict[str, Any]:
+        """Liveness, and this replica's batch: sequences decoding, waiting for a row, and finished by reason. On a
+        keyed server only `{"status": "ok"}` without the key: nothing about the model is public."""
+        if self._auth(request) is not None:
+            return {"status": "ok"}
         engine = self.engine.engine
         return {"status": "ok", "model": self.name, "running": len(engine.running), "waiting": len(engine.waiting),
                 "finished": dict(engine.finished)}
@@ -116,8 +119,8 @@ class CompletionServer:
     def _auth(self, request: Request) -> JSONResponse | None:
         if self.key_sha256 is None:
             return None
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.key_sha256):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")  # OpenAI's: `Bearer KEY`, nothing else
+        if scheme == "Bearer" and hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.key_sha256):
             return None
         return BadRequest(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key").response()
 
@@ -136,8 +139,13 @@ class CompletionServer:
         if body.model not in (None, self.name):
             raise BadRequest(404, f"model {body.model!r} does not exist; this server has {self.name!r}", "model",
                              "model_not_found")
-        if len(body.stops) > MAX_STOP or any(not s for s in body.stops):
-            raise BadRequest(400, f"stop: at most {MAX_STOP} non-empty strings", "stop")
+        if len(body.stops) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in body.stops):
+            raise BadRequest(400, f"stop: at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                             "stop")
+        if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int):
+            if len(body.prompt) > self.max_prompts:
+                raise BadRequest(400, f"prompt: at most {self.max_prompts} prompts per request (serve.max_prompts), "
+                                      f"not {len(body.prompt)}", "prompt")
         prompt = body.prompt
         if isinstance(prompt, str):
             texts: list[str] | None = [prompt]
@@ -269,14 +277,61 @@ def start(checkpoint: str, cfg: ServeConfig, model_name: str) -> str:
     )
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     key_sha256 = hashlib.sha256(key.encode()).hexdigest() if key else None
-    app = deployment.bind(checkpoint, model_name, cfg.max_batch, key_sha256, cfg.precision)
+    app = deployment.bind(checkpoint, model_name, cfg.max_batch, key_sha256, cfg.precision, cfg.max_prompts)
     try:
         serve.run(app, name=APP, route_prefix="/")
     except RuntimeError as e:  # Serve's message names the app; the replica's traceback is in the log
         raise UserError(f"serve: the model server did not start ({str(e).splitlines()[0]}); the replica's error is "
                         "in the log (RUN_DIR/logs/console.log, or run with --verbose)") from None
-    shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    return f"http://{shown}:{cfg.port}/v1"
+    return f"http://{_url_host(cfg.host)}:{cfg.port}/v1"
+
+
+def _url_host(host: str) -> str:
+    """The address a client uses: a wildcard is every interface, named by this node's address."""
+    import ray
+
+    host = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
+    return f"[{host}]" if ":" in host else host
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_listen(cfg: ServeConfig, cluster: ClusterConfig) -> None:
+    """Before anything starts: a host other than loopback needs the API key (or serve.allow_public), and a local
+    server's port must be free. Ray Serve binds its proxy with SO_REUSEPORT, so a second server on a busy port would
+    silently share it (clients' requests split between two models); a plain bind here fails instead. On a cluster
+    (an address is set) the proxy listens on the head node, not here: only the key rule applies."""
+    import socket
+
+    if cfg.host not in LOOPBACK and not os.environ.get(cfg.api_key_env) and not cfg.allow_public:
+        raise UserError(f"serve.host {cfg.host} listens beyond this machine without an API key: set {cfg.api_key_env}, "
+                        "or serve.allow_public=true to serve to anyone who can reach it")
+    if cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((cfg.host, cfg.port))
+        except OSError as e:
+            raise UserError(f"serve.port {cfg.port} on {cfg.host} is in use ({_holder(cfg)}); stop it or choose "
+                            f"another --port ({e.strerror})") from None
+
+
+def _holder(cfg: ServeConfig) -> str:
+    """What answers on the port: a raygpt server names its model (when its key is not needed), else a process."""
+    import urllib.request
+
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else "::1" if cfg.host == "::" else cfg.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            health = json.loads(answer.read(4096))
+    except (OSError, ValueError):
+        return "by another process"
+    if isinstance(health, dict) and "model" in health:
+        return f"raygpt serve of {health['model']!r} answers there"
+    return "a keyed raygpt server answers there" if health == {"status": "ok"} else "by another process"
 
 
 def stop() -> None:
@@ -290,6 +345,7 @@ def serve_forever(target: Target) -> None:
 
     from cluster import ray_connect
 
+    check_listen(target.serve, target.cluster)
     ray_connect.connect(target.cluster)
     ray_connect.require_gpus("serve.num_gpus", target.serve.num_gpus)
     url = start(target.checkpoint, target.serve, target.model_name)

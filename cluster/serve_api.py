@@ -12,6 +12,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 MAX_STOP = 4  # OpenAI's limit of stop sequences
+MAX_STOP_CHARS = 256
+"""The longest stop string: matching costs at most MAX_STOP × MAX_STOP_CHARS character comparisons per token, so it
+stays microseconds on the event loop (a thread would not help: matching holds the GIL)."""
 
 
 class CompletionRequest(BaseModel):
@@ -25,7 +28,8 @@ class CompletionRequest(BaseModel):
     temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0, le=2)
     top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+    """What torch's generator takes: a 64-bit value."""
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     """{"include_usage": true}: a last chunk with the token counts (OpenAI's)"""
@@ -72,9 +76,10 @@ class TextStream:
         if text.endswith("\ufffd"):  # a multi-byte character not complete yet
             return ""
         self.text = text
-        for stop in self.stop:
-            if (at := text.find(stop)) != -1:
+        for stop in self.stop:  # only the new end can hold a stop: what was sent had none
+            if (at := text.find(stop, max(0, self.sent - len(stop)))) != -1:
                 self.text, self.stopped = text[:at], True
+                text = self.text
         safe = len(self.text) if self.stopped else len(self.text) - self._held_back()
         piece = self.text[self.sent : max(safe, self.sent)]
         self.sent += len(piece)
@@ -87,7 +92,8 @@ class TextStream:
 
     def _held_back(self) -> int:
         """Characters at the end that begin a stop string: not sent until it is clear they do not end the text."""
-        return max((k for stop in self.stop for k in range(1, len(stop)) if self.text.endswith(stop[:k])), default=0)
+        tail = self.text[-MAX_STOP_CHARS:]
+        return max((k for stop in self.stop for k in range(1, len(stop)) if tail.endswith(stop[:k])), default=0)
 
 
 class EngineLoop:

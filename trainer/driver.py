@@ -33,7 +33,7 @@ from data_pipeline.manifest import Manifest, read_manifest
 from model.checkpoint import published_step, weights_stamp
 from model.config import ModelSection
 from model.gpt import ModelConfig
-from trainer import checkpoints
+from trainer import checkpoints, liveness
 from trainer.config import TrainConfig
 from trainer.data import even_world_sizes
 from trainer.loop import WorkerConfig, train_loop_per_worker
@@ -178,7 +178,7 @@ def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterCon
     begin()
     worker = WorkerConfig(train=train_cfg, model=model_cfg, layout=layout, seed=seed, global_batch_size=global_batch_size,
                           use_gpu=cluster.use_gpu, eot_token=manifest.eot_token, fingerprint=run_fp,
-                          init_from=model.init_from, tracking_env=tracking_env())
+                          init_from=model.init_from, tracking_env=tracking_env(), driver=liveness.identity())
     result = train(worker, cluster)
     step = published_step(layout.checkpoint)
     files.write_json(layout.train_done, {"fingerprint": done_key, "step": step})

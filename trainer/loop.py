@@ -35,7 +35,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.flops import checked_mfu, flops_per_token, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
-from trainer import checkpoints, state
+from trainer import checkpoints, liveness, state
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.data import SampleOrder, SampleReader, StepData, grad_accum, rank_steps, val_ids
 from trainer.metrics import batch_digest, continue_metrics, sample_digests, upload_metrics
@@ -62,10 +62,16 @@ class WorkerConfig:
     """A raygpt checkpoint whose weights replace the random init (model.init_from); a resume overwrites them."""
     tracking_env: dict[str, str] = field(default_factory=dict)
     """The driver's W&B / MLflow settings (trainer.tracking.TRACKING_ENV), for rank 0's trackers."""
+    driver: dict[str, str | int] | None = None
+    """The driver process (`trainer.liveness.identity`): workers on its machine stop when it is gone."""
     faults: dict[str, int] = field(default_factory=dict)
     """Tests only (set by the driver from RAYGPT_TEST_FAULTS): exit_after_step kills the last rank once after that
     step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit; step_ms makes every step
     last at least that long (so a test can act mid-run on any CPU)."""
+
+
+class DriverGone(RuntimeError):
+    """The driver that started this worker group died (`trainer.liveness`)."""
 
 
 def log_rank0(message: str) -> None:
@@ -244,6 +250,7 @@ class Worker:
             return
         if step == self.cfg.faults.get("kill_before_commit"):
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
+        self._driver_alive()  # never commit for a driver that is gone: its lock is released, the run dir may be reused
         # the metrics up to this step first: once the commit exists, a resume from it (on any node) must find them
         upload_metrics(layout)
         record = checkpoints.commit(layout, step, self.cfg.fingerprint, self.world, checkpoints.merge_files(every))  # type: ignore[arg-type]
@@ -252,6 +259,11 @@ class Worker:
             save_checkpoint(model, layout.model_dir(step), layout.data.tokenizer, extra=self._model_meta(), replace=True)
         checkpoints.publish(layout, step, record)
         checkpoints.prune(layout, self.t.keep_checkpoints)
+
+    def _driver_alive(self) -> None:
+        if liveness.gone(self.cfg.driver):
+            raise DriverGone(f"[train] the driver (pid {self.cfg.driver['pid']}) is gone: rank {self.rank} stops at "
+                             f"step {self.step} without committing")
 
     # -- log ---------------------------------------------------------------------------------------------------------
     def open_logs(self) -> None:
@@ -347,6 +359,7 @@ class Worker:
         data_iter = rank_steps(self.train_data, self.order, self.step, self.cfg.global_batch_size, t.micro_batch_size,
                                self.rank, self.world)
         while self.step < t.max_steps:
+            self._driver_alive()
             t0 = time.perf_counter()
             data = next(data_iter)
             loss, step_phases = self.train_step(data)

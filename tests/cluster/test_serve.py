@@ -20,6 +20,7 @@ import openai
 import pytest
 import torch
 
+from cluster.cli import main
 from cluster.config import ServeConfig
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.generate import generate_tokens
@@ -117,7 +118,7 @@ def test_sixteen_concurrent_clients_each_get_what_the_request_gives_alone(client
 
 
 def _health(server: str) -> dict:
-    return httpx.get(server.removesuffix("/v1") + "/healthz").json()
+    return httpx.get(server.removesuffix("/v1") + "/healthz", headers={"Authorization": f"Bearer {KEY}"}).json()
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,10 @@ def _health(server: str) -> dict:
         ({"prompt": "x", "top_p": 0}, 400, "top_p"),
         ({"prompt": "x", "n": 2}, 400, "n: Input should be less than or equal to 1"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: at most 4"),
+        ({"prompt": "x", "stop": ["x" * 20_000] * 4}, 400, "stop: at most 4 non-empty strings of at most 256"),
+        ({"prompt": "x", "seed": 2**64}, 400, "seed: Input should be less than"),
+        ({"prompt": "x", "seed": 2**64, "stream": True}, 400, "seed: Input should be less than"),
+        ({"prompt": ["x"] * 33}, 400, "prompt: at most 32 prompts per request (serve.max_prompts), not 33"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),
         ({"prompt": [1, 99999]}, 400, "token ids must be in 0..511"),
         ([1, 2], 400, "the body must be a JSON object"),
@@ -169,12 +174,38 @@ def test_a_client_that_disconnects_mid_stream_is_dropped_from_the_batch(server: 
 
 
 def test_the_api_key_is_required_when_set(server: str) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+    """OpenAI's scheme exactly (a bare key, or another scheme, is refused); without the key only a bare liveness
+    answer is public (no model name, no batch, no schema)."""
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
         for method, path in (("GET", "/models"), ("POST", "/completions")):
             answer = httpx.request(method, server + path, json={"prompt": "x"}, headers=headers, timeout=30)
             assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server, api_key="wrong", max_retries=0).completions.create(model="shakespeare", prompt="x")
+    root = server.removesuffix("/v1")
+    assert httpx.get(f"{root}/healthz", timeout=30).json() == {"status": "ok"}
+    assert httpx.get(f"{root}/healthz", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()["model"] == "shakespeare"
+    assert httpx.get(f"{root}/openapi.json", timeout=30).status_code == 404
+
+
+def test_a_second_server_on_a_busy_port_or_a_public_one_without_a_key_is_refused(
+    server: str, trained_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray Serve's proxy binds with SO_REUSEPORT: a keyless second `raygpt serve` on the keyed one's port would share
+    it. It is refused in one line naming what answers there, before Ray is touched; so is a host beyond loopback
+    without a key, unless serve.allow_public."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAYGPT_API_KEY", raising=False)
+    port = server.removesuffix("/v1").rsplit(":", 1)[1]
+    assert main(["serve", str(trained_run / "checkpoint"), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"raygpt: error: serve.port {port} on 127.0.0.1 is in use (a keyed raygpt server answers there); "
+                   "stop it or choose another --port (Address already in use)\n")
+    assert main(["serve", str(trained_run / "checkpoint"), "--host", "0.0.0.0", "--port", port]) == 2
+    assert "serve.host 0.0.0.0 listens beyond this machine without an API key: set RAYGPT_API_KEY" in capsys.readouterr().err
+    assert main(["serve", str(trained_run / "checkpoint"), "--host", "0.0.0.0", "--port", port,
+                 "serve.allow_public=true"]) == 2  # allowed past the key rule, and still refused: the port is busy
+    assert "is in use" in capsys.readouterr().err
 
 
 def test_raygpt_serve_starts_on_a_run_dir_and_stops_on_ctrl_c(trained_run: Path, tmp_path: Path) -> None:
