@@ -22,20 +22,43 @@ class ResourceError(UserError):
     """A request for resources this Ray can never provide; one line instead of a task that waits forever."""
 
 
+LOCAL_SYSTEM_CONFIG = {
+    "worker_niceness": 0,
+    "health_check_timeout_ms": 30_000,
+    "health_check_failure_threshold": 20,
+}
+"""Ray's settings for a local Ray. Workers run at normal priority (Ray's default is nice 15): on a laptop any other
+busy process would otherwise take a core from one training rank almost entirely (CFS weight 1024 vs 36), and the other
+rank then waits for it at every all-reduce. Health checks tolerate a saturated machine (a load of 10-30 on 2 cores
+was seen to fail Ray's defaults, 10 s × 5, with "lagging heartbeats" and lost objects): a single node has no other
+node to fail over to, so declaring it dead only loses the work; it takes 20 missed checks of 30 s here."""
+
+STARTS = 2
+"""Tries at starting a local Ray: Ray waits a fixed 30 s for its raylet, which a saturated machine can miss once."""
+
+
 def start_local(num_cpus: int | None = None, **kwargs: object) -> None:
     """A private local Ray. address="local" always starts a fresh instance (a stale ray_current_cluster file can't
-    redirect it); the dashboard stays off, so nothing listens beyond what Ray itself needs. Workers run at normal
-    priority (Ray's default is nice 15): on a laptop any other busy process would otherwise take a core from one
-    training rank almost entirely (CFS weight 1024 vs 36), and the other rank then waits for it at every all-reduce."""
+    redirect it); the dashboard stays off, so nothing listens beyond what Ray itself needs. A start that times out
+    (a busy machine) is tried once more, then is one line naming the cause."""
     global LOCAL
     LOCAL = True
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        _system_config={"worker_niceness": 0},
-        **kwargs,  # type: ignore[arg-type]
-    )
+    for attempt in range(1, STARTS + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)  # type: ignore[arg-type]
+            return
+        except Exception as e:  # Ray raises a bare Exception for the startup timeout
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()  # the half-started processes of this try
+            if attempt == STARTS:
+                load = os.getloadavg()[0]
+                raise UserError(f"Ray did not start on this machine in {STARTS} tries of 30 s: it is saturated (load "
+                                f"{load:.0f} on {os.cpu_count()} cores); retry when it is less busy, or give raygpt "
+                                "a cluster (cluster.address)") from None
+            print(f"[run] Ray did not start within 30 s (load {os.getloadavg()[0]:.0f} on {os.cpu_count()} cores); "
+                  "trying once more", flush=True)
 
 
 def connect(cfg: ClusterConfig) -> int:

@@ -10,9 +10,11 @@ its own sandbox:
 
 - `bwrap` (bubblewrap, the default; `make install` and the cluster image install it): new user, pid, network, ipc,
   uts and cgroup namespaces; a read-only root in which the program sees only /usr (read-only), a fresh /proc of its
-  own pid namespace, a minimal /dev and two small empty tmpfs (/work, its cwd, and /tmp); no network at all (not even the host's loopback); uid
-  65534 inside and, when the evaluator is root, also outside (so process limits bind); no environment; no
-  capabilities; no new user namespaces. rlimits cap CPU time, address space, file size, open files and processes.
+  own pid namespace, a minimal read-only /dev and three small empty tmpfs (/work, its cwd, /tmp and /dev/shm); no
+  network at all (not even the host's loopback); uid 65534 inside and, when the evaluator is root, also outside (so
+  process limits bind); no environment; no capabilities; no new user namespaces; no kernel keyrings (seccomp). rlimits
+  cap CPU time, address space, file size, open files and processes, and the process tree's memory is capped as a
+  whole: by a cgroup of its own where the node allows one, else by fewer processes (evaluation/confine.py).
 - `subprocess` (explicitly weaker, `eval.sandbox: subprocess`): the same limits, environment and output caps, but no
   namespaces: the program runs as the evaluator's user and can read what it can read and reach the network.
 
@@ -37,9 +39,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import comb
 from typing import Any, Literal
+
+from evaluation import confine
 
 Backend = Literal["bwrap", "subprocess"]
 BACKENDS: tuple[Backend, ...] = ("bwrap", "subprocess")
@@ -105,17 +109,25 @@ def _system_mounts() -> list[str]:
     return args
 
 
-def _bwrap_argv(bwrap: str, python: str, limits: Limits, program_fd: int) -> list[str]:
+def _bwrap_argv(bwrap: str, python: str, limits: Limits, program_fd: int, seccomp_fd: int | None) -> list[str]:
     size = str(limits.file_mb << 20)
     return [
         bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
         "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox", "--cap-drop", "ALL",
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work", "--setenv", "PYTHONHASHSEED", "0",
-        *_system_mounts(), "--proc", "/proc", "--dev", "/dev",
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),  # no keyrings (evaluation/confine.py)
+        *_system_mounts(), "--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm",
         "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/work",
-        "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--remount-ro", "/", "--chdir", "/work",
-        python, "-I", "-c", _launcher(limits, "/sandbox/program.py"),
+        "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--remount-ro", "/dev", "--remount-ro", "/",
+        "--chdir", "/work", python, "-I", "-c", _launcher(limits, "/sandbox/program.py"),
     ]
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 @functools.cache
@@ -164,23 +176,39 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # its whole session; with bwrap, the pid namespace dies with its init
 
 
+def memory_bound(limits: Limits, cgroup: bool) -> tuple[Limits, str]:
+    """The limits a program runs under, and the sentence saying how its memory is bounded as a whole: by its own
+    cgroup, or by fewer processes each with a share of the cap (their product stays under it)."""
+    if cgroup:
+        return limits, f"a cgroup caps each program's process tree at {limits.memory_mb} MiB"
+    processes = min(limits.processes, confine.FALLBACK_PROCESSES)
+    shared = replace(limits, processes=processes, memory_mb=limits.memory_mb // processes)
+    return shared, (f"no memory cgroup on this node: at most {processes} processes of {shared.memory_mb} MiB each "
+                    f"({limits.memory_mb} MiB in all)")
+
+
 def _run(program: str, limits: Limits, backend: Backend, python: str) -> Verdict:
     started = time.monotonic()
     deadline = started + limits.timeout_s
-    fd = os.memfd_create("raygpt-program")  # the program reaches the sandbox as a sealed-off copy, never a host path
+    fd = _memfd("raygpt-program", program.encode())  # the program reaches the sandbox as a copy, never a host path
+    bpf = confine.keyring_filter() if backend == "bwrap" else None
+    seccomp = _memfd("raygpt-seccomp", bpf) if bpf is not None else None
     try:
-        os.write(fd, program.encode())
-        os.lseek(fd, 0, os.SEEK_SET)
-        with tempfile.TemporaryDirectory(prefix="raygpt-exec-") as tmp:  # the subprocess backend's cwd
+        with tempfile.TemporaryDirectory(prefix="raygpt-exec-") as tmp, \
+                confine.program_cgroup(limits.memory_mb << 20) as procs:  # the subprocess backend's cwd; the cgroup
+            limits = memory_bound(limits, procs is not None)[0]
             if backend == "bwrap":
-                argv, cwd = _bwrap_argv(shutil.which("bwrap") or "bwrap", python, limits, fd), "/"
+                argv, cwd = _bwrap_argv(shutil.which("bwrap") or "bwrap", python, limits, fd, seccomp), "/"
             else:
                 argv, cwd = [python, "-I", "-c", _launcher(limits, f"/dev/fd/{fd}")], tmp
             as_nobody = backend == "bwrap" and os.geteuid() == 0  # root is exempt from RLIMIT_NPROC: drop it first
+            if procs is not None or as_nobody:  # join the cgroup, then drop root, then become the sandbox
+                entry = confine.enter_and_drop(str(procs) if procs else None, NOBODY if as_nobody else None)
+                argv = [sys.executable, "-I", "-c", entry, *argv]
             proc = subprocess.Popen(
                 argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}, pass_fds=(fd,), start_new_session=True,
-                **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}),
+                env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}, start_new_session=True,
+                pass_fds=(fd,) if seccomp is None else (fd, seccomp),
             )
             assert proc.stderr is not None
             try:
@@ -197,6 +225,8 @@ def _run(program: str, limits: Limits, backend: Backend, python: str) -> Verdict
                     proc.wait(timeout=KILL_WAIT_S)
     finally:
         os.close(fd)
+        if seccomp is not None:
+            os.close(seccomp)
     seconds = time.monotonic() - started
     if status is None:
         return Verdict(False, "timed out", seconds)
@@ -280,7 +310,8 @@ def main(argv: list[str]) -> int:
     except CodeExecutionRefused as e:
         print(e, file=sys.stderr)
         return 1
-    print(f"the {backend} sandbox works on this node ({python})")
+    print(f"the {backend} sandbox works on this node ({python}); memory: "
+          f"{memory_bound(Limits.from_env(), confine.memory_cgroups())[1]}")
     return 0
 
 

@@ -37,15 +37,23 @@ def _files(data_dir: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real console script, in its own process with its own local Ray."""
+    """The real console script, in its own process with its own local Ray, on a busy node: CPU hogs hold every core
+    while Ray starts and the stage runs (users' machines are busy too; Ray's default health checks were seen to fail
+    under such load)."""
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    result = subprocess.run(
-        [RAYGPT, "prepare", SHAKESPEARE, f"run_dir={run_dir}", "cluster.num_cpus=2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        result = subprocess.run(
+            [RAYGPT, "prepare", SHAKESPEARE, f"run_dir={run_dir}", "cluster.num_cpus=2"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "RAY_ADDRESS": ""},
+        )
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[prepare" in result.stdout and "done in" in result.stdout
     return run_dir / "data"

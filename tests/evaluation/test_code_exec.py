@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation import code_exec
+from evaluation import code_exec, confine
 from evaluation.code_exec import CodeExecutionRefused, Limits, SandboxedCodeEval, check_backend, run_program
 from evaluation.tasks import human_eval_file
 from tests.conftest import REPO
@@ -240,3 +240,85 @@ def test_the_check_command_says_whether_the_sandbox_works() -> None:
     done = subprocess.run([sys.executable, "-m", "evaluation.code_exec", "check"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "the bwrap sandbox works on this node" in done.stdout
+    bound = "a cgroup caps each program's process tree" if confine.memory_cgroups() else "no memory cgroup on this node"
+    assert f"memory: {bound}" in done.stdout, done.stdout
+
+
+def test_no_tmpfs_outgrows_its_size_and_dev_is_read_only() -> None:
+    """/dev and /dev/shm were tmpfs mounts with no size (half the node's RAM): 600 MiB written there escaped the
+    address-space limit. Now /dev is read-only and /dev/shm as small as the other tmpfs."""
+    program = """
+import os
+for path in ("/dev/escaped", "/dev/shm/../escaped"):
+    try:
+        open(path, "w").write("x")
+    except OSError:
+        continue
+    raise SystemExit(f"wrote {path}")
+try:
+    with open("/dev/shm/big", "wb") as f:
+        for _ in range(600):
+            f.write(b"x" * (1 << 20))
+    raise SystemExit("wrote 600 MiB to /dev/shm")
+except OSError:
+    pass
+"""
+    verdict = _run(program)
+    assert verdict.passed, verdict.reason
+
+
+@pytest.mark.parametrize("cgroup", [True, False], ids=["cgroup", "shared-rlimits"])
+def test_the_memory_of_a_process_tree_is_capped_as_a_whole(cgroup: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight children each touching 80 MiB (640 MiB in all) under a 256 MiB cap: the tree does not fit. With a cgroup
+    (where this node has one) the kernel kills inside it and one process alone still gets the whole cap; without one
+    (forced here), fewer processes with a share each, whose product stays under the cap, fail first."""
+    if cgroup and not confine.memory_cgroups():
+        pytest.skip("no memory cgroup can be made on this node (not root, or no writable memory controller)")
+    if not cgroup:
+        monkeypatch.setattr(confine, "_own_cgroup", lambda: None)
+        shared, _ = code_exec.memory_bound(Limits(memory_mb=256), cgroup=False)
+        assert shared.processes * shared.memory_mb <= 256
+    program = """
+import os, sys, time
+children = []
+for _ in range(8):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            block = bytearray(80 << 20)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            time.sleep(1.5)
+        except MemoryError:
+            os._exit(3)
+        os._exit(0)
+    children.append(pid)
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+sys.exit(0 if all(code == 0 for code in codes) else f"children ended with {codes}")
+"""
+    if cgroup:
+        alone = run_program("b = bytearray(80 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1",
+                            Limits(timeout_s=10, memory_mb=256))
+        assert alone.passed, alone.reason
+    verdict = run_program(program, Limits(timeout_s=10, memory_mb=256))
+    assert not verdict.passed and verdict.reason != "timed out", verdict
+    assert _leftovers() == []
+
+
+def test_keyrings_and_host_paths_are_hidden(tmp_path: Path) -> None:
+    """keyctl on the session and user keyrings is refused (seccomp: EPERM); mountinfo names no host path beyond the
+    system folders the sandbox shows anyway."""
+    program = f"""
+import ctypes, errno, platform
+libc = ctypes.CDLL(None, use_errno=True)
+keyctl = {{"x86_64": 250, "aarch64": 219}}[platform.machine()]
+for spec in (-3, -4, -5):  # session, user, user-session keyring: KEYCTL_GET_KEYRING_ID
+    if libc.syscall(keyctl, 0, spec, 0) != -1 or ctypes.get_errno() != errno.EPERM:
+        raise SystemExit(f"keyring {{spec}} is reachable")
+mounts = open("/proc/self/mountinfo").read()
+for host in ({str(REPO)!r}, {str(tmp_path)!r}, {os.path.expanduser("~")!r} + "/", "/tmp/raygpt-exec"):
+    if host in mounts:
+        raise SystemExit(f"mountinfo shows {{host}}")
+"""
+    verdict = _run(program)
+    assert verdict.passed, verdict.reason
