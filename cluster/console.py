@@ -82,14 +82,20 @@ class _Filter(io.TextIOBase):
     """A text stream that writes every line to `log` and the lines a person needs to `console`."""
 
     def __init__(self, console: TextIO, log: TextIO, shown: _Shown, bar: "_Bar | None" = None) -> None:
-        self.console, self.log, self.pending, self.shown, self.after_warning = console, log, "", shown, False
+        self.console, self.pending, self.shown, self.after_warning = console, "", shown, False
+        self.log: TextIO | None = log
         self.bar = bar
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        if self.log is not None:
+            try:
+                self.log.write(text)
+            except OSError as e:  # a full disk: the console goes on (the exit status and message must still come)
+                self.log = None
+                self.console.write(f"[run] warning: the log file cannot be written ({e.strerror}); console only\n")
         self.pending += text
         while "\n" in self.pending:
             line, self.pending = self.pending.split("\n", 1)
@@ -126,7 +132,11 @@ class _Filter(io.TextIOBase):
         self.console.flush()
 
     def flush(self) -> None:
-        self.log.flush()
+        if self.log is not None:
+            try:
+                self.log.flush()
+            except OSError:
+                self.log = None
         self.console.flush()
 
     def isatty(self) -> bool:
@@ -176,7 +186,8 @@ def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
     if verbose:
         yield
         return
-    with open_append(log_file) as log:
+    log = open_append(log_file)
+    with contextlib.closing(_Closing(log)):
         out, err = sys.stdout, sys.stderr
         shown = _Shown()
         bar = _Bar(out) if out.isatty() else None  # both streams draw through it: one bottom line
@@ -195,6 +206,17 @@ def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
             if bar is not None:
                 bar.finish()
             sys.stdout, sys.stderr = out, err
+
+
+class _Closing:
+    """Closes the log at the end even when its last flush fails (a full disk): the command's own error comes first."""
+
+    def __init__(self, log: TextIO) -> None:
+        self.log = log
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.log.close()
 
 
 def _redirect_library_loggers(streams: set[TextIO], target: TextIO) -> list[tuple[logging.StreamHandler, TextIO]]:

@@ -137,3 +137,14 @@ def test_a_failed_stage_is_one_line_naming_the_stage_step_and_log(tmp_path: Path
     assert "Traceback" in log.read_text() and "raise RuntimeError" in log.read_text()
     with pytest.raises(StageFailed, match="stage train failed at step 3"):
         main(["--verbose", "train", SHAKESPEARE, f"run_dir={run_dir}"])
+
+
+def test_a_full_disk_leaves_the_console_working(capsys) -> None:
+    """Writing the log fails with ENOSPC (/dev/full): one warning, and the command's lines still reach the console
+    (it used to end with exit status 120, "lost sys.stderr")."""
+    with quiet_console(Path("/dev/full")):
+        print("[train] step 1/2", flush=True)
+        print("[train] done", flush=True)
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["[run] warning: the log file cannot be written (No space left on device); console only",
+                                "[train] step 1/2", "[train] done"], out
