@@ -81,17 +81,22 @@ def test_zero_stages_train(prepared: Path, tmp_path: Path, stage: int, precision
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+REFERENCE = ("train.precision=fp32", "train.checkpoint_every=4", "train.warmup_steps=0", "train.min_lr=3e-3")
+"""The reference run's settings: fp32, checkpoints every 4 steps, a constant learning rate (the schedule decays to
+max_steps, which a resume at another world size raises leg by leg)."""
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp32, 12 steps, checkpoints every 4: the reference for resume and failure recovery."""
+    """12 steps of REFERENCE on the default 2 workers: the reference for resume, resize and failure recovery."""
     run_dir = _run_dir(prepared, tmp_path_factory.mktemp("ref"), "run")
-    _train(run_dir, "train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4")
+    _train(run_dir, *REFERENCE, "train.max_steps=12")
     return run_dir
 
 
 def test_fp32_resume_after_a_crash_is_bit_identical(prepared: Path, tmp_path: Path, uninterrupted: Path) -> None:
     run_dir = _run_dir(prepared, tmp_path, "resumed")
-    args = ("train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4")
+    args = (*REFERENCE, "train.max_steps=12")
     with pytest.raises(Exception, match="(?i)fail|died|exit"):
         _train(run_dir, *args, faults={"exit_after_step": 7})  # a worker dies after step 7, no retries: the run fails
     assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 4
@@ -105,16 +110,14 @@ def test_fp32_resume_after_a_crash_is_bit_identical(prepared: Path, tmp_path: Pa
 
 
 def test_resumes_at_other_world_sizes_and_zero_stages_train_on_the_same_samples(
-    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    prepared: Path, tmp_path: Path, uninterrupted: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """2 workers (ZeRO-1) to step 4 → 1 worker (2 micro-batches each step) to step 8 → 2 workers at ZeRO-3 to step 12,
     against an uninterrupted 2-worker ZeRO-1 run: the same global batch at every step (the digest of its samples), the
     same losses and weights up to the rounding of another reduction order, and one metrics line per step. (A constant
     learning rate: the schedule decays to max_steps, which each leg raises.) train.global_batch_size is unset: the
     1-worker leg keeps the run's recorded 8 (micro 4 × 2 workers) and says so; an explicit other value is refused."""
-    common = ("train.precision=fp32", "train.checkpoint_every=4", "train.warmup_steps=0", "train.min_lr=3e-3")
-    reference_dir = _run_dir(prepared, tmp_path, "reference")
-    _train(reference_dir, *common, "train.max_steps=12")
+    common, reference_dir = REFERENCE, uninterrupted
     run_dir = _run_dir(prepared, tmp_path, "resized")
     _train(run_dir, *common, "train.max_steps=4", "cluster.num_workers=2")
     with pytest.raises(RunFileError, match="train.global_batch_size 8 → 4"):
@@ -142,8 +145,7 @@ def test_worker_failure_recovers_to_the_same_weights_from_a_bucket(
     weights as the uninterrupted local run. Checkpoints, commit records, the published pointer, metrics and
     TensorBoard all live in the bucket."""
     run_dir = bucket_copy(prepared, f"{s3_bucket}/{tmp_path.name}/data").rsplit("/", 1)[0]
-    _train(run_dir, "train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4", "cluster.max_failures=1",
-           faults={"exit_after_step": 7})
+    _train(run_dir, *REFERENCE, "train.max_steps=12", "cluster.max_failures=1", faults={"exit_after_step": 7})
     layout = RunLayout.of(run_dir)
     steps = [json.loads(line)["step"] for line in files.read_text(layout.metrics).splitlines()]
     assert steps == list(range(1, 13))  # steps 5-7 ran twice; the first attempt's lines were dropped on resume
@@ -207,7 +209,7 @@ def test_sigkill_before_the_commit_record_resumes_from_the_previous_commit(
     checkpoint. The same command again resumes from step 4, rewrites step 8 from scratch and ends where an
     uninterrupted run ends, bit for bit."""
     run_dir = _run_dir(prepared, tmp_path, "sigkill")
-    args = ("train.precision=fp32", "train.max_steps=12", "train.checkpoint_every=4")
+    args = (*REFERENCE, "train.max_steps=12")
     with pytest.raises(Exception):
         _train(run_dir, *args, faults={"kill_before_commit": 8})
     assert (run_dir / "checkpoints" / "step-000008" / "state").is_dir()  # the files arrived ...
@@ -230,7 +232,7 @@ def test_changed_config_is_refused_and_extended_max_steps_resumes(
     uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = _copy_run(uninterrupted, tmp_path, "changed")
-    args = [SHAKESPEARE, f"run_dir={run_dir}", *BASE, "train.precision=fp32", "train.checkpoint_every=4"]
+    args = [SHAKESPEARE, f"run_dir={run_dir}", *BASE, *REFERENCE]
     before = {p: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "metrics.jsonl")}
     assert main(["train", *args, "train.max_steps=12", "train.lr=1e-3", "seed=7"]) == 2
     err = capsys.readouterr().err.strip()
@@ -257,7 +259,7 @@ def test_changed_config_is_refused_and_extended_max_steps_resumes(
 def test_a_tampered_checkpoint_is_refused_before_anything_is_loaded(
     uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = [SHAKESPEARE, *BASE, "train.precision=fp32", "train.checkpoint_every=4", "train.max_steps=13"]
+    args = [SHAKESPEARE, *BASE, *REFERENCE, "train.max_steps=13"]
     flipped = _copy_run(uninterrupted, tmp_path, "flipped")
     shard = flipped / "checkpoints" / "step-000012" / "state" / "rank-00001.safetensors"
     data = bytearray(shard.read_bytes())
