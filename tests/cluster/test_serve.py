@@ -247,3 +247,13 @@ def test_raygpt_serve_starts_on_a_run_dir_and_stops_on_ctrl_c(trained_run: Path,
                              text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.strip() == (f"raygpt: error: {run}/quantized/nope: not a "
                                                                   "checkpoint (no config.json)")
+
+
+def test_the_banner_names_the_address_clients_use() -> None:
+    """A wildcard host is every interface: the banner names this node's address, not 127.0.0.1."""
+    import ray
+
+    from cluster.serve import _url_host
+
+    assert _url_host("0.0.0.0") == ray.util.get_node_ip_address() != "127.0.0.1"
+    assert _url_host("127.0.0.1") == "127.0.0.1" and _url_host("::1") == "[::1]"
