@@ -38,9 +38,22 @@ def compiled_decoder(model: GPT) -> DecodeStep:
     kind = next(model.parameters()).device.type
     steps: dict[str, Any] = model.__dict__.setdefault("_compiled_decode", {})
     if kind not in steps:
-        compiled = torch.compile(_decode_step, dynamic=False, mode="reduce-overhead" if kind == "cuda" else None)
+        if kind == "cuda":
+            compiled = torch.compile(_decode_step, dynamic=False, mode="reduce-overhead")
+        else:
+            compiled = torch.compile(_decode_step, dynamic=False, options=_cpu_options())
         steps[kind] = lambda token, cache, positions: compiled(model, token, cache, positions)
     return steps[kind]
+
+
+def _cpu_options() -> dict[str, Any]:
+    """Inductor's options on this CPU. Where it would vectorize with AVX2, its vector code is off (`cpp.simdlen` 1):
+    torch 2.13's AVX2 code for this step gave wrong tokens (every step after the first an id 0, against the eager
+    argmax; AVX-512 and scalar code are right; tests/model/test_generate_flops.py with the ISA forced to AVX2).
+    The matmuls are library calls either way; only the small fused element-wise kernels lose their vectors."""
+    from torch._inductor import cpu_vec_isa
+
+    return {"cpp.simdlen": 1} if str(cpu_vec_isa.pick_vec_isa()) == "avx2" else {}
 
 
 def static_cache(model: GPT, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
