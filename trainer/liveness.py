@@ -48,3 +48,15 @@ def gone(driver: dict[str, str | int] | None) -> bool:
     if not driver or driver.get("machine") != _machine():
         return False
     return _start_time(int(driver["pid"])) != driver["started"]
+
+
+class DriverGone(RuntimeError):
+    """The driver that started this worker group died."""
+
+
+def check(driver: dict[str, str | int] | None, rank: int, step: int) -> None:
+    """Raise DriverGone (one line) when `driver` is gone: the worker stops before its next step or commit."""
+    if gone(driver):
+        assert driver is not None
+        raise DriverGone(f"[train] the driver (pid {driver['pid']}) is gone: rank {rank} stops at step {step} "
+                         "without committing")

@@ -70,10 +70,6 @@ class WorkerConfig:
     last at least that long (so a test can act mid-run on any CPU)."""
 
 
-class DriverGone(RuntimeError):
-    """The driver that started this worker group died (`trainer.liveness`)."""
-
-
 def log_rank0(message: str) -> None:
     if dist.get_rank() == 0:
         print(message, flush=True)
@@ -250,7 +246,8 @@ class Worker:
             return
         if step == self.cfg.faults.get("kill_before_commit"):
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
-        self._driver_alive()  # never commit for a driver that is gone: its lock is released, the run dir may be reused
+        # never commit for a driver that is gone: its lock is released, the run dir may be reused
+        liveness.check(self.cfg.driver, self.rank, self.step)
         # the metrics up to this step first: once the commit exists, a resume from it (on any node) must find them
         upload_metrics(layout)
         record = checkpoints.commit(layout, step, self.cfg.fingerprint, self.world, checkpoints.merge_files(every))  # type: ignore[arg-type]
@@ -259,11 +256,6 @@ class Worker:
             save_checkpoint(model, layout.model_dir(step), layout.data.tokenizer, extra=self._model_meta(), replace=True)
         checkpoints.publish(layout, step, record)
         checkpoints.prune(layout, self.t.keep_checkpoints)
-
-    def _driver_alive(self) -> None:
-        if liveness.gone(self.cfg.driver):
-            raise DriverGone(f"[train] the driver (pid {self.cfg.driver['pid']}) is gone: rank {self.rank} stops at "
-                             f"step {self.step} without committing")
 
     # -- log ---------------------------------------------------------------------------------------------------------
     def open_logs(self) -> None:
@@ -359,7 +351,7 @@ class Worker:
         data_iter = rank_steps(self.train_data, self.order, self.step, self.cfg.global_batch_size, t.micro_batch_size,
                                self.rank, self.world)
         while self.step < t.max_steps:
-            self._driver_alive()
+            liveness.check(self.cfg.driver, self.rank, self.step)
             t0 = time.perf_counter()
             data = next(data_iter)
             loss, step_phases = self.train_step(data)
