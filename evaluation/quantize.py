@@ -86,7 +86,7 @@ def quantize_and_evaluate(
                                  replace=True)
         if method in BNB_CONFIGS:  # a standard format: also written as transformers loads it
             try:
-                export(folder, layout.quantized_hf_local(method), force=True)  # the stage owns it
+                export(folder, layout.quantized_hf_local(method), force=True, inside=True)  # the stage owns both
                 transformers_dir = str(layout.quantized_hf(method))
             except ExportError as e:
                 transformers_dir = f"not exported: {e}"

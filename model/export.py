@@ -154,14 +154,15 @@ def _save_bnb(model: GPT, method: str, folder: Path, eot_id: int | None) -> None
         hf.save_pretrained(folder, safe_serialization=True)
 
 
-def check_out(source: str | Path, out: str | Path, force: bool, what: str = "the checkpoint") -> None:
+def check_out(source: str | Path, out: str | Path, force: bool, what: str = "the checkpoint",
+              inside: bool = False) -> None:
     """Export and import never destroy what they did not write: `out` may not be, contain or sit inside `source` (a
-    folder written inside a committed checkpoint breaks its commit record), may not be a file, and must not exist or
-    be empty unless `force`."""
+    folder written inside a committed checkpoint breaks its commit record; `inside` allows it for a stage that owns
+    both), may not be a file, and must not exist or be empty unless `force`."""
     src, dst = Path(source).resolve(), Path(out).resolve()
     if dst == src or src.is_relative_to(dst):
         raise ExportError(f"--out {out} is or contains {what} {source}; choose another folder")
-    if dst.is_relative_to(src):
+    if dst.is_relative_to(src) and not inside:
         raise ExportError(f"--out {out} is inside {what} {source}; choose a folder outside it")
     if dst.exists() and not dst.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder; choose a folder")
@@ -169,13 +170,13 @@ def check_out(source: str | Path, out: str | Path, force: bool, what: str = "the
         raise ExportError(f"--out {out} already exists and is not empty; choose a new folder or pass --force to replace it")
 
 
-def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path:
+def export(checkpoint: str | Path, out: str | Path, force: bool = False, inside: bool = False) -> Path:
     """Write config.json, model.safetensors and tokenizer files for transformers; temp folder, then rename.
     Full-precision checkpoints and bitsandbytes-quantized ones (bnb-int8, bnb-nf4) can be exported. An existing
     non-empty `out` is replaced only with `force`; `out` may never be or contain the checkpoint. A checkpoint on
     object storage is fetched into the local cache first (`model.checkpoint.local_checkpoint`)."""
     checkpoint = local_checkpoint(checkpoint)
-    check_out(checkpoint, out, force)
+    check_out(checkpoint, out, force, inside=inside)
     method = read_meta(checkpoint).get("quantization", {}).get("method")
     if method is not None and method not in BNB_CONFIGS:
         raise ExportError(

@@ -61,33 +61,43 @@ def _machine_key(dtype: torch.dtype, threads: int) -> str:
 
 @cache
 def measured_cpu_peak(dtype: torch.dtype, threads: int) -> float:
-    """FLOP/s of a 512² matmul on this CPU with `threads` threads, timed for ~0.3 s (bounded, so an emulated dtype
-    costs about a second, not minutes); cached on disk per CPU model, dispatch capability and forced ISA."""
+    """FLOP/s of a 512² matmul on this CPU with `threads` threads (`measured_cpu_peaks`)."""
+    return measured_cpu_peaks((dtype,), threads)[dtype]
+
+
+def measured_cpu_peaks(dtypes: tuple[torch.dtype, ...], threads: int) -> dict[torch.dtype, float]:
+    """FLOP/s of a 512² matmul per dtype on this CPU with `threads` threads, timed together for ~0.3 s per dtype
+    (bounded, so an emulated dtype costs about a second, not minutes); cached on disk per CPU model, dispatch
+    capability and forced ISA. The dtypes' timings alternate, so a burst of other work on the machine (another rank
+    starting) slows them alike: `precision: auto` decides on their ratio."""
     import torch  # here, not at the top: `raygpt plan` counts FLOPs without torch
 
-    key = _machine_key(dtype, threads)
+    keys = {dtype: _machine_key(dtype, threads) for dtype in dtypes}
     stored = read_json(_peak_cache(), "peak FLOP/s cache") if _peak_cache().is_file() else {}
-    if key in stored:
-        return float(stored[key])
+    if all(key in stored for key in keys.values()):
+        return {dtype: float(stored[key]) for dtype, key in keys.items()}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     n = 512
     gen = torch.Generator().manual_seed(0)  # never the global RNG: measuring must not change a training run
-    a, b = torch.randn(n, n, dtype=dtype, generator=gen), torch.randn(n, n, dtype=dtype, generator=gen)
-    a @ b
-    best, spent = float("inf"), 0.0
-    for i in range(50):  # best of up to 50 timings of 2 matmuls, stopping after 0.3 s (at least 3 timings)
-        start = time.perf_counter()
-        a @ b
-        a @ b
-        took = time.perf_counter() - start
-        best, spent = min(best, took / 2), spent + took
-        if spent > 0.3 and i >= 2:
+    pairs = {d: (torch.randn(n, n, generator=gen).to(d), torch.randn(n, n, generator=gen).to(d)) for d in dtypes}
+    best, spent = dict.fromkeys(dtypes, float("inf")), 0.0
+    for a, b in pairs.values():
+        a @ b  # warm-up
+    for i in range(50):  # best of up to 50 rounds of 2 matmuls per dtype, stopping after 0.3 s per dtype (≥ 3 rounds)
+        for dtype, (a, b) in pairs.items():
+            start = time.perf_counter()
+            a @ b
+            a @ b
+            took = time.perf_counter() - start
+            best[dtype], spent = min(best[dtype], took / 2), spent + took
+        if spent > 0.3 * len(dtypes) and i >= 2:
             break
     torch.set_num_threads(previous)
-    peak = 2 * n**3 / best
-    write_json(_peak_cache(), {**stored, key: peak})  # concurrent workers: each writes a whole file under its own temp name
-    return peak
+    peaks = {dtype: 2 * n**3 / took for dtype, took in best.items()}
+    stored = read_json(_peak_cache(), "peak FLOP/s cache") if _peak_cache().is_file() else {}
+    write_json(_peak_cache(), {**stored, **{keys[d]: p for d, p in peaks.items()}})  # each writer: a whole file
+    return peaks
 
 
 def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:

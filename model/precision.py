@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from model.flops import measured_cpu_peak
+from model.flops import measured_cpu_peak, measured_cpu_peaks
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,13 +96,9 @@ def _detect(device_name: str, threads: int) -> Hardware:
     if device.type == "cuda":
         return Hardware("cuda", torch.cuda.get_device_name(device), cuda_bf16=torch.cuda.is_bf16_supported())
     isa = _cpu_bf16_isa()
-    return Hardware(
-        "cpu",
-        cpu_capability(),
-        cpu_bf16_isa=isa,
-        peak_fp32=measured_cpu_peak(torch.float32, threads),
-        peak_bf16=measured_cpu_peak(torch.bfloat16, threads) if isa else None,
-    )
+    peaks = measured_cpu_peaks((torch.float32, torch.bfloat16) if isa else (torch.float32,), threads)
+    return Hardware("cpu", cpu_capability(), cpu_bf16_isa=isa, peak_fp32=peaks[torch.float32],
+                    peak_bf16=peaks.get(torch.bfloat16))
 
 
 def _gflops(x: float | None) -> str:
