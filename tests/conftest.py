@@ -66,6 +66,9 @@ def _env(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["RAYGPT_SHARED_DATA"] = str(shared_data)  # configs expand ${RAYGPT_SHARED_DATA}
     os.environ["RAYGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # downloaded checkpoints, metrics mirrors
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Ray Train's controller polls its workers every 2 s (reports, start, end): 0.2 s here takes ~5 s off each of the
+    # suite's ~25 training runs (measured: 5 runs 142 → 118 s). Every Ray process started later inherits it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
                       AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true")  # no instance-metadata lookups from a test machine
