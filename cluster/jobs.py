@@ -71,6 +71,11 @@ def wait(jobs: JobSubmissionClient, job_id: str, timeout_s: float | None = None)
     return status
 
 
+AGENT_WAIT_S = 180.0
+"""How long `submit` retries while the job server has no agent (Ray's "try again later"): on a busy or just-started
+head it was seen to take over a minute."""
+
+
 def submit(
     address: str | None, argv: list[str], working_dir: str = ".", env_vars: dict[str, str] | None = None,
     follow: bool = True, job_id: str | None = None,
@@ -80,7 +85,7 @@ def submit(
         raise JobError("nothing to submit: raygpt submit --address URL -- SUBCOMMAND ARGS")
     jobs = client(address)
     entrypoint = shlex.join(["raygpt", *argv])
-    deadline = time.monotonic() + 60
+    deadline, said = time.monotonic() + AGENT_WAIT_S, False
     while True:
         try:
             job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir, env_vars or {}),
@@ -89,6 +94,10 @@ def submit(
         except RuntimeError as e:
             # a cluster that just started may not have registered its job agent yet: Ray asks to retry
             if "No available agent" in str(e) and time.monotonic() < deadline:
+                if not said:
+                    print(f"[submit] the job server has no agent yet (a cluster starting, or a busy head); retrying "
+                          f"for up to {AGENT_WAIT_S:.0f} s", flush=True)
+                    said = True
                 time.sleep(2)
                 continue
             raise JobError(f"the job server refused the job: {str(e).splitlines()[0]}") from None
