@@ -40,8 +40,9 @@ def _own_cgroup() -> tuple[Path, str] | None:
         _, controllers, path = line.split(":", 2)
         if controllers == "" and (CGROUP_ROOT / "cgroup.controllers").is_file():  # v2, unified
             folder = CGROUP_ROOT / path.lstrip("/")
-            if "memory" in (folder / "cgroup.subtree_control").read_text(errors="replace").split():
-                return folder, "memory.max"
+            with contextlib.suppress(OSError):
+                if "memory" in (folder / "cgroup.subtree_control").read_text(errors="replace").split():
+                    return folder, "memory.max"
         if "memory" in controllers.split(","):  # v1
             folder = CGROUP_ROOT / "memory" / path.lstrip("/")
             if (folder / "memory.limit_in_bytes").is_file():
@@ -51,11 +52,8 @@ def _own_cgroup() -> tuple[Path, str] | None:
 
 def memory_cgroups() -> bool:
     """Whether programs here run in a memory cgroup of their own (checked by making and removing one)."""
-    try:
-        with program_cgroup(64 << 20):
-            return True
-    except OSError:
-        return False
+    with program_cgroup(64 << 20) as procs:
+        return procs is not None
 
 
 @contextlib.contextmanager
@@ -68,9 +66,15 @@ def program_cgroup(limit_bytes: int) -> Iterator[Path | None]:
         return
     parent, limit_file = found
     folder = parent / f"raygpt-sandbox-{os.getpid()}-{os.urandom(4).hex()}"
-    folder.mkdir()
     try:
+        folder.mkdir()
         (folder / limit_file).write_text(str(limit_bytes))
+    except OSError:  # a read-only or delegated-elsewhere hierarchy: no cgroup, the shared-rlimit bound applies
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        yield None
+        return
+    try:
         for swap in ("memory.swap.max", "memory.memsw.limit_in_bytes"):  # no way around the cap through swap
             with contextlib.suppress(OSError):
                 (folder / swap).write_text("0" if swap == "memory.swap.max" else str(limit_bytes))
