@@ -1,5 +1,6 @@
 """A whole run with `run_dir` on object storage (a real S3-protocol server on 127.0.0.1, `s3_bucket`): `raygpt run`
-prepares, trains, evaluates, quantizes and samples with nothing written to a local run directory; plain webdataset
+(the suite's one end-to-end run, through the console script) prepares, trains, evaluates, quantizes and samples with
+nothing written to a local run directory, printing a few dozen lines; plain webdataset
 reads the shards back from the bucket; a second `raygpt run` skips every stage; checkpoint URIs work for generate and
 export and are downloaded once; and a manifest whose shard objects are missing, of another size or of other bytes
 is refused with one line."""
@@ -10,8 +11,10 @@ import hashlib
 import io
 import os
 import shutil
+import subprocess
+import sys
 import urllib.request
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,7 @@ from data_pipeline.manifest import read_manifest, shard_blocks
 from evaluation.lm import RaygptLM
 from model import checkpoint as checkpoint_module
 from model.checkpoint import CheckpointError, load_checkpoint
-from tests.conftest import BASE, S3_PORT, SHAKESPEARE
+from tests.conftest import BASE, REPO, S3_PORT, SHAKESPEARE
 
 TINY = ["data.tokenizer.vocab_size=512", "data.seq_len=64", "data.shard_bytes=400000", *BASE,
         "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=4", "train.precision=fp32",
@@ -42,28 +45,46 @@ def _objects(uri: str) -> dict[str, int]:
     return {name: size for name, size in files.files_under(uri).items() if not name.endswith("/")}
 
 
+@dataclass(frozen=True)
+class BucketRun:
+    uri: str
+    """RUN_DIR on the bucket"""
+    cwd: Path
+    """the empty working directory the command ran in"""
+    console: list[str]
+    """what the command printed (stdout and stderr)"""
+
+
 @pytest.fixture(scope="module")
-def bucket_run(
-    s3_bucket: str, ray_session: None, shared_data: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, Path]]:
-    """`raygpt run` with run_dir, the corpus and an eval text on the bucket, from an empty working directory; yields
-    (run URI, that directory)."""
+def bucket_run(s3_bucket: str, ray_session: None, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> BucketRun:
+    """The suite's one end-to-end run: the real console script (its own process, its own local Ray), `raygpt run`
+    with run_dir, the corpus and an eval text on the bucket, from an empty working directory."""
     assert CORPUS.startswith(s3_bucket)
     files.atomic_write(CORPUS, (shared_data / "tinyshakespeare" / "input.txt").read_bytes())
     files.atomic_write(TEXT, (shared_data / "tinyshakespeare" / "input.txt").read_bytes()[:3000])
     cwd = tmp_path_factory.mktemp("cwd")
-    before = os.getcwd()
-    os.chdir(cwd)
-    try:
-        run_dir = f"{s3_bucket}/pipeline"
-        assert main(["run", SHAKESPEARE, f"run_dir={run_dir}", *TINY, *INPUTS]) == 0
-        yield run_dir, cwd
-    finally:
-        os.chdir(before)
+    run_dir = f"{s3_bucket}/pipeline"
+    argv = [sys.executable, "-m", "cluster.cli", "run", SHAKESPEARE, f"run_dir={run_dir}", *TINY, *INPUTS]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}  # S3 endpoint and credentials: tests/conftest.py
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return BucketRun(run_dir, cwd, (done.stdout + done.stderr).splitlines())
 
 
-def test_every_stage_writes_only_to_the_bucket(bucket_run: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    run_dir, cwd = bucket_run
+def test_the_console_is_a_few_dozen_lines_with_every_stage_summary(bucket_run: BucketRun) -> None:
+    """raygpt's lines only (stage start/end, progress, summaries); Ray's, Ray Data's and DeepSpeed's in the log."""
+    assert len(bucket_run.console) < 60, "\n".join(bucket_run.console)
+    text = "\n".join(bucket_run.console)
+    for summary in ("[prepare", "] done in", "[train] done: step 4", "| val | bits_per_byte |", "| int8 | 8 |",
+                    "[sample] ", "[run] stage     seconds  result", "[run] report "):
+        assert summary in text, summary
+    assert "pid=" not in text and " INFO " not in text and "%|" not in text  # no Ray / Ray Data / DeepSpeed chatter
+    log = RunLayout.of(bucket_run.uri).console_log.read_text()  # a run on a bucket: the log in the local cache
+    assert "RayTrainWorker pid=" in log and "[train] done: step 4" in log  # everything is in the log file
+
+
+def test_every_stage_writes_only_to_the_bucket(bucket_run: BucketRun, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, cwd = bucket_run.uri, bucket_run.cwd
     layout = RunLayout.of(run_dir)
     objects = _objects(run_dir)
     names = set(objects)
@@ -95,9 +116,9 @@ def test_every_stage_writes_only_to_the_bucket(bucket_run: tuple[str, Path], cap
         {k: v for k, v in objects.items() if k not in ("sample.txt", "config.yaml")}
 
 
-def test_plain_webdataset_reads_the_shards_from_the_bucket(bucket_run: tuple[str, Path]) -> None:
+def test_plain_webdataset_reads_the_shards_from_the_bucket(bucket_run: BucketRun) -> None:
     """No raygpt code on the read side: webdataset fetches each shard over HTTP from the S3 endpoint."""
-    run_dir, _ = bucket_run
+    run_dir = bucket_run.uri
     data = DataLayout(f"{run_dir}/data")
     manifest = read_manifest(data.root)
     bucket_path = data.root.split("://", 1)[1]
@@ -114,9 +135,9 @@ def test_plain_webdataset_reads_the_shards_from_the_bucket(bucket_run: tuple[str
 
 
 def test_checkpoint_uris_are_downloaded_once_and_verified(
-    bucket_run: tuple[str, Path], s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    bucket_run: BucketRun, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_dir, _ = bucket_run
+    run_dir = bucket_run.uri
     assert main(["generate", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0  # a run URI
     assert capsys.readouterr().out.startswith("ROMEO:")
     model_uri = f"{run_dir}/checkpoints/step-000004/model"  # a model folder URI: hashes from its commit record
@@ -148,9 +169,9 @@ def test_checkpoint_uris_are_downloaded_once_and_verified(
 
 
 def test_bad_shards_in_the_bucket_are_one_line(
-    bucket_run: tuple[str, Path], s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bucket_run: BucketRun, s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_dir, _ = bucket_run
+    run_dir = bucket_run.uri
     cases = {"missing": "missing shard", "size": "corrupt shard", "bytes": "sha256 differs from the manifest"}
     for case, expected in cases.items():
         copy = f"{s3_bucket}/bad-{case}-{tmp_path.name}"
@@ -175,11 +196,11 @@ def test_bad_shards_in_the_bucket_are_one_line(
 
 
 def test_a_crashed_prepare_on_the_bucket_completes_identically(
-    bucket_run: tuple[str, Path], s3_bucket: str, tmp_path: Path
+    bucket_run: BucketRun, s3_bucket: str, tmp_path: Path
 ) -> None:
     """What a prepare that died mid-run leaves in the bucket — no manifest (it is written last), a truncated shard, a
     stale shard — is completed by the re-run to the same objects as the uninterrupted run."""
-    run_dir, _ = bucket_run
+    run_dir = bucket_run.uri
     copy = f"{s3_bucket}/crashed-{tmp_path.name}"
     original = {name: files.read_bytes(f"{run_dir}/data/{name}") for name in _objects(f"{run_dir}/data")}
     for name, raw in original.items():

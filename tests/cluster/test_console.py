@@ -1,11 +1,10 @@
 """The console of a stage command: raygpt's lines only (stage start/end, progress, summaries), everything else in
-RUN_DIR/logs/console.log."""
+RUN_DIR/logs/console.log. (The console of a whole `raygpt run` is checked on the suite's one end-to-end run, in
+test_bucket_run.py.)"""
 
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,29 +13,7 @@ import pytest
 from cluster.console import _Bar, _Filter, _Shown, quiet_console
 from cluster.console import draw_bar as _draw
 from core.progress import progress_line
-from tests.conftest import BASE, REPO, SHAKESPEARE
-
-
-def test_a_whole_run_prints_a_few_dozen_lines_with_every_stage_summary(shared_data: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "cluster.cli", "run", SHAKESPEARE, f"run_dir={run_dir}", *BASE,
-            "data.tokenizer.vocab_size=512", "data.seq_len=64", "data.shard_bytes=400000", "train.max_steps=20",
-            "train.checkpoint_every=10", "train.eval_every=10", "train.log_every=10", "train.precision=fp32",
-            "cluster.num_workers=2",
-            "eval.tasks=[]", "eval.max_tokens=2000", "quantize.methods=[int8]", "quantize.eval_tasks=false",
-            "quantize.decode_tokens=8", "sample.max_new_tokens=8"]
-    env = {**os.environ, "RAYGPT_SHARED_DATA": str(shared_data), "RAY_ADDRESS": ""}
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    console = (done.stdout + done.stderr).splitlines()
-    assert len(console) < 60, "\n".join(console)
-    text = "\n".join(console)
-    for summary in ("[prepare", "] done in", "[train] done: step 20", "| val | bits_per_byte |", "| int8 | 8 |",
-                    "[sample] ", "[run] stage     seconds  result", "[run] report "):
-        assert summary in text, summary
-    assert "pid=" not in text and " INFO " not in text and "%|" not in text  # no Ray / Ray Data / DeepSpeed chatter
-    log = (run_dir / "logs" / "console.log").read_text()
-    assert "RayTrainWorker pid=" in log and "[train] done: step 20" in log  # everything is in the log file
+from tests.conftest import SHAKESPEARE
 
 
 def test_the_filter_routes_lines() -> None:
