@@ -18,27 +18,25 @@ from core.errors import RunFileError
 from model.gpt import GPT, ModelConfig
 from trainer import state
 from trainer.config import TrainConfig, deepspeed_config, lr_at
-from trainer.loop import param_groups
+from trainer.loop import import_deepspeed, param_groups
 
 SCHEDULE = TrainConfig(max_steps=10, warmup_steps=2, lr=1e-2, weight_decay=0.1, micro_batch_size=2)
 
 
 @pytest.fixture(scope="module")
 def gloo() -> Iterator[None]:
-    import deepspeed
     import torch.distributed as dist
 
     from tests.conftest import _free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed("gloo")
+    import_deepspeed().init_distributed("gloo")
     yield
     dist.destroy_process_group()
 
 
 def _engine(stage: int, precision: str, seed: int = 0, n_embd: int = 16) -> tuple[Any, Any]:
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     torch.manual_seed(seed)
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=n_embd))
     config = deepspeed_config(SCHEDULE.model_copy(update={"zero_stage": stage}), False, precision, accum=1)  # type: ignore[arg-type]
