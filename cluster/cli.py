@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from core.errors import StageFailed, UserError, one_line, root_cause, shown, user_error
+from core.errors import StageFailed, UserError, one_line, root_cause, user_error
 from core.files import open_append
 
 # Each command imports what it needs when it runs: `raygpt --help`, `jobs` and `submit` never load torch,
@@ -147,6 +147,7 @@ def _sampling(args: argparse.Namespace) -> Any:
     `--temperature nan` or `--max-new-tokens -5` are one line naming the option."""
     from pydantic import ValidationError
 
+    from core.config import problem_line
     from model.config import SampleConfig
 
     values = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
@@ -154,9 +155,7 @@ def _sampling(args: argparse.Namespace) -> Any:
     try:
         return SampleConfig.model_validate(values)
     except ValidationError as e:
-        first = e.errors()[0]
-        flag = "--" + str(first["loc"][0]).replace("_", "-")
-        raise UserError(f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {shown(first.get('input'))})") from None
+        raise UserError(problem_line(e, name=lambda loc: "--" + str(loc[0]).replace("_", "-"))) from None
 
 
 def _env_vars(items: list[str]) -> dict[str, str]:

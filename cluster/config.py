@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from core.config import ClusterConfig, Section
+from core.config import ClusterConfig, Section, problem_line
 from core.errors import UserError, one_line, shown
 from core.files import RECORD_LIMIT
 from core.layout import Location, RunLayout
@@ -214,19 +214,14 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
 
 
 def _one_line(error: ValidationError) -> str:
-    """The first validation error as `dotted.key: message (got value)`."""
-    first = error.errors()[0]
-    key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in first["loc"]).replace(".[", "[")
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        from cluster.schema import closest_key  # imports this module
+    """The first validation error as `dotted.key: message (got value)`; an unknown key with a did-you-mean."""
+    from cluster.schema import closest_key  # imports this module
 
-        suggestion = closest_key(tuple(first["loc"]))
-        message = "unknown key" + (f" (did you mean `{suggestion}`?)" if suggestion else "")
-    elif first["type"] != "missing" and "input" in first and not isinstance(first["input"], (dict, BaseModel)):
-        message += f" (got {shown(first['input'])})"  # a value, not a whole section
-    more = len(error.errors()) - 1
-    return f"{key or 'config'}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    def unknown(loc: tuple[Any, ...]) -> str:
+        suggestion = closest_key(loc)
+        return "unknown key" + (f" (did you mean `{suggestion}`?)" if suggestion else "")
+
+    return problem_line(error, unknown=unknown) if error.errors()[0]["loc"] else f"config: {problem_line(error)}"
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

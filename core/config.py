@@ -8,9 +8,12 @@ Each stage's section lives next to the code that owns it (`data_pipeline.config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+
+from core.errors import shown
 
 
 class Section(BaseModel):
@@ -103,3 +106,30 @@ class ClusterConfig(Section):
     runtime_env: dict[str, Any] = {}
     """Ray runtime_env for the work this process starts on an existing cluster (working_dir, py_modules, env_vars,
     pip, ...); unused for a local Ray. Jobs from `raygpt submit` already carry the repository and these env vars."""
+
+
+def dotted(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as a config key: `train.betas[1]`."""
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+
+
+def problem_line(error: ValidationError, prefix: str = "", name: Callable[[tuple[Any, ...]], str] = dotted,
+                 unknown: Callable[[tuple[Any, ...]], str] | None = None) -> str:
+    """The first problem of a validation error as one line: `key: message (got value)`, and how many more there are.
+
+    The one wording of every validated input (recipes, CLI options, run records, imported configs): `prefix` goes
+    before the key (`model.` for a checkpoint's config), `name` words the key (a CLI flag), `unknown` the message for an
+    unknown key (a did-you-mean). A value is echoed cut to ~100 characters (`core.errors.shown`), a whole section
+    never; a problem of the whole object (no key) is its message alone."""
+    problems = error.errors()
+    first = problems[0]
+    loc = tuple(first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = unknown(loc) if unknown is not None else "unknown key"
+    elif first["type"] != "missing" and "input" in first and not isinstance(first["input"], (dict, BaseModel)):
+        message += f" (got {shown(first['input'])})"  # a value, not a whole section
+    key = prefix + name(loc) if loc else prefix.rstrip(".")
+    more = len(problems) - 1
+    return (f"{key}: " if key else "") + message + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+

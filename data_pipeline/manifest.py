@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from core import files
+from core.config import problem_line
 from core.errors import RunFileError
 from core.files import inside
 from core.layout import SPLITS, DataLayout, Location, is_uri, join
@@ -153,8 +154,7 @@ def parse(raw: Any, where: Location) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise DataError(f"{where}: bad manifest field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise DataError(f"{where}: bad manifest field {problem_line(e)}") from None
 
 
 def _data(data_dir: Location) -> DataLayout:

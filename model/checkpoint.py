@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from core import files
+from core.config import problem_line
 from core.errors import RunFileError, UserError
 from core.files import atomic_folder, fingerprint, read_json, sha256
 from core.layout import Location, RunLayout, cached_checkpoint, is_uri, join
@@ -200,8 +201,7 @@ def load_config(folder: str | Path) -> ModelConfig:
     try:
         return ModelConfig.model_validate(read_meta(folder)["model"])
     except ValidationError as e:
-        first = e.errors()[0]
-        raise CheckpointError(f"{path}: model.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise CheckpointError(f"{path}: {problem_line(e, prefix='model.')}") from None
 
 
 def load_tokenizer_of(folder: Path, cfg: ModelConfig, eot_token: str) -> Tokenizer:

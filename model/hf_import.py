@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from core import files
+from core.config import problem_line
 from core.errors import one_line, shown
 from model.checkpoint import MIN_BYTES_PER_PARAMETER, TOKENIZER, save_checkpoint
 from model.export import ExportError, check_out
@@ -148,10 +149,7 @@ def _model_config(folder: Path, config: Any) -> tuple[str, ModelConfig]:
     except KeyError as e:
         raise HFImportError(f"{folder}/config.json: no {e.args[0]!r} (needed for {kind})") from None
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        raise HFImportError(f"{folder}/config.json: {where + ': ' if where else ''}"
-                            f"{first['msg'].removeprefix('Value error, ')}") from None
+        raise HFImportError(f"{folder}/config.json: {problem_line(e)}") from None
 
 
 def from_hf(folder: str | Path) -> tuple[GPT, Path, str]:

@@ -14,12 +14,10 @@ import json
 import math
 import os
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -39,6 +37,7 @@ from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
 from trainer import checkpoints, liveness, state
 from trainer.config import TrainConfig, deepspeed_config, lr_at
+from trainer.deepspeed_import import import_deepspeed
 from trainer.data import SampleOrder, SampleReader, StepData, grad_accum, rank_steps, val_ids
 from trainer.metrics import batch_digest, continue_metrics, sample_digests, upload_metrics
 from trainer.tracking import Trackers
@@ -70,26 +69,6 @@ class WorkerConfig:
     """Tests only (set by the driver from RAYGPT_TEST_FAULTS): exit_after_step kills the last rank once after that
     step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit; step_ms makes every step
     last at least that long (so a test can act mid-run on any CPU)."""
-
-
-def import_deepspeed() -> ModuleType:
-    """`import deepspeed`, less two costs of features raygpt never uses:
-    - the `import mlflow` its autotuner runs at import time: ~1 s of every worker's start when mlflow is installed
-      (measured 1.34 → 0.30 s). Our own MLflow logger (`trainer.tracking`) imports mlflow later, normally.
-    - the shared-memory all-reduce op its CPU backend compiles on the first `init_distributed`: it serves only
-      DeepSpeed-inference's `inference_all_reduce`, never training, and its JIT build takes ~35 s of 2 cores on a new
-      machine, and again whenever another `ninja` (the venv's or the system's: other hashes) finds it stale. Marking it
-      incompatible in DeepSpeed's own op table (kept for edits, see `deepspeed.ops.__getattr__`) skips the build."""
-    hide = "deepspeed" not in sys.modules and "mlflow" not in sys.modules
-    if hide:
-        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
-    try:
-        import deepspeed
-    finally:
-        if hide:
-            del sys.modules["mlflow"]
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
 
 
 def log_rank0(message: str) -> None:

@@ -18,7 +18,8 @@ from core.errors import RunFileError
 from model.gpt import GPT, ModelConfig
 from trainer import state
 from trainer.config import TrainConfig, deepspeed_config, lr_at
-from trainer.loop import import_deepspeed, param_groups
+from trainer.deepspeed_import import import_deepspeed
+from trainer.loop import param_groups
 
 SCHEDULE = TrainConfig(max_steps=10, warmup_steps=2, lr=1e-2, weight_decay=0.1, micro_batch_size=2)
 
