@@ -55,7 +55,7 @@ def run_prepare(cfg: RunConfig) -> Manifest:
 def run_train(cfg: RunConfig) -> Any:
     """Shards → committed checkpoints (`trainer.driver.train_stage`)."""
     return train_stage(cfg.train, cfg.model, cfg.cluster, cfg.layout, cfg.seed, cfg.global_batch_size,
-                       _begin(cfg, "cluster.use_gpu"))
+                       _begin(cfg, "cluster.use_gpu"), cfg.data.phases())
 
 
 def run_evaluation(cfg: RunConfig) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -43,12 +44,36 @@ class SourceConfig(Section):
     """Hugging Face sources: the split to read."""
     follow_symlinks: bool = False
     """Directory sources: also read files through symbolic links that lead outside the directory."""
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """The source's name in the manifest, the metrics and `data.mixture` (letters, digits, `_.-`); default: from its
+    path (`input` for `.../input.txt`), numbered when two would share one."""
+    weight: Annotated[float, Field(gt=0)] | None = None
+    """Share of every global batch drawn from this source (weights are normalized to sum to 1). Give a weight to every
+    source or to none: none draws every block of the corpus alike, so each source in proportion to its tokens."""
 
     @model_validator(mode="after")
     def _path_given(self) -> SourceConfig:
         if self.type != "python-stdlib" and not self.path:
             raise ValueError("path is required for this source type")
         return self
+
+    def default_name(self) -> str:
+        """A name from the path: its last part without a glob, less extensions (`web` for `s3://b/web/*.parquet`)."""
+        for part in reversed(self.path.rstrip("/").split("/")):
+            if part and not re.search(r"[*?\[]", part):
+                name = re.sub(r"[^A-Za-z0-9_-]", "-", part.split(".")[0]).strip("-_")[:64]
+                if name:
+                    return name
+        return self.type
+
+
+class MixturePhase(Section):
+    """One phase of `data.mixture`: the share of each source in the global batches up to a step."""
+
+    until_step: int | None = Field(default=None, ge=1)
+    """The last step (1-based, as logged) of this phase; the last phase has none and runs to the end."""
+    weights: dict[str, Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    """Source name → weight (normalized to sum to 1); a source not named gets no sample in this phase."""
 
 
 class MinHashConfig(Section):
@@ -129,8 +154,60 @@ class DataConfig(Section):
     """Target size of one webdataset shard in bytes (the shard count comes from the token count before dedup)."""
     overwrite: bool = False
     """Re-prepare even when RUN_DIR/data holds a finished manifest of the same config (or of another config)."""
+    mixture: list[MixturePhase] | None = None
+    """A schedule of source weights, e.g. `[{until_step: 9000, weights: {web: 0.7, code: 0.3}}, {weights: {web: 0.5,
+    code: 0.2, math: 0.3}}]`: steps 1-9000 draw 70% web, later steps the second mix. Used by `train` (not `prepare`):
+    changing it is another run, except that a phase may be extended (a later `until_step`) past the step reached."""
+
+    @model_validator(mode="after")
+    def _mixture_names_sources(self) -> DataConfig:
+        names = self.source_names()
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise ValueError("give a weight to every source or to none (sources without one: "
+                             + ", ".join(n for n, w in zip(names, weighted) if not w) + ")")
+        if self.mixture is not None:
+            if any(weighted):
+                raise ValueError("give the weights either in data.sources or in data.mixture, not both")
+            for i, phase in enumerate(self.mixture):
+                if unknown := sorted(set(phase.weights) - set(names)):
+                    raise ValueError(f"mixture[{i}] names {', '.join(unknown)}: no such source "
+                                     f"(sources: {', '.join(names)})")
+                last = i == len(self.mixture) - 1
+                if last != (phase.until_step is None):
+                    raise ValueError(f"mixture[{i}]: every phase but the last needs an until_step, and the last has none")
+                if i and phase.until_step is not None and phase.until_step <= (self.mixture[i - 1].until_step or 0):
+                    raise ValueError(f"mixture[{i}]: until_step {phase.until_step} is not after the previous phase's")
+        return self
+
+    def source_names(self) -> list[str]:
+        """Each source's name: given, or from its path (numbered -2, -3 ... when names repeat)."""
+        given = [s.name for s in self.sources if s.name]
+        if len(set(given)) < len(given):
+            raise ValueError(f"source names repeat: {', '.join(sorted(n for n in set(given) if given.count(n) > 1))}")
+        names: list[str] = []
+        for source in self.sources:
+            name = source.name or source.default_name()
+            base, n = name, 1
+            while name in names or (not source.name and name in given):
+                n += 1
+                name = f"{base}-{n}"
+            names.append(name)
+        return names
+
+    def phases(self) -> list[tuple[int | None, dict[str, float]]] | None:
+        """The mixture as (last step or None, weights by source name) phases; None: every block drawn alike."""
+        if self.mixture is not None:
+            return [(p.until_step, dict(p.weights)) for p in self.mixture]
+        if self.sources[0].weight is not None:
+            return [(None, {n: float(s.weight or 0) for n, s in zip(self.source_names(), self.sources)})]
+        return None
 
     def output_hash(self) -> str:
-        """Hash of every field that changes the prepared bytes (all but overwrite)."""
-        fields = self.model_dump(mode="json", exclude={"overwrite"})
+        """Hash of every field that changes the prepared bytes (all but overwrite and the mixture, which only `train`
+        reads)."""
+        fields = self.model_dump(mode="json", exclude={"overwrite", "mixture"})
+        for source in fields["sources"]:
+            source.pop("weight")
+        fields["names"] = self.source_names()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -30,8 +30,9 @@ from core.layout import SPLITS, DataLayout, Location, is_uri, join
 from data_pipeline.config import DataError
 from data_pipeline.shards import BLOCK_DIGEST, index_name
 
-FORMAT_VERSION = 3
-"""Version 3: each shard has a block index (`<shard>.idx`, its sha256 in `index_sha256`; `data_pipeline.shards`).
+FORMAT_VERSION = 4
+"""Version 4: every shard holds one source's blocks (`source`), and `sources` lists each one's name and blocks.
+Version 3: each shard has a block index (`<shard>.idx`, its sha256 in `index_sha256`; `data_pipeline.shards`).
 Version 2: `fingerprint` (config and source files) replaced version 1's `config_hash`."""
 
 
@@ -49,6 +50,29 @@ class ShardEntry(BaseModel):
     sha256: str
     index_sha256: str
     """sha256 of the block index beside the tar (`<shard>.idx`: an 8-byte digest per block)."""
+    source: str
+    """The source whose documents its blocks hold (a block never mixes sources)."""
+
+
+class SourceSplit(BaseModel):
+    """What one split kept of one source."""
+
+    model_config = ConfigDict(extra="forbid")
+    blocks: NonNegative
+    """Blocks (samples) of seq_len + 1 tokens."""
+    tokens: NonNegative
+    """Tokens in those blocks."""
+    documents: NonNegative
+    doc_tokens: NonNegative
+    text_bytes: NonNegative
+
+
+class SourceEntry(BaseModel):
+    """One source of the corpus: what was read and what each split kept of it (more fields may be present)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    splits: dict[str, SourceSplit]
 
 
 class SplitEntry(BaseModel):
@@ -74,6 +98,23 @@ class Manifest(BaseModel):
     eot_id: NonNegative
     eot_token: str
     splits: dict[str, SplitEntry]
+    sources: list[SourceEntry]
+
+    def source_ranges(self, split: str) -> dict[str, tuple[int, int]]:
+        """Source name → (its first sample id, its number of samples) in a split, in the order of `sources`: the
+        shards hold the sources in that order, so each source's samples are one range (maybe empty)."""
+        order = {s.name: i for i, s in enumerate(self.sources)}
+        counts = [0] * len(self.sources)
+        last = 0
+        for shard in self.splits[split].shards:
+            if shard.source not in order:
+                raise RunFileError(f"manifest: shard {shard.file} names source {shard.source!r}, which is not listed")
+            if order[shard.source] < last:
+                raise RunFileError(f"manifest: the {split} shards of the sources are not in the order of `sources`")
+            last = order[shard.source]
+            counts[last] += shard.sequences
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+        return {s.name: (int(start), count) for s, start, count in zip(self.sources, starts, counts)}
 
     def index_path(self, data_dir: Location, shard: ShardEntry) -> Location:
         """The block index of a shard (beside it, inside the data folder)."""
@@ -83,17 +124,18 @@ class Manifest(BaseModel):
         """(absolute path or URI, entry) of every shard of a split, each checked to lie inside the data folder."""
         return [(_inside(data_dir, s.file), s) for s in self.splits[split].shards]
 
-    def tokens_per_byte(self, split: str = "val") -> float:
-        """Tokens (documents' tokens plus one end-of-text each) per UTF-8 byte of document text: turns nats/token into
-        bits per byte, the tokenizer-independent measure."""
-        s = self.splits[split]
+    def tokens_per_byte(self, split: str = "val", source: str | None = None) -> float:
+        """Tokens (documents' tokens plus one end-of-text each) per UTF-8 byte of document text, of a split or of one
+        source's part of it: turns nats/token into bits per byte, the tokenizer-independent measure."""
+        s = self.splits[split] if source is None else next(e for e in self.sources if e.name == source).splits[split]
         return (s.doc_tokens + s.documents) / max(s.text_bytes, 1)
 
-    def blocks(self, data_dir: Location, split: str) -> Iterator[np.ndarray]:
-        """Every block of a split once, in shard order (consecutive blocks of a shard are consecutive in its stream);
-        each shard's sha256 is checked as it is read."""
+    def blocks(self, data_dir: Location, split: str, source: str | None = None) -> Iterator[np.ndarray]:
+        """Every block of a split (or of one source's part of it) once, in shard order (consecutive blocks of a shard
+        are consecutive in its stream); each shard's sha256 is checked as it is read."""
         for path, shard in self.shard_paths(data_dir, split):
-            yield from shard_blocks(path, shard.sha256)
+            if source is None or shard.source == source:
+                yield from shard_blocks(path, shard.sha256)
 
     def verify(self, data_dir: Location, hashes: bool = True) -> None:
         """Every shard and block index exists with the listed size (and sha256); each split has at least one."""

@@ -267,7 +267,8 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
         buckets = max(4 * num_cpus, math.ceil(input_bytes / 64e6))
         near_blocks = near_duplicates(docs, cfg.clean.minhash, buckets).to_arrow_refs()
     _log(f"deduplicating, packing and writing {sum(num_shards.values())} shard(s)")
-    pack = {"data_dir": str(layout.root), "seq_len": cfg.seq_len, "eot": eot, "dtype": dtype.str, "exact": cfg.clean.dedup}
+    pack = {"data_dir": str(layout.root), "seq_len": cfg.seq_len, "eot": eot, "dtype": dtype.str, "exact": cfg.clean.dedup,
+            "num_sources": len(resolved)}
     written = write_shards(token_blocks, near_blocks, num_shards, cfg.val_fraction, pack)
     for reason in ("duplicate", "near_duplicate"):
         if count := sum(int(w[reason]) for w in written):
@@ -282,6 +283,11 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
     files.write_json(layout.manifest, manifest)  # last: the data is complete
     _summary(manifest, time.perf_counter() - start)
     return parse(manifest, layout.manifest)
+
+
+SOURCE_TOTALS = {"blocks": "sequences", "tokens": "tokens", "documents": "documents", "doc_tokens": "doc_tokens",
+                 "text_bytes": "text_bytes"}
+"""A source's totals per split in the manifest ← the shard rows' columns they sum."""
 
 
 def _dropped(counts: list[dict[str, Any]], resolved: list[SourceFiles]) -> dict[str, dict[str, int]]:
@@ -308,17 +314,22 @@ def _manifest(
     dropped: dict[str, dict[str, int]],
     resolved: list[SourceFiles],
 ) -> dict[str, Any]:
+    names = cfg.source_names()
     splits: dict[str, Any] = {}
     for split in SPLITS:
         rows = sorted((w for w in written if w["split"] == split), key=lambda w: w["shard"])
         totals = ("sequences", "tokens", "documents", "text_bytes", "doc_tokens", "tail_tokens")
         splits[split] = {
-            "num_shards": num_shards[split],  # shards documents were hashed over (an empty one has no file)
-            "shards": [{k: w[k] for k in ("file", "sequences", "tokens", "bytes", "sha256", "index_sha256")} for w in rows if w["file"]],
+            "num_shards": num_shards[split],  # groups documents were hashed over (a source's tar in each, if any)
+            "shards": [{**{k: w[k] for k in ("file", "sequences", "tokens", "bytes", "sha256", "index_sha256")},
+                        "source": names[w[SOURCE]]} for w in rows if w["file"]],
             **{k: sum(int(w[k]) for w in rows) for k in totals},
         }
     per_source = [
         {
+            "name": names[r.index],
+            "splits": {split: {total: sum(int(w[key]) for w in written if w["split"] == split and w[SOURCE] == r.index)
+                               for total, key in SOURCE_TOTALS.items()} for split in SPLITS},
             "label": r.label,
             "type": r.type,
             "files": len(r.files),
@@ -372,4 +383,9 @@ def _summary(manifest: dict[str, Any], seconds: float) -> None:
             f"{name}: {len(split['shards'])} shard(s), {split['sequences']:,} sequences of {manifest['block_len']}, "
             f"{split['tokens']:,} tokens ({split['tail_tokens']:,} tail tokens dropped)"
         )
+    if len(manifest["sources"]) > 1:
+        total = max(1, sum(s["splits"]["train"]["tokens"] for s in manifest["sources"]))
+        _log("train tokens by source: " + ", ".join(
+            f"{s['name']} {s['splits']['train']['tokens']:,} ({s['splits']['train']['tokens'] / total:.1%})"
+            for s in manifest["sources"]))
     _log(f"done in {seconds:.1f} s: {size['read'] / 1e6 / seconds:.2f} MB/s")

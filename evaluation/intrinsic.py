@@ -97,14 +97,16 @@ def score_tokens(
 
 
 def score_val_shards(model: GPT, data_dir: Location, context: int, stride: int, batch_size: int, max_tokens: int | None,
-                     progress: bool = True) -> StreamScore:
-    """The val split as one stream (its blocks concatenated in shard order); bytes from the manifest's ratio."""
+                     progress: bool = True, source: str | None = None) -> StreamScore:
+    """The val split (or one source's part of it) as one stream, its blocks concatenated in shard order; bytes from
+    the manifest's ratio."""
     manifest = read_manifest(data_dir)
-    stream = np.concatenate(list(manifest.blocks(data_dir, "val")))
+    stream = np.concatenate(list(manifest.blocks(data_dir, "val", source)))
     if max_tokens:
         stream = stream[: max_tokens + 1]
-    nll, n = score_tokens(model, stream, context, stride, batch_size, desc="val shards" if progress else None)
-    return StreamScore(nll=nll, tokens=n, bytes=n / manifest.tokens_per_byte())
+    desc = ("val shards" + (f" of {source}" if source else "")) if progress else None
+    nll, n = score_tokens(model, stream, context, stride, batch_size, desc=desc)
+    return StreamScore(nll=nll, tokens=n, bytes=n / manifest.tokens_per_byte("val", source))
 
 
 def score_text(

@@ -82,9 +82,15 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, data_dir: str | None, 
         "checkpoint": str(checkpoint), "step": lm.step, "params": lm.model.num_params(), "device": device,
         "precision": lm.dtype, "context": context, "stride": stride, "intrinsic": {}, "tasks": {},
     }
-    if cfg.val_shards and data_dir and finished(data_dir) is not None:
+    if cfg.val_shards and data_dir and (manifest := finished(data_dir)) is not None:
         score = score_val_shards(lm.model, data_dir, context, stride, cfg.batch_size, cfg.max_tokens, progress)
         out["intrinsic"]["val"] = score.to_json()
+        sources = manifest.sources
+        for source in sources if len(sources) > 1 else []:  # several sources: each one's val bits per byte too
+            if source.splits["val"].blocks:
+                score = score_val_shards(lm.model, data_dir, context, stride, cfg.batch_size, cfg.max_tokens, progress,
+                                         source.name)
+                out["intrinsic"][f"val/{source.name}"] = score.to_json()
     skipped = {}
     for name, path in cfg.texts.items():
         if not files.is_file(path):

@@ -115,10 +115,12 @@ class SampleOrder:
         self._cached: tuple[int, np.ndarray] | None = None
 
     def epoch(self, e: int) -> np.ndarray:
-        """The permutation of epoch e (the last one is kept: consecutive batches mostly share an epoch)."""
-        if self._cached is None or self._cached[0] != e:
-            self._cached = (e, np.random.default_rng([self.seed, e]).permutation(self.n))
-        return self._cached[1]
+        """The permutation of epoch e (the last one is kept: consecutive batches mostly share an epoch). Safe from
+        two threads (the reader's and the metrics'): each returns the permutation it checked."""
+        cached = self._cached
+        if cached is None or cached[0] != e:
+            cached = self._cached = (e, np.random.default_rng([self.seed, e]).permutation(self.n))
+        return cached[1]
 
     def span(self, start: int, stop: int) -> np.ndarray:
         """Sample ids at stream positions [start, stop)."""

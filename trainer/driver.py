@@ -37,6 +37,7 @@ from trainer import checkpoints, liveness
 from trainer.config import TrainConfig
 from trainer.data import even_world_sizes
 from trainer.loop import WorkerConfig, train_loop_per_worker
+from trainer.mixture import Phases, Sources, moved_boundaries
 from trainer.tracking import tracking_env
 
 
@@ -61,14 +62,20 @@ def check_model(manifest: Manifest, model_cfg: ModelConfig) -> None:
 
 def check_resume(layout: RunLayout, run_fp: dict[str, Any]) -> checkpoints.Committed | None:
     """The committed checkpoint training will resume from, after checking it belongs to this very run (same
-    fingerprint) and, in local storage, that its files match the commit record. Refused with one line otherwise."""
+    fingerprint; a data.mixture phase may end later if both ends lie ahead of the step reached) and, in local storage,
+    that its files match the commit record. Refused with one line otherwise."""
     if not layout.remote and Path(layout.checkpoint).exists() and not Path(layout.checkpoint).is_symlink():
         raise RunFileError(f"{layout.checkpoint} is a folder, not the link raygpt publishes (an older raygpt wrote it); "
                            "move it away or use a new run_dir")
     newest = checkpoints.newest(layout)
     if newest is None:
         return None
-    if diffs := checkpoints.differences(newest.record["fingerprint"], run_fp):
+    recorded = dict(newest.record["fingerprint"])
+    if moved_boundaries(recorded.get("data.mixture"), run_fp.get("data.mixture"), newest.step):
+        print(f"[train] data.mixture: a phase now ends elsewhere, after step {newest.step}: the same run goes on",
+              flush=True)
+        recorded["data.mixture"] = run_fp["data.mixture"]
+    if diffs := checkpoints.differences(recorded, run_fp):
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise RunFileError(
             f"{layout.run_dir} holds checkpoints of another training run ({shown}); use a new run_dir, or "
@@ -147,7 +154,7 @@ def kept_global_batch(layout: RunLayout, resolved: int) -> int:
 
 
 def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterConfig, layout: RunLayout, seed: int,
-                global_batch_size: int, begin: Callable[[], Any]) -> Any:
+                global_batch_size: int, begin: Callable[[], Any], mixture: Phases | None = None) -> Any:
     """The train stage (`raygpt train`): shards → committed checkpoints, resuming from the newest committed one of the
     same run; skipped when this run already finished. Everything checkable — data, model, the run fingerprint against
     existing checkpoints — fails before any worker starts or file is written; then `begin` connects to Ray and
@@ -161,7 +168,10 @@ def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterCon
     check_model(manifest, model_cfg)
     if train_cfg.global_batch_size is None and train_cfg.resume:
         global_batch_size = kept_global_batch(layout, global_batch_size)
+    Sources(manifest, mixture, seed)  # a mixture of sources the data lacks, or without blocks: one line, now
     run_fp = checkpoints.run_fingerprint(train_cfg, model_cfg, manifest, seed, global_batch_size)
+    if mixture is not None:
+        run_fp["data.mixture"] = [[until, weights] for until, weights in mixture]
     if model.init_from is not None:
         run_fp["model.init_from"] = files.fingerprint(weights_stamp(model.init_from))  # other base weights: another run
     done_key = files.fingerprint({"run": run_fp, "max_steps": train_cfg.max_steps, "time_budget_s": train_cfg.time_budget_s})
@@ -178,7 +188,8 @@ def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterCon
     begin()
     worker = WorkerConfig(train=train_cfg, model=model_cfg, layout=layout, seed=seed, global_batch_size=global_batch_size,
                           use_gpu=cluster.use_gpu, eot_token=manifest.eot_token, fingerprint=run_fp,
-                          init_from=model.init_from, tracking_env=tracking_env(), driver=liveness.identity())
+                          init_from=model.init_from, tracking_env=tracking_env(), driver=liveness.identity(),
+                          mixture=mixture)
     result = train(worker, cluster)
     step = published_step(layout.checkpoint)
     files.write_json(layout.train_done, {"fingerprint": done_key, "step": step})

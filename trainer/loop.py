@@ -38,8 +38,9 @@ from model.precision import Choice, choose, detect
 from trainer import checkpoints, liveness, state
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.deepspeed_import import import_deepspeed
-from trainer.data import SampleOrder, SampleReader, StepData, grad_accum, rank_steps, val_ids
+from trainer.data import SampleReader, StepData, grad_accum, rank_steps, val_ids
 from trainer.metrics import batch_digest, continue_metrics, sample_digests, upload_metrics
+from trainer.mixture import Phases, Sources
 from trainer.tracking import Trackers
 
 PHASES = ("data", "forward", "backward", "step")  # the parts of a training step timed into the metrics
@@ -63,6 +64,8 @@ class WorkerConfig:
     """A raygpt checkpoint whose weights replace the random init (model.init_from); a resume overwrites them."""
     tracking_env: dict[str, str] = field(default_factory=dict)
     """The driver's W&B / MLflow settings (trainer.tracking.TRACKING_ENV), for rank 0's trackers."""
+    mixture: Phases | None = None
+    """`data.phases()`: (last step, weights by source) phases; None draws every block alike (`trainer.mixture`)."""
     driver: dict[str, str | int] | None = None
     """The driver process (`trainer.liveness.identity`): workers on its machine stop when it is gone."""
     faults: dict[str, int] = field(default_factory=dict)
@@ -96,19 +99,6 @@ def _agree_on_precision(requested: str, device: torch.device) -> Choice:
     dist.broadcast_object_list(holder, src=0)
     assert holder[0] is not None
     return holder[0]
-
-
-def _consolidated_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (ZeRO-3 shards are gathered first; every rank must call this)."""
-    deepspeed = import_deepspeed()
-
-    module = engine.module
-    if zero_stage == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-    else:
-        full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-    return full if dist.get_rank() == 0 else None
 
 
 class Worker:
@@ -150,7 +140,7 @@ class Worker:
             self.engine.compile()
         self.train_data = SampleReader(cfg.layout.data.root, "train", self.manifest)
         self.val_data = SampleReader(cfg.layout.data.root, "val", self.manifest)
-        self.order = SampleOrder(self.train_data.num_samples, cfg.seed)
+        self.sources = Sources(self.manifest, cfg.mixture, cfg.seed)  # the order of the samples, by source
 
     def resume(self) -> None:
         """Rank 0 picks the newest committed checkpoint (and clears newer uncommitted folders); every rank verifies its
@@ -220,7 +210,7 @@ class Worker:
     def _save(self, tmp: Path) -> GPT | None:
         """Every rank: its part of the resharding state; rank 0 also the consolidated model (returned on rank 0)."""
         state.save(self.engine, tmp / STATE_DIR, self.step)
-        full = _consolidated_state(self.engine, self.t.zero_stage)
+        full = state.consolidated(self.engine, self.t.zero_stage)
         if full is None:
             return None
         model = GPT(self.cfg.model)
@@ -281,6 +271,8 @@ class Worker:
         print(progress_line("train", "step", self.step, self.t.max_steps, f"{shown} eta {eta_s:.0f}s"), flush=True)
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
+        if len(self.sources.names) > 1:  # TensorBoard, W&B and MLflow plot each source's tokens and epoch
+            scalars |= {f"{k}/{n}": float(v) for k in ("source_tokens", "source_epoch") for n, v in metrics.get(k, {}).items()}
         self.trackers.log(scalars, self.step)
 
     def close_logs(self) -> None:
@@ -348,7 +340,7 @@ class Worker:
         last_checkpoint = window_start = started
         window_steps, phases = 0, np.zeros(len(PHASES))
         fault_step, slow = self.cfg.faults.get("exit_after_step"), self.cfg.faults.get("step_ms")
-        data_iter = rank_steps(self.train_data, self.order, self.step, self.cfg.global_batch_size, t.micro_batch_size,
+        data_iter = rank_steps(self.train_data, self.sources.order, self.step, self.cfg.global_batch_size, t.micro_batch_size,
                                self.rank, self.world)
         while self.step < t.max_steps:
             liveness.check(self.cfg.driver, self.rank, self.step)
@@ -373,6 +365,7 @@ class Worker:
             if metrics:
                 metrics.setdefault("step", self.step)
                 metrics.setdefault("tokens", self.step * self.cfg.global_batch_size * self.manifest.seq_len)
+                metrics.update(self.sources.metrics(self.step, self.cfg.global_batch_size, self.manifest.seq_len))
                 self.log(metrics, (t.max_steps - self.step) * (time.perf_counter() - started) / max(self.step - first_step, 1))
             if self.step % t.checkpoint_every == 0 or last or checkpoint_due:
                 self.checkpoint(metrics)

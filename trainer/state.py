@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from core.errors import RunFileError
 from core.files import atomic_write, read_json
+from trainer.deepspeed_import import import_deepspeed
 
 FORMAT = 1
 INDEX = "index.json"
@@ -180,6 +181,18 @@ def load(engine: Any, folder: Path, scheduler: Any, batch: torch.Tensor, accum: 
     scheduler.last_epoch = step - 1
     scheduler.step()  # the learning rate of step `step`
     return step
+
+
+def consolidated(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (ZeRO-3 shards are gathered first; every rank must call this)."""
+    deepspeed = import_deepspeed()
+    module = engine.module
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    else:
+        full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    return full if dist.get_rank() == 0 else None
 
 
 if __name__ == "__main__":

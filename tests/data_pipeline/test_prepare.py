@@ -158,6 +158,7 @@ def _mixed_corpus(root: Path) -> dict[str, str]:
     (texts / "g.txt").write_text(long_doc.replace("alpha200 ", "omega "))  # near duplicate of f.py
     (texts / "ignored.csv").write_text("not, a, listed, extension")
     rows = [{"body": f"json record number {i} with some words"} for i in range(20)] + [{"other": "no body"}]
+    rows.append({"body": "The first document.\nIt has two lines.\n"})  # a copy of a.txt in another source
     (root / "records.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     pq.write_table(pa.table({"content": [f"parquet row {i} says hello" for i in range(15)]}), root / "t.parquet")
     datasets.Dataset.from_dict({"text": [f"hf example {i} of a saved dataset" for i in range(12)]}).save_to_disk(
@@ -193,16 +194,19 @@ data:
     assert main(["prepare", str(config)]) == 0
     data = tmp_path / "run" / "data"
     manifest = json.loads((data / "manifest.json").read_text())
-    assert [(s["type"], s["files"], s["documents"]) for s in manifest["sources"]] == [
-        ("text", 7, 7),
-        ("jsonl", 1, 21),
-        ("parquet", 1, 15),
-        ("hf", 0, 12),
+    assert [(s["name"], s["type"], s["files"], s["documents"]) for s in manifest["sources"]] == [
+        ("texts", "text", 7, 7),
+        ("records", "jsonl", 1, 22),
+        ("corpus", "parquet", 1, 15),
+        ("hf", "hf", 0, 12),
     ]
     dropped = {k: v["documents"] for k, v in manifest["dropped"].items()}
-    assert dropped == {"binary": 1, "duplicate": 1, "near_duplicate": 1, "no_text": 1, "too_short": 1}
+    assert dropped == {"binary": 1, "duplicate": 2, "near_duplicate": 1, "no_text": 1, "too_short": 1}
     assert manifest["utf8_replaced_documents"] == 1
-    assert manifest["documents"]["kept"] == 55 - 5
+    assert manifest["documents"]["kept"] == 56 - 6
+    for split, totals in manifest["splits"].items():  # each source's part of a split adds up to the split
+        for total, key in (("blocks", "sequences"), ("documents", "documents"), ("text_bytes", "text_bytes")):
+            assert sum(s["splits"][split][total] for s in manifest["sources"]) == totals[key]
     assert manifest["splits"]["val"]["documents"] > 0
 
     # Decode every shard back to text: each shard starts at a document, so every piece before its last EOT is a
@@ -215,12 +219,21 @@ data:
     near_pair = {long_doc, long_doc.replace("alpha200 ", "omega ")}
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     decoded: list[str] = []
+    by_source: dict[str, set[str]] = {}
     for split in manifest["splits"].values():
+        sources = [shard["source"] for shard in split["shards"]]
+        assert sources == sorted(sources, key=["texts", "records", "corpus", "hf"].index)  # one range per source
         for shard in split["shards"]:
             stream = _read_blocks(data / shard["file"]).reshape(-1)
             ends = np.flatnonzero(stream == manifest["eot_id"])
             starts = np.concatenate([[0], ends[:-1] + 1])
-            decoded += [tokenizer.decode(stream[a:b].tolist()) for a, b in zip(starts, ends)]
+            docs = [tokenizer.decode(stream[a:b].tolist()) for a, b in zip(starts, ends)]
+            decoded += docs
+            by_source.setdefault(shard["source"], set()).update(docs)
+    # a block never mixes sources; the copy in two sources is kept once, in the first source's blocks
+    assert all(d.startswith("json record") for d in by_source.get("records", set()))
+    assert all(d.startswith("parquet row") for d in by_source.get("corpus", set()))
+    assert all(d.startswith("hf example") for d in by_source.get("hf", set()))
     assert len(decoded) == len(set(decoded)) >= 40  # tails (< 17 tokens per shard) may cut a few documents
     assert set(decoded) <= expected | near_pair
     assert len(set(decoded) & near_pair) <= 1

@@ -11,7 +11,7 @@ from cluster.config import ConfigError, load_config
 from core.errors import RunFileError
 from core.files import sha256
 from data_pipeline.config import DataError
-from data_pipeline.manifest import read_manifest
+from data_pipeline.manifest import FORMAT_VERSION, read_manifest
 from model.gpt import GPT, ModelConfig
 from tests.conftest import REPO
 from tests.trainer.test_data import hand_made_data
@@ -105,7 +105,7 @@ def test_manifest_reader_errors_are_one_line(tmp_path: Path) -> None:
         read_manifest(data)
     assert "\n" not in str(e.value)
     path.write_text(json.dumps({**good, "format_version": 1}))
-    with pytest.raises(DataError, match="manifest format 1, this raygpt reads 3"):
+    with pytest.raises(DataError, match=f"manifest format 1, this raygpt reads {FORMAT_VERSION}"):
         read_manifest(data)
     path.write_text(json.dumps({k: v for k, v in good.items() if k != "eot_id"}))
     with pytest.raises(DataError, match="bad manifest field eot_id"):

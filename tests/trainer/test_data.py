@@ -20,9 +20,12 @@ from trainer.data import SampleOrder, SampleReader, even_world_sizes, grad_accum
 SIZES = [3, 4, 5, 6, 2, 7]  # 27 train samples in 6 shards of different sizes
 
 
-def hand_made_data(tmp_path: Path, shard_sizes: list[int], vocab: int = 100, trainable: bool = False) -> Path:
+def hand_made_data(tmp_path: Path, shard_sizes: list[int], vocab: int = 100, trainable: bool = False,
+                   sources: list[str] | None = None) -> Path:
     """A prepared data dir written with the real shard writer: block i of shard s starts with token 1000·s + i, so a
-    block names itself — or, `trainable`, holds ids below `vocab` in a pattern a model can learn."""
+    block names itself — or, `trainable`, holds ids below `vocab` in a pattern a model can learn. `sources` names the
+    source of each shard (consecutive shards per source; default: one source)."""
+    sources = sources or ["corpus"] * len(shard_sizes)
     splits = {}
     for split in ("train", "val"):
         (tmp_path / split).mkdir(parents=True)
@@ -36,11 +39,16 @@ def hand_made_data(tmp_path: Path, shard_sizes: list[int], vocab: int = 100, tra
             name = f"{split}/shard-{s:06d}.tar"
             written = write_shard(tmp_path / name, blocks, f"{split}-{s:06d}")
             shards.append({"file": name, "sequences": n, "tokens": n * 5, "bytes": written.bytes,
-                           "sha256": written.sha256, "index_sha256": written.index_sha256})
+                           "sha256": written.sha256, "index_sha256": written.index_sha256, "source": sources[s]})
         splits[split] = {"shards": shards, "sequences": sum(shard_sizes), "doc_tokens": 10, "documents": 2,
                          "text_bytes": 40}
-    manifest = {"format_version": 3, "fingerprint": "f" * 16, "vocab_size": vocab, "seq_len": 4, "dtype": "uint16",
-                "eot_id": 0, "eot_token": "<|endoftext|>", "splits": splits}
+    names = list(dict.fromkeys(sources))
+    per_source = [{"name": name, "splits": {split: {
+        "blocks": sum(n for n, s in zip(shard_sizes, sources) if s == name),
+        "tokens": 5 * sum(n for n, s in zip(shard_sizes, sources) if s == name),
+        "documents": 1, "doc_tokens": 5, "text_bytes": 20} for split in ("train", "val")}} for name in names]
+    manifest = {"format_version": 4, "fingerprint": "f" * 16, "vocab_size": vocab, "seq_len": 4, "dtype": "uint16",
+                "eot_id": 0, "eot_token": "<|endoftext|>", "splits": splits, "sources": per_source}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path
 

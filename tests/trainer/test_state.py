@@ -107,7 +107,7 @@ def test_the_worker_parts_run_on_their_own(gloo: None, tmp_path: Path) -> None:
                                  use_gpu=False, eot_token="<|endoftext|>", fingerprint={}))
     worker.setup()
     assert worker.accum == 3 and worker.step == 0
-    steps = rank_steps(worker.train_data, worker.order, 0, 5, 2, rank=0, world=1)
+    steps = rank_steps(worker.train_data, worker.sources.order, 0, 5, 2, rank=0, world=1)
     first = next(steps)
     assert [len(b) for b in first.micro_batches] == [2, 2, 1] and first.weights == pytest.approx([1.2, 1.2, 0.6])
     losses = [worker.train_step(first)[0].item()] + [worker.train_step(next(steps))[0].item() for _ in range(29)]
