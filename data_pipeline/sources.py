@@ -14,6 +14,7 @@ import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray.data
 
@@ -23,6 +24,9 @@ from data_pipeline.config import CleanConfig, DataError, SourceConfig
 TEXT_EXTENSIONS = {".txt", ".md", ".rst", ".py", ".text", ".markdown", ".c", ".h", ".js", ".ts", ".java", ".rs", ".go"}
 JSONL_EXTENSIONS = {".jsonl", ".json", ".ndjson"}
 PARQUET_EXTENSIONS = {".parquet"}
+COMPRESSED_EXTENSIONS = (".gz", ".zst", ".zstd", ".bz2")
+"""JSONL files compressed whole: Ray Data's JSON reader decompresses them as a stream (pyarrow's codec from the
+extension), so no file is decompressed to disk or into memory whole."""
 _GLOB_CHARS = set("*?[")
 
 
@@ -110,7 +114,9 @@ def _list_local(path: str, extensions: set[str] | None, follow_symlinks: bool = 
 
 
 def _kind_of(path: str, extensions: list[str]) -> str | None:
-    suffix = Path(path.removesuffix(".gz")).suffix.lower()
+    for compressed in COMPRESSED_EXTENSIONS:
+        path = path.removesuffix(compressed)
+    suffix = Path(path).suffix.lower()
     if suffix in JSONL_EXTENSIONS:
         return "jsonl"
     if suffix in PARQUET_EXTENSIONS:
@@ -176,8 +182,13 @@ def _check_field(kind: str, path: str, text_field: str) -> None:
         except Exception as e:
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     else:
-        with open(path, "rb") as f:
-            first = f.readline()
+        import pyarrow as pa
+
+        try:  # decompressed on the way when the extension names a codec (.gz, .zst, .bz2)
+            with pa.input_stream(path, compression="detect") as f:
+                first = _first_line(f)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"{path}: cannot read the first line ({str(e).splitlines()[0][:120]})") from None
         if not first.strip():
             return
         try:
@@ -187,6 +198,14 @@ def _check_field(kind: str, path: str, text_field: str) -> None:
         names = list(record) if isinstance(record, dict) else []
     if text_field not in names:
         raise DataError(f"{path}: no text field {text_field!r} (fields: {', '.join(names)}); set the source's text_field")
+
+
+def _first_line(stream: Any, limit: int = 1 << 24) -> bytes:
+    """The first line of a binary stream, read in chunks (at most `limit` bytes)."""
+    line = b""
+    while b"\n" not in line and len(line) < limit and (chunk := stream.read(65536)):
+        line += chunk
+    return line.split(b"\n", 1)[0]
 
 
 def _read_hf(src: SourceConfig) -> ray.data.Dataset:

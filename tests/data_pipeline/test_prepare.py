@@ -284,8 +284,8 @@ def test_a_changed_corpus_is_new_data_and_links_out_of_a_source_are_not_followed
     (elsewhere / "secret.txt").write_text("a file outside the corpus folder " * 40)
     (corpus / "link.txt").symlink_to(elsewhere / "secret.txt")
     config = tmp_path / "c.yaml"
-    config.write_text(f"name: c\nrun_dir: {tmp_path / 'run'}\ndata:\n  seq_len: 32\n  sources:\n    - path: {corpus}\n"
-                      "  tokenizer:\n    vocab_size: 300\n")
+    config.write_text(f"name: c\nrun_dir: {tmp_path / 'run'}\ndata:\n  seq_len: 32\n  val_fraction: 0.2\n  sources:\n"
+                      f"    - path: {corpus}\n  tokenizer:\n    vocab_size: 300\n")
     assert main(["prepare", str(config)]) == 0
     manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
     assert manifest["sources"][0]["files"] == 30  # the link out of the folder was not read
@@ -345,3 +345,57 @@ def test_too_little_data_loops_and_a_small_vocabulary_are_refused(tmp_path: Path
     assert not (tmp_path / "run" / "data" / "manifest.json").exists()
     assert main(["prepare", str(config), "data.tokenizer.vocab_size=64"]) == 2
     assert "vocab_size 64 is below byte-level BPE's 257" in capsys.readouterr().err
+
+
+def test_a_source_that_yields_nothing_is_one_line_and_nothing_is_written(
+    tmp_path: Path, ray_session: None, shared_data: Path, capsys
+) -> None:
+    """A source empty after cleaning, a source whose every document is a copy of another source's, a mixture weight on
+    a source too small for one block, and a corpus too small for one val block: each stops with one line, and the data
+    dir holds no manifest, shard or block index afterwards."""
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:100_000]
+    (tmp_path / "main.txt").write_text(text)
+    (tmp_path / "short.txt").write_text("a\n\nb\n\nc")  # 3 paragraphs, each below min_chars
+    (tmp_path / "copy.txt").write_text(text[: text.index("\n\n", 20_000)])  # every paragraph a copy of one of main's
+    (tmp_path / "tiny.txt").write_text("A line of its own.")
+    main_src = f"{{path: {tmp_path / 'main.txt'}, split_by: paragraph}}"
+    cases = {
+        "empty": ([f"data.sources=[{main_src}, {{path: {tmp_path / 'short.txt'}, split_by: paragraph}}]"],
+                  "data.sources[1] (short): nothing left after cleaning: 3 documents read, dropped: too_short=3"),
+        "copies": ([f"data.sources=[{main_src}, {{path: {tmp_path / 'copy.txt'}, split_by: paragraph}}]",
+                    "data.clean.dedup=true"],
+                   "data.sources[1] (copy): every document ("),
+        "weighted": ([f"data.sources=[{main_src}, {{path: {tmp_path / 'tiny.txt'}}}]",
+                      "data.mixture=[{weights: {main: 0.9, tiny: 0.1}}]"],
+                     "data.sources[1] (tiny) has a mixture weight but its "),
+        "no-val": ([f"data.sources=[{main_src}]", "data.val_fraction=1e-9"], "the val split holds 0 tokens after dedup"),
+    }
+    for name, (overrides, message) in cases.items():
+        run_dir = tmp_path / name
+        assert main(["prepare", SHAKESPEARE, f"run_dir={run_dir}", "data.tokenizer.vocab_size=300", "data.seq_len=64",
+                     "data.clean.min_chars=5", *overrides]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (name, err)
+        data = run_dir / "data"
+        assert not (data / "manifest.json").exists() and not list(data.glob("*/*.tar")) and not list(data.glob("*/*.idx"))
+
+
+def test_compressed_jsonl_is_read_as_a_stream(tmp_path: Path, ray_session: None, capsys) -> None:
+    """`.jsonl.gz` and `.jsonl.zst` sources: typed from the extension, their first record checked through the codec,
+    read by Ray Data's JSON reader decompressing on the way; a missing text field names the fields there are."""
+    import pyarrow as pa
+
+    for name, codec in (("a.jsonl.gz", "gzip"), ("b.jsonl.zst", "zstd")):
+        rows = [{"body": f"{name} record number {i}, with a few more words"} for i in range(40)]
+        with pa.output_stream(str(tmp_path / name), compression=codec) as out:
+            out.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    sources = (f"data.sources=[{{path: {tmp_path / 'a.jsonl.gz'}, text_field: body}}, "
+               f"{{path: {tmp_path / 'b.jsonl.zst'}, text_field: body}}]")
+    common = ["data.tokenizer.vocab_size=300", "data.seq_len=16", "data.val_fraction=0.2", sources]
+    assert main(["prepare", SHAKESPEARE, f"run_dir={tmp_path / 'run'}", *common]) == 0
+    manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    assert [(s["name"], s["type"], s["documents"]) for s in manifest["sources"]] == [("a", "jsonl", 40), ("b", "jsonl", 40)]
+    assert manifest["documents"]["kept"] == 80
+    assert main(["prepare", SHAKESPEARE, f"run_dir={tmp_path / 'other'}", *common[:3],
+                 f"data.sources=[{{path: {tmp_path / 'b.jsonl.zst'}, text_field: text}}]"]) == 2
+    assert "b.jsonl.zst: no text field 'text' (fields: body)" in capsys.readouterr().err
