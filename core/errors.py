@@ -39,13 +39,19 @@ def one_line(error: BaseException, limit: int = 120) -> str:
 
 def user_error(error: BaseException) -> BaseException | None:
     """The user error (bad config, input or checkpoint) behind an exception, also when it was raised inside a Ray task
-    or actor (Ray keeps it as `.cause`)."""
+    or actor (Ray keeps it as `.cause`). Ray's own wrapper of it (`RayTaskError(DataError)`, an instance of both whose
+    message is Ray's traceback) is passed over for the error itself."""
     seen: BaseException | None = error
-    while seen is not None:
+    found = None
+    for _ in range(32):
+        if seen is None:
+            break
         if isinstance(seen, UserError):
-            return seen
+            found = seen
+            if not type(seen).__module__.startswith("ray."):
+                return seen
         seen = seen.__cause__ or getattr(seen, "cause", None)
-    return None
+    return found
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -39,6 +39,7 @@ from core.layout import SPLITS, DataLayout, Location, is_uri, join
 from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT, clean_batch
 from data_pipeline.config import DataConfig, DataError, TokenizerConfig
 from data_pipeline.dedup import near_duplicates
+from data_pipeline.refusals import check_sources_kept, check_written
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
 from data_pipeline.pack import in_sample, is_val, tar_bytes_per_block, token_dtype
 from data_pipeline.partition import columns, write_shards
@@ -249,7 +250,7 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
         raise DataError(f"nothing left after filtering: {read_docs} documents read, dropped: {reasons}")
     if kept_bytes["train"] == 0:
         raise DataError("no document went to the train split; lower data.val_fraction or add data")
-    _check_sources_kept(counts, resolved, cfg.source_names())
+    check_sources_kept(counts, resolved, cfg.source_names())
     kept_tokens = sum(survey.kept_tokens.values())
     _log(f"cleaned and tokenized {read_docs:,} documents: {kept_tokens:,} tokens, "
          f"{sum(kept_bytes.values()) / max(kept_tokens, 1):.2f} bytes/token")
@@ -275,7 +276,7 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
         if count := sum(int(w[reason]) for w in written):
             dropped[reason] = {"documents": count, "bytes": sum(int(w[f"{reason}_bytes"]) for w in written)}
     try:
-        _check_written(cfg, written, resolved)
+        check_written(cfg, written, resolved)
     except DataError:
         for w in written:  # nothing of a refused prepare stays in the data dir
             if w["file"]:
@@ -293,47 +294,6 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
 SOURCE_TOTALS = {"blocks": "sequences", "tokens": "tokens", "documents": "documents", "doc_tokens": "doc_tokens",
                  "text_bytes": "text_bytes"}
 """A source's totals per split in the manifest ← the shard rows' columns they sum."""
-
-
-def _check_sources_kept(counts: list[dict[str, Any]], resolved: list[SourceFiles], names: list[str]) -> None:
-    """Every source keeps a document after cleaning; one that keeps none is one line with what it lost, by reason
-    (a source of unreadable files, of binaries, of documents below data.clean.min_chars)."""
-    for r in resolved:
-        mine = [c for c in counts if c[SOURCE] == r.index]
-        if not any(c["documents"] for c in mine if not c[DROP]):
-            read = sum(c["documents"] for c in mine) + len(r.unreadable)
-            reasons = ", ".join(f"{c[DROP]}={c['documents']}" for c in sorted(mine, key=lambda c: c[DROP]) if c[DROP])
-            reasons += f"{', ' if reasons else ''}unreadable={len(r.unreadable)}" if r.unreadable else ""
-            raise DataError(f"data.sources[{r.index}] ({names[r.index]}): nothing left after cleaning: {read} "
-                            f"documents read, dropped: {reasons or 'none'}")
-
-
-def _check_written(cfg: DataConfig, written: list[dict[str, Any]], resolved: list[SourceFiles]) -> None:
-    """After dedup and packing: every source kept a document, every weighted source a train block, and each split
-    holds at least one block — else one line (the caller removes what was written)."""
-    names, block = cfg.source_names(), cfg.seq_len + 1
-    for r in resolved:
-        mine = [w for w in written if w[SOURCE] == r.index]
-        if not sum(int(w["documents"]) for w in mine):
-            copies = sum(int(w["duplicate"]) + int(w["near_duplicate"]) for w in mine)
-            raise DataError(f"data.sources[{r.index}] ({names[r.index]}): every document ({copies:,}) is a duplicate "
-                            "of one kept from an earlier source or from itself; remove the source or turn off "
-                            "data.clean.dedup / data.clean.minhash")
-    weighted = {n for _, weights in (cfg.phases() or []) for n in weights}
-    for r in resolved:
-        if names[r.index] in weighted and not sum(int(w["sequences"]) for w in written
-                                                  if w[SOURCE] == r.index and w["split"] == "train"):
-            tokens = sum(int(w["tokens"]) + int(w["tail_tokens"]) for w in written
-                         if w[SOURCE] == r.index and w["split"] == "train")
-            raise DataError(f"data.sources[{r.index}] ({names[r.index]}) has a mixture weight but its {tokens:,} train "
-                            f"tokens make no block of data.seq_len + 1 = {block:,}; add data to it or lower data.seq_len")
-    for split in SPLITS:
-        if not sum(int(w["sequences"]) for w in written if w["split"] == split):
-            tokens = sum(int(w["tokens"]) + int(w["tail_tokens"]) for w in written if w["split"] == split)
-            hint = "add data or lower data.seq_len" if split == "train" else \
-                "raise data.val_fraction, add data or lower data.seq_len"
-            raise DataError(f"the {split} split holds {tokens:,} tokens after dedup, not one block of data.seq_len + 1 "
-                            f"= {block:,}; {hint}")
 
 
 def _dropped(counts: list[dict[str, Any]], resolved: list[SourceFiles]) -> dict[str, dict[str, int]]:

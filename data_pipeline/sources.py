@@ -18,6 +18,7 @@ from typing import Any
 
 import ray.data
 
+from core.errors import one_line
 from data_pipeline.clean import documents_batch, field_batch
 from data_pipeline.config import CleanConfig, DataError, SourceConfig
 
@@ -208,6 +209,29 @@ def _first_line(stream: Any, limit: int = 1 << 24) -> bytes:
     return line.split(b"\n", 1)[0]
 
 
+def _read_json_lines(paths: list[str], blocks: int) -> ray.data.Dataset:
+    """`ray.data.read_json(paths, lines=True)` — streamed, a compressed file decompressed on the way — except that a
+    corrupt or truncated file is one line naming it. Ray's reader says only what pandas or the codec said ("Truncated
+    compressed stream"), so its datasource is subclassed to add the file and how far it got."""
+    from ray.data._internal.datasource.json_datasource import PandasJSONDatasource
+
+    class NamedJSONLines(PandasJSONDatasource):
+        def _read_stream(self, f: Any, path: str) -> Any:
+            rows = 0
+            try:
+                for frame in super()._read_stream(f, path):
+                    rows += len(frame)
+                    yield frame
+            except Exception as e:  # pandas' ValueError on bad JSON, pyarrow's OSError on a truncated stream
+                raise DataError(f"{path}: corrupt or truncated JSONL in the records after its first {rows:,} "
+                                f"({one_line(e)})") from None
+
+    readable = _readable(paths)
+    source = NamedJSONLines(readable.pop("paths"), ray.data.DataContext.get_current().target_max_block_size,
+                            file_extensions=None, **readable)
+    return ray.data.read_datasource(source, override_num_blocks=blocks)
+
+
 def _read_hf(src: SourceConfig) -> ray.data.Dataset:
     import datasets
 
@@ -258,9 +282,7 @@ def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig, nu
     else:
         _check_field(resolved.type, resolved.files[0], src.text_field)
         if resolved.type == "jsonl":
-            records = ray.data.read_json(
-                **_readable(resolved.files), lines=True, file_extensions=None, override_num_blocks=_read_tasks(resolved, num_cpus)
-            )
+            records = _read_json_lines(resolved.files, _read_tasks(resolved, num_cpus))
         else:
             records = ray.data.read_parquet(**_readable(resolved.files), columns=[src.text_field], file_extensions=None)
     return records.map_batches(

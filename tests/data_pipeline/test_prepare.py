@@ -399,3 +399,18 @@ def test_compressed_jsonl_is_read_as_a_stream(tmp_path: Path, ray_session: None,
     assert main(["prepare", SHAKESPEARE, f"run_dir={tmp_path / 'other'}", *common[:3],
                  f"data.sources=[{{path: {tmp_path / 'b.jsonl.zst'}, text_field: text}}]"]) == 2
     assert "b.jsonl.zst: no text field 'text' (fields: body)" in capsys.readouterr().err
+    many = "".join(json.dumps({"body": f"line {i} of a long file"}) + "\n" for i in range(50_000)).encode()
+    with pa.output_stream(str(tmp_path / "whole.gz"), compression="gzip") as out:
+        out.write(many)
+    whole = (tmp_path / "whole.gz").read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download that stopped halfway
+    (tmp_path / "bad.jsonl").write_text('{"body": "fine"}\n' * 10 + '{"body": "no end\n')
+    (tmp_path / "short-cut.jsonl.gz").write_bytes((tmp_path / "a.jsonl.gz").read_bytes()[:100])
+    for name, expected in (("cut.jsonl.gz", "corrupt or truncated JSONL in the records after its first"),
+                           ("bad.jsonl", "corrupt or truncated JSONL in the records after its first"),
+                           ("short-cut.jsonl.gz", "cannot read the first line (")):  # the driver's first look
+        assert main(["prepare", SHAKESPEARE, f"run_dir={tmp_path / (name + '.run')}", *common[:3],
+                     f"data.sources=[{{path: {tmp_path / name}, text_field: body}}]"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{tmp_path / name}: {expected}" in err, err
+        assert not (tmp_path / (name + ".run") / "data" / "manifest.json").exists()
