@@ -4,10 +4,12 @@ webdataset shards, one per source of each group. See `data_pipeline.prepare` for
 Placement is a function of the content hash only, so every copy of a document (and every near-duplicate name) lands
 in the same group, where `duplicate_reasons` decides: exact dedup is corpus-wide, across sources too (the copy of the
 first source is kept). Each group then packs every source's documents into blocks of their own, written as shard
-`source · num_shards + group`: a block never mixes sources, and a source's shards are consecutive (data mixtures). The hash partition is done with
-plain Ray tasks (each block → one part per group; one task per group reads its parts) rather than Ray Data's
-groupby: on 2 cores every groupby strategy (hash, sort, v2) cost ~5 s for 18 MB of token ids, about as long as
-tokenizing 31 MB. It makes blocks × groups objects: fine up to ~10^5 (e.g. 300 blocks × 300 shards).
+`source · num_shards + group`: a block never mixes sources, and a source's shards are consecutive (data mixtures).
+
+The hash partition is done with plain Ray tasks (each block → one part per group; one task per group reads its
+parts) rather than Ray Data's groupby: on 2 cores every groupby strategy (hash, sort, v2) cost ~5 s for 18 MB of
+token ids, about as long as tokenizing 31 MB. It makes blocks × groups objects: fine up to ~10^5 (e.g. 300 blocks ×
+300 shards).
 """
 
 from __future__ import annotations

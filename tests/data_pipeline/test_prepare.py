@@ -382,7 +382,8 @@ def test_a_source_that_yields_nothing_is_one_line_and_nothing_is_written(
 
 def test_compressed_jsonl_is_read_as_a_stream(tmp_path: Path, ray_session: None, capsys) -> None:
     """`.jsonl.gz` and `.jsonl.zst` sources: typed from the extension, their first record checked through the codec,
-    read by Ray Data's JSON reader decompressing on the way; a missing text field names the fields there are."""
+    read by Ray Data's JSON reader decompressing on the way; a missing text field names the fields there are; a
+    truncated or corrupt file is one line naming it, and nothing is prepared."""
     import pyarrow as pa
 
     for name, codec in (("a.jsonl.gz", "gzip"), ("b.jsonl.zst", "zstd")):
