@@ -108,10 +108,11 @@ def grad_accum(global_batch: int, micro_batch: int, world: int) -> int:
 class SampleOrder:
     """The endless, world-size-independent sequence of sample ids of one split (see the module docstring)."""
 
-    def __init__(self, num_samples: int, seed: int):
+    def __init__(self, num_samples: int, seed: int, stream: tuple[int, ...] = ()):
+        """`stream` tells apart the orders of one seed (a mixture's sources: epoch e is keyed [seed, *stream, e])."""
         if num_samples < 1:
             raise DataError("the train split has no samples")
-        self.n, self.seed = num_samples, seed
+        self.n, self.seed, self.key = num_samples, seed, [seed, *stream]
         self._cached: tuple[int, np.ndarray] | None = None
 
     def epoch(self, e: int) -> np.ndarray:
@@ -119,7 +120,7 @@ class SampleOrder:
         two threads (the reader's and the metrics'): each returns the permutation it checked."""
         cached = self._cached
         if cached is None or cached[0] != e:
-            cached = self._cached = (e, np.random.default_rng([self.seed, e]).permutation(self.n))
+            cached = self._cached = (e, np.random.default_rng([*self.key, e]).permutation(self.n))
         return cached[1]
 
     def span(self, start: int, stop: int) -> np.ndarray:

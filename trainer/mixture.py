@@ -12,9 +12,9 @@ gets exactly W_k slots of every D, and within a few slots of its share of any ru
 had before slot J is (J div D)·W_k plus a count over the J mod D positions left: at most D, so a resume at any step
 costs milliseconds.
 
-Source k is an endless stream of its own blocks: epoch e is `default_rng([seed, k, e]).permutation(n_k)` of its
-n_k blocks, and its i-th slot (over all phases) takes stream position i. A source that runs out goes on with a new
-permutation; `epochs` reports where each stands.
+Source k is an endless stream of its own blocks (a `trainer.data.SampleOrder` of its own): epoch e is
+`default_rng([seed, k, e]).permutation(n_k)` of its n_k blocks, and its i-th slot (over all phases) takes stream
+position i. A source that runs out goes on with a new permutation; `epochs` reports where each stands.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class MixtureOrder:
         self.starts, self.sizes = np.array(starts, dtype=np.int64), np.array(sizes, dtype=np.int64)
         self.phases, self.seed = phases, seed
         self.bounds = [np.concatenate([[0], np.cumsum(p.weights)]) for p in phases]
-        self._perm: dict[tuple[int, int], np.ndarray] = {}
-        self._lock = threading.Lock()  # the reader thread and the metrics share the caches
+        self._streams = {k: SampleOrder(n, seed, stream=(k,)) for k, n in enumerate(sizes) if n}  # epochs of a source
+        self._lock = threading.Lock()  # the reader thread and the metrics share the positions
         self._positions = Positions(len(sizes))
 
     # -------------------------------------------------------------- slots → sources
@@ -123,26 +123,6 @@ class MixtureOrder:
         return total
 
     # -------------------------------------------------------------- sources → sample ids
-    def _epoch(self, source: int, epoch: int) -> np.ndarray:
-        with self._lock:
-            perm = self._perm.get((source, epoch))
-            if perm is None:
-                if len(self._perm) > 64:
-                    self._perm.clear()
-                perm = np.random.default_rng([self.seed, source, epoch]).permutation(int(self.sizes[source]))
-                self._perm[(source, epoch)] = perm
-            return perm
-
-    def _stream(self, source: int, start: int, count: int) -> np.ndarray:
-        """Sample ids at positions [start, start + count) of a source's stream."""
-        n, parts = int(self.sizes[source]), []
-        while count > 0:
-            epoch, offset = divmod(start, n)
-            take = min(count, n - offset)
-            parts.append(self._epoch(source, epoch)[offset : offset + take] + self.starts[source])
-            start, count = start + take, count - take
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-
     def global_batch(self, step: int, batch: int) -> np.ndarray:
         """The B sample ids of global step `step` (from 0), in slot order."""
         sources = self._step_sources(step, batch)
@@ -150,7 +130,8 @@ class MixtureOrder:
         ids = np.empty(batch, dtype=np.int64)
         for k in np.unique(sources):
             where = sources == k
-            ids[where] = self._stream(int(k), int(position[k]), int(where.sum()))
+            start = int(position[k])
+            ids[where] = self._streams[int(k)].span(start, start + int(where.sum())) + self.starts[k]
         return ids
 
     def rank_slice(self, step: int, batch: int, rank: int, world: int) -> np.ndarray:
