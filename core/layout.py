@@ -96,12 +96,9 @@ class DataLayout:
         return join(self.root, split)
 
     @staticmethod
-    def shard_name(split: str, shard: int) -> str:
-        """A shard's path relative to the data folder, as the manifest lists it."""
-        return f"{split}/shard-{shard:06d}.tar"
-
-    def shard(self, split: str, shard: int) -> Location:
-        return join(self.root, self.shard_name(split, shard))
+    def shard_name(split: str, unit: int, part: int) -> str:
+        """A shard's path relative to the data folder, as the manifest lists it: the `part`-th tar of a unit's split."""
+        return f"{split}/shard-{unit:06d}-{part:04d}.tar"
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,14 @@ class DataConfig(Section):
     val_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
     """Fraction of documents (chosen by content hash, so deterministic) that go to the val split."""
     shard_bytes: int = Field(default=100_000_000, ge=1024)
-    """Target size of one webdataset shard in bytes (the shard count comes from the token count before dedup)."""
+    """Largest webdataset shard in bytes: each unit's blocks of a split go to tars of at most this size."""
+    unit_bytes: int | None = Field(default=None, ge=1024)
+    """Input bytes per unit of work (files grouped, JSONL byte ranges, Parquet row groups): each unit is read,
+    deduplicated and tokenized as a stream by one task, resumed as a whole, and written as its own shards. None: about
+    1/64 of the corpus, 4-256 MB. Fixed by the corpus and config, never by the number of nodes or CPUs."""
+    batch_bytes: int = Field(default=8_000_000, ge=1024)
+    """Text that one prepare task holds at a time (one batch of documents): with the CPUs, it bounds prepare's memory
+    (about 10 × batch_bytes per task, whatever the corpus size). Does not change the output."""
     overwrite: bool = False
     """Re-prepare even when RUN_DIR/data holds a finished manifest of the same config (or of another config)."""
     mixture: list[MixturePhase] | None = None
@@ -204,9 +211,9 @@ class DataConfig(Section):
         return None
 
     def output_hash(self) -> str:
-        """Hash of every field that changes the prepared bytes (all but overwrite and the mixture, which only `train`
-        reads)."""
-        fields = self.model_dump(mode="json", exclude={"overwrite", "mixture"})
+        """Hash of every field that changes the prepared bytes (all but overwrite, batch_bytes and the mixture, which
+        only `train` reads)."""
+        fields = self.model_dump(mode="json", exclude={"overwrite", "mixture", "batch_bytes"})
         for source in fields["sources"]:
             source.pop("weight")
         fields["names"] = self.source_names()

@@ -1,11 +1,10 @@
-"""Corpus-wide deduplication in Ray Data: exact (content hash) and near-duplicate (MinHash + LSH) removal.
+"""Corpus-wide deduplication, exact (content hash) and near-duplicate (MinHash + LSH): pure numpy.
 
-Run by `raygpt prepare CONFIG` (see `data_pipeline.prepare`). Both are hash-partitioned, so no driver-side loop over
-documents is needed:
-  - near duplicates: LSH band keys are grouped by a bucket of the key, so all documents sharing a band meet in one
-    `map_groups` call, which names every one but the smallest hash as a near duplicate;
-  - exact duplicates: documents are assigned to shards by content hash, so all copies of a document (and the near-
-    duplicate names) meet in the `map_groups` call that writes their shard, where `duplicate_reasons` decides.
+Run by `raygpt prepare CONFIG` in the bucket tasks of `data_pipeline.passes`, which bring together what must meet:
+  - near duplicates: every document's LSH band keys are bucketed by key, so all documents sharing a band meet in one
+    task, where `band_collisions` names every one but the smallest hash as a near duplicate;
+  - exact duplicates: every copy of a content hash (and the near-duplicate names) meets in the task of its hash
+    bucket, where `duplicate_reasons` decides.
 """
 
 from __future__ import annotations
@@ -15,12 +14,10 @@ import zlib
 from typing import Any
 
 import numpy as np
-import ray.data
 
-from data_pipeline.clean import DROP, HASH, TEXT
+from data_pipeline.clean import HASH
 from data_pipeline.config import MinHashConfig
 
-BUCKET = "bucket"
 _PRIME = np.uint64((1 << 31) - 1)
 
 
@@ -51,17 +48,11 @@ def band_keys(signature: np.ndarray, bands: int) -> list[int]:
     ]
 
 
-def _band_rows(batch: dict[str, np.ndarray], cfg: MinHashConfig, buckets: int) -> dict[str, Any]:
+def band_rows(texts: np.ndarray, hashes: np.ndarray, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Every LSH band key of each document → (band keys, the hash of the document of each key)."""
     a, b = _permutations(cfg.bands * cfg.rows)
-    keys: list[int] = []
-    hashes: list[int] = []
-    kept = batch[DROP] == ""
-    for text, h in zip(batch[TEXT][kept], batch[HASH][kept]):
-        for key in band_keys(minhash_signature(text, cfg.ngram, a, b), cfg.bands):
-            keys.append(key)
-            hashes.append(int(h))
-    band = np.array(keys, dtype=np.int64)
-    return {"band": band, HASH: np.array(hashes, dtype=np.int64), BUCKET: band % buckets}
+    keys = [key for text in texts for key in band_keys(minhash_signature(text, cfg.ngram, a, b), cfg.bands)]
+    return np.array(keys, dtype=np.int64), np.repeat(hashes.astype(np.int64), cfg.bands)
 
 
 def band_collisions(group: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -74,15 +65,6 @@ def band_collisions(group: dict[str, np.ndarray]) -> dict[str, Any]:
     follower = np.zeros(len(band), dtype=bool)
     follower[1:] = (band[1:] == band[:-1]) & (hashes[1:] != hashes[:-1])
     return {HASH: np.unique(hashes[follower])}
-
-
-def near_duplicates(docs: ray.data.Dataset, cfg: MinHashConfig, buckets: int) -> ray.data.Dataset:
-    """Hashes (column `hash`) of the kept documents that near-duplicate a document of smaller hash."""
-    return (
-        docs.map_batches(_band_rows, fn_kwargs={"cfg": cfg, "buckets": buckets}, batch_format="numpy")
-        .groupby(BUCKET, num_partitions=buckets)
-        .map_groups(band_collisions, batch_format="numpy")
-    )
 
 
 def duplicate_reasons(hashes: np.ndarray, near: np.ndarray, exact: bool) -> np.ndarray:

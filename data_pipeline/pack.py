@@ -1,9 +1,9 @@
 """Train/val split, shard assignment and packing of tokenized documents into fixed-size blocks: pure numpy.
 
 Run inside Ray Data by `raygpt prepare CONFIG` (see `data_pipeline.prepare`); unit-tested without Ray.
-Each split's documents are spread over shards by content hash; within a shard they are ordered by hash, joined by
-the end-of-text token (one after every document) and cut into non-overlapping blocks of seq_len + 1 ids. The last
-partial block of each shard (fewer than seq_len + 1 ids) is dropped and counted as `tail_tokens` in the manifest.
+Each document goes to train or val by content hash; a unit's documents of a split, in the unit's order, are joined
+by the end-of-text token (one after every document) and cut into non-overlapping blocks of seq_len + 1 ids. The last
+partial block of each unit's split (fewer than seq_len + 1 ids) is dropped and counted as `tail_tokens`.
 """
 
 from __future__ import annotations
@@ -12,17 +12,12 @@ import numpy as np
 
 from data_pipeline.clean import unit_interval
 
-_SPLIT_SALT, _SHARD_SALT, _SAMPLE_SALT = 1, 2, 3
+_SPLIT_SALT, _SAMPLE_SALT = 1, 3  # 2 was the shard's (format 4); 4 and 5 are the dedup buckets'
 
 
 def is_val(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
     """Deterministic split by content hash: True where the document goes to val."""
     return unit_interval(hashes, _SPLIT_SALT) < val_fraction
-
-
-def shard_index(hashes: np.ndarray, num_shards: int) -> np.ndarray:
-    """Shard of each document within its split, uniform over [0, num_shards)."""
-    return np.minimum((unit_interval(hashes, _SHARD_SALT) * num_shards).astype(np.int64), num_shards - 1)
 
 
 def in_sample(hashes: np.ndarray, fraction: float) -> np.ndarray:

@@ -2,50 +2,49 @@
 
     raygpt prepare configs/demo.yaml
 
-All per-document work runs in Ray Data tasks, never in a driver loop:
-  0. (only when the tokenizer is trained) a streaming pass reads and cleans the corpus and one Ray task trains the
-     tokenizer on a sample chosen by content hash;
-  1. one fused pass: each read task decodes, splits into documents, cleans (NFC, control characters, length), hashes
-     and tokenizes its own documents (`encode_batch_fast`, the tokenizer built once per worker process) and keeps
-     only token ids — materialized, a third of the text's size; per-batch aggregates give the counts by source and
-     drop reason and the token count per split, which sizes the shards;
-  2. each kept document is placed by content hash (split, shard); with MinHash on, near duplicates are found (band
-     keys grouped by bucket); a hash partition (`data_pipeline.partition`, Ray tasks) brings every copy of a document
-     together, where each group drops exact and near duplicates, orders its documents by hash, joins them with EOT,
-     cuts seq_len + 1 blocks and writes its tar.
-Because split and shard are functions of the content hash, all copies of a document meet in one group: exact dedup
-is corpus-wide. The manifest is written last and atomically: a crashed run leaves none, and a re-run redoes the work.
+The corpus is cut into units of work (`data_pipeline.units`: files, JSONL byte ranges, Parquet row groups), the same
+on any cluster, and every pass is a Ray task per unit or per hash bucket (`data_pipeline.passes`), at most one per CPU
+in flight, each streaming its input a batch at a time and writing its own files:
+  1. survey: read, clean and hash each unit; its documents' hashes (and MinHash band keys) go to bucket files, a
+     hash-chosen sample of its text to the tokenizer's training set;
+  2. the tokenizer is trained on that sample in one task (or loaded from data.tokenizer.path);
+  3. dedup: per bucket, every copy of a document (and every near-duplicate band) meets, and the units' drop lists
+     are written, before anything is tokenized;
+  4. write: each unit is read again, cleaned, its duplicates skipped, tokenized, packed (documents joined by EOT, cut
+     into seq_len + 1 blocks) and written to its own train and val tars.
+Neither the driver, a worker nor the object store ever holds the corpus or its token ids: peak memory is the CPUs ×
+data.batch_bytes, not the corpus size. The trainer permutes samples across every block, so no global shuffle is
+needed. Each task's record is written last (DATA/_work), so a crashed prepare resumes where it stopped and ends with
+the same bytes; the manifest is written last of all: the data is complete exactly when it exists.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
-import ray.data
 from tokenizers import Tokenizer
 
 from core import files
 from core.files import fingerprint, sha256
 from core.layout import SPLITS, DataLayout, Location, is_uri, join
-from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, SOURCE, TEXT, clean_batch
-from data_pipeline.config import DataConfig, DataError, TokenizerConfig
-from data_pipeline.dedup import near_duplicates
-from data_pipeline.refusals import check_sources_kept, check_written
+from data_pipeline.clean import DROP, SOURCE
+from data_pipeline.config import DataConfig, DataError
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
-from data_pipeline.pack import in_sample, is_val, tar_bytes_per_block, token_dtype
-from data_pipeline.partition import columns, write_shards
+from data_pipeline.pack import token_dtype
+from data_pipeline.passes import REASONS, WORK, dup_bucket, fit_tokenizer, near_bucket, record, survey_unit, work_path, \
+    write_unit
+from data_pipeline.refusals import check_sources_kept, check_written
 from data_pipeline.shards import index_name
-from data_pipeline.sources import SourceFiles, read_sources, resolve_sources
-from data_pipeline.tokenizer import eot_id, load_tokenizer, train_tokenizer
+from data_pipeline.sources import SourceFiles, check_field, resolve_sources
+from data_pipeline.tokenizer import eot_id, load_tokenizer
+from data_pipeline.units import Unit, cut_units
 
 _START = time.perf_counter()
 
@@ -56,111 +55,6 @@ def _log(message: str) -> None:
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
-
-
-class _Survey:
-    """Totals over the tokenized rows: documents, bytes and UTF-8 repairs per (source, drop reason), kept bytes and
-    tokens per split. Built from per-batch aggregates (`_survey_rows`), so no document row reaches the driver."""
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-        self.kept_bytes = {split: 0 for split in SPLITS}
-        self.kept_tokens = {split: 0 for split in SPLITS}
-        self.kept_docs = {split: 0 for split in SPLITS}
-
-    def add(self, row: dict[str, Any]) -> None:
-        counts = self.counts[(int(row[SOURCE]), str(row[DROP]))]
-        counts[0] += int(row["documents"])
-        counts[1] += int(row[NBYTES])
-        counts[2] += int(row[REPLACED])
-        if not row[DROP]:
-            split = "val" if row["val"] else "train"
-            self.kept_bytes[split] += int(row[NBYTES])
-            self.kept_tokens[split] += int(row["tokens"])
-            self.kept_docs[split] += int(row["documents"])
-
-
-def _survey_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """One batch of tokenized rows → one row per (source, drop reason, split) with its sums."""
-    keys = np.stack([batch[SOURCE].astype(np.int64), batch["val"].astype(np.int64)], axis=1)
-    drops = batch[DROP].astype(str)
-    rows = []
-    for drop in np.unique(drops):
-        in_drop = drops == drop
-        for source, val in np.unique(keys[in_drop], axis=0):
-            idx = in_drop & (keys[:, 0] == source) & (keys[:, 1] == val)
-            rows.append({
-                SOURCE: int(source), "val": bool(val), DROP: str(drop), "documents": int(idx.sum()),
-                **{col: int(batch[col][idx].sum()) for col in (NBYTES, REPLACED, "tokens")},
-            })
-    return rows
-
-
-def _sampled_texts(batch: dict[str, np.ndarray], fraction: float) -> dict[str, Any]:
-    """The kept documents chosen for tokenizer training by content hash (a deterministic sample)."""
-    chosen = (batch[DROP] == "") & in_sample(batch[HASH], fraction)
-    return {TEXT: batch[TEXT][chosen], HASH: batch[HASH][chosen]}
-
-
-@ray.remote(num_cpus=1)
-def _fit_tokenizer(sample: ray.data.Dataset, cfg: TokenizerConfig) -> dict[str, Any]:
-    """Train the tokenizer on the sampled documents, streamed (each distinct text once: copies share a hash)."""
-    seen: set[int] = set()
-    trained_on = 0
-
-    def texts() -> Iterator[str]:
-        nonlocal trained_on
-        for batch in sample.iter_batches(batch_size=512, batch_format="numpy"):
-            for text, h in zip(batch[TEXT], batch[HASH].tolist()):
-                if h not in seen:
-                    seen.add(h)
-                    trained_on += len(text.encode("utf-8"))
-                    yield text
-
-    start = time.perf_counter()
-    tokenizer = train_tokenizer(texts(), cfg)
-    return {"json": tokenizer.to_str(), "seconds": time.perf_counter() - start, "trained_on": trained_on}
-
-
-_TOKENIZERS: dict[int, Tokenizer] = {}  # per worker process: built once, reused by every batch that process runs
-
-
-def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_json: str, dtype: str, val_fraction: float) -> dict[str, Any]:
-    """Cleaned document rows → token ids of the kept ones (`encode_batch_fast`: no offsets, ~1.5x faster than
-    `encode_batch`), their split by content hash, and the columns the survey counts. The text itself ends here.
-
-    It runs as a plain Ray Data task fused with reading and cleaning (one operator, no actor pool to start): each task
-    uses one core, so the tokenizer's own thread pool is turned off (TOKENIZERS_PARALLELISM)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    key = hash(tokenizer_json)
-    if (tokenizer := _TOKENIZERS.get(key)) is None:
-        tokenizer = _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
-    kept = batch[DROP] == ""
-    ids = np.full(len(kept), b"", dtype=object)
-    counts = np.zeros(len(kept), dtype=np.int64)
-    text_bytes = np.zeros(len(kept), dtype=np.int64)  # of the cleaned text (NBYTES is what was read)
-    if kept.any():
-        texts = batch[TEXT][kept].tolist()
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        ids[kept] = [np.asarray(e.ids, dtype=dtype).tobytes() for e in encodings]
-        counts[kept] = [len(e.ids) for e in encodings]
-        text_bytes[kept] = [len(t.encode("utf-8")) for t in texts]
-    return {
-        HASH: batch[HASH],
-        SOURCE: batch[SOURCE],
-        DROP: batch[DROP],
-        NBYTES: batch[NBYTES],
-        REPLACED: batch[REPLACED],
-        "val": is_val(batch[HASH], val_fraction),
-        "ids": ids,
-        "tokens": counts,
-        "text_bytes": text_bytes,
-    }
-
-
-@ray.remote
-def _survey_block(table: pa.Table) -> list[dict[str, Any]]:
-    return _survey_rows(columns(table))
 
 
 def data_fingerprint(cfg: DataConfig, resolved: list[SourceFiles]) -> str:
@@ -176,6 +70,9 @@ def plan(cfg: DataConfig, data_dir: Location) -> tuple[str, list[SourceFiles], M
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)  # a bad file fails now
     resolved = resolve_sources(cfg.sources)
+    for r, src in zip(resolved, cfg.sources):
+        if r.type in ("jsonl", "parquet") and r.files:
+            check_field(r.type, r.files[0], src.text_field)
     key = data_fingerprint(cfg, resolved)
     existing = finished(data_dir)
     if existing is None or cfg.overwrite:
@@ -200,93 +97,148 @@ def prepare_stage(cfg: DataConfig, data_dir: Location, begin: Callable[[], int])
     return prepare(cfg, data_dir, begin(), key, resolved)
 
 
+def _run_tasks(what: str, root: Location, items: Sequence[Any], name: Callable[[Any], str],
+               launch: Callable[[Any], ray.ObjectRef], num_cpus: int, size: Callable[[Any], int] = lambda _: 0
+               ) -> list[dict[str, Any]]:
+    """One task per item, at most `num_cpus` in flight (so memory stays bounded), skipping items whose record
+    exists (a resumed prepare) → their records in item order. Logs progress every ~10 s."""
+    results: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i, item in enumerate(items):
+        if (done := record(root, name(item))) is not None:
+            results[i] = done
+        else:
+            todo.append(i)
+    if len(results):
+        _log(f"{what}: {len(results)} of {len(items)} already done (resumed)")
+    pending: dict[ray.ObjectRef, int] = {}
+    start = last = time.perf_counter()
+    done_bytes = 0
+    while todo or pending:
+        while todo and len(pending) < max(1, num_cpus):
+            i = todo.pop(0)
+            pending[launch(items[i])] = i
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        results[i] = ray.get(ready[0])
+        done_bytes += size(items[i])
+        if time.perf_counter() - last > 10 and (todo or pending):
+            last = time.perf_counter()
+            rate = f", {_mb(done_bytes / (last - start))}/s" if done_bytes else ""
+            _log(f"{what}: {len(results)} of {len(items)}{rate}")
+    return [results[i] for i in range(len(items))]
+
+
+_SPREAD = {"scheduling_strategy": "SPREAD"}  # every node of the cluster works
+
+
+def _work_plan(cfg: DataConfig, root: Location, key: str, resolved: list[SourceFiles]) -> dict[str, Any]:
+    """The units and bucket counts of this prepare: those of an unfinished prepare of the same fingerprint (resumed),
+    else new ones (and the work of another config removed)."""
+    where = work_path(root, "plan.json")
+    if files.is_file(where):
+        found = files.read_json(where, "prepare plan")
+        if isinstance(found, dict) and found.get("fingerprint") == key:
+            return found
+        _log("removing the unfinished work of another config or corpus")
+    files.remove(join(root, WORK))
+    units = cut_units(resolved, cfg.sources, cfg.unit_bytes)
+    total = sum(u.bytes for u in units)
+    hash_buckets = max(1, math.ceil(total / 2e9))  # ~2 GB of text (~16 MB of hashes) per dedup task
+    plan = {
+        "fingerprint": key,
+        "units": [u.to_json() for u in units],
+        "buckets": {"hash": hash_buckets, "band": hash_buckets * max(1, cfg.clean.minhash.bands // 4)},
+        "sample_fraction": 0.0 if cfg.tokenizer.path else min(1.0, cfg.tokenizer.sample_bytes / max(total, 1)),
+    }
+    files.write_json(where, plan)
+    return plan
+
+
 def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolved: list[SourceFiles]) -> Manifest:
     """Run the whole data pipeline into data_dir (a local folder or an object-storage URI; after `plan`) and return
     the manifest."""
     global _START
     start = _START = time.perf_counter()
     layout = DataLayout(data_dir if is_uri(data_dir) else Path(data_dir).resolve())
+    root = str(layout.root)
     files.remove(layout.manifest)  # data.overwrite: from here on a crash leaves no manifest
-    loaded = load_tokenizer(cfg.tokenizer.path).to_str() if cfg.tokenizer.path else None
-    docs = read_sources(cfg.sources, resolved, cfg.clean, num_cpus)
-    input_bytes = sum(r.bytes for r in resolved)
-    _log(f"reading {sum(len(r.files) for r in resolved):,} files ({_mb(input_bytes)}) from {len(resolved)} source(s)")
-    docs = docs.map_batches(clean_batch, fn_kwargs={"cfg": cfg.clean}, batch_format="numpy")
-    if any(r.type == "hf" for r in resolved):  # streamed hub data has no file sizes: read it once, measure it
-        docs = docs.materialize()
-        input_bytes += docs.size_bytes()
+    if not any(r.type == "hf" or r.files for r in resolved):
+        raise DataError("no readable input: every file of every source is unreadable")
+    work = _work_plan(cfg, root, key, resolved)
+    units = [Unit.from_json(u) for u in work["units"]]
+    buckets, srcs = work["buckets"], cfg.sources
+    input_bytes = sum(u.bytes for u in units)
+    _log(f"reading {sum(len(r.files) for r in resolved):,} files ({_mb(input_bytes)}) from {len(resolved)} source(s) "
+         f"in {len(units)} unit(s)")
 
-    # Tokenizer: loaded, or trained on a hash-chosen sample of the cleaned documents (a streaming pass).
-    if loaded:
-        fit = {"json": loaded, "seconds": 0.0, "trained_on": 0}
-    else:
-        fraction = min(1.0, cfg.tokenizer.sample_bytes / max(input_bytes, 1))
-        sample = docs.map_batches(_sampled_texts, fn_kwargs={"fraction": fraction}, batch_format="numpy")
-        fit = ray.get(_fit_tokenizer.remote(sample, cfg.tokenizer))
-    tokenizer = Tokenizer.from_str(fit["json"])
-    eot = eot_id(tokenizer, cfg.tokenizer.eot_token)
-    dtype = token_dtype(tokenizer.get_vocab_size())
-    how = f"loaded {cfg.tokenizer.path}" if loaded else f"trained on {_mb(fit['trained_on'])} in {fit['seconds']:.1f} s"
-    _log(f"tokenizer {how}: vocab {tokenizer.get_vocab_size():,}")
-
-    # One streaming pass: read, clean, hash and tokenize fused in each task; only token ids are kept (materialized).
-    tokens = docs.map_batches(
-        tokenize_batch,
-        fn_kwargs={"tokenizer_json": fit["json"], "dtype": dtype.str, "val_fraction": cfg.val_fraction},
-        batch_size=None,  # a whole block per call: blocks are never merged, so the cores share the work evenly
-        batch_format="numpy",
-    ).materialize()
-    token_blocks = tokens.to_arrow_refs()
-    survey = _Survey()
-    for rows in ray.get([_survey_block.remote(ref) for ref in token_blocks]):
-        for row in rows:
-            survey.add(row)
-    counts = [{SOURCE: s, DROP: d, "documents": v[0], "bytes": v[1], "replaced": v[2]} for (s, d), v in survey.counts.items()]
+    # 1. Survey: clean and hash every document; hashes, band keys and the tokenizer's sample go to bucket files.
+    surveys = _run_tasks("surveyed units", root, units, lambda u: f"survey/unit-{u.id:06d}", lambda u: survey_unit.options(
+        **_SPREAD).remote(u, srcs[u.source], cfg, root, buckets, work["sample_fraction"]), num_cpus, lambda u: u.bytes)
+    counts = [{SOURCE: u.source, DROP: reason, "documents": c[0], "bytes": c[1], "replaced": c[2]}
+              for u, s in zip(units, surveys) for reason, c in s["counts"].items()]
     dropped = _dropped(counts, resolved)
     read_docs = sum(c["documents"] for c in counts)
-    kept_bytes = survey.kept_bytes
-    if sum(kept_bytes.values()) == 0:
+    if not any(c["documents"] for c in counts if not c[DROP]):
         reasons = ", ".join(f"{k}={v['documents']}" for k, v in dropped.items()) or "none"
         raise DataError(f"nothing left after filtering: {read_docs} documents read, dropped: {reasons}")
-    if kept_bytes["train"] == 0:
-        raise DataError("no document went to the train split; lower data.val_fraction or add data")
     check_sources_kept(counts, resolved, cfg.source_names())
-    kept_tokens = sum(survey.kept_tokens.values())
-    _log(f"cleaned and tokenized {read_docs:,} documents: {kept_tokens:,} tokens, "
-         f"{sum(kept_bytes.values()) / max(kept_tokens, 1):.2f} bytes/token")
+    _log(f"cleaned {read_docs:,} documents")
 
-    # Dedup + pack + write per (split, shard): shards sized from the token counts (before dedup: at most shard_bytes).
-    tar_per_token = tar_bytes_per_block(cfg.seq_len + 1, dtype) / (cfg.seq_len + 1)
-    num_shards = {
-        s: max(1, math.ceil((survey.kept_tokens[s] + survey.kept_docs[s]) * tar_per_token / cfg.shard_bytes))
-        for s in SPLITS
-    }
-    for split in SPLITS:
-        if not is_uri(layout.root):
-            Path(layout.split_dir(split)).mkdir(parents=True, exist_ok=True)
-    near_blocks = []
+    # 2. Tokenizer: loaded, or trained on the survey's hash-chosen sample.
+    if cfg.tokenizer.path:
+        fit = {"seconds": 0.0, "trained_on": 0}
+        files.atomic_write(work_path(root, "tokenizer.json"), load_tokenizer(cfg.tokenizer.path).to_str())
+    elif (fit := record(root, "tokenizer-fit")) is None:
+        fit = ray.get(fit_tokenizer.remote(root, [u.id for u in units], cfg))
+    tokenizer_json = files.read_text(work_path(root, "tokenizer.json"))
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    eot = eot_id(tokenizer, cfg.tokenizer.eot_token)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    how = f"loaded {cfg.tokenizer.path}" if cfg.tokenizer.path else \
+        f"trained on {_mb(fit['trained_on'])} in {fit['seconds']:.1f} s"
+    _log(f"tokenizer {how}: vocab {tokenizer.get_vocab_size():,}")
+
+    # 3. Dedup: every copy (and near-duplicate band) of a document meets in its bucket's task → drop lists per unit.
+    survey_ref = ray.put(surveys)
+    near: list[dict[str, Any]] = []
     if cfg.clean.minhash.enabled:
-        buckets = max(4 * num_cpus, math.ceil(input_bytes / 64e6))
-        near_blocks = near_duplicates(docs, cfg.clean.minhash, buckets).to_arrow_refs()
-    _log(f"deduplicating, packing and writing {sum(num_shards.values())} shard(s)")
-    pack = {"data_dir": str(layout.root), "seq_len": cfg.seq_len, "eot": eot, "dtype": dtype.str, "exact": cfg.clean.dedup,
-            "num_sources": len(resolved)}
-    written = write_shards(token_blocks, near_blocks, num_shards, cfg.val_fraction, pack)
-    for reason in ("duplicate", "near_duplicate"):
-        if count := sum(int(w[reason]) for w in written):
-            dropped[reason] = {"documents": count, "bytes": sum(int(w[f"{reason}_bytes"]) for w in written)}
+        near = _run_tasks("near-dedup buckets", root, range(buckets["band"]), lambda b: f"near/bucket-{b:06d}",
+                          lambda b: near_bucket.options(**_SPREAD).remote(root, survey_ref, b, buckets["hash"]), num_cpus)
+    dups: list[dict[str, Any]] = []
+    if cfg.clean.dedup or cfg.clean.minhash.enabled:
+        near_ref = ray.put(near)
+        dups = _run_tasks("dedup buckets", root, range(buckets["hash"]), lambda b: f"dups/bucket-{b:06d}", lambda b: dup_bucket
+                          .options(**_SPREAD).remote(root, survey_ref, near_ref, b, cfg.clean.dedup), num_cpus)
+
+    # 4. Write: re-read, skip the drop lists, tokenize, pack and write each unit's tars.
+    def drops(u: Unit) -> list[dict[str, Any]]:
+        return [{"bucket": d["bucket"], "index": {str(u.id): d["index"][str(u.id)]}} for d in dups
+                if str(u.id) in d["index"]]
+
+    written = _run_tasks("written units", root, units, lambda u: f"written/unit-{u.id:06d}", lambda u: write_unit.options(
+        **_SPREAD).remote(u, srcs[u.source], cfg, root, drops(u), eot, dtype.str), num_cpus, lambda u: u.bytes)
+    rows = [{"split": split, SOURCE: w["source"], "unit": w["unit"], **part,
+             **{reason: w["dropped"][reason][split][0] for reason in REASONS},
+             **{f"{reason}_bytes": w["dropped"][reason][split][1] for reason in REASONS}}
+            for w in written for split, part in w["splits"].items()]
+    for reason in REASONS:
+        if count := sum(int(r[reason]) for r in rows):
+            dropped[reason] = {"documents": count, "bytes": sum(int(r[f"{reason}_bytes"]) for r in rows)}
     try:
-        check_written(cfg, written, resolved)
+        check_written(cfg, rows, resolved)
     except DataError:
-        for w in written:  # nothing of a refused prepare stays in the data dir
-            if w["file"]:
-                files.remove(join(layout.root, w["file"]))
-                files.remove(join(layout.root, index_name(w["file"])))
+        for r in rows:  # nothing of a refused prepare stays in the data dir
+            for shard in r["shards"]:
+                files.remove(join(layout.root, shard["file"]))
+                files.remove(join(layout.root, index_name(shard["file"])))
+        files.remove(join(root, WORK))
         raise
-    files.atomic_write(layout.tokenizer, fit["json"])
-    manifest = _manifest(cfg, key, tokenizer, eot, dtype, num_shards, written, counts, dropped, resolved)
+    files.atomic_write(layout.tokenizer, tokenizer_json)
+    manifest = _manifest(cfg, key, tokenizer, eot, dtype, rows, counts, dropped, resolved)
     _remove_stale(layout, manifest)
     files.write_json(layout.manifest, manifest)  # last: the data is complete
+    files.remove(join(root, WORK))
     _summary(manifest, time.perf_counter() - start)
     return parse(manifest, layout.manifest)
 
@@ -314,7 +266,6 @@ def _manifest(
     tokenizer: Tokenizer,
     eot: int,
     dtype: np.dtype,
-    num_shards: dict[str, int],
     written: list[dict[str, Any]],
     counts: list[dict[str, Any]],
     dropped: dict[str, dict[str, int]],
@@ -323,12 +274,10 @@ def _manifest(
     names = cfg.source_names()
     splits: dict[str, Any] = {}
     for split in SPLITS:
-        rows = sorted((w for w in written if w["split"] == split), key=lambda w: w["shard"])
+        rows = sorted((w for w in written if w["split"] == split), key=lambda w: w["unit"])  # units: in source order
         totals = ("sequences", "tokens", "documents", "text_bytes", "doc_tokens", "tail_tokens")
         splits[split] = {
-            "num_shards": num_shards[split],  # groups documents were hashed over (a source's tar in each, if any)
-            "shards": [{**{k: w[k] for k in ("file", "sequences", "tokens", "bytes", "sha256", "index_sha256")},
-                        "source": names[w[SOURCE]]} for w in rows if w["file"]],
+            "shards": [{**shard, "source": names[w[SOURCE]]} for w in rows for shard in w["shards"]],
             **{k: sum(int(w[k]) for w in rows) for k in totals},
         }
     per_source = [

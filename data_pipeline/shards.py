@@ -1,7 +1,7 @@
 """Webdataset shard writing: deterministic bytes, written atomically to a local folder or object storage
 (`core.files.output`).
 
-Run inside Ray tasks by `raygpt prepare CONFIG` (data_pipeline/partition.py). Each tar sample is one packed block
+Run inside Ray tasks by `raygpt prepare CONFIG` (data_pipeline/passes.py). Each tar sample is one packed block
 stored as `<key>.input_ids.npy`, which plain `webdataset` decodes back to a numpy array. Every block takes the same
 number of tar bytes (`pack.tar_bytes_per_block`), so block i starts at byte i·S; beside each tar, its block index
 `<shard>.idx` holds an 8-byte blake2b digest of each block's S bytes, so that a reader that fetches single blocks
@@ -10,6 +10,7 @@ number of tar bytes (`pack.tar_bytes_per_block`), so block i starts at byte i·S
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import NamedTuple
 
@@ -61,17 +62,39 @@ class _Hashing:
         self.f.flush()
 
 
+class ShardWriter:
+    """One tar written a batch of blocks at a time (a unit's blocks are never all in memory): deterministic bytes, the
+    tar hashed and its block index built as it is written, published atomically by `close` (`core.files.output`)."""
+
+    def __init__(self, path: Location, key_prefix: str, block_len: int, dtype: np.dtype) -> None:
+        self.path, self.key_prefix, self.blocks = path, key_prefix, 0
+        self.stride = tar_bytes_per_block(block_len, dtype)
+        self._stack = contextlib.ExitStack()
+        self._sink = _Hashing(self._stack.enter_context(files.output(path)), self.stride)
+        self._tar = self._stack.enter_context(wds.TarWriter(self._sink, user="raygpt", group="raygpt", mtime=0))
+
+    def write(self, blocks: np.ndarray) -> None:
+        for block in blocks:
+            self._tar.write({"__key__": f"{self.key_prefix}-{self.blocks:07d}", "input_ids.npy": block})
+            self.blocks += 1
+
+    def close(self) -> WrittenShard:
+        """Finish the tar (it appears under its name only now), then write its block index beside it."""
+        self._stack.close()
+        index = bytes(self._sink.blocks[: self.blocks * BLOCK_DIGEST])
+        if len(index) != self.blocks * BLOCK_DIGEST:
+            raise ValueError(f"{self.path}: blocks do not take {self.stride} tar bytes each (a key of over 100 characters?)")
+        files.atomic_write(index_name(str(self.path)), index)
+        return WrittenShard(self._sink.digest.hexdigest(), self._sink.size, hashlib.sha256(index).hexdigest())
+
+    def abandon(self) -> None:
+        """Drop a tar that is not finished (nothing is published)."""
+        self._stack.__exit__(RuntimeError, RuntimeError("abandoned"), None)
+
+
 def write_shard(path: Location, blocks: np.ndarray, key_prefix: str) -> WrittenShard:
     """Write blocks (n, seq_len + 1) as one tar, then its block index; fixed mtime/owner make the bytes reproducible.
     Returns the tar's sha256 and size and the index's sha256."""
-    stride = tar_bytes_per_block(blocks.shape[1], blocks.dtype)
-    with files.output(path) as f:
-        sink = _Hashing(f, stride)
-        with wds.TarWriter(sink, user="raygpt", group="raygpt", mtime=0) as tar:
-            for i, block in enumerate(blocks):
-                tar.write({"__key__": f"{key_prefix}-{i:07d}", "input_ids.npy": block})
-    index = bytes(sink.blocks[: len(blocks) * BLOCK_DIGEST])
-    if len(index) != len(blocks) * BLOCK_DIGEST:
-        raise ValueError(f"{path}: blocks do not take {stride} tar bytes each (a key of over 100 characters?)")
-    files.atomic_write(index_name(str(path)), index)
-    return WrittenShard(sink.digest.hexdigest(), sink.size, hashlib.sha256(index).hexdigest())
+    writer = ShardWriter(path, key_prefix, blocks.shape[1], blocks.dtype)
+    writer.write(blocks)
+    return writer.close()

@@ -1,14 +1,12 @@
-"""Corpus sources → one Ray Dataset of document rows (text, source, nbytes, drop, utf8_replaced).
+"""Corpus sources → the files of each, listed and checked on the driver (globs, directories, URIs).
 
-Run by `raygpt prepare CONFIG`. Paths are expanded on the driver (globs, directories, URIs; Ray's readers reject
-globs), checked, and handed to Ray Data's readers: `read_binary_files` for text, `read_json`, `read_parquet`,
-`from_huggingface` (streamed) — the per-document work happens in Ray Data batches, never in a driver loop.
+Run by `raygpt prepare CONFIG` before anything is written; `data_pipeline.units` cuts the files into units of work
+and reads them in Ray tasks.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import sysconfig
@@ -16,11 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray.data
 
-from core.errors import one_line
-from data_pipeline.clean import documents_batch, field_batch
-from data_pipeline.config import CleanConfig, DataError, SourceConfig
+from data_pipeline.config import DataError, SourceConfig
 
 TEXT_EXTENSIONS = {".txt", ".md", ".rst", ".py", ".text", ".markdown", ".c", ".h", ".js", ".ts", ".java", ".rs", ".go"}
 JSONL_EXTENSIONS = {".jsonl", ".json", ".ndjson"}
@@ -171,7 +166,7 @@ def resolve(index: int, src: SourceConfig) -> SourceFiles:
     return resolved
 
 
-def _check_field(kind: str, path: str, text_field: str) -> None:
+def check_field(kind: str, path: str, text_field: str) -> None:
     """Fail early, with the file named, when the text field is absent from the first record."""
     if _is_uri(path):
         return
@@ -209,87 +204,6 @@ def _first_line(stream: Any, limit: int = 1 << 24) -> bytes:
     return line.split(b"\n", 1)[0]
 
 
-def _read_json_lines(paths: list[str], blocks: int) -> ray.data.Dataset:
-    """`ray.data.read_json(paths, lines=True)` — streamed, a compressed file decompressed on the way — except that a
-    corrupt or truncated file is one line naming it. Ray's reader says only what pandas or the codec said ("Truncated
-    compressed stream"), so its datasource is subclassed to add the file and how far it got."""
-    from ray.data._internal.datasource.json_datasource import PandasJSONDatasource
-
-    class NamedJSONLines(PandasJSONDatasource):
-        def _read_stream(self, f: Any, path: str) -> Any:
-            rows = 0
-            try:
-                for frame in super()._read_stream(f, path):
-                    rows += len(frame)
-                    yield frame
-            except Exception as e:  # pandas' ValueError on bad JSON, pyarrow's OSError on a truncated stream
-                raise DataError(f"{path}: corrupt or truncated JSONL in the records after its first {rows:,} "
-                                f"({one_line(e)})") from None
-
-    readable = _readable(paths)
-    source = NamedJSONLines(readable.pop("paths"), ray.data.DataContext.get_current().target_max_block_size,
-                            file_extensions=None, **readable)
-    return ray.data.read_datasource(source, override_num_blocks=blocks)
-
-
-def _read_hf(src: SourceConfig) -> ray.data.Dataset:
-    import datasets
-
-    saved = Path(src.path)
-    if any((saved / marker).is_file() for marker in ("state.json", "dataset_dict.json")):  # Dataset.save_to_disk
-        loaded = datasets.load_from_disk(src.path)
-        if isinstance(loaded, datasets.DatasetDict):
-            if src.hf_split not in loaded:
-                raise DataError(f"{src.path}: no split {src.hf_split!r} (splits: {', '.join(loaded)})")
-            loaded = loaded[src.hf_split]
-    else:
-        try:
-            loaded = datasets.load_dataset(src.path, src.hf_config, split=src.hf_split, streaming=True)
-        except Exception as e:
-            raise DataError(f"cannot load Hugging Face dataset {src.path!r}: {str(e).splitlines()[0]}") from None
-    columns = loaded.column_names
-    if columns is not None and src.text_field not in columns:
-        raise DataError(f"{src.path}: no text field {src.text_field!r} (columns: {', '.join(columns)})")
-    return ray.data.from_huggingface(loaded)
-
-
-def _read_tasks(resolved: SourceFiles, num_cpus: int) -> int:
-    """Read tasks (= blocks) of a file source: ~16 MB each, at least 8 per CPU so the cores share the tokenizing evenly
-    (Ray's default of 200 tiny read tasks costs seconds of scheduling on a small machine)."""
-    return max(1, min(len(resolved.files), max(8 * num_cpus, resolved.bytes // 16_000_000)))
-
-
-def _interleaved(files: list[str]) -> list[str]:
-    """Files in a fixed pseudo-random order: Ray cuts the list into read tasks by count, and sorted paths put similar
-    files (a folder of large test fixtures) into the same task, which then runs alone at the end. The output does not
-    depend on the order (placement is by content hash)."""
-    return sorted(files, key=lambda f: hashlib.blake2b(f.encode(), digest_size=8).digest())
-
-
-def read_source(resolved: SourceFiles, src: SourceConfig, clean: CleanConfig, num_cpus: int) -> ray.data.Dataset:
-    """One resolved source → a Dataset of document rows."""
-    if resolved.type == "hf":
-        records = _read_hf(src)
-    elif resolved.type in ("text", "python-stdlib"):
-        split_by = "file" if resolved.type == "python-stdlib" else src.split_by
-        blocks = _read_tasks(resolved, num_cpus)
-        return ray.data.read_binary_files(**_readable(_interleaved(resolved.files)), override_num_blocks=blocks).map_batches(
-            documents_batch,
-            fn_kwargs={"source": resolved.index, "split_by": split_by, "invalid_utf8": clean.invalid_utf8},
-            batch_size=32,
-            batch_format="numpy",
-        )
-    else:
-        _check_field(resolved.type, resolved.files[0], src.text_field)
-        if resolved.type == "jsonl":
-            records = _read_json_lines(resolved.files, _read_tasks(resolved, num_cpus))
-        else:
-            records = ray.data.read_parquet(**_readable(resolved.files), columns=[src.text_field], file_extensions=None)
-    return records.map_batches(
-        field_batch, fn_kwargs={"source": resolved.index, "field": src.text_field}, batch_format="numpy"
-    )
-
-
 def resolve_sources(sources: list[SourceConfig]) -> list[SourceFiles]:
     """Every source's files, listed and checked on the driver (no Ray)."""
     resolved = []
@@ -299,14 +213,3 @@ def resolve_sources(sources: list[SourceConfig]) -> list[SourceFiles]:
         except DataError as e:
             raise DataError(f"data.sources[{i}]: {e}") from None
     return resolved
-
-
-def read_sources(
-    sources: list[SourceConfig], resolved: list[SourceFiles], clean: CleanConfig, num_cpus: int
-) -> ray.data.Dataset:
-    """Every resolved source → one Dataset of document rows."""
-    readable = [(r, src) for r, src in zip(resolved, sources) if r.type == "hf" or r.files]
-    if not readable:
-        raise DataError("no readable input: every file of every source is unreadable")
-    parts = [read_source(r, src, clean, num_cpus) for r, src in readable]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
-import ray.data
+from pathlib import Path
 
-from data_pipeline.clean import clean_batch, doc_hash, documents_batch
-from data_pipeline.config import CleanConfig, MinHashConfig
-from data_pipeline.dedup import (
-    _permutations,
-    band_collisions,
-    band_keys,
-    duplicate_reasons,
-    minhash_signature,
-    near_duplicates,
-)
+import numpy as np
+import ray
+
+from data_pipeline.clean import doc_hash
+from data_pipeline.config import CleanConfig, DataConfig, SourceConfig
+from data_pipeline.dedup import _permutations, band_collisions, band_keys, duplicate_reasons, minhash_signature
+from data_pipeline.passes import DROPS, REASONS, dup_bucket, near_bucket, read_bucket, survey_unit, work_path
+from data_pipeline.sources import resolve_sources
+from data_pipeline.units import cut_units
 
 WORDS = " ".join(f"word{i}" for i in range(300))
 
@@ -53,13 +51,33 @@ def test_duplicate_reasons_keeps_the_first_copy() -> None:
     assert duplicate_reasons(hashes, np.array([], dtype=np.int64), exact=False).tolist() == [""] * 6
 
 
-def test_near_duplicates_on_ray_across_blocks(ray_session: None) -> None:
+def test_copies_and_near_copies_meet_across_units_and_buckets(tmp_path: Path, ray_session: None) -> None:
+    """The passes' bucket tasks on real Ray: documents in ≥ 6 units, hashes in 3 buckets, band keys in 5 — every exact
+    copy after the first (by unit) and the larger hash of each near pair is on a drop list, and nothing else."""
     distinct = [" ".join(f"d{k}w{j}" for j in range(200)) for k in range(40)]
     texts = distinct + [distinct[7].replace("d7w100", "changed"), distinct[9] + " extra words at the end"]
-    texts += ["", "short"]  # dropped rows are ignored
-    raw = {"bytes": np.array([t.encode() for t in texts], dtype=object)}
-    docs = clean_batch(documents_batch(raw, 0, "file", "replace"), CleanConfig(min_chars=10))
-    ds = ray.data.from_items([{k: v[i] for k, v in docs.items()} for i in range(len(texts))]).repartition(8)
-    marked = sorted({r["hash"] for r in near_duplicates(ds, MinHashConfig(enabled=True), buckets=4).take_all()})  # one row per band hit
-    pairs = [(doc_hash(distinct[7]), doc_hash(texts[40])), (doc_hash(distinct[9]), doc_hash(texts[41]))]
-    assert marked == sorted(max(pair) for pair in pairs)  # the larger hash of each similar pair goes
+    texts += [distinct[3], distinct[3], "", "short"]  # two exact copies; dropped rows are ignored
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(texts):
+        (corpus / f"{i:03d}.txt").write_text(text)
+    cfg = DataConfig(sources=[SourceConfig(path=str(corpus))], clean=CleanConfig(min_chars=10, minhash={"enabled": True}),
+                     unit_bytes=8_000)
+    units = cut_units(resolve_sources(cfg.sources), cfg.sources, cfg.unit_bytes)
+    assert len(units) >= 6 and [u.id for u in units] == list(range(len(units)))
+    root, buckets = str(tmp_path / "data"), {"hash": 3, "band": 5}
+    surveys = ray.get([survey_unit.remote(u, cfg.sources[0], cfg, root, buckets, 0.0) for u in units])
+    near = ray.get([near_bucket.remote(root, surveys, b, buckets["hash"]) for b in range(buckets["band"])])
+    dups = ray.get([dup_bucket.remote(root, surveys, near, b, True) for b in range(buckets["hash"])])
+    assert sum(n["near"] for n in near) >= 2 and sum(d["dropped"] for d in dups) == 4  # a near pair shares ≥ 1 band
+
+    dropped: dict[str, str] = {}  # text → reason, read back through each unit's drop list
+    for unit in units:
+        lists = [read_bucket(work_path(root, f"dups/bucket-{d['bucket']:06d}.arrow"), d["index"].get(str(unit.id), []),
+                             DROPS) for d in dups]
+        positions = {p: r for t in lists for p, r in zip(t.column("pos").to_pylist(), t.column("reason").to_pylist())}
+        docs = [p.read_text() for p in map(Path, (piece.path for piece in unit.pieces))]  # one document per file
+        dropped.update({docs[p]: REASONS[r] for p, r in positions.items()})
+    pairs = [(distinct[7], texts[40]), (distinct[9], texts[41])]
+    assert dropped == {**{max(pair, key=doc_hash): "near_duplicate" for pair in pairs},
+                       distinct[3]: "duplicate"}  # the copies in later units: both of distinct[3]'s copies

@@ -7,7 +7,7 @@ import webdataset as wds
 
 from core.files import sha256
 from data_pipeline.clean import doc_hash
-from data_pipeline.pack import is_val, pack_blocks, shard_index, tar_bytes_per_block, token_dtype, token_stream
+from data_pipeline.pack import is_val, pack_blocks, tar_bytes_per_block, token_dtype, token_stream
 from data_pipeline.shards import block_digest, write_shard
 
 HASHES = np.array([doc_hash(f"doc {i}") for i in range(10_000)], dtype=np.int64)
@@ -32,14 +32,6 @@ def test_split_is_deterministic_and_near_the_fraction() -> None:
     assert (val == is_val(HASHES.copy(), 0.1)).all()
     assert 0.09 < val.mean() < 0.11
     assert not is_val(HASHES, 0.0).any()
-
-
-def test_shard_index_covers_every_shard_evenly() -> None:
-    shards = shard_index(HASHES, 7)
-    counts = np.bincount(shards, minlength=7)
-    assert shards.min() == 0 and shards.max() == 6
-    assert counts.min() > 0.8 * len(HASHES) / 7
-    assert (shard_index(HASHES, 1) == 0).all()
 
 
 def test_token_dtype_follows_the_vocabulary() -> None:

@@ -1,0 +1,351 @@
+"""The work of `raygpt prepare CONFIG` as Ray tasks over units of the corpus (see `data_pipeline.prepare`), each one
+streaming its input and writing its own files under DATA/_work (this module owns that folder) and the shards:
+
+  survey (per unit)   read, clean and hash every document; write the kept ones' (hash, position) bucketed by hash,
+                      their MinHash band keys bucketed by band (near-dedup on), and a hash-chosen sample of their text
+                      (tokenizer training);
+  near (per bucket)   documents sharing a band key → the hashes of near duplicates, bucketed by hash;
+  dups (per bucket)   every copy of a hash meets here: all but the first (by unit, then position; units are in source
+                      order) are duplicates; with the near duplicates of the bucket → a drop list per unit;
+  write (per unit)    re-read and clean the unit, skip its drop list, tokenize (`encode_batch_fast`), join documents
+                      with EOT, cut blocks of seq_len + 1 and write them to the unit's train and val tars (a new tar
+                      every data.shard_bytes).
+So a duplicate is found before it is tokenized, and no task holds more than a batch of text, one bucket of hashes,
+or one unit's drop list. Every file is written atomically, and each task's record (`<name>.json`, written last) marks
+it done, so a crashed prepare resumes with the tasks that have no record, and ends with the same bytes. Bucket files
+are Arrow IPC files of one record batch per bucket, so a reader fetches only its bucket (ranged reads on a bucket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from tokenizers import Tokenizer
+
+from core import files
+from core.layout import DataLayout, Location, join
+from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, TEXT, clean_batch, unit_interval
+from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.dedup import band_collisions, band_rows, duplicate_reasons
+from data_pipeline.pack import in_sample, is_val, tar_bytes_per_block
+from data_pipeline.shards import ShardWriter
+from data_pipeline.units import Unit, read_unit
+
+WORK = "_work"
+"""DATA/_work: the passes' bucket files and task records; removed once the manifest is written."""
+_BUCKET_SALT, _BAND_SALT = 4, 5
+REASONS = ("duplicate", "near_duplicate")
+HASHES = pa.schema([("hash", pa.int64()), ("pos", pa.int64())])
+BANDS = pa.schema([("band", pa.int64()), ("hash", pa.int64())])
+NEAR = pa.schema([("hash", pa.int64())])
+DROPS = pa.schema([("pos", pa.int64()), ("reason", pa.int8())])  # reason: index into REASONS
+SAMPLE = pa.schema([("text", pa.large_string()), ("hash", pa.int64())])
+
+
+def work_path(data_dir: Location, *parts: str) -> Location:
+    return join(data_dir, WORK, *parts)
+
+
+def record(data_dir: Location, name: str) -> dict[str, Any] | None:
+    """A task's record (it finished), or None."""
+    path = work_path(data_dir, f"{name}.json")
+    return files.read_json(path, "prepare task record") if files.is_file(path) else None
+
+
+def bucket_of(keys: np.ndarray, buckets: int, salt: int) -> np.ndarray:
+    return np.minimum((unit_interval(keys, salt) * buckets).astype(np.int64), buckets - 1)
+
+
+class BucketWriter:
+    """Rows bucketed by a key into one Arrow IPC file: one record batch per bucket each time `limit` bytes are
+    buffered (once per file for a unit of normal size). `close` returns the index bucket → record batch numbers."""
+
+    def __init__(self, out: IO[bytes], schema: pa.Schema, buckets: int, limit: int) -> None:
+        self.schema, self.buckets, self.limit = schema, buckets, limit
+        self.writer = pa.ipc.new_file(out, schema)
+        self.pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self.size, self.batches = 0, 0
+        self.index: dict[int, list[int]] = defaultdict(list)
+
+    def add(self, bucket: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+        if not len(bucket):
+            return
+        self.pending.append((bucket, columns))
+        self.size += sum(c.nbytes for c in columns.values())
+        if self.size >= self.limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        bucket = np.concatenate([b for b, _ in self.pending])
+        columns = {n: np.concatenate([c[n] for _, c in self.pending]) for n in self.schema.names}
+        order = np.argsort(bucket, kind="stable")
+        bucket = bucket[order]
+        bounds = np.flatnonzero(np.diff(bucket)) + 1
+        for part in np.split(np.arange(len(bucket)), bounds):
+            self.writer.write_batch(pa.record_batch({n: columns[n][order[part]] for n in self.schema.names},
+                                                    schema=self.schema))
+            self.index[int(bucket[part[0]])].append(self.batches)
+            self.batches += 1
+        self.pending, self.size = [], 0
+
+    def close(self) -> dict[str, list[int]]:
+        self._flush()
+        self.writer.close()
+        return {str(b): i for b, i in sorted(self.index.items())}
+
+
+def read_bucket(path: Location, batches: list[int], schema: pa.Schema) -> pa.Table:
+    """The record batches of one bucket of a bucket file (ranged reads: only those batches are fetched)."""
+    if not batches:
+        return schema.empty_table()
+    with files.open_random(path) as f:
+        reader = pa.ipc.open_file(f)
+        return pa.Table.from_batches([reader.get_batch(i) for i in batches], schema=schema)
+
+
+@contextlib.contextmanager
+def _bucket_files(data_dir: Location, name: str, specs: dict[str, tuple[pa.Schema, int]], limit: int
+                  ) -> Iterator[dict[str, BucketWriter]]:
+    with contextlib.ExitStack() as stack:
+        yield {kind: BucketWriter(stack.enter_context(files.output(work_path(data_dir, f"{name}.{kind}.arrow"))),
+                                  schema, buckets, limit) for kind, (schema, buckets) in specs.items()}
+
+
+# -- survey (per unit) ------------------------------------------------------------------------------------------------
+@ray.remote(num_cpus=1)
+def survey_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Location, buckets: dict[str, int],
+                sample_fraction: float) -> dict[str, Any]:
+    """Pass 1 over a unit → its record: counts by drop reason, documents, and the index of its bucket files."""
+    name = f"survey/unit-{unit.id:06d}"
+    minhash = cfg.clean.minhash
+    specs = {"hashes": (HASHES, buckets["hash"])}
+    if minhash.enabled:
+        specs["bands"] = (BANDS, buckets["band"])
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    position = sampled = 0
+    with _bucket_files(data_dir, name, specs, cfg.batch_bytes) as out, \
+            files.output(work_path(data_dir, f"{name}.sample.arrow")) as sample_file, \
+            pa.ipc.new_file(sample_file, SAMPLE) as sample:
+        for batch in read_unit(unit, src, cfg.clean.invalid_utf8, cfg.batch_bytes):
+            batch = clean_batch(batch, cfg.clean)
+            for reason in np.unique(batch[DROP]):
+                mine = batch[DROP] == reason
+                c = counts[str(reason)]
+                c[0] += int(mine.sum())
+                c[1] += int(batch[NBYTES][mine].sum())
+                c[2] += int(batch[REPLACED][mine].sum())
+            kept = np.flatnonzero(batch[DROP] == "")
+            hashes = batch[HASH][kept]
+            out["hashes"].add(bucket_of(hashes, buckets["hash"], _BUCKET_SALT), {"hash": hashes, "pos": position + kept})
+            if minhash.enabled:
+                bands, of = band_rows(batch[TEXT][kept], hashes, minhash)
+                out["bands"].add(bucket_of(bands, buckets["band"], _BAND_SALT), {"band": bands, "hash": of})
+            chosen = kept[in_sample(hashes, sample_fraction)] if sample_fraction > 0 else kept[:0]
+            if len(chosen):
+                sample.write_batch(pa.record_batch({"text": batch[TEXT][chosen].tolist(), "hash": batch[HASH][chosen]},
+                                                   schema=SAMPLE))
+                sampled += sum(len(t.encode("utf-8")) for t in batch[TEXT][chosen])
+            position += len(batch[DROP])
+        index = {kind: writer.close() for kind, writer in out.items()}
+    result = {"unit": unit.id, "documents": position, "sampled": sampled, "counts": dict(counts), "index": index}
+    files.write_json(work_path(data_dir, f"{name}.json"), result)
+    return result
+
+
+@ray.remote(num_cpus=1)
+def fit_tokenizer(data_dir: Location, units: list[int], cfg: DataConfig) -> dict[str, Any]:
+    """Train the tokenizer on the units' samples, in unit order, each distinct text once, up to sample_bytes."""
+    import time
+
+    from data_pipeline.tokenizer import train_tokenizer
+
+    seen: set[int] = set()
+    trained_on = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal trained_on
+        for unit in units:
+            with files.open_random(work_path(data_dir, f"survey/unit-{unit:06d}.sample.arrow")) as f:
+                reader = pa.ipc.open_file(f)
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i)
+                    for text, h in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                        if h not in seen and trained_on < cfg.tokenizer.sample_bytes:
+                            seen.add(h)
+                            trained_on += len(text.encode("utf-8"))
+                            yield text
+
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(texts(), cfg.tokenizer)
+    files.atomic_write(work_path(data_dir, "tokenizer.json"), tokenizer.to_str())
+    result = {"seconds": time.perf_counter() - start, "trained_on": trained_on}
+    files.write_json(work_path(data_dir, "tokenizer-fit.json"), result)
+    return result
+
+
+# -- dedup (per bucket) -----------------------------------------------------------------------------------------------
+def _gather(data_dir: Location, kind: str, surveys: list[dict[str, Any]], bucket: int, schema: pa.Schema
+            ) -> tuple[pa.Table, np.ndarray]:
+    """One bucket's rows of every unit's `kind` file → (rows, the unit of each row)."""
+    tables, units = [], []
+    for s in surveys:
+        batches = s["index"].get(kind, {}).get(str(bucket), [])
+        if batches:
+            table = read_bucket(work_path(data_dir, f"survey/unit-{s['unit']:06d}.{kind}.arrow"), batches, schema)
+            tables.append(table)
+            units.append(np.full(table.num_rows, s["unit"], dtype=np.int64))
+    if not tables:
+        return schema.empty_table(), np.zeros(0, dtype=np.int64)
+    return pa.concat_tables(tables), np.concatenate(units)
+
+
+@ray.remote(num_cpus=1)
+def near_bucket(data_dir: Location, surveys: list[dict[str, Any]], bucket: int, hash_buckets: int) -> dict[str, Any]:
+    """Every band key of one band bucket → the near duplicates' hashes, bucketed by hash."""
+    bands, _ = _gather(data_dir, "bands", surveys, bucket, BANDS)
+    near = band_collisions({"band": bands.column("band").to_numpy(), HASH: bands.column("hash").to_numpy()})[HASH]
+    name = f"near/bucket-{bucket:06d}"
+    with files.output(work_path(data_dir, f"{name}.arrow")) as f:
+        writer = BucketWriter(f, NEAR, hash_buckets, 1 << 62)
+        writer.add(bucket_of(near, hash_buckets, _BUCKET_SALT), {"hash": near})
+        index = writer.close()
+    result = {"bucket": bucket, "near": len(near), "index": index}
+    files.write_json(work_path(data_dir, f"{name}.json"), result)
+    return result
+
+
+@ray.remote(num_cpus=1)
+def dup_bucket(data_dir: Location, surveys: list[dict[str, Any]], near: list[dict[str, Any]], bucket: int,
+               exact: bool) -> dict[str, Any]:
+    """Every copy of the hashes of one bucket → the drop lists of the units, one record batch per unit."""
+    rows, units = _gather(data_dir, "hashes", surveys, bucket, HASHES)
+    hashes, positions = rows.column("hash").to_numpy(), rows.column("pos").to_numpy()
+    near_hashes = [read_bucket(work_path(data_dir, f"near/bucket-{n['bucket']:06d}.arrow"), n["index"].get(str(bucket), []),
+                               NEAR).column("hash").to_numpy() for n in near]
+    order = np.lexsort((positions, units, hashes))  # copies by unit (units are in source order), then position
+    reasons = duplicate_reasons(hashes[order], np.concatenate([np.zeros(0, np.int64), *near_hashes]), exact)
+    dropped = order[reasons != ""]
+    codes = np.array([REASONS.index(r) for r in reasons[reasons != ""]], dtype=np.int8)
+    by_unit = np.argsort(units[dropped], kind="stable")
+    name = f"dups/bucket-{bucket:06d}"
+    with files.output(work_path(data_dir, f"{name}.arrow")) as f:
+        writer = BucketWriter(f, DROPS, max(1, len(surveys)), 1 << 62)
+        writer.add(units[dropped][by_unit], {"pos": positions[dropped][by_unit], "reason": codes[by_unit]})
+        index = writer.close()
+    result = {"bucket": bucket, "dropped": int(len(dropped)), "index": index}
+    files.write_json(work_path(data_dir, f"{name}.json"), result)
+    return result
+
+
+# -- write (per unit) -------------------------------------------------------------------------------------------------
+_TOKENIZERS: dict[int, Tokenizer] = {}  # per worker process: built once, reused by every unit it writes
+
+
+class _SplitOut:
+    """One split of one unit: token ids carried over between batches, cut into blocks, written to tars of at most
+    `shard_bytes` (consecutive numbers `shard-UUUUUU-PPPP`)."""
+
+    def __init__(self, data_dir: Location, split: str, unit: Unit, block_len: int, dtype: np.dtype, shard_bytes: int):
+        self.data_dir, self.split, self.unit, self.block_len, self.dtype = data_dir, split, unit, block_len, dtype
+        self.per_tar = max(1, shard_bytes // tar_bytes_per_block(block_len, dtype))
+        self.carry = np.zeros(0, dtype=dtype)
+        self.writer: ShardWriter | None = None
+        self.shards: list[dict[str, Any]] = []
+        self.totals = {"documents": 0, "doc_tokens": 0, "text_bytes": 0, "sequences": 0, "tokens": 0}
+
+    def add(self, docs: list[list[int]], text_bytes: int, eot: int) -> None:
+        self.totals["documents"] += len(docs)
+        self.totals["doc_tokens"] += sum(len(d) for d in docs)
+        self.totals["text_bytes"] += text_bytes
+        parts = [self.carry] + [np.asarray(d + [eot], dtype=self.dtype) for d in docs]
+        stream = np.concatenate(parts)
+        n = len(stream) // self.block_len
+        self.carry = stream[n * self.block_len:].copy()
+        blocks = stream[: n * self.block_len].reshape(n, self.block_len)
+        while len(blocks):
+            if self.writer is None:
+                number = len(self.shards)
+                self.file = DataLayout.shard_name(self.split, self.unit.id, number)
+                self.writer = ShardWriter(join(self.data_dir, self.file), f"{self.split}-{self.unit.id:06d}-{number:04d}",
+                                          self.block_len, self.dtype)
+            room = self.per_tar - self.writer.blocks
+            self.writer.write(blocks[:room])
+            blocks = blocks[room:]
+            if self.writer.blocks == self.per_tar:
+                self._close()
+
+    def _close(self) -> None:
+        assert self.writer is not None
+        blocks = self.writer.blocks
+        digest, size, index = self.writer.close()
+        self.shards.append({"file": self.file, "sequences": blocks, "tokens": blocks * self.block_len, "bytes": size,
+                            "sha256": digest, "index_sha256": index})
+        self.totals["sequences"] += blocks
+        self.totals["tokens"] += blocks * self.block_len
+        self.writer = None
+
+    def finish(self) -> dict[str, Any]:
+        if self.writer is not None:
+            self._close()
+        return {**self.totals, "tail_tokens": len(self.carry), "shards": self.shards}
+
+    def abandon(self) -> None:
+        if self.writer is not None:
+            self.writer.abandon()
+
+
+@ray.remote(num_cpus=1)
+def write_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Location, dups: list[dict[str, Any]],
+               eot: int, dtype: str) -> dict[str, Any]:
+    """Pass 2 over a unit → its tars and record: per split the shards and totals, and what dedup dropped."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task per core
+    tokenizer_json = files.read_text(work_path(data_dir, "tokenizer.json"))
+    key = hash(tokenizer_json)
+    if (tokenizer := _TOKENIZERS.get(key)) is None:
+        tokenizer = _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
+    drops = [read_bucket(work_path(data_dir, f"dups/bucket-{d['bucket']:06d}.arrow"), d["index"].get(str(unit.id), []),
+                         DROPS) for d in dups]
+    table = pa.concat_tables(drops) if drops else DROPS.empty_table()
+    drop_pos, drop_code = table.column("pos").to_numpy(), table.column("reason").to_numpy()
+    order = np.argsort(drop_pos)
+    drop_pos, drop_code = drop_pos[order], drop_code[order]
+    dropped = {reason: {split: [0, 0] for split in ("train", "val")} for reason in REASONS}
+    outs = {split: _SplitOut(data_dir, split, unit, cfg.seq_len + 1, np.dtype(dtype), cfg.shard_bytes)
+            for split in ("train", "val")}
+    position = 0
+    try:
+        for batch in read_unit(unit, src, cfg.clean.invalid_utf8, cfg.batch_bytes):
+            batch = clean_batch(batch, cfg.clean)
+            n = len(batch[DROP])
+            at = np.searchsorted(drop_pos, [position, position + n])
+            code = np.full(n, -1, dtype=np.int8)
+            code[drop_pos[at[0]:at[1]] - position] = drop_code[at[0]:at[1]]
+            val = is_val(batch[HASH], cfg.val_fraction)
+            nbytes = np.array([len(t.encode("utf-8")) for t in batch[TEXT]], dtype=np.int64)
+            for split, in_split in (("train", ~val), ("val", val)):
+                for r, reason in enumerate(REASONS):
+                    mine = in_split & (code == r)
+                    dropped[reason][split][0] += int(mine.sum())
+                    dropped[reason][split][1] += int(nbytes[mine].sum())
+                keep = np.flatnonzero(in_split & (batch[DROP] == "") & (code < 0))
+                if len(keep):
+                    encodings = tokenizer.encode_batch_fast(batch[TEXT][keep].tolist(), add_special_tokens=False)
+                    outs[split].add([e.ids for e in encodings], int(nbytes[keep].sum()), eot)
+            position += n
+        splits = {split: out.finish() for split, out in outs.items()}
+    except BaseException:
+        for out in outs.values():
+            out.abandon()
+        raise
+    result = {"unit": unit.id, "source": unit.source, "splits": splits, "dropped": dropped}
+    files.write_json(work_path(data_dir, f"written/unit-{unit.id:06d}.json"), result)
+    return result
