@@ -192,7 +192,7 @@ def quiet_console(log_file: Path, verbose: bool = False) -> Iterator[None]:
         shown = _Shown()
         bar = _Bar(out) if out.isatty() else None  # both streams draw through it: one bottom line
         sys.stdout, sys.stderr = _Filter(out, log, shown, bar), _Filter(err, log, shown, bar)
-        handlers = _redirect_library_loggers({out, err}, sys.stderr)
+        handlers = _redirect_library_loggers({out, err}, sys.stderr, err)
         _quiet_ray_data()
         try:
             yield
@@ -219,13 +219,20 @@ class _Closing:
             self.log.close()
 
 
-def _redirect_library_loggers(streams: set[TextIO], target: TextIO) -> list[tuple[logging.StreamHandler, TextIO]]:
-    """Point Ray's and DeepSpeed's log handlers (which keep the stream they were created with) at the filter."""
+def _redirect_library_loggers(streams: set[TextIO], target: TextIO, err: TextIO
+                              ) -> list[tuple[logging.StreamHandler, TextIO]]:
+    """Point Ray's and DeepSpeed's log handlers (which keep the stream they were created with) at the filter: those on
+    the console, and those left on a stream that was closed since (the console of an earlier in-process run)."""
     changed = []
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "DeepSpeed", "deepspeed"):
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream in streams:
+            if not isinstance(handler, logging.StreamHandler):
+                continue
+            if handler.stream in streams:
                 changed.append((handler, handler.setStream(target)))
+            elif getattr(handler.stream, "closed", False):  # nothing to flush; put back on the console after
+                handler.stream = target
+                changed.append((handler, err))
     return changed
 
 

@@ -103,7 +103,8 @@ class CleanConfig(Section):
     max_chars: int | None = Field(default=None, ge=1)
     """Documents longer than this are dropped as 'too_long'; None keeps every length."""
     dedup: bool = True
-    """Exact deduplication by content hash across the whole corpus (hash-partitioned in Ray Data)."""
+    """Exact deduplication by content hash across the whole corpus: every copy meets in its hash bucket's task, and
+    all but the first (in source order) are dropped before tokenizing."""
     minhash: MinHashConfig = MinHashConfig()
     """Near-duplicate removal (off by default)."""
 

@@ -1,5 +1,6 @@
-"""The work of `raygpt prepare CONFIG` as Ray tasks over units of the corpus (see `data_pipeline.prepare`), each one
-streaming its input and writing its own files under DATA/_work (this module owns that folder) and the shards:
+"""The work of `raygpt prepare CONFIG`: functions that `data_pipeline.prepare` maps over the units of the corpus (or
+the dedup buckets) with Ray Data, one task each, each streaming its input and writing its own files under DATA/_work
+(this module owns that folder) and the shards:
 
   survey (per unit)   read, clean and hash every document; write the kept ones' (hash, position) bucketed by hash,
                       their MinHash band keys bucketed by band (near-dedup on), and a hash-chosen sample of their text
@@ -121,7 +122,6 @@ def _bucket_files(data_dir: Location, name: str, specs: dict[str, tuple[pa.Schem
 
 
 # -- survey (per unit) ------------------------------------------------------------------------------------------------
-@ray.remote(num_cpus=1)
 def survey_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Location, buckets: dict[str, int],
                 sample_fraction: float) -> dict[str, Any]:
     """Pass 1 over a unit → its record: counts by drop reason, documents, and the index of its bucket files."""
@@ -156,7 +156,8 @@ def survey_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Locati
                 sampled += sum(len(t.encode("utf-8")) for t in batch[TEXT][chosen])
             position += len(batch[DROP])
         index = {kind: writer.close() for kind, writer in out.items()}
-    result = {"unit": unit.id, "documents": position, "sampled": sampled, "counts": dict(counts), "index": index}
+    result = {"unit": unit.id, "documents": position, "sampled": sampled, "counts": dict(counts), "index": index,
+              "node": ray.get_runtime_context().get_node_id()}
     files.write_json(work_path(data_dir, f"{name}.json"), result)
     return result
 
@@ -193,25 +194,33 @@ def fit_tokenizer(data_dir: Location, units: list[int], cfg: DataConfig) -> dict
 
 
 # -- dedup (per bucket) -----------------------------------------------------------------------------------------------
-def _gather(data_dir: Location, kind: str, surveys: list[dict[str, Any]], bucket: int, schema: pa.Schema
-            ) -> tuple[pa.Table, np.ndarray]:
-    """One bucket's rows of every unit's `kind` file → (rows, the unit of each row)."""
-    tables, units = [], []
+def bucket_parts(surveys: list[dict[str, Any]], kind: str, buckets: int) -> list[list[tuple[int, list[int]]]]:
+    """Per bucket, the (unit, record batches) of every unit's `kind` file that holds rows of it: what the bucket's
+    task reads (so each task is handed its own part of the index, not the whole of it)."""
+    parts: list[list[tuple[int, list[int]]]] = [[] for _ in range(buckets)]
     for s in surveys:
-        batches = s["index"].get(kind, {}).get(str(bucket), [])
-        if batches:
-            table = read_bucket(work_path(data_dir, f"survey/unit-{s['unit']:06d}.{kind}.arrow"), batches, schema)
-            tables.append(table)
-            units.append(np.full(table.num_rows, s["unit"], dtype=np.int64))
+        for bucket, batches in s["index"].get(kind, {}).items():
+            parts[int(bucket)].append((s["unit"], batches))
+    return parts
+
+
+def _gather(data_dir: Location, kind: str, parts: list[tuple[int, list[int]]], schema: pa.Schema
+            ) -> tuple[pa.Table, np.ndarray]:
+    """One bucket's rows of the units' `kind` files → (rows, the unit of each row)."""
+    tables, units = [], []
+    for unit, batches in parts:
+        table = read_bucket(work_path(data_dir, f"survey/unit-{unit:06d}.{kind}.arrow"), batches, schema)
+        tables.append(table)
+        units.append(np.full(table.num_rows, unit, dtype=np.int64))
     if not tables:
         return schema.empty_table(), np.zeros(0, dtype=np.int64)
     return pa.concat_tables(tables), np.concatenate(units)
 
 
-@ray.remote(num_cpus=1)
-def near_bucket(data_dir: Location, surveys: list[dict[str, Any]], bucket: int, hash_buckets: int) -> dict[str, Any]:
-    """Every band key of one band bucket → the near duplicates' hashes, bucketed by hash."""
-    bands, _ = _gather(data_dir, "bands", surveys, bucket, BANDS)
+def near_bucket(data_dir: Location, parts: list[tuple[int, list[int]]], bucket: int, hash_buckets: int
+                ) -> dict[str, Any]:
+    """Every band key of one band bucket (`parts`: of `bucket_parts`) → the near duplicates' hashes, by hash bucket."""
+    bands, _ = _gather(data_dir, "bands", parts, BANDS)
     near = band_collisions({"band": bands.column("band").to_numpy(), HASH: bands.column("hash").to_numpy()})[HASH]
     name = f"near/bucket-{bucket:06d}"
     with files.output(work_path(data_dir, f"{name}.arrow")) as f:
@@ -223,14 +232,14 @@ def near_bucket(data_dir: Location, surveys: list[dict[str, Any]], bucket: int, 
     return result
 
 
-@ray.remote(num_cpus=1)
-def dup_bucket(data_dir: Location, surveys: list[dict[str, Any]], near: list[dict[str, Any]], bucket: int,
-               exact: bool) -> dict[str, Any]:
-    """Every copy of the hashes of one bucket → the drop lists of the units, one record batch per unit."""
-    rows, units = _gather(data_dir, "hashes", surveys, bucket, HASHES)
+def dup_bucket(data_dir: Location, parts: list[tuple[int, list[int]]], near: list[tuple[int, list[int]]], bucket: int,
+               exact: bool, units_total: int) -> dict[str, Any]:
+    """Every copy of the hashes of one bucket (`parts`: of `bucket_parts`; `near`: (near bucket, record batches)) →
+    the drop lists of the units, one record batch per unit."""
+    rows, units = _gather(data_dir, "hashes", parts, HASHES)
     hashes, positions = rows.column("hash").to_numpy(), rows.column("pos").to_numpy()
-    near_hashes = [read_bucket(work_path(data_dir, f"near/bucket-{n['bucket']:06d}.arrow"), n["index"].get(str(bucket), []),
-                               NEAR).column("hash").to_numpy() for n in near]
+    near_hashes = [read_bucket(work_path(data_dir, f"near/bucket-{n:06d}.arrow"), batches, NEAR).column("hash").to_numpy()
+                   for n, batches in near]
     order = np.lexsort((positions, units, hashes))  # copies by unit (units are in source order), then position
     reasons = duplicate_reasons(hashes[order], np.concatenate([np.zeros(0, np.int64), *near_hashes]), exact)
     dropped = order[reasons != ""]
@@ -238,7 +247,7 @@ def dup_bucket(data_dir: Location, surveys: list[dict[str, Any]], near: list[dic
     by_unit = np.argsort(units[dropped], kind="stable")
     name = f"dups/bucket-{bucket:06d}"
     with files.output(work_path(data_dir, f"{name}.arrow")) as f:
-        writer = BucketWriter(f, DROPS, max(1, len(surveys)), 1 << 62)
+        writer = BucketWriter(f, DROPS, units_total, 1 << 62)
         writer.add(units[dropped][by_unit], {"pos": positions[dropped][by_unit], "reason": codes[by_unit]})
         index = writer.close()
     result = {"bucket": bucket, "dropped": int(len(dropped)), "index": index}
@@ -303,7 +312,6 @@ class _SplitOut:
             self.writer.abandon()
 
 
-@ray.remote(num_cpus=1)
 def write_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Location, dups: list[dict[str, Any]],
                eot: int, dtype: str) -> dict[str, Any]:
     """Pass 2 over a unit → its tars and record: per split the shards and totals, and what dedup dropped."""
@@ -346,6 +354,7 @@ def write_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Locatio
         for out in outs.values():
             out.abandon()
         raise
-    result = {"unit": unit.id, "source": unit.source, "splits": splits, "dropped": dropped}
+    result = {"unit": unit.id, "source": unit.source, "splits": splits, "dropped": dropped,
+              "node": ray.get_runtime_context().get_node_id()}
     files.write_json(work_path(data_dir, f"written/unit-{unit.id:06d}.json"), result)
     return result

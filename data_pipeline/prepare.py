@@ -3,8 +3,8 @@
     raygpt prepare configs/demo.yaml
 
 The corpus is cut into units of work (`data_pipeline.units`: files, JSONL byte ranges, Parquet row groups), the same
-on any cluster, and every pass is a Ray task per unit or per hash bucket (`data_pipeline.passes`), at most one per CPU
-in flight, each streaming its input a batch at a time and writing its own files:
+on any cluster, and every pass is a Ray Data map with one task per unit or per hash bucket (`data_pipeline.passes`),
+at most one per CPU in flight, each streaming its input a batch at a time and writing its own files:
   1. survey: read, clean and hash each unit; its documents' hashes (and MinHash band keys) go to bucket files, a
      hash-chosen sample of its text to the tokenizer's training set;
   2. the tokenizer is trained on that sample in one task (or loaded from data.tokenizer.path);
@@ -20,15 +20,17 @@ the same bytes; the manifest is written last of all: the data is complete exactl
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+import ray.data
 from tokenizers import Tokenizer
 
 from core import files
@@ -38,7 +40,7 @@ from data_pipeline.clean import DROP, SOURCE
 from data_pipeline.config import DataConfig, DataError
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
 from data_pipeline.pack import token_dtype
-from data_pipeline.passes import REASONS, WORK, dup_bucket, fit_tokenizer, near_bucket, record, survey_unit, work_path, \
+from data_pipeline.passes import REASONS, WORK, bucket_parts, dup_bucket, fit_tokenizer, near_bucket, record, survey_unit, work_path, \
     write_unit
 from data_pipeline.refusals import check_sources_kept, check_written
 from data_pipeline.shards import index_name
@@ -97,39 +99,46 @@ def prepare_stage(cfg: DataConfig, data_dir: Location, begin: Callable[[], int])
     return prepare(cfg, data_dir, begin(), key, resolved)
 
 
-def _run_tasks(what: str, root: Location, items: Sequence[Any], name: Callable[[Any], str],
-               launch: Callable[[Any], ray.ObjectRef], num_cpus: int, size: Callable[[Any], int] = lambda _: 0
-               ) -> list[dict[str, Any]]:
-    """One task per item, at most `num_cpus` in flight (so memory stays bounded), skipping items whose record
-    exists (a resumed prepare) → their records in item order. Logs progress every ~10 s."""
+def _run_tasks(what: str, root: Location, names: list[str], payloads: list[Any], work: Callable[[Any], dict[str, Any]],
+               sizes: list[int] | None = None) -> list[dict[str, Any]]:
+    """`work(payload)` for every item whose record (`names[i]`) does not exist yet — a resumed prepare skips the
+    others — as a Ray Data map: one task per item on one CPU, spread over the nodes, as many in flight as there are
+    CPUs (each holds one batch of text: memory is bounded by the CPUs, not the corpus). Each row carries its own
+    payload as JSON, so a task never receives the whole listing. → every item's record, in item order. Logs
+    progress every ~10 s."""
     results: dict[int, dict[str, Any]] = {}
     todo = []
-    for i, item in enumerate(items):
-        if (done := record(root, name(item))) is not None:
+    for i, name in enumerate(names):
+        if (done := record(root, name)) is not None:
             results[i] = done
         else:
             todo.append(i)
     if len(results):
-        _log(f"{what}: {len(results)} of {len(items)} already done (resumed)")
-    pending: dict[ray.ObjectRef, int] = {}
+        _log(f"{what}: {len(results)} of {len(names)} already done (resumed)")
+    if not todo:
+        return [results[i] for i in range(len(names))]
+
+    def run(row: dict[str, Any]) -> dict[str, Any]:  # a record's keys vary (bucket numbers): it travels as JSON
+        try:
+            return {"i": row["i"], "record": json.dumps(work(json.loads(row["payload"]))), "error": ""}
+        except DataError as e:  # returned, not raised: Ray Data would wrap it and lose its type and one-line message
+            return {"i": row["i"], "record": "", "error": str(e)}
+
+    rows = [{"i": i, "payload": json.dumps(payloads[i])} for i in todo]
+    tasks = ray.data.from_items(rows, override_num_blocks=len(rows)).map(run, num_cpus=1)
     start = last = time.perf_counter()
     done_bytes = 0
-    while todo or pending:
-        while todo and len(pending) < max(1, num_cpus):
-            i = todo.pop(0)
-            pending[launch(items[i])] = i
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        results[i] = ray.get(ready[0])
-        done_bytes += size(items[i])
-        if time.perf_counter() - last > 10 and (todo or pending):
+    for row in tasks.iter_rows():
+        if row["error"]:
+            raise DataError(row["error"])
+        i = int(row["i"])
+        results[i] = json.loads(row["record"])
+        done_bytes += sizes[i] if sizes else 0
+        if time.perf_counter() - last > 10 and len(results) < len(names):
             last = time.perf_counter()
             rate = f", {_mb(done_bytes / (last - start))}/s" if done_bytes else ""
-            _log(f"{what}: {len(results)} of {len(items)}{rate}")
-    return [results[i] for i in range(len(items))]
-
-
-_SPREAD = {"scheduling_strategy": "SPREAD"}  # every node of the cluster works
+            _log(f"{what}: {len(results)} of {len(names)}{rate}")
+    return [results[i] for i in range(len(names))]
 
 
 def _work_plan(cfg: DataConfig, root: Location, key: str, resolved: list[SourceFiles]) -> dict[str, Any]:
@@ -157,7 +166,7 @@ def _work_plan(cfg: DataConfig, root: Location, key: str, resolved: list[SourceF
 
 def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolved: list[SourceFiles]) -> Manifest:
     """Run the whole data pipeline into data_dir (a local folder or an object-storage URI; after `plan`) and return
-    the manifest."""
+    the manifest. (`num_cpus` is what `begin` found; Ray Data sizes each pass's concurrency from the cluster itself.)"""
     global _START
     start = _START = time.perf_counter()
     layout = DataLayout(data_dir if is_uri(data_dir) else Path(data_dir).resolve())
@@ -173,8 +182,9 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
          f"in {len(units)} unit(s)")
 
     # 1. Survey: clean and hash every document; hashes, band keys and the tokenizer's sample go to bucket files.
-    surveys = _run_tasks("surveyed units", root, units, lambda u: f"survey/unit-{u.id:06d}", lambda u: survey_unit.options(
-        **_SPREAD).remote(u, srcs[u.source], cfg, root, buckets, work["sample_fraction"]), num_cpus, lambda u: u.bytes)
+    fraction, sizes = work["sample_fraction"], [u.bytes for u in units]
+    surveys = _run_tasks("surveyed units", root, [f"survey/unit-{u.id:06d}" for u in units], work["units"],
+                         lambda u: survey_unit(Unit.from_json(u), srcs[u["source"]], cfg, root, buckets, fraction), sizes)
     counts = [{SOURCE: u.source, DROP: reason, "documents": c[0], "bytes": c[1], "replaced": c[2]}
               for u, s in zip(units, surveys) for reason, c in s["counts"].items()]
     dropped = _dropped(counts, resolved)
@@ -200,24 +210,31 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
     _log(f"tokenizer {how}: vocab {tokenizer.get_vocab_size():,}")
 
     # 3. Dedup: every copy (and near-duplicate band) of a document meets in its bucket's task → drop lists per unit.
-    survey_ref = ray.put(surveys)
     near: list[dict[str, Any]] = []
     if cfg.clean.minhash.enabled:
-        near = _run_tasks("near-dedup buckets", root, range(buckets["band"]), lambda b: f"near/bucket-{b:06d}",
-                          lambda b: near_bucket.options(**_SPREAD).remote(root, survey_ref, b, buckets["hash"]), num_cpus)
+        parts = [{"bucket": b, "parts": p} for b, p in enumerate(bucket_parts(surveys, "bands", buckets["band"]))]
+        near = _run_tasks("near-dedup buckets", root, [f"near/bucket-{b:06d}" for b in range(buckets["band"])], parts,
+                          lambda p: near_bucket(root, p["parts"], p["bucket"], buckets["hash"]))
     dups: list[dict[str, Any]] = []
     if cfg.clean.dedup or cfg.clean.minhash.enabled:
-        near_ref = ray.put(near)
-        dups = _run_tasks("dedup buckets", root, range(buckets["hash"]), lambda b: f"dups/bucket-{b:06d}", lambda b: dup_bucket
-                          .options(**_SPREAD).remote(root, survey_ref, near_ref, b, cfg.clean.dedup), num_cpus)
+        near_of = [[(n["bucket"], n["index"][str(b)]) for n in near if str(b) in n["index"]]
+                   for b in range(buckets["hash"])]
+        parts = [{"bucket": b, "parts": p, "near": near_of[b]}
+                 for b, p in enumerate(bucket_parts(surveys, "hashes", buckets["hash"]))]
+        dups = _run_tasks("dedup buckets", root, [f"dups/bucket-{b:06d}" for b in range(buckets["hash"])], parts,
+                          lambda p: dup_bucket(root, p["parts"], p["near"], p["bucket"], cfg.clean.dedup, len(units)))
 
     # 4. Write: re-read, skip the drop lists, tokenize, pack and write each unit's tars.
     def drops(u: Unit) -> list[dict[str, Any]]:
         return [{"bucket": d["bucket"], "index": {str(u.id): d["index"][str(u.id)]}} for d in dups
                 if str(u.id) in d["index"]]
 
-    written = _run_tasks("written units", root, units, lambda u: f"written/unit-{u.id:06d}", lambda u: write_unit.options(
-        **_SPREAD).remote(u, srcs[u.source], cfg, root, drops(u), eot, dtype.str), num_cpus, lambda u: u.bytes)
+    written = _run_tasks("written units", root, [f"written/unit-{u.id:06d}" for u in units],
+                         [{"unit": u.to_json(), "drops": drops(u)} for u in units],
+                         lambda p: write_unit(Unit.from_json(p["unit"]), srcs[p["unit"]["source"]], cfg, root,
+                                              p["drops"], eot, dtype.str), sizes)
+    nodes = {r["node"] for r in [*surveys, *written]}
+    _log(f"read, deduplicated and wrote {len(units)} unit(s) on {len(nodes)} node(s)")
     rows = [{"split": split, SOURCE: w["source"], "unit": w["unit"], **part,
              **{reason: w["dropped"][reason][split][0] for reason in REASONS},
              **{f"{reason}_bytes": w["dropped"][reason][split][1] for reason in REASONS}}

@@ -94,8 +94,10 @@ def _hf_pieces(src: SourceConfig, unit_bytes: int) -> list[tuple[Piece, int]]:
         step = max(1, math.ceil(rows * unit_bytes / max(size, 1)))
         return [(Piece(src.path, a, min(rows, a + step)), size * (min(rows, a + step) - a) // max(rows, 1))
                 for a in range(0, rows, step)]
-    n = loaded.num_shards
-    return [(Piece(src.path, i, n), 0) for i in range(n)]
+    n = loaded.num_shards  # a hub dataset's size, when its card gives one, weighs its shards (else ~1 GB each)
+    split = (loaded.info.splits or {}).get(src.hf_split) if loaded.info else None
+    size = (split.num_bytes if split and split.num_bytes else 0) or int(1e9) * n
+    return [(Piece(src.path, i, n), size // n) for i in range(n)]
 
 
 def cut_units(resolved: list[SourceFiles], sources: list[SourceConfig], unit_bytes: int | None) -> list[Unit]:

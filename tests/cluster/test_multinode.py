@@ -92,6 +92,41 @@ def test_submit_trains_across_two_nodes(
     assert "[train] step 6/6" in capsys.readouterr().out
 
 
+def test_prepare_from_the_bucket_on_two_nodes_writes_the_bytes_of_one(
+    two_nodes: str, tmp_path: Path, s3_bucket: str, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A corpus of text files, a JSONL file and a Parquet file in the bucket, cut into ~18 units; `prepare` submitted
+    to the 2-node cluster (its tasks on both nodes, MinHash on) writes the same bytes as on the session's 1-node Ray."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paragraphs = (shared_data / "tinyshakespeare" / "input.txt").read_text().split("\n\n")
+    corpus = tmp_path / "corpus"
+    (corpus / "texts").mkdir(parents=True)
+    for i in range(6):
+        (corpus / "texts" / f"part{i}.txt").write_text("\n\n".join(paragraphs[i * 600:(i + 1) * 600]))
+    (corpus / "records.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[3600:5600]))
+    pq.write_table(pa.table({"text": paragraphs[5600:]}), corpus / "rows.parquet", row_group_size=200)
+    prefix = bucket_copy(corpus, f"{s3_bucket}/{tmp_path.name}/corpus")
+    overrides = [*BASE, "data.tokenizer.vocab_size=512", "data.seq_len=64", "data.unit_bytes=60000",
+                 "data.clean.minhash.enabled=true",
+                 f"data.sources=[{{path: {prefix}/texts, type: text, split_by: paragraph}}, "
+                 f"{{path: {prefix}/records.jsonl}}, {{path: {prefix}/rows.parquet}}]"]
+    two, one = f"{s3_bucket}/{tmp_path.name}/two", f"{s3_bucket}/{tmp_path.name}/one"
+    rc = main(["submit", "--address", two_nodes, "--working-dir", str(REPO), "--job-id", "raygpt-2node-prepare",
+               "--", "prepare", SHAKESPEARE, f"run_dir={two}", *overrides])
+    out = capsys.readouterr().out
+    assert rc == 0 and "raygpt-2node-prepare SUCCEEDED" in out, out[-3000:]
+    units = re.search(r"read, deduplicated and wrote (\d+) unit\(s\) on 2 node\(s\)", out)
+    assert units and int(units[1]) > 12, out[-3000:]
+    assert main(["prepare", SHAKESPEARE, f"run_dir={one}", *overrides]) == 0
+    assert "on 1 node(s)" in capsys.readouterr().out
+    written = files.files_under(f"{two}/data")
+    assert len(written) > 2 * int(units[1]) and not any(name.startswith("_work") for name in written)
+    assert files.files_under(f"{one}/data") == written
+    assert all(files.sha256(f"{one}/data/{name}") == files.sha256(f"{two}/data/{name}") for name in written)
+
+
 def test_failed_job_exits_nonzero(two_nodes: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["submit", "--address", two_nodes, "--working-dir", str(REPO), "--", "train", "configs/missing.yaml"])
     assert rc == 1 and "config file not found" in capsys.readouterr().out

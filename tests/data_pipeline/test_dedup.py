@@ -10,7 +10,7 @@ import ray
 from data_pipeline.clean import doc_hash
 from data_pipeline.config import CleanConfig, DataConfig, SourceConfig
 from data_pipeline.dedup import _permutations, band_collisions, band_keys, duplicate_reasons, minhash_signature
-from data_pipeline.passes import DROPS, REASONS, dup_bucket, near_bucket, read_bucket, survey_unit, work_path
+from data_pipeline.passes import DROPS, REASONS, bucket_parts, dup_bucket, near_bucket, read_bucket, survey_unit, work_path
 from data_pipeline.sources import resolve_sources
 from data_pipeline.units import cut_units
 
@@ -66,9 +66,13 @@ def test_copies_and_near_copies_meet_across_units_and_buckets(tmp_path: Path, ra
     units = cut_units(resolve_sources(cfg.sources), cfg.sources, cfg.unit_bytes)
     assert len(units) >= 6 and [u.id for u in units] == list(range(len(units)))
     root, buckets = str(tmp_path / "data"), {"hash": 3, "band": 5}
-    surveys = ray.get([survey_unit.remote(u, cfg.sources[0], cfg, root, buckets, 0.0) for u in units])
-    near = ray.get([near_bucket.remote(root, surveys, b, buckets["hash"]) for b in range(buckets["band"])])
-    dups = ray.get([dup_bucket.remote(root, surveys, near, b, True) for b in range(buckets["hash"])])
+    surveys = ray.get([ray.remote(survey_unit).remote(u, cfg.sources[0], cfg, root, buckets, 0.0) for u in units])
+    bands = bucket_parts(surveys, "bands", buckets["band"])
+    near = ray.get([ray.remote(near_bucket).remote(root, bands[b], b, buckets["hash"]) for b in range(buckets["band"])])
+    hashes = bucket_parts(surveys, "hashes", buckets["hash"])
+    dups = ray.get([ray.remote(dup_bucket).remote(root, hashes[b], [(n["bucket"], n["index"][str(b)]) for n in near
+                                                         if str(b) in n["index"]], b, True, len(units))
+                    for b in range(buckets["hash"])])
     assert sum(n["near"] for n in near) >= 2 and sum(d["dropped"] for d in dups) == 4  # a near pair shares ≥ 1 band
 
     dropped: dict[str, str] = {}  # text → reason, read back through each unit's drop list

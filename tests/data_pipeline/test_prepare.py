@@ -158,6 +158,10 @@ def _mixed_corpus(root: Path) -> dict[str, str]:
     datasets.Dataset.from_dict({"text": [f"hf example {i} of a saved dataset" for i in range(12)]}).save_to_disk(
         str(root / "hf")
     )
+    (root / "hub").mkdir()  # a dataset folder as on the hub (data files, no saved state): streamed, a unit per file
+    for part in range(2):
+        pq.write_table(pa.table({"text": [f"streamed row {part}.{i} from the hub" for i in range(5)],
+                                 "url": [f"https://example.com/{part}/{i}" for i in range(5)]}), root / "hub" / f"{part}.parquet")
     return {"long_doc": long_doc}
 
 
@@ -177,6 +181,8 @@ data:
       text_field: content
     - path: {tmp_path / "corpus" / "hf"}
       type: hf
+    - path: {tmp_path / "corpus" / "hub"}
+      type: hf
   clean:
     min_chars: 5
     minhash: {{enabled: true}}
@@ -193,11 +199,12 @@ data:
         ("records", "jsonl", 1, 22),
         ("corpus", "parquet", 1, 15),
         ("hf", "hf", 0, 12),
+        ("hub", "hf", 0, 10),
     ]
     dropped = {k: v["documents"] for k, v in manifest["dropped"].items()}
     assert dropped == {"binary": 1, "duplicate": 2, "near_duplicate": 1, "no_text": 1, "too_short": 1}
     assert manifest["utf8_replaced_documents"] == 1
-    assert manifest["documents"]["kept"] == 56 - 6
+    assert manifest["documents"]["kept"] == 66 - 6
     for split, totals in manifest["splits"].items():  # each source's part of a split adds up to the split
         for total, key in (("blocks", "sequences"), ("documents", "documents"), ("text_bytes", "text_bytes")):
             assert sum(s["splits"][split][total] for s in manifest["sources"]) == totals[key]
@@ -210,13 +217,14 @@ data:
     expected |= {f"json record number {i} with some words" for i in range(20)}
     expected |= {f"parquet row {i} says hello" for i in range(15)}
     expected |= {f"hf example {i} of a saved dataset" for i in range(12)}
+    expected |= {f"streamed row {part}.{i} from the hub" for part in range(2) for i in range(5)}
     near_pair = {long_doc, long_doc.replace("alpha200 ", "omega ")}
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     decoded: list[str] = []
     by_source: dict[str, set[str]] = {}
     for split in manifest["splits"].values():
         sources = [shard["source"] for shard in split["shards"]]
-        assert sources == sorted(sources, key=["texts", "records", "corpus", "hf"].index)  # one range per source
+        assert sources == sorted(sources, key=["texts", "records", "corpus", "hf", "hub"].index)  # one range per source
         for shard in split["shards"]:
             stream = _read_blocks(data / shard["file"]).reshape(-1)
             ends = np.flatnonzero(stream == manifest["eot_id"])
@@ -228,6 +236,7 @@ data:
     assert all(d.startswith("json record") for d in by_source.get("records", set()))
     assert all(d.startswith("parquet row") for d in by_source.get("corpus", set()))
     assert all(d.startswith("hf example") for d in by_source.get("hf", set()))
+    assert all(d.startswith("streamed row") for d in by_source.get("hub", set()))
     assert len(decoded) == len(set(decoded)) >= 40  # tails (< 17 tokens per shard) may cut a few documents
     assert set(decoded) <= expected | near_pair
     assert len(set(decoded) & near_pair) <= 1
@@ -409,3 +418,46 @@ def test_compressed_jsonl_is_read_as_a_stream(tmp_path: Path, ray_session: None,
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{tmp_path / name}: {expected}" in err, err
         assert not (tmp_path / (name + ".run") / "data" / "manifest.json").exists()
+
+
+def test_a_prepare_stopped_mid_way_resumes_to_the_same_bytes(tmp_path: Path, ray_session: None, shared_data: Path,
+                                                            capsys) -> None:
+    """tinyshakespeare's paragraphs as one JSONL file cut into ~30 byte ranges (units). A record that is not JSON
+    near the end stops the run with its line and byte; put back as it was (same size and mtime: the same corpus), the
+    re-run resumes every unit surveyed before the stop and ends with the bytes of a run that never stopped — with
+    the stop's temp files, a truncated shard and another config's stale shard cleared away."""
+    paragraphs = split_documents((shared_data / "tinyshakespeare" / "input.txt").read_text(), "paragraph")
+    lines = [json.dumps({"text": p}) for p in paragraphs]
+    corpus = tmp_path / "plays.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    overrides = ["data.tokenizer.vocab_size=512", "data.seq_len=64", "data.unit_bytes=50000", "data.shard_bytes=40000",
+                 "data.clean.minhash.enabled=true", f"data.sources=[{{path: {corpus}}}]"]
+    assert main(["prepare", SHAKESPEARE, f"run_dir={tmp_path / 'whole'}", *overrides]) == 0
+    clean = _files(tmp_path / "whole" / "data")
+    manifest = json.loads(clean["manifest.json"])
+    assert len({s["file"].split("-")[1] for s in manifest["splits"]["train"]["shards"]}) > 20  # units
+    assert any(s["file"].endswith("-0001.tar") for s in manifest["splits"]["train"]["shards"])  # a unit's 2nd tar
+    capsys.readouterr()
+
+    original, stamp = corpus.read_bytes(), corpus.stat().st_mtime_ns
+    bad = len("\n".join(lines[:-3])) + 1  # the byte where the 3rd-last record starts
+    corpus.write_bytes(original[:bad] + b"[" + original[bad + 1:])  # '["text": ...': same size
+    os.utime(corpus, ns=(stamp, stamp))
+    run = tmp_path / "stopped"
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{corpus}: byte {bad:,}: not a JSON object" in err, err
+    surveyed = len(list((run / "data" / "_work" / "survey").glob("unit-*.json")))
+    units = len(json.loads((run / "data" / "_work" / "plan.json").read_text())["units"])
+    assert 0 < surveyed < units and not (run / "data" / "manifest.json").exists()
+
+    corpus.write_bytes(original)
+    os.utime(corpus, ns=(stamp, stamp))
+    (run / "data" / "train").mkdir(parents=True, exist_ok=True)
+    (run / "data" / "train" / ".shard-000003-0000.tar.1a2b3c.tmp").write_bytes(b"partial")
+    (run / "data" / "train" / "shard-000002-0000.tar").write_bytes(b"truncated")
+    (run / "data" / "train" / "shard-000999-0000.tar").write_bytes(b"stale")
+    assert main(["prepare", SHAKESPEARE, f"run_dir={run}", *overrides]) == 0
+    resumed = re.search(r"surveyed units: (\d+) of (\d+) already done \(resumed\)", capsys.readouterr().out)
+    assert resumed and surveyed <= int(resumed[1]) < int(resumed[2]) == units
+    assert _files(run / "data") == clean  # and DATA/_work is gone
