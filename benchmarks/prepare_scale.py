@@ -78,18 +78,26 @@ class PeakMemory:
 
     def __init__(self) -> None:
         self.peak, self._stop = 0, threading.Event()
+        self.parts: dict[str, int] = {}
+        self.each: list[tuple[int, str]] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total, parts, each = 0, {"driver": 0, "Ray workers": 0, "Ray's own processes": 0}, []
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    rss, name = p.memory_info().rss, p.name()
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                kind = "driver" if p.pid == me.pid else "Ray workers" if name.startswith("ray::") else \
+                    "Ray's own processes"
+                total += rss
+                parts[kind] += rss
+                each.append((rss, name))
+            if total > self.peak:
+                self.peak, self.parts, self.each = total, parts, sorted(each, reverse=True)
             self._stop.wait(0.2)
 
     def __enter__(self) -> PeakMemory:
@@ -123,6 +131,8 @@ def run(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> tuple[float, int
         manifest = prepare(cfg, out, cpus, key, resolved)
         seconds = time.perf_counter() - start
     kept = sum(manifest.splits[s].text_bytes for s in manifest.splits)
+    print("  at the peak: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in memory.parts.items()) + "; largest: "
+          + ", ".join(f"{name} {rss / 1e9:.2f}" for rss, name in memory.each[:5]), flush=True)
     return seconds, memory.peak, spilled_mb() - spilled, kept
 
 

@@ -6,10 +6,11 @@ Corpus: this interpreter's standard-library .py files (~31 MB here). One tokeniz
 sides, so both do the same encoding work:
   - baseline: read every file and `encode_batch` them all in one process (tokenizers' own thread pool, every core);
               `encode_batch_fast` (no offsets, what `prepare` calls) is timed the same way and shown too;
-  - raygpt:   `prepare` with that tokenizer on a warm local Ray (read, clean, survey, tokenize on the actor pool,
-              dedup, pack, write shards and manifest), end to end.
+  - raygpt:   `prepare` with that tokenizer on a warm local Ray (survey: read, clean, hash; dedup buckets; write:
+              read and clean again, tokenize, pack, write shards; manifest), end to end.
 The steady-state figure is the marginal rate between a run on half of the files and a run on all of them
-(Δ bytes / Δ seconds), which removes the fixed cost of starting Ray tasks, actors and shuffles.
+(Δ bytes / Δ seconds), which removes the fixed cost of starting each pass's Ray Data tasks. (`benchmarks/prepare_scale.py` measures
+100 MB to 1 GB.)
 """
 
 from __future__ import annotations

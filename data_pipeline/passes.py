@@ -20,6 +20,7 @@ are Arrow IPC files of one record batch per bucket, so a reader fetches only its
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from collections import defaultdict
 from collections.abc import Iterator
@@ -257,6 +258,27 @@ def dup_bucket(data_dir: Location, parts: list[tuple[int, list[int]]], near: lis
 
 # -- write (per unit) -------------------------------------------------------------------------------------------------
 _TOKENIZERS: dict[int, Tokenizer] = {}  # per worker process: built once, reused by every unit it writes
+_ENCODE_BYTES = 1 << 20
+"""Text per `encode_batch_fast` call: its encodings (ids, token strings, masks) take ~40 bytes per byte of text."""
+
+
+def _slices(rows: np.ndarray, nbytes: np.ndarray, limit: int) -> Iterator[np.ndarray]:
+    """`rows` cut into consecutive runs of about `limit` bytes of text (a longer document is a run of its own)."""
+    start, size = 0, 0
+    for i, row in enumerate(rows):
+        if i > start and size + nbytes[row] > limit:
+            yield rows[start:i]
+            start, size = i, 0
+        size += int(nbytes[row])
+    if start < len(rows):
+        yield rows[start:]
+
+
+def release_memory() -> None:
+    """Hand the heap that a task freed back to the OS (glibc keeps it otherwise, so a worker's resident memory would
+    grow to the largest batch it ever held, task after task)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _SplitOut:
@@ -345,9 +367,10 @@ def write_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Locatio
                     dropped[reason][split][0] += int(mine.sum())
                     dropped[reason][split][1] += int(nbytes[mine].sum())
                 keep = np.flatnonzero(in_split & (batch[DROP] == "") & (code < 0))
-                if len(keep):
-                    encodings = tokenizer.encode_batch_fast(batch[TEXT][keep].tolist(), add_special_tokens=False)
-                    outs[split].add([e.ids for e in encodings], int(nbytes[keep].sum()), eot)
+                for part in _slices(keep, nbytes, _ENCODE_BYTES):
+                    encodings = tokenizer.encode_batch_fast(batch[TEXT][part].tolist(), add_special_tokens=False)
+                    outs[split].add([e.ids for e in encodings], int(nbytes[part].sum()), eot)
+                    del encodings
             position += n
         splits = {split: out.finish() for split, out in outs.items()}
     except BaseException:

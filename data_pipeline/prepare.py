@@ -40,8 +40,10 @@ from data_pipeline.clean import DROP, SOURCE
 from data_pipeline.config import DataConfig, DataError
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
 from data_pipeline.pack import token_dtype
-from data_pipeline.passes import REASONS, WORK, bucket_parts, dup_bucket, fit_tokenizer, near_bucket, record, survey_unit, work_path, \
-    write_unit
+from data_pipeline.passes import (
+    REASONS, WORK, bucket_parts, dup_bucket, fit_tokenizer, near_bucket, record, release_memory, survey_unit, work_path,
+    write_unit,
+)
 from data_pipeline.refusals import check_sources_kept, check_written
 from data_pipeline.shards import index_name
 from data_pipeline.sources import SourceFiles, check_field, resolve_sources
@@ -123,6 +125,8 @@ def _run_tasks(what: str, root: Location, names: list[str], payloads: list[Any],
             return {"i": row["i"], "record": json.dumps(work(json.loads(row["payload"]))), "error": ""}
         except DataError as e:  # returned, not raised: Ray Data would wrap it and lose its type and one-line message
             return {"i": row["i"], "record": "", "error": str(e)}
+        finally:
+            release_memory()
 
     rows = [{"i": i, "payload": json.dumps(payloads[i])} for i in todo]
     tasks = ray.data.from_items(rows, override_num_blocks=len(rows)).map(run, num_cpus=1)
@@ -176,7 +180,7 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
         raise DataError("no readable input: every file of every source is unreadable")
     work = _work_plan(cfg, root, key, resolved)
     units = [Unit.from_json(u) for u in work["units"]]
-    buckets, srcs = work["buckets"], cfg.sources
+    buckets, srcs, unit_count = work["buckets"], cfg.sources, len(units)  # what the tasks' closures hold: no listing
     input_bytes = sum(u.bytes for u in units)
     _log(f"reading {sum(len(r.files) for r in resolved):,} files ({_mb(input_bytes)}) from {len(resolved)} source(s) "
          f"in {len(units)} unit(s)")
@@ -222,7 +226,7 @@ def prepare(cfg: DataConfig, data_dir: Location, num_cpus: int, key: str, resolv
         parts = [{"bucket": b, "parts": p, "near": near_of[b]}
                  for b, p in enumerate(bucket_parts(surveys, "hashes", buckets["hash"]))]
         dups = _run_tasks("dedup buckets", root, [f"dups/bucket-{b:06d}" for b in range(buckets["hash"])], parts,
-                          lambda p: dup_bucket(root, p["parts"], p["near"], p["bucket"], cfg.clean.dedup, len(units)))
+                          lambda p: dup_bucket(root, p["parts"], p["near"], p["bucket"], cfg.clean.dedup, unit_count))
 
     # 4. Write: re-read, skip the drop lists, tokenize, pack and write each unit's tars.
     def drops(u: Unit) -> list[dict[str, Any]]:
