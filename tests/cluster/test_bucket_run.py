@@ -206,8 +206,8 @@ def test_a_crashed_prepare_on_the_bucket_completes_identically(
     for name, raw in original.items():
         files.atomic_write(f"{copy}/data/{name}", raw)
     files.remove(f"{copy}/data/manifest.json")
-    shard = f"{copy}/data/train/shard-000000.tar"
-    files.atomic_write(shard, original["train/shard-000000.tar"][:1000])
-    files.atomic_write(f"{copy}/data/train/shard-000042.tar", b"stale")
+    shard = f"{copy}/data/train/shard-000000-0000.tar"
+    files.atomic_write(shard, original["train/shard-000000-0000.tar"][:1000])
+    files.atomic_write(f"{copy}/data/train/shard-000042-0000.tar", b"stale")
     assert main(["prepare", SHAKESPEARE, f"run_dir={copy}", *TINY, *INPUTS]) == 0
     assert {name: files.read_bytes(f"{copy}/data/{name}") for name in _objects(f"{copy}/data")} == original

@@ -135,4 +135,4 @@ def test_layout_paths() -> None:
     remote = RunLayout.of("/runs/a", "s3://bucket/x")
     assert remote.checkpoint_dir(7) == "s3://bucket/x/checkpoints/step-000007"
     assert remote.model_dir(7) == Path("/runs/a/models/step-000007")  # the published model is always local
-    assert json.dumps(str(layout.data.shard("val", 3))) == '"/runs/a/data/val/shard-000003.tar"'
+    assert layout.data.shard_name("val", 3, 1) == "val/shard-000003-0001.tar"
