@@ -117,9 +117,10 @@ def spilled_mb() -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def run(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> tuple[float, int, float, int]:
+def run(corpus: Path, tokenizer: Path, out: Path, cpus: int, minhash: bool) -> tuple[float, int, float, int]:
     cfg = DataConfig(
         sources=[SourceConfig(path=str(corpus), type="text", follow_symlinks=True, extensions=EXTENSIONS)],
+        clean={"minhash": {"enabled": minhash}},
         tokenizer=TokenizerConfig(path=str(tokenizer)),
         seq_len=1024,
         overwrite=True,
@@ -152,11 +153,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     parser.add_argument("--sizes", default="100,300,1050", help="MB of each run, smallest first")
+    parser.add_argument("--minhash", action="store_true", help="near-dedup (MinHash) on as well")
     args = parser.parse_args()
     sizes = [int(s) * 1_000_000 for s in args.sizes.split(",")]
     files = corpus_files(max(sizes))
     print(machine_header())
-    print(f"corpus: {len(files):,} files, {sum(s for _, s in files) / 1e6:,.0f} MB; {args.cpus} CPUs")
+    print(f"corpus: {len(files):,} files, {sum(s for _, s in files) / 1e6:,.0f} MB; {args.cpus} CPUs; "
+          f"MinHash {'on' if args.minhash else 'off'}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("RAYGPT_BENCH_TMP")) as tmp_name:
         tmp = Path(tmp_name)
         ends = list(itertools.accumulate(s for _, s in files))
@@ -171,7 +174,7 @@ def main() -> None:
         for chosen in sets:
             nbytes = link(chosen, tmp / f"corpus-{len(rows)}")
             seconds, peak, spilled, kept = run(tmp / f"corpus-{len(rows)}", tokenizer_path, tmp / f"out-{len(rows)}",
-                                               args.cpus)
+                                               args.cpus, args.minhash)
             rows.append((nbytes, seconds, peak, spilled, kept))
             print(f"{nbytes / 1e6:,.0f} MB: {seconds:.1f} s, {nbytes / 1e6 / seconds:.2f} MB/s, peak memory "
                   f"{peak / 1e9:.2f} GB, spilled {spilled:.0f} MiB, kept {kept / nbytes:.1%}", flush=True)

@@ -106,7 +106,9 @@ def test_prepare_from_the_bucket_on_two_nodes_writes_the_bytes_of_one(
     for i in range(6):
         (corpus / "texts" / f"part{i}.txt").write_text("\n\n".join(paragraphs[i * 600:(i + 1) * 600]))
     (corpus / "records.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[3600:5600]))
-    pq.write_table(pa.table({"text": paragraphs[5600:]}), corpus / "rows.parquet", row_group_size=200)
+    rows = paragraphs[5600:]
+    urls = [f"https://example.com/{i}" for i in range(len(rows))]  # a column prepare does not read
+    pq.write_table(pa.table({"text": rows, "url": urls}), corpus / "rows.parquet", row_group_size=200)
     prefix = bucket_copy(corpus, f"{s3_bucket}/{tmp_path.name}/corpus")
     overrides = [*BASE, "data.tokenizer.vocab_size=512", "data.seq_len=64", "data.unit_bytes=60000",
                  "data.clean.minhash.enabled=true",
