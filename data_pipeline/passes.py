@@ -176,6 +176,8 @@ def fit_tokenizer(data_dir: Location, units: list[int], cfg: DataConfig) -> dict
     def texts() -> Iterator[str]:
         nonlocal trained_on
         for unit in units:
+            if trained_on >= cfg.tokenizer.sample_bytes:
+                return
             with files.open_random(work_path(data_dir, f"survey/unit-{unit:06d}.sample.arrow")) as f:
                 reader = pa.ipc.open_file(f)
                 for i in range(reader.num_record_batches):
@@ -244,7 +246,7 @@ def dup_bucket(data_dir: Location, parts: list[tuple[int, list[int]]], near: lis
     order = np.lexsort((positions, units, hashes))  # copies by unit (units are in source order), then position
     reasons = duplicate_reasons(hashes[order], np.concatenate([np.zeros(0, np.int64), *near_hashes]), exact)
     dropped = order[reasons != ""]
-    codes = np.array([REASONS.index(r) for r in reasons[reasons != ""]], dtype=np.int8)
+    codes = (reasons[reasons != ""] == REASONS[1]).astype(np.int8)  # index into REASONS
     by_unit = np.argsort(units[dropped], kind="stable")
     name = f"dups/bucket-{bucket:06d}"
     with files.output(work_path(data_dir, f"{name}.arrow")) as f:
