@@ -174,7 +174,11 @@ def test_any_split_of_the_global_batch_trains_the_same_weights(prepared: Path, t
         assert [m["data_digest"] for m in _metrics(run_dir)] == [m["data_digest"] for m in _metrics(tmp_path / "micro8")]
     for micro in (4, 3):
         for key in runs[8]:
-            assert torch.allclose(runs[micro][key], runs[8][key], atol=1e-5), (micro, key)
+            # Adam divides by √v, so where a gradient is ~0 the rounding of another summation order is amplified:
+            # with AVX2 kernels one element of 16,384 came out 1.2e-5 apart (the rest ≤ 6e-6). A wrongly weighted
+            # micro-batch moves most elements, by a good part of an Adam step (lr 3e-3).
+            diff = (runs[micro][key] - runs[8][key]).abs()
+            assert diff.max() < 1e-4 and (diff > 1e-5).float().mean() < 1e-3, (micro, key, float(diff.max()))
 
 
 def test_bad_setups_fail_before_workers_start(prepared: Path, tmp_path: Path, capsys) -> None:
