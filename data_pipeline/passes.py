@@ -261,7 +261,7 @@ def dup_bucket(data_dir: Location, parts: list[tuple[int, list[int]]], near: lis
 # -- write (per unit) -------------------------------------------------------------------------------------------------
 _TOKENIZERS: dict[int, Tokenizer] = {}  # per worker process: built once, reused by every unit it writes
 _ENCODE_BYTES = 1 << 20
-"""Text per `encode_batch_fast` call: its encodings (ids, token strings, masks) take ~40 bytes per byte of text."""
+"""Text per `encode_batch_fast` call: its encodings (ids, token strings, masks) take roughly 40-50 bytes per byte."""
 
 
 def _slices(rows: np.ndarray, nbytes: np.ndarray, limit: int) -> Iterator[np.ndarray]:
