@@ -157,7 +157,7 @@ def _pieces(unit: Unit, src: SourceConfig, invalid_utf8: str, batch_bytes: int) 
             split_by = "file" if src.type == "python-stdlib" or src.path == "python-stdlib" else src.split_by
             yield documents_batch({"bytes": [files.read_bytes(piece.path)]}, unit.source, split_by, invalid_utf8)
         elif unit.kind == "jsonl":
-            yield from _record_batches(unit, _jsonl_records(piece, src.text_field), src.text_field, batch_bytes)
+            yield from _record_batches(unit, _jsonl_records(piece), src.text_field, batch_bytes)
         elif unit.kind == "parquet":
             yield from _parquet_batches(unit, piece, src.text_field, batch_bytes)
         else:
@@ -213,7 +213,7 @@ def _lines(stream: Any, first: int) -> Iterator[tuple[int, bytes]]:
         yield offset, rest
 
 
-def _jsonl_records(piece: Piece, text_field: str) -> Iterator[dict[str, Any] | None]:
+def _jsonl_records(piece: Piece) -> Iterator[dict[str, Any] | None]:
     """The records of a JSONL piece: a whole (maybe compressed) file, or the lines that start in [start, end). A line
     that is not JSON is one error naming the file and its byte offset."""
     import pyarrow as pa
