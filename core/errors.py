@@ -50,7 +50,13 @@ def user_error(error: BaseException) -> BaseException | None:
             found = seen
             if not type(seen).__module__.startswith("ray."):
                 return seen
-        seen = seen.__cause__ or getattr(seen, "cause", None)
+        failures = getattr(seen, "worker_failures", None)  # Ray Train's WorkerGroupError: each rank's own error
+        if isinstance(failures, dict):
+            inner = [user_error(e) for e in failures.values() if isinstance(e, BaseException)]
+            if (first := next((e for e in inner if e is not None), None)) is not None:
+                return first
+        # Ray keeps a task's error as `.cause`, Ray Train a worker's as `._base_exc`
+        seen = seen.__cause__ or getattr(seen, "cause", None) or getattr(seen, "_base_exc", None)
     return found
 
 

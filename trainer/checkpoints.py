@@ -5,16 +5,17 @@ is read (nothing in them is a pickle).
     python -m trainer.checkpoints runs/demo        # lists the committed checkpoints of a run and verifies the newest
 
     STORAGE/checkpoints/step-000120/      STORAGE is RUN_DIR or cluster.storage_path (a local path or a URI)
-      state/index.json                    step, Adam's step, tensor name → file (`trainer.state`: reshards)
-      state/rank-R.safetensors            whole fp32 weights and Adam moments of the parameters rank R owns
+      state/index.json                    step, Adam's step, shapes, who holds which fragment (`trainer.state`)
+      state/rank-R.safetensors            rank R's fragments of the fp32 weights and Adam moments
       model/                              the consolidated model (rank 0): what RUN_DIR/checkpoint points to
       commit.json                         step, run fingerprint, world size, size and sha256 of every file above
 
-The protocol (trainer/loop.py): every rank writes its files to a temp folder and hands them to `ray.train.report`,
-which uploads them to `step-N/`; the file records of all ranks are gathered on rank 0, and only when every rank's
-report has returned does rank 0 write `commit.json` (atomically). Then RUN_DIR/checkpoint is re-pointed at the new
-model (one rename) and checkpoints beyond `train.keep_checkpoints` are deleted — never the previous committed one
-before the new commit exists. A folder without a commit record (a crash mid-save) is ignored and later removed.
+The protocol (`trainer.checkpointer`, in the background unless train.checkpoint_async is false): every rank writes
+its files into `step-N/` (each file whole or not at all); the file records of all ranks are gathered on rank 0, and
+only when every rank's files are there does rank 0 write `commit.json` (atomically). Then RUN_DIR/checkpoint is
+re-pointed at the new model (one rename) and checkpoints beyond `train.keep_checkpoints` are deleted — never the
+previous committed one before the new commit exists. A folder without a commit record (a crash mid-save) is ignored
+and later removed.
 
 The run fingerprint (`run_fingerprint`) names everything that determines the training trajectory; resuming with
 another fingerprint is refused with the keys that differ. Extending max_steps or time_budget_s is allowed.
@@ -181,6 +182,21 @@ def verify(folder: Path, record: dict[str, Any]) -> None:
             raise RunFileError(f"{folder}: {name} is missing (listed in the commit record)")
         if path.stat().st_size != want["bytes"] or sha256(path) != want["sha256"]:
             raise RunFileError(f"{path}: size or sha256 differs from the commit record; the checkpoint is corrupt")
+
+
+def verify_listing(location: str, record: dict[str, Any]) -> None:
+    """The files of a checkpoint folder (local or on object storage) against its commit record by listing alone: each
+    one present with its size, none that the record does not list. The workers check the sha256 of every byte they
+    read (`trainer.checkpointer`), so no process reads the whole state to resume."""
+    expected: dict[str, dict[str, Any]] = record["files"]
+    present = {k: v for k, v in files.files_under(location).items() if k != RunLayout.COMMIT}
+    if extra := sorted(set(present) - set(expected)):
+        raise RunFileError(f"{location}: {extra[0]} is not in the commit record; refusing to load this checkpoint")
+    for name, want in expected.items():
+        if name not in present:
+            raise RunFileError(f"{location}: {name} is missing (listed in the commit record)")
+        if present[name] != want["bytes"]:
+            raise RunFileError(f"{location}/{name}: size or sha256 differs from the commit record; the checkpoint is corrupt")
 
 
 def merge_files(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

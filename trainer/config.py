@@ -59,6 +59,10 @@ class TrainConfig(Section):
     checkpoint_every_s: float | None = Field(default=None, gt=0)
     """Also checkpoint once this many seconds passed since the last one (rank 0's clock): bounds the work a lost node
     or a resize of an elastic group costs. None: by steps only."""
+    checkpoint_async: bool = True
+    """Write and upload checkpoints in a background thread: training waits only for each rank's copy of its share
+    into host memory (`trainer.checkpointer`); at most one checkpoint is in flight. False writes them before the next
+    step (the contrast in benchmarks/checkpoint_stall.py)."""
     keep_checkpoints: int = Field(default=2, ge=1)
     """Committed training checkpoints kept (the newest); older ones are deleted once a newer one is committed."""
     resume: bool = True

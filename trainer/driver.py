@@ -16,29 +16,37 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from core import files
 from core.config import ClusterConfig
-from core.errors import RunFileError
+from core.errors import RunFileError, UserError
 from core.layout import Location, RunLayout
 from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest, read_manifest
 from model.checkpoint import published_step, weights_stamp
 from model.config import ModelSection
 from model.gpt import ModelConfig
-from trainer import checkpoints, liveness
+from trainer import checkpoints, liveness, preemption
 from trainer.config import TrainConfig
 from trainer.data import even_world_sizes
 from trainer.loop import WorkerConfig, train_loop_per_worker
 from trainer.mixture import Phases, Sources, moved_boundaries
 from trainer.tracking import tracking_env
+
+
+class Interrupted(UserError):
+    """The run stopped before max_steps at a committed step (SIGTERM to the driver); the same command resumes it."""
 
 
 def check_data(data_dir: Location, verify_hashes: bool = True) -> Manifest:
@@ -81,17 +89,17 @@ def check_resume(layout: RunLayout, run_fp: dict[str, Any]) -> checkpoints.Commi
             f"{layout.run_dir} holds checkpoints of another training run ({shown}); use a new run_dir, or "
             "train.resume=false to start over (the old checkpoints are moved aside, not deleted)"
         )
-    if not layout.remote_storage:  # workers verify their own copy again before loading
-        checkpoints.verify(Path(newest.location), newest.record)
+    checkpoints.verify_listing(newest.location, newest.record)  # the workers hash what they read
     return newest
 
 
 def injected_faults() -> dict[str, int]:
     """Fault injection for tests only, from the environment of the process that runs the driver (RAYGPT_TEST_FAULTS,
-    JSON, e.g. {"exit_after_step": 7}, {"kill_before_commit": 8}, {"step_ms": 100}; see WorkerConfig.faults); empty in
+    JSON, e.g. {"exit_after_step": 7}, {"kill_in_upload": 8}, {"step_ms": 100}; see `trainer.faults`); empty in
     production."""
     raw = os.environ.get("RAYGPT_TEST_FAULTS")
-    return {str(k): int(v) for k, v in json.loads(raw).items()} if raw else {}
+    faults = {str(k): int(v) for k, v in json.loads(raw).items()} if raw else {}
+    return faults | {"token": uuid.uuid4().int >> 80} if faults else {}
 
 
 def scaling_config(cluster: ClusterConfig) -> ScalingConfig:
@@ -107,23 +115,14 @@ def scaling_config(cluster: ClusterConfig) -> ScalingConfig:
     )
 
 
-def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
-    """Run (or resume) training on a fixed or elastic worker group; returns Ray Train's Result. Every (re)start of the
-    group — a failure, or an elastic resize — resumes from the newest committed checkpoint at the new world size."""
+def _fit(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
+    """One launch of the worker group, until it finishes, fails past cluster.max_failures, or stops for a preemption
+    notice (its rank 0 then returns why: `Result.return_value`)."""
     layout = worker.layout
-    if not layout.remote:
-        Path(layout.run_dir).mkdir(parents=True, exist_ok=True)
-        layout = RunLayout(Path(layout.run_dir).resolve(), layout.storage)
-    worker = replace(worker, layout=layout, faults=injected_faults())
-    low, high = cluster.worker_range
-    even = even_world_sizes(worker.global_batch_size, worker.train.micro_batch_size, max(high, 8))
-    print(f"[train] global batch {worker.global_batch_size} at every world size; workers {low}"
-          + (f"–{high} (elastic)" if high > low else "") + f"; world sizes that fill every micro-batch: "
-          f"{', '.join(map(str, even))} (others pad a few)", flush=True)
     checkpoints.forget_ray_state(layout)
     # read by Ray Train's controller (propagated from this process): how long a group may take to be placed
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cluster.worker_start_timeout_s)
-    # Ray Train uploads every rank's checkpoint through the same pyarrow file system as the rest of the run
+    # Ray Train's own files (its run state) go to the same storage as the checkpoints
     fs, storage_path = files.filesystem(layout.storage) if layout.remote_storage else (None, layout.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -138,6 +137,47 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
         ),
     )
     return trainer.fit()
+
+
+def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
+    """Run (or resume) training on a fixed or elastic worker group; returns Ray Train's Result. Every (re)start of the
+    group — a failure, or an elastic resize — resumes from the newest committed checkpoint at the new world size. A
+    preemption notice (SIGTERM to a worker, a node drain) makes the group checkpoint at its step and stop; the group
+    is then launched again from there (a draining node takes no new workers). SIGTERM to this process stops the run
+    the same way and ends it with one line."""
+    layout = worker.layout
+    if not layout.remote:
+        Path(layout.run_dir).mkdir(parents=True, exist_ok=True)
+        layout = RunLayout(Path(layout.run_dir).resolve(), layout.storage)
+    name = f"raygpt-stop-{uuid.uuid4().hex[:12]}"
+    stop = preemption.StopRequests.options(name=name).remote()  # type: ignore[attr-defined]
+    worker = replace(worker, layout=layout, faults=injected_faults(), stop_actor=name)
+    low, high = cluster.worker_range
+    even = even_world_sizes(worker.global_batch_size, worker.train.micro_batch_size, max(high, 8))
+    print(f"[train] global batch {worker.global_batch_size} at every world size; workers {low}"
+          + (f"–{high} (elastic)" if high > low else "") + f"; world sizes that fill every micro-batch: "
+          f"{', '.join(map(str, even))} (others pad a few)", flush=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = preemption.driver_handler(stop) if main_thread else None
+    try:
+        reached: int | None = None
+        while True:
+            result = _fit(worker, cluster)
+            stopped = result.return_value if isinstance(result.return_value, dict) else None
+            if not stopped:
+                return result
+            step = stopped["step"]
+            if stopped["stopped"] == preemption.REASONS[3]:
+                raise Interrupted(f"stopped by SIGTERM at step {step} (committed); the same command resumes there")
+            if step == reached:  # stopped twice at one step: no progress is being made
+                raise Interrupted(f"stopped twice at step {step}: {stopped['stopped']}")
+            reached = step
+            print(f"[train] stopped at step {step} ({stopped['stopped']}): starting the worker group again from there",
+                  flush=True)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        ray.kill(stop)
 
 
 def kept_global_batch(layout: RunLayout, resolved: int) -> int:

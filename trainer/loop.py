@@ -1,10 +1,11 @@
 """`train_loop_per_worker`: what each Ray Train worker runs — a DeepSpeed engine over the `model/` transformer, fed
 its slice of every global batch, with validation, metrics and checkpoints that resume exactly at any world size (the
-commit protocol of `trainer.checkpoints`; the resharding state of `trainer.state`; the data order of `trainer.data`).
+checkpoint component `trainer.checkpointer`; the data order of `trainer.data`) and stop at the step reached when a
+preemption notice arrives (`trainer.preemption`).
 
 Started by `trainer.driver.train` (`raygpt train CONFIG`); not run by hand. The worker is one `Worker` whose parts
-are small and separate: `setup` (engine, data), `resume`, `train_step`, `evaluate`, `checkpoint`, `log`, and `run`,
-the loop that calls them.
+are small and separate: `setup` (engine, data), `resume`, `train_step`, `evaluate`, `log`, and `run`, the loop that
+calls them and `Checkpointer.save`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,15 +24,15 @@ import torch
 import torch.distributed as dist
 
 from core import files
-from core.files import file_records
-from core.layout import RunLayout, step_name
+from core.layout import RunLayout
 from core.progress import progress_line
 from data_pipeline.manifest import read_manifest
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint
 from model.flops import checked_mfu, flops_per_token, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
-from trainer import checkpoints, liveness, state
+from trainer import faults, liveness, preemption
+from trainer.checkpointer import Checkpointer
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.deepspeed_import import import_deepspeed
 from trainer.data import SampleReader, StepData, grad_accum, rank_steps, val_ids
@@ -44,7 +41,6 @@ from trainer.mixture import Phases, Sources
 from trainer.tracking import Trackers
 
 PHASES = ("data", "forward", "backward", "step")  # the parts of a training step timed into the metrics
-STATE_DIR = "state"  # trainer.state's folder inside a checkpoint
 
 
 @dataclass(frozen=True)
@@ -69,9 +65,9 @@ class WorkerConfig:
     driver: dict[str, str | int] | None = None
     """The driver process (`trainer.liveness.identity`): workers on its machine stop when it is gone."""
     faults: dict[str, int] = field(default_factory=dict)
-    """Tests only (set by the driver from RAYGPT_TEST_FAULTS): exit_after_step kills the last rank once after that
-    step; kill_before_commit SIGKILLs rank 0 between a checkpoint's files and its commit; step_ms makes every step
-    last at least that long (so a test can act mid-run on any CPU)."""
+    """Tests only (set by the driver from RAYGPT_TEST_FAULTS): the faults `trainer.faults.InjectedFaults` injects."""
+    stop_actor: str | None = None
+    """The name of the driver's `trainer.preemption.StopRequests` actor (its SIGTERM reaches the workers there)."""
 
 
 def log_rank0(message: str) -> None:
@@ -143,25 +139,18 @@ class Worker:
         self.sources = Sources(self.manifest, cfg.mixture, cfg.seed)  # the order of the samples, by source
 
     def resume(self) -> None:
-        """Rank 0 picks the newest committed checkpoint (and clears newer uncommitted folders); every rank verifies its
-        copy against the commit record, then loads the resharding state — whatever world size and ZeRO stage wrote it."""
-        layout = self.cfg.layout
-        holder: list[checkpoints.Committed | None] = [None]
-        if self.rank == 0:
-            holder[0] = checkpoints.newest(layout)
-            stale = [s for s in checkpoints.step_folders(layout) if holder[0] is None or s > holder[0].step]
-            checkpoints.remove_steps(layout, stale)  # crashed saves: a new save of that step must start empty
-        dist.broadcast_object_list(holder, src=0)
-        chosen = holder[0]
-        if chosen is None:
+        """From the newest committed checkpoint, whatever world size and ZeRO stage wrote it; each rank reads only
+        its share (`trainer.checkpointer`)."""
+        self.hooks = faults.hooks(self.cfg.faults)
+        self.checkpointer = Checkpointer(self.cfg, self.engine, self.scheduler, self.hooks)
+        self.preemption = preemption.Preemption(self.cfg.stop_actor)
+        step = self.checkpointer.load()
+        if step is None:
             return
-        fs, path = files.filesystem(chosen.location)
-        example = torch.zeros(self.t.micro_batch_size, self.manifest.seq_len + 1, dtype=torch.long, device=self.engine.device)
-        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
-            checkpoints.verify(Path(folder), chosen.record)  # before anything in it is read
-            self.step = state.load(self.engine, Path(folder) / STATE_DIR, self.scheduler, example, self.accum)
-        self.resumed = True
-        log_rank0(f"[train] resumed at step {self.step} (written by {chosen.record['world_size']} worker(s), now {self.world})")
+        self.step, self.resumed = step, True
+        read = self.checkpointer.resume_bytes
+        log_rank0(f"[train] resumed at step {self.step} (now {self.world} worker(s)); each rank read "
+                  f"{max(read['resume_read_bytes']) / 1e6:,.1f} MB at most of the state's {read['resume_state_bytes'] / 1e6:,.1f} MB")
 
     # -- one step ----------------------------------------------------------------------------------------------------
     def train_step(self, data: StepData) -> tuple[torch.Tensor, np.ndarray]:
@@ -206,47 +195,6 @@ class Worker:
         val_loss = (total[0] / total[1]).item()
         return val_loss, val_loss / math.log(2) * self.manifest.tokens_per_byte()
 
-    # -- checkpoint --------------------------------------------------------------------------------------------------
-    def _save(self, tmp: Path) -> GPT | None:
-        """Every rank: its part of the resharding state; rank 0 also the consolidated model (returned on rank 0)."""
-        state.save(self.engine, tmp / STATE_DIR, self.step)
-        full = state.consolidated(self.engine, self.t.zero_stage)
-        if full is None:
-            return None
-        model = GPT(self.cfg.model)
-        model.load_state_dict(full)
-        save_checkpoint(model, tmp / RunLayout.MODEL, self.cfg.layout.data.tokenizer, extra=self._model_meta())
-        return model
-
-    def _model_meta(self) -> dict[str, Any]:
-        return {"step": self.step, "eot_token": self.cfg.eot_token}
-
-    def checkpoint(self, metrics: dict[str, Any]) -> None:
-        """Write this rank's part of the step's checkpoint, report it (Ray uploads it to step-N/), and — once every
-        rank's report returned — commit it on rank 0, re-point RUN_DIR/checkpoint at its model and prune old ones."""
-        layout, step = self.cfg.layout, self.step
-        with tempfile.TemporaryDirectory() as tmp:
-            model = self._save(Path(tmp))
-            records = file_records(tmp)
-            ray.train.report(metrics or {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=step_name(step))
-        every: list[dict[str, Any] | None] = [None] * self.world
-        dist.all_gather_object(every, records)  # also the barrier: every rank's report (and upload) has returned
-        if self.rank != 0:
-            return
-        if step == self.cfg.faults.get("kill_before_commit"):
-            os.kill(os.getpid(), signal.SIGKILL)  # test-only: rank 0 dies between the checkpoint's files and its commit
-        # never commit for a driver that is gone: its lock is released, the run dir may be reused
-        liveness.check(self.cfg.driver, self.rank, self.step)
-        # the metrics up to this step first: once the commit exists, a resume from it (on any node) must find them
-        upload_metrics(layout)
-        record = checkpoints.commit(layout, step, self.cfg.fingerprint, self.world, checkpoints.merge_files(every))  # type: ignore[arg-type]
-        if layout.remote_storage and not layout.remote:  # the published model of a local run is a local folder
-            assert model is not None
-            save_checkpoint(model, layout.model_dir(step), layout.data.tokenizer, extra=self._model_meta(), replace=True)
-        checkpoints.publish(layout, step, record)
-        checkpoints.prune(layout, self.t.keep_checkpoints)
-
     # -- log ---------------------------------------------------------------------------------------------------------
     def open_logs(self) -> None:
         """Rank 0: the metrics file and the loggers (`train.loggers`), continued after a resume (later steps of an
@@ -284,16 +232,15 @@ class Worker:
         self.val_data.close()
 
     # -- the loop ----------------------------------------------------------------------------------------------------
-    def _flags(self, started: float, last_checkpoint: float) -> tuple[bool, bool]:
-        """(out of time, checkpoint due by wall time): rank 0's clock decides, so every rank stops or saves at the same step."""
-        t = self.t
-        if t.time_budget_s is None and t.checkpoint_every_s is None:
-            return False, False
-        now = time.perf_counter()
+    def _flags(self, started: float, last_checkpoint: float, last_poll: float) -> tuple[bool, bool, bool]:
+        """(out of time, checkpoint due by wall time, preemption poll due): rank 0's clock decides, so every rank stops,
+        saves or polls at the same step."""
+        t, now = self.t, time.perf_counter()
         flags = torch.tensor([float(t.time_budget_s is not None and now - started >= t.time_budget_s),
-                              float(t.checkpoint_every_s is not None and now - last_checkpoint >= t.checkpoint_every_s)])
+                              float(t.checkpoint_every_s is not None and now - last_checkpoint >= t.checkpoint_every_s),
+                              float(now - last_poll >= preemption.POLL_S)])
         dist.broadcast(flags, src=0)
-        return bool(flags[0]), bool(flags[1])
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
 
     def _metrics(self, loss: torch.Tensor, data: StepData, window: float, steps: int, phases: np.ndarray,
                  started: float) -> dict[str, Any]:
@@ -330,16 +277,17 @@ class Worker:
             log_rank0(f"[train] warning: {warning}")
         return value
 
-    def run(self) -> None:
+    def run(self) -> str | None:
+        """Train to max_steps (or the time budget); returns the reason it stopped early for a preemption notice."""
         t = self.t
         self.flops_per_token = flops_per_token(self.cfg.model, self.manifest.seq_len)
         self.peak = peak_flops(self.engine.device, self.precision.dtype, torch.get_num_threads(), self.cfg.model)
         self.warned_mfu = False
         self.open_logs()
         first_step, started = self.step, time.perf_counter()
-        last_checkpoint = window_start = started
+        last_checkpoint = window_start = last_poll = started
         window_steps, phases = 0, np.zeros(len(PHASES))
-        fault_step, slow = self.cfg.faults.get("exit_after_step"), self.cfg.faults.get("step_ms")
+        stopped = None
         data_iter = rank_steps(self.train_data, self.sources.order, self.step, self.cfg.global_batch_size, t.micro_batch_size,
                                self.rank, self.world)
         while self.step < t.max_steps:
@@ -350,16 +298,17 @@ class Worker:
             step_phases[0] += time.perf_counter() - t0 - step_phases.sum()  # waiting for the reader counts as data
             phases += step_phases
             window_steps += 1
-            if self.step == fault_step and self.rank == self.world - 1 and not self.resumed:
-                os._exit(1)  # simulate a worker dying mid-run (only on the first attempt)
-            if slow and self.rank == 0:
-                time.sleep(slow / 1000)  # test-only: a step takes at least this long, whatever the CPU
-            out_of_time, checkpoint_due = self._flags(started, last_checkpoint)
+            self.hooks.after_step(self.step, self.rank, self.world)
+            out_of_time, checkpoint_due, poll = self._flags(started, last_checkpoint, last_poll)
+            last_poll = time.perf_counter() if poll else last_poll
+            stopped = self.preemption.check(poll)
             last = self.step == t.max_steps or out_of_time
             metrics: dict[str, Any] = {}
-            if self.step % t.log_every == 0 or last:
+            if self.step % t.log_every == 0 or last or stopped:
                 metrics = self._metrics(loss, data, time.perf_counter() - window_start, window_steps, phases, started)
                 window_start, window_steps, phases = time.perf_counter(), 0, np.zeros(len(PHASES))
+                metrics |= self.checkpointer.resume_bytes  # the first line after a resume: what each rank read
+                self.checkpointer.resume_bytes = {}
             if self.step % t.eval_every == 0 or last:
                 metrics["val_loss"], metrics["val_bpb"] = self.evaluate()
             if metrics:
@@ -367,18 +316,21 @@ class Worker:
                 metrics.setdefault("tokens", self.step * self.cfg.global_batch_size * self.manifest.seq_len)
                 metrics.update(self.sources.metrics(self.step, self.cfg.global_batch_size, self.manifest.seq_len))
                 self.log(metrics, (t.max_steps - self.step) * (time.perf_counter() - started) / max(self.step - first_step, 1))
-            if self.step % t.checkpoint_every == 0 or last or checkpoint_due:
-                self.checkpoint(metrics)
+            if self.step % t.checkpoint_every == 0 or last or checkpoint_due or stopped:
+                self.checkpointer.save(self.step)
                 last_checkpoint = time.perf_counter()
-            # Metrics alone are not reported to Ray Train: its result queue holds one report and the controller takes
-            # it every 2 s, so a report per log step would throttle training to one step per 2 s.
-            if out_of_time:
+            if stopped:
+                self.checkpointer.wait()  # committed before anyone leaves
+                log_rank0(f"[train] {stopped}: step {self.step} is committed; stopping there")
+            if out_of_time or stopped:
                 break
+        self.checkpointer.wait()
         data_iter.close()  # stops the read-ahead thread before its readers close
         self.close_logs()
+        return stopped
 
 
-def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
+def train_loop_per_worker(config: dict[str, WorkerConfig]) -> dict[str, Any] | None:
     """Ray Train's entry point on every worker (`train_loop_config` holds the WorkerConfig)."""
     cfg = config["worker"]
     context = ray.train.get_context()
@@ -387,4 +339,5 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     worker = Worker(cfg)
     worker.setup()
     worker.resume()
-    worker.run()
+    stopped = worker.run()
+    return {"stopped": stopped, "step": worker.step} if stopped else None

@@ -100,9 +100,10 @@ max_steps, which a resume at another world size raises leg by leg)."""
 
 @pytest.fixture(scope="module")
 def uninterrupted(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 steps of REFERENCE on the default 2 workers: the reference for resume, resize and failure recovery."""
+    """12 steps of REFERENCE on the default 2 workers, checkpoints written synchronously: the reference for resume,
+    resize and failure recovery (which write theirs in the background)."""
     run_dir = _run_dir(prepared, tmp_path_factory.mktemp("ref"), "run")
-    _train(run_dir, *REFERENCE, "train.max_steps=12")
+    _train(run_dir, *REFERENCE, "train.max_steps=12", "train.checkpoint_async=false")
     return run_dir
 
 
@@ -198,16 +199,17 @@ def _committed(run_dir: Path) -> list[str]:
 
 def test_crashes_resume_from_the_last_commit_bit_identically(prepared: Path, tmp_path: Path, uninterrupted: Path) -> None:
     """fp32, two crashes in one run: a worker dies after step 7 (no retries: the run fails), and the same command
-    resumes from step 4; then rank 0 is SIGKILLed after step 8's files were uploaded but before its commit record, so
-    step-000008 is not a checkpoint and the same command again resumes from step 4, rewrites step 8 from scratch and
-    ends where an uninterrupted run ends, bit for bit, with every step logged once."""
+    resumes from step 4; then rank 0 is SIGKILLed while step 8's checkpoint is in flight (its state file written in the
+    background, training already past step 8), so step-000008 is not a checkpoint and the same command again resumes
+    from step 4, rewrites step 8 from scratch and ends where an uninterrupted run ends, bit for bit, with every step
+    logged once. (The uninterrupted run saved synchronously, this one asynchronously: the same weights.)"""
     run_dir = _run_dir(prepared, tmp_path, "crashed")
     args = (*REFERENCE, "train.max_steps=12")
     with pytest.raises(Exception, match="(?i)fail|died|exit"):
         _train(run_dir, *args, faults={"exit_after_step": 7})
     assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["step"] == 4
     with pytest.raises(Exception):
-        _train(run_dir, *args, faults={"kill_before_commit": 8})  # resumed from step 4, killed at step 8's commit
+        _train(run_dir, *args, faults={"kill_in_upload": 8})  # resumed from step 4, killed during step 8's upload
     assert (run_dir / "checkpoints" / "step-000008" / "state").is_dir()  # the files arrived ...
     assert _committed(run_dir) == ["step-000004"]  # ... but only step 4 is committed
     assert os.readlink(run_dir / "checkpoint") == "checkpoints/step-000004/model"

@@ -1,0 +1,105 @@
+"""Preemption notices that reach a training run, so that it checkpoints at the step it reached and loses none.
+
+Used by `raygpt train` (trainer/loop.py on the workers, trainer/driver.py on the driver); not run by hand.
+
+Three ways a notice arrives, each checked between steps and agreed by every rank at the same step:
+- **SIGTERM to a worker** (Kubernetes deletes the pod and signals its processes, then kills them after the grace
+  period; `ray stop`): a handler on the worker process's main thread — Ray Train runs the training loop in another
+  thread, so it is installed through the worker actor's own `execute` — sets a flag. A second SIGTERM ends the
+  process at once (the commit record is written last and atomically, so no partial commit remains).
+- **A node drain** (`ray drain-node`, the autoscaler's spot preemption path): Ray Core marks the node draining, Ray
+  Train's PreemptionWatcher (polling `get_draining_nodes`) tells every worker, and `ray.train.get_preemption_info()`
+  — a barrier every rank calls — returns it. Polled every `POLL_S` seconds of rank 0's clock.
+- **SIGTERM to the driver**: its handler posts a stop request to a named actor (`StopRequests`) that rank 0 polls.
+
+The loop then saves a checkpoint at the current step synchronously, with the reason in its commit record, and returns;
+the driver starts the group again (without the draining node), or, when it was the one stopped, exits with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+POLL_S = 1.0  # seconds between polls of the drain state and the driver's stop requests (a barrier each)
+SIGNALLED = threading.Event()  # this worker process was sent SIGTERM
+REASONS = {1: "SIGTERM to a worker", 2: "a node of the group is draining (preemption)", 3: "SIGTERM to the driver"}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if SIGNALLED.is_set():
+        os._exit(128 + signum)  # a second signal: go now
+    SIGNALLED.set()
+
+
+def _install() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@ray.remote(num_cpus=0)
+class StopRequests:
+    """The driver's stop request, where every worker can see it (a named actor of the run's job)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+
+    def requested(self) -> str | None:
+        return self.reason
+
+
+class Preemption:
+    """One worker's view of the notices above; `check` is called by every rank after every step."""
+
+    def __init__(self, stop_actor: str | None):
+        self.rank = dist.get_rank()
+        self.stop = None
+        if self.rank == 0 and stop_actor is not None:
+            try:
+                self.stop = ray.get_actor(stop_actor)
+            except ValueError:  # a driver without one (tests that run the loop directly)
+                self.stop = None
+        actor = ray.get_runtime_context().current_actor if ray.is_initialized() else None
+        if actor is not None and hasattr(actor, "execute"):  # a Ray Train worker: its main thread takes signals
+            ray.get(actor.execute.remote(_install))
+
+    def check(self, poll: bool) -> str | None:
+        """The agreed reason to stop now, or None. `poll` (rank 0's clock, already agreed) also asks Ray about drains
+        and the driver about stop requests."""
+        code = torch.tensor([1 if SIGNALLED.is_set() else 0], dtype=torch.int64)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        found = 1 if int(code[0]) else 0
+        if poll and not found:
+            if ray.train.get_preemption_info() is not None:  # a barrier: every rank calls it at the same step
+                found = 2
+            elif self.stop is not None and ray.get(self.stop.requested.remote(), timeout=30) is not None:
+                found = 3
+            agreed = torch.tensor([found], dtype=torch.int64)
+            dist.broadcast(agreed, src=0)
+            found = int(agreed[0])
+        return REASONS[found] if found else None
+
+
+def driver_handler(stop: Any) -> Any:
+    """The driver's SIGTERM handler: the first signal asks the workers to checkpoint and stop; a second one ends the
+    driver at once (no commit is left half written). Returns the handler it replaced."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if getattr(handler, "fired", False):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        handler.fired = True  # type: ignore[attr-defined]
+        print("[train] SIGTERM: the workers checkpoint at their current step and stop (a second SIGTERM ends now)",
+              flush=True)
+        stop.request.remote(REASONS[3])
+
+    return signal.signal(signal.SIGTERM, handler)
