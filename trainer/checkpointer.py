@@ -58,6 +58,8 @@ class Checkpointer:
         self.saved_step: int | None = None
         self.resume_bytes: dict[str, Any] = {}
         """After a resume: the bytes each rank read and the state's total (reported in the first metrics line)."""
+        self.written_by = 0
+        """After a resume: the world size that wrote the checkpoint."""
 
     # -- save ------------------------------------------------------------------------------------------------------
     def save(self, step: int, metrics_step: int | None = None) -> None:
@@ -122,7 +124,7 @@ class Checkpointer:
         name = f"{STATE_DIR}/{state.rank_file(self.rank)}"
         with files.output(join(location, name)) as out:
             records[name] = tensorfile.write(snapshot, out, {"step": str(step), "rank": str(self.rank)})
-        self.hooks.after_state_file(step, self.rank)
+        self.hooks.after_state_file(step, self.rank, self.world)
         if self.rank != 0:
             return records
         assert index is not None and full is not None
@@ -167,6 +169,7 @@ class Checkpointer:
         every: list[Any] = [None] * self.world
         dist.all_gather_object(every, reader.bytes_read)
         self.resume_bytes = {"resume_read_bytes": every, "resume_state_bytes": reader.total}
+        self.written_by = int(chosen.record["world_size"])
         self.saved_step = step
         return step
 

@@ -20,7 +20,7 @@ class Hooks:
     def after_step(self, step: int, rank: int, world: int) -> None:
         """After optimizer step `step` of this rank."""
 
-    def after_state_file(self, step: int, rank: int) -> None:
+    def after_state_file(self, step: int, rank: int, world: int) -> None:
         """In a save of `step`, once this rank's state file is in storage (before the others' and the commit)."""
 
 
@@ -47,14 +47,18 @@ class InjectedFaults(Hooks):
         last = rank == world - 1
         if step == self.faults.get("exit_after_step") and last and self._once("exit"):
             os._exit(1)  # a worker dying mid-run
-        if step == self.faults.get("term_after_step") and last and self._once("term"):
+        if step in (self.faults.get("term_after_step"), self.faults.get("term_twice_after_step")) and last \
+                and self._once("term"):
             os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice (Kubernetes, a spot reclaim) to this worker
         if (slow := self.faults.get("step_ms")) and rank == 0:
             time.sleep(slow / 1000)
 
-    def after_state_file(self, step: int, rank: int) -> None:
+    def after_state_file(self, step: int, rank: int, world: int) -> None:
         if step == self.faults.get("kill_in_upload") and rank == 0 and self._once("kill"):
             os.kill(os.getpid(), signal.SIGKILL)
+        twice = self.faults.get("term_twice_after_step")
+        if twice is not None and step > twice and rank == world - 1 and self._once("term again"):
+            os.kill(os.getpid(), signal.SIGTERM)  # impatient: the second notice ends the process mid-checkpoint
 
 
 def hooks(faults: dict[str, int]) -> Hooks:

@@ -149,8 +149,9 @@ class Worker:
             return
         self.step, self.resumed = step, True
         read = self.checkpointer.resume_bytes
-        log_rank0(f"[train] resumed at step {self.step} (now {self.world} worker(s)); each rank read "
-                  f"{max(read['resume_read_bytes']) / 1e6:,.1f} MB at most of the state's {read['resume_state_bytes'] / 1e6:,.1f} MB")
+        log_rank0(f"[train] resumed at step {self.step} (written by {self.checkpointer.written_by} worker(s), now "
+                  f"{self.world}); each rank read ≤ {max(read['resume_read_bytes']) / 1e6:,.1f} MB of the state's "
+                  f"{read['resume_state_bytes'] / 1e6:,.1f} MB")
 
     # -- one step ----------------------------------------------------------------------------------------------------
     def train_step(self, data: StepData) -> tuple[torch.Tensor, np.ndarray]:
@@ -327,7 +328,7 @@ class Worker:
         self.checkpointer.wait()
         data_iter.close()  # stops the read-ahead thread before its readers close
         self.close_logs()
-        return stopped
+        return stopped if self.step < t.max_steps else None  # a notice at the last step stops nothing
 
 
 def train_loop_per_worker(config: dict[str, WorkerConfig]) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,7 +254,9 @@ def apply(engine: Any, values: dict[str, dict[str, torch.Tensor]], saved: dict[s
                 if torch.is_tensor(state["step"]) else int(saved["adam_step"])
     step = int(saved["step"])
     scheduler.last_epoch = step - 1
-    scheduler.step()  # the learning rate of step `step`
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no step is due, only its rate
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        scheduler.step()  # the learning rate of step `step`
     return step
 
 

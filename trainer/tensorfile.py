@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -91,11 +92,13 @@ def read_header(source: pa.NativeFile, where: str) -> tuple[dict[str, Entry], in
 
 
 def parse(data: bytes | memoryview, where: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file read whole into memory (1-D fp32 views of `data`, no copy)."""
+    """Every tensor of a safetensors file read whole into memory (1-D fp32 read-only views of `data`, no copy)."""
     source = pa.BufferReader(data)
     entries, _ = read_header(source, where)
     buffer = np.frombuffer(data, dtype=np.uint8)
-    return {name: torch.from_numpy(buffer[e.begin:e.end].view(np.float32)) for name, e in entries.items()}
+    with warnings.catch_warnings():  # read-only views: the caller copies them into the optimizer's own buffers
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(buffer[e.begin:e.end].view(np.float32)) for name, e in entries.items()}
 
 
 def read_range(source: pa.NativeFile, entry: Entry, start: int, numel: int) -> torch.Tensor:

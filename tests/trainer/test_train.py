@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from core.layout import RunLayout
 from model.checkpoint import load_checkpoint
 from model.precision import detect
 from tests.conftest import BASE, SHAKESPEARE, bucket_copy
+from trainer.driver import Interrupted
 
 
 def _run_dir(prepared: Path, tmp_path: Path, name: str) -> Path:
@@ -221,6 +224,60 @@ def test_crashes_resume_from_the_last_commit_bit_identically(prepared: Path, tmp
     assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 13))  # no step twice after either resume
     after = {m["step"]: m["loss"] for m in _metrics(run_dir)[-8:]}
     assert after == {m["step"]: m["loss"] for m in _metrics(uninterrupted) if m["step"] > 4}
+
+
+def _resumes(run_dir: Path) -> list[int]:
+    """The steps whose metrics line is the first after a resume (it carries the bytes each rank read)."""
+    lines = [m for m in _metrics(run_dir) if "resume_read_bytes" in m]
+    for m in lines:  # 2 workers at the ZeRO stage that wrote it: each rank read its own share, ≤ 1/2 + 10%
+        assert max(m["resume_read_bytes"]) <= m["resume_state_bytes"] * (1 / 2 + 0.1), m
+    return [m["step"] for m in lines]
+
+
+def test_preemption_notices_checkpoint_the_step_reached_and_lose_none(
+    prepared: Path, tmp_path: Path, uninterrupted: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fp32, three notices in one run. (1) A worker is sent SIGTERM after step 5 and again while it writes the
+    checkpoint that notice causes: it ends at once, that step is not committed (no partial commit) and the run fails;
+    the same command resumes from step 4. (2) A worker is sent SIGTERM after step 6: every rank checkpoints the step
+    reached and stops, and the driver starts the group again from there. (3) The driver itself is sent SIGTERM (Kubernetes
+    deleting its pod) once step 9 is logged: the workers commit the step they reached, and the command ends with one
+    line; the same command finishes the run. No step runs twice after a committed notice, and the weights are those of
+    the uninterrupted run, bit for bit."""
+    run_dir = _run_dir(prepared, tmp_path, "preempted")
+    args = (*REFERENCE, "train.max_steps=12")
+    with pytest.raises(Exception):
+        _train(run_dir, *args, faults={"term_twice_after_step": 5})
+    assert _committed(run_dir) == ["step-000004"]
+    assert [p for p in (run_dir / "checkpoints").glob("step-*/state") if p.parent.name > "step-000004"]  # in part
+    capsys.readouterr()
+    _train(run_dir, *args, "train.max_steps=8", faults={"term_after_step": 6})
+    # the signal reaches the worker's main thread while its training thread goes on: the notice counts at the next
+    # step boundary after it arrived
+    found = re.findall(r"\[train\] stopped at step (\d+) \(SIGTERM to a worker\): starting the worker group again from "
+                       r"there", capsys.readouterr().out)
+    assert len(found) == 1 and 6 <= int(found[0]) < 8
+    assert _resumes(run_dir) == [5, int(found[0]) + 1]  # from step 4, then from the notice's step: none ran twice
+
+    def terminate_the_driver() -> None:  # once step 9 is logged: SIGTERM to this process, the driver
+        while not any(m["step"] >= 9 for m in _metrics(run_dir)):
+            threading.Event().wait(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=terminate_the_driver)
+    thread.start()
+    with pytest.raises(Interrupted, match=r"^stopped by SIGTERM at step \d+ \(committed\); the same command "
+                                          r"resumes there$") as stopped:
+        _train(run_dir, *args, faults={"step_ms": 400})
+    thread.join()
+    at = int(str(stopped.value).split()[5])
+    assert 9 <= at < 12
+    assert _committed(run_dir)[-1] == f"step-{at:06d}"
+    _train(run_dir, *args)
+    assert _resumes(run_dir) == [5, int(found[0]) + 1, 9, at + 1]
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 13))
+    reference, resumed = _weights(uninterrupted), _weights(run_dir)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
 def _copy_run(source: Path, tmp_path: Path, name: str) -> Path:
