@@ -150,7 +150,7 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
         Path(layout.run_dir).mkdir(parents=True, exist_ok=True)
         layout = RunLayout(Path(layout.run_dir).resolve(), layout.storage)
     name = f"raygpt-stop-{uuid.uuid4().hex[:12]}"
-    stop = preemption.StopRequests.options(name=name).remote()  # type: ignore[attr-defined]
+    stop = preemption.stop_requests(name)
     worker = replace(worker, layout=layout, faults=injected_faults(), stop_actor=name)
     low, high = cluster.worker_range
     even = even_world_sizes(worker.global_batch_size, worker.train.micro_batch_size, max(high, 8))

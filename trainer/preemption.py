@@ -26,6 +26,7 @@ from typing import Any
 import ray
 import torch
 import torch.distributed as dist
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 POLL_S = 1.0  # seconds between polls of the drain state and the driver's stop requests (a barrier each)
 SIGNALLED = threading.Event()  # this worker process was sent SIGTERM
@@ -71,6 +72,14 @@ class Preemption:
         if actor is not None and hasattr(actor, "execute"):  # a Ray Train worker: its main thread takes signals
             ray.get(actor.execute.remote(_install))
 
+    def _driver_asks(self) -> bool:
+        """Whether the driver posted a stop request (a driver that cannot be asked is Ray's to clean up)."""
+        try:
+            return ray.get(self.stop.requested.remote(), timeout=30) is not None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            self.stop = None
+            return False
+
     def check(self, poll: bool) -> str | None:
         """The agreed reason to stop now, or None. `poll` (rank 0's clock, already agreed) also asks Ray about drains
         and the driver about stop requests."""
@@ -80,12 +89,19 @@ class Preemption:
         if poll and not found:
             if ray.train.get_preemption_info() is not None:  # a barrier: every rank calls it at the same step
                 found = 2
-            elif self.stop is not None and ray.get(self.stop.requested.remote(), timeout=30) is not None:
+            elif self.stop is not None and self._driver_asks():
                 found = 3
             agreed = torch.tensor([found], dtype=torch.int64)
             dist.broadcast(agreed, src=0)
             found = int(agreed[0])
         return REASONS[found] if found else None
+
+
+def stop_requests(name: str) -> Any:
+    """The driver's `StopRequests` actor, on the driver's own node: it lives as long as the driver, whatever node
+    goes away."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return StopRequests.options(name=name, scheduling_strategy=here).remote()  # type: ignore[attr-defined]
 
 
 def driver_handler(stop: Any) -> Any:

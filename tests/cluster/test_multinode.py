@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 import urllib.error
@@ -261,3 +263,56 @@ def test_an_elastic_group_shrinks_when_a_node_is_lost_and_grows_back(
     expected = [("1", "2")] * len(leading) + [("2", "1"), ("1", "2")]
     assert [(w, n) for _, w, n in dict.fromkeys(resumes)] == expected, resumes  # (lines show twice)
     assert load_checkpoint(run_dir).step == steps
+
+
+def test_a_drained_node_costs_no_step(
+    cluster: Cluster, prepared: Path, tmp_path: Path, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` (the autoscaler's spot-preemption path) on the worker
+    node mid-run, 2 workers spread over the 2 nodes. Ray Train tells the workers; they checkpoint the step they
+    reached and stop; the driver starts the group again and, the draining node taking no new workers, both land on
+    the head. Every step is logged once, on the global batches of an uninterrupted run, and the final weights are
+    those of an uninterrupted run of the same config on this session's local Ray (fp32, the same world size: within
+    1e-6). The drained node is then reclaimed (removed) and replaced, as the autoscaler would."""
+    run_dir = f"{s3_bucket}/{tmp_path.name}"
+    bucket_copy(prepared, f"{run_dir}/data")
+    steps = 60
+    common = [*BASE, f"train.max_steps={steps}", "train.checkpoint_every=5", "train.eval_every=100000",
+              "train.precision=fp32", "cluster.cpus_per_worker=1"]
+    job_id = f"raygpt-drain-{tmp_path.name}"
+    assert main(["submit", "--address", cluster.url, "--working-dir", str(REPO), "--job-id", job_id, "--no-wait",  # type: ignore[attr-defined]
+                 "--env", 'RAYGPT_TEST_FAULTS={"step_ms": 200}', "--", "train", SHAKESPEARE, f"run_dir={run_dir}",
+                 *common, "cluster.placement_strategy=SPREAD"]) == 0
+    client = JobSubmissionClient(cluster.url)  # type: ignore[attr-defined]
+    layout = RunLayout.of(run_dir)
+    _wait(lambda: checkpoints.newest(layout) is not None, "a committed checkpoint", client, job_id)
+    node = next(iter(cluster.worker_nodes))
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
+                    "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                    "--reason-message", "spot reclaim", "--deadline-remaining-seconds", "120"],
+                   check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 300
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    cluster.remove_node(node, allow_graceful=False)  # reclaimed
+    cluster.add_node(num_cpus=2)  # and replaced, for the tests after this one
+    cluster.wait_for_nodes()
+
+    stops = re.findall(r"\[train\] stopped at step (\d+) \(a node of the group is draining \(preemption\)\)", logs)
+    assert len(set(stops)) == 1, logs[-4000:]
+    stop = int(stops[0])
+    assert 5 <= stop < steps
+    nodes = re.findall(r"\[train\] rank (\d)/2 on node (\w+)", logs)
+    assert len(set(nodes[:2])) == 2 and node.node_id not in {n for _, n in nodes[-2:]}  # spread; then on the head
+    metrics = _logged(layout)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))  # every step once: none redone, none missing
+    assert [m["step"] for m in metrics if "resume_read_bytes" in m] == [stop + 1]
+    assert [m["data_digest"] for m in metrics] == _expected_digests(f"{run_dir}/data", steps, 8, seed=1337)
+    local = tmp_path / "uninterrupted"
+    shutil.copytree(prepared, local / "data")
+    assert main(["train", SHAKESPEARE, f"run_dir={local}", *common]) == 0
+    expected, got = load_checkpoint(local / "checkpoint").model.state_dict(), load_checkpoint(run_dir).model.state_dict()
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
