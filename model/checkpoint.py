@@ -82,18 +82,27 @@ class Checkpoint:
 DEFAULT_EOT = "<|endoftext|>"
 
 
+def checkpoint_parts(state: dict[str, torch.Tensor], cfg: ModelConfig, extra: dict | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """What a checkpoint folder holds besides its tokenizer: the weights to save (a tied output projection once), the
+    safetensors metadata and the text of config.json. `save_checkpoint` writes them; the training checkpointer
+    streams them into storage itself."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if cfg.tie_embeddings and "wte.weight" in state:
+        state.pop("lm_head.weight", None)  # the same tensor as wte.weight (a quantized model stores it once already)
+    meta = {"format": FORMAT, "model": cfg.model_dump(), **(extra or {})}
+    return state, {"format": FORMAT}, json.dumps(meta, indent=2) + "\n"
+
+
 def save_checkpoint(
     model: GPT, folder: str | Path, tokenizer_file: str | Path, extra: dict | None = None, replace: bool = False
 ) -> Path:
     """Write model weights, config and tokenizer to `folder` atomically; an existing folder only with `replace`."""
     folder = Path(folder)
     with atomic_folder(folder, replace=replace) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if model.cfg.tie_embeddings and "wte.weight" in state:
-            state.pop("lm_head.weight")  # the same tensor as wte.weight (a quantized model stores it once already)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "model": model.cfg.model_dump(), **(extra or {})}
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        state, metadata, config = checkpoint_parts(model.state_dict(), model.cfg, extra)
+        save_file(state, str(tmp / WEIGHTS), metadata=metadata)
+        (tmp / CONFIG).write_text(config)
         (tmp / TOKENIZER).write_bytes(files.read_bytes(tokenizer_file))  # a local file or an object
     return folder
 

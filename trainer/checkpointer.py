@@ -3,12 +3,13 @@ this owns the snapshot, the (background) upload, the commit, publishing the mode
 `trainer.checkpoints`, in the state format of `trainer.state`. Used by `raygpt train` workers (trainer/loop.py).
 
 A save, on every rank:
-  1. **snapshot** (training waits for this only): its fragments of the fp32 master weights and Adam's moments are
-     copied to host memory; rank 0 also takes the module's weights for the published model (gathered under ZeRO-3:
-     the one gather of a checkpoint).
-  2. **write** (a background thread with `train.checkpoint_async`, else inline): each rank streams its fragments into
-     `step-N/state/rank-R.safetensors` of the run's storage (local, or an object store), hashing as it writes; rank 0
-     also writes the index and the model.
+  1. **snapshot**: its fragments of the fp32 master weights and Adam's moments are copied to host memory; rank 0 also
+     takes the module's weights for the published model (gathered under ZeRO-3: the one gather of a checkpoint). With
+     `train.checkpoint_async` the copy runs in a background thread while the next step's forward and backward run:
+     training waits for it only before its next optimizer step (`before_update`), and not at all when it is done.
+  2. **write** (in that thread at the lowest CPU priority, else inline): each rank streams its fragments into
+     `step-N/state/rank-R.safetensors` of the run's storage (local, or an object store), hashing as it writes and
+     flushing to disk as it goes; rank 0 also writes the index and the model.
   3. **commit**: the file records of every rank meet on rank 0 over a gloo group of the checkpoint's own (collectives
      of a second thread must not interleave with training's), and only then is `commit.json` written; the model is
      published and older checkpoints pruned.
@@ -24,9 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
+import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,13 +35,13 @@ import torch.distributed as dist
 from core import files
 from core.errors import RunFileError
 from core.layout import RunLayout, join
-from model.checkpoint import save_checkpoint
-from model.gpt import GPT
+from model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, checkpoint_parts
 from trainer import checkpoints, liveness, state, tensorfile
 from trainer.faults import Hooks
 from trainer.metrics import upload_metrics
 
 STATE_DIR = "state"
+BACKGROUND_NICE = 19
 
 
 class Checkpointer:
@@ -54,6 +54,8 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo")  # the background thread's own collectives
         self.static = state.layout(engine)
         self.thread: threading.Thread | None = None
+        self.copied = threading.Event()  # the save in flight has copied the weights (training may update them)
+        self.copied.set()
         self.error: BaseException | None = None
         self.saved_step: int | None = None
         self.resume_bytes: dict[str, Any] = {}
@@ -62,22 +64,29 @@ class Checkpointer:
         """After a resume: the world size that wrote the checkpoint."""
 
     # -- save ------------------------------------------------------------------------------------------------------
-    def save(self, step: int, metrics_step: int | None = None) -> None:
-        """Snapshot this rank's share of `step` and write and commit it (in the background when asynchronous); every
-        rank calls it at the same step. A step already saved is not saved again."""
+    def save(self, step: int) -> None:
+        """Save `step` (every rank calls it at the same step): its share is copied to host memory — asynchronously
+        in the background, while the next step's forward and backward run, `before_update` holding its optimizer
+        step until the copy is done — then written and committed. A step already saved is not saved again."""
         if step == self.saved_step:
             return
         self.wait()
-        snapshot = state.snapshot(self.engine)
-        full = state.consolidated(self.engine, self.cfg.train.zero_stage)
+        state.link_moments(self.engine)
+        # ZeRO-3's module weights are gathered (a collective: here, on the training thread); other stages' are copied
+        full = state.consolidated(self.engine) if self.cfg.train.zero_stage == 3 else None
         index = state.index(self.static, step, state.adam_step(self.engine)) if self.rank == 0 else None
         self.saved_step = step
+        self.copied.clear()
         if not self.asynchronous:
-            self._write_and_commit(step, snapshot, full, index)
+            self._save(step, full, index)
             return
-        self.thread = threading.Thread(target=self._background, args=(step, snapshot, full, index),
-                                       name=f"checkpoint-{step}", daemon=True)
+        self.thread = threading.Thread(target=self._background, args=(step, full, index), name=f"checkpoint-{step}",
+                                       daemon=True)
         self.thread.start()
+
+    def before_update(self) -> None:
+        """Called before every optimizer step: the weights may change only once a save in flight has copied them."""
+        self.copied.wait()
 
     def wait(self) -> None:
         """Until the save in flight (if any) has committed; its error, if it failed, is raised here."""
@@ -90,9 +99,22 @@ class Checkpointer:
 
     def _background(self, *args: Any) -> None:
         try:
-            self._write_and_commit(*args)
+            self._save(*args)
         except BaseException as e:  # raised in the training thread by the next wait()
             self.error = e
+
+    def _save(self, step: int, full: dict[str, torch.Tensor] | None, index: dict[str, Any] | None) -> None:
+        try:
+            snapshot = state.snapshot(self.engine)
+            full = full if full is not None else state.module_weights(self.engine)
+        finally:
+            self.copied.set()
+        if self.asynchronous:
+            try:  # the writer yields the CPU to training (it is bound by the disk or network anyway); Linux: this thread
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+            except (AttributeError, OSError):
+                pass
+        self._write_and_commit(step, snapshot, full, index)
 
     def _write_and_commit(self, step: int, snapshot: dict[str, torch.Tensor], full: dict[str, torch.Tensor] | None,
                           index: dict[str, Any] | None) -> None:
@@ -113,7 +135,8 @@ class Checkpointer:
         upload_metrics(self.layout)  # the metrics up to this step first: a resume from the commit must find them
         record = checkpoints.commit(self.layout, step, self.cfg.fingerprint, self.world, checkpoints.merge_files(every))
         if self.layout.remote_storage and not self.layout.remote:  # the published model of a local run is local
-            files.download_folder(join(location, RunLayout.MODEL), Path(self.layout.model_dir(step)))
+            with files.atomic_folder(self.layout.model_dir(step), replace=True) as tmp:
+                files.download_folder(join(location, RunLayout.MODEL), tmp)
         checkpoints.publish(self.layout, step, record)
         checkpoints.prune(self.layout, self.cfg.train.keep_checkpoints)
 
@@ -131,18 +154,13 @@ class Checkpointer:
         raw = json.dumps(index, indent=1).encode()
         files.atomic_write(join(location, STATE_DIR, state.INDEX), raw)
         records[f"{STATE_DIR}/{state.INDEX}"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-        model = GPT(self.cfg.model)
-        model.load_state_dict(full)
-        meta = {"step": step, "eot_token": self.cfg.eot_token}
-        if self.layout.remote_storage:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(model, Path(tmp) / RunLayout.MODEL, self.layout.data.tokenizer, extra=meta)
-                files.upload_folder(Path(tmp) / RunLayout.MODEL, join(location, RunLayout.MODEL))
-                found = files.file_records(Path(tmp) / RunLayout.MODEL)
-        else:
-            save_checkpoint(model, Path(location) / RunLayout.MODEL, self.layout.data.tokenizer, extra=meta, replace=True)
-            found = files.file_records(Path(location) / RunLayout.MODEL)
-        records |= {f"{RunLayout.MODEL}/{k}": v for k, v in found.items()}
+        # the published model, from the weights already taken (no second gather), streamed and hashed like the state
+        weights, metadata, config = checkpoint_parts(full, self.cfg.model, {"step": step, "eot_token": self.cfg.eot_token})
+        with files.output(join(location, RunLayout.MODEL, WEIGHTS)) as out:
+            records[f"{RunLayout.MODEL}/{WEIGHTS}"] = tensorfile.write(weights, out, metadata)
+        for name, data in ((CONFIG, config.encode()), (TOKENIZER, files.read_bytes(self.layout.data.tokenizer))):
+            files.atomic_write(join(location, RunLayout.MODEL, name), data)
+            records[f"{RunLayout.MODEL}/{name}"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         return records
 
     # -- load ------------------------------------------------------------------------------------------------------

@@ -137,13 +137,13 @@ class Worker:
         self.train_data = SampleReader(cfg.layout.data.root, "train", self.manifest)
         self.val_data = SampleReader(cfg.layout.data.root, "val", self.manifest)
         self.sources = Sources(self.manifest, cfg.mixture, cfg.seed)  # the order of the samples, by source
+        self.hooks = faults.hooks(cfg.faults)
+        self.checkpointer = Checkpointer(cfg, self.engine, self.scheduler, self.hooks)
+        self.preemption = preemption.Preemption(cfg.stop_actor)
 
     def resume(self) -> None:
         """From the newest committed checkpoint, whatever world size and ZeRO stage wrote it; each rank reads only
         its share (`trainer.checkpointer`)."""
-        self.hooks = faults.hooks(self.cfg.faults)
-        self.checkpointer = Checkpointer(self.cfg, self.engine, self.scheduler, self.hooks)
-        self.preemption = preemption.Preemption(self.cfg.stop_actor)
         step = self.checkpointer.load()
         if step is None:
             return
@@ -171,6 +171,7 @@ class Worker:
             t2 = time.perf_counter()
             self.engine.backward(loss * weight)  # the gradient all-reduce / reduce-scatter at the accumulation boundary
             t3 = time.perf_counter()
+            self.checkpointer.before_update()  # a save in flight has copied the weights
             self.engine.step()  # optimizer on this rank's partition, then the parameter all-gather (ZeRO ≥ 1)
             phases += np.array([t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3])
             if not padding:
@@ -288,7 +289,7 @@ class Worker:
         first_step, started = self.step, time.perf_counter()
         last_checkpoint = window_start = last_poll = started
         window_steps, phases = 0, np.zeros(len(PHASES))
-        stopped = None
+        stopped, saving = None, 0.0
         data_iter = rank_steps(self.train_data, self.sources.order, self.step, self.cfg.global_batch_size, t.micro_batch_size,
                                self.rank, self.world)
         while self.step < t.max_steps:
@@ -310,6 +311,8 @@ class Worker:
                 window_start, window_steps, phases = time.perf_counter(), 0, np.zeros(len(PHASES))
                 metrics |= self.checkpointer.resume_bytes  # the first line after a resume: what each rank read
                 self.checkpointer.resume_bytes = {}
+                if saving:  # how long training waited in checkpoint saves since the last line
+                    metrics["checkpoint_s"], saving = saving, 0.0
             if self.step % t.eval_every == 0 or last:
                 metrics["val_loss"], metrics["val_bpb"] = self.evaluate()
             if metrics:
@@ -318,8 +321,10 @@ class Worker:
                 metrics.update(self.sources.metrics(self.step, self.cfg.global_batch_size, self.manifest.seq_len))
                 self.log(metrics, (t.max_steps - self.step) * (time.perf_counter() - started) / max(self.step - first_step, 1))
             if self.step % t.checkpoint_every == 0 or last or checkpoint_due or stopped:
+                began = time.perf_counter()
                 self.checkpointer.save(self.step)
                 last_checkpoint = time.perf_counter()
+                saving += last_checkpoint - began
             if stopped:
                 self.checkpointer.wait()  # committed before anyone leaves
                 log_rank0(f"[train] {stopped}: step {self.step} is committed; stopping there")

@@ -120,10 +120,10 @@ def init_optimizer_state(engine: Any) -> None:
             torch.tensor(0.0) if torch_adam else 0)
         zeros = {k: torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format) for k in MOMENTS}
         base.state[p] = {"step": step, **zeros, **({"max_exp_avg_sq": torch.zeros_like(p)} if group.get("amsgrad") else {})}
-    _link_moments(engine)
+    link_moments(engine)
 
 
-def _link_moments(engine: Any) -> None:
+def link_moments(engine: Any) -> None:
     """Re-link each parameter's view into Adam's flat ZeRO-1/2 (and bf16) state. DeepSpeed 0.19.8 links them once,
     right after the *first* param group's first step, before the second group has any state — so the fragment API
     finds no exp_avg for parameters of the second group (our no-decay group) unless linked again."""
@@ -155,8 +155,8 @@ def layout(engine: Any) -> dict[str, Any]:
 
 
 def snapshot(engine: Any) -> dict[str, torch.Tensor]:
-    """This rank's fragments, copied to host memory (the only part of a save that training waits for)."""
-    _link_moments(engine)
+    """This rank's fragments, copied to host memory (after `link_moments`; safe beside a forward and backward, which
+    change none of them)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     copies: dict[str, torch.Tensor] = {}
     for i, (name, param) in enumerate(engine.module.named_parameters()):
@@ -260,17 +260,20 @@ def apply(engine: Any, values: dict[str, dict[str, torch.Tensor]], saved: dict[s
     return step
 
 
-def consolidated(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 for the published model: the module's own weights, gathered first under ZeRO-3
-    (the one gather of a checkpoint; every rank must call this)."""
+def consolidated(engine: Any) -> dict[str, torch.Tensor] | None:
+    """ZeRO-3: the module's weights gathered, in fp32 on rank 0 for the published model (the one gather of a
+    checkpoint; every rank must call this)."""
     deepspeed = import_deepspeed()
     module = engine.module
-    if zero_stage == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            full = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
-    else:
-        full = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
-    return full
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return module_weights(engine)
+
+
+def module_weights(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The module's own (whole, below ZeRO-3) weights in fp32 on rank 0, for the published model; None elsewhere."""
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in engine.module.state_dict().items()}
 
 
 if __name__ == "__main__":

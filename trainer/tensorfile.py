@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -37,16 +38,32 @@ class Entry:
     end: int
 
 
+FLUSH_BYTES = 64 << 20
+"""A local file is flushed to disk every this many bytes: the page cache never holds a burst of a whole checkpoint,
+whose write-back would stall every other process of the machine at once (training, on a CPU machine)."""
+
+
 class _Hashing:
-    """Counts and hashes what passes through to `out`."""
+    """Counts and hashes what passes through to `out`, flushing a local file to disk as it goes."""
 
     def __init__(self, out: IO[bytes]):
-        self.out, self.digest, self.bytes = out, hashlib.sha256(), 0
+        self.out, self.digest, self.bytes, self.unflushed = out, hashlib.sha256(), 0, 0
+        try:
+            self.fd: int | None = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
 
     def write(self, data: bytes | memoryview) -> None:
-        self.out.write(data)
-        self.digest.update(data)
-        self.bytes += len(data)
+        for start in range(0, len(data), FLUSH_BYTES):
+            chunk = data[start:start + FLUSH_BYTES]
+            self.out.write(chunk)
+            self.digest.update(chunk)
+            self.bytes += len(chunk)
+            self.unflushed += len(chunk)
+            if self.fd is not None and self.unflushed >= FLUSH_BYTES:
+                self.out.flush()
+                os.fdatasync(self.fd)
+                self.unflushed = 0
 
 
 def write(tensors: dict[str, torch.Tensor], out: IO[bytes], metadata: dict[str, str] | None = None) -> dict[str, Any]:

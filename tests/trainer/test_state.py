@@ -71,6 +71,7 @@ def _train(engine: Any, batches: list[torch.Tensor]) -> None:
 
 def _state(engine: Any) -> dict[str, torch.Tensor]:
     """The fp32 masters and moments of a world-1 engine (its one fragment of each parameter is the whole)."""
+    state.link_moments(engine)
     return state.snapshot(engine)
 
 
@@ -145,6 +146,7 @@ def test_one_save_in_flight_and_a_failed_one_commits_nothing(gloo: None, tmp_pat
     saver.save(1)
     assert saver.thread is not None and saver.thread.is_alive()
     assert checkpoints.newest(saver.layout) is None  # written in part, not committed
+    saver.before_update()  # (as the loop does before every optimizer step) the weights are copied already
     _train(engine, [batch])  # training goes on while step 1 is in flight
     gate.open.set()
     saver.save(2)  # waits for step 1 first
