@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from core import files
+from core import cache, files
 from core.config import problem_line
 from core.errors import RunFileError, UserError
 from core.files import atomic_folder, fingerprint, read_json, sha256
@@ -148,6 +148,7 @@ def local_checkpoint(loc: Location) -> Path:
         key = fingerprint({"files": records} if hashed else {"at": model, "files": records})
         folder = cached_checkpoint(key)
         if folder.is_dir():
+            cache.used(folder)
             return folder
         try:
             with atomic_folder(folder) as tmp:
@@ -162,6 +163,7 @@ def local_checkpoint(loc: Location) -> Path:
             if not folder.is_dir():
                 raise
             # another task on this node cached the same files first: use that copy (never replace one being read)
+        cache.prune(keep=folder)  # least recently used copies beyond RAYGPT_CACHE_GB go
         return folder
     except FileNotFoundError as e:
         raise CheckpointError(f"{loc}: a file of the checkpoint is missing ({e})") from None

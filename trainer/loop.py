@@ -36,7 +36,7 @@ from trainer.checkpointer import Checkpointer
 from trainer.config import TrainConfig, deepspeed_config, lr_at
 from trainer.deepspeed_import import import_deepspeed
 from trainer.data import SampleReader, StepData, grad_accum, rank_steps, val_ids
-from trainer.metrics import batch_digest, continue_metrics, sample_digests, upload_metrics
+from trainer.metrics import batch_digest, continue_metrics, memory, sample_digests, upload_metrics
 from trainer.mixture import Phases, Sources
 from trainer.tracking import Trackers
 
@@ -121,6 +121,7 @@ class Worker:
                   f"{self.precision.reason}")
         if self.precision.warning:
             log_rank0(f"[train] warning: {self.precision.warning}")
+        self.rss_at_start: float | None = memory()[0]  # before the model exists: what `raygpt plan` does not count
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = GPT(cfg.model)
         if cfg.init_from is not None:  # continued pretraining: the base checkpoint's weights (same architecture)
@@ -251,7 +252,8 @@ class Worker:
         loss_value = torch.stack([loss * len(data.ids), torch.tensor(float(len(data.ids)))])
         dist.all_reduce(loss_value)  # the mean over the global batch's samples
         every: list[Any] = [None] * self.world
-        dist.all_gather_object(every, sample_digests(data))
+        dist.all_gather_object(every, (sample_digests(data), memory(), self.rss_at_start))
+        self.rss_at_start = None  # (reported once, in the first line)
         return {
             "step": self.step,
             "loss": (loss_value[0] / loss_value[1]).item(),
@@ -263,7 +265,11 @@ class Worker:
             "wall_time": time.time(),  # unix time of the line: resizes and restarts show as gaps
             "precision": self.precision.precision,
             "world_size": self.world,
-            "data_digest": batch_digest(every),
+            "data_digest": batch_digest([digests for digests, _, _ in every]),
+            # every rank's resident memory now and at its peak (GiB); in the first line also before the model existed
+            "rss_gib": [rss for _, (rss, _), _ in every],
+            "rss_peak_gib": [peak for _, (_, peak), _ in every],
+            **({"rss_start_gib": [start for _, _, start in every]} if every[0][2] is not None else {}),
             # rank 0's profile of the window: where the time of a step goes, as fractions (the rest: logging,
             # reporting, the clock broadcast)
             **{f"time_{name}": float(t / window) for name, t in zip(PHASES, phases)},

@@ -25,6 +25,15 @@ def sample_digests(data: StepData) -> list[bytes]:
             for blocks in data.micro_batches for block in blocks]
 
 
+def memory() -> tuple[float, float]:
+    """This process's resident memory now and at its peak, in GiB (Linux /proc; (0, 0) where there is none)."""
+    try:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        return int(status["VmRSS"].split()[0]) / 2**20, int(status["VmHWM"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return 0.0, 0.0
+
+
 def batch_digest(per_rank: list[list[bytes]]) -> str:
     """A digest of a global batch's samples in global order (the ranks' slices in rank order): equal for equal data
     at any world size. Logged as `data_digest`, so two runs can be checked to have trained on the same samples."""
