@@ -68,7 +68,8 @@ class Preemption:
                 self.stop = ray.get_actor(stop_actor)
             except ValueError:  # a driver without one (tests that run the loop directly)
                 self.stop = None
-        actor = ray.get_runtime_context().current_actor if ray.is_initialized() else None
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        actor = ray.get_runtime_context().current_actor if in_actor else None
         if actor is not None and hasattr(actor, "execute"):  # a Ray Train worker: its main thread takes signals
             ray.get(actor.execute.remote(_install))
 
