@@ -19,40 +19,24 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import gpt2_data, moto_bucket  # noqa: E402
 from cluster import pipeline  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
 from core import files  # noqa: E402
-from core.layout import RunLayout  # noqa: E402
-from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
 from data_pipeline.manifest import read_manifest  # noqa: E402
-from data_pipeline.prepare import plan, prepare  # noqa: E402
 from model.flops import machine_header  # noqa: E402
 from model.gpt import ModelConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _data(folder: Path, seq_len: int) -> Path:
-    cfg = DataConfig(sources=[SourceConfig(type="python-stdlib")], tokenizer=TokenizerConfig(vocab_size=50257),
-                     seq_len=seq_len, overwrite=True, shard_bytes=8_000_000)
-    data_dir = RunLayout.of(folder).data.root
-    key, resolved, _ = plan(cfg, data_dir)
-    prepare(cfg, data_dir, 2, key, resolved)
-    return Path(data_dir)
 
 
 def _train(run_dir: str, data: Path, stage: int, steps: int, mode: str) -> dict[str, float]:
@@ -98,21 +82,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["async", "sync"])
     args = parser.parse_args()
 
-    port = _free_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    boto3.client("s3").create_bucket(Bucket="bench")
+    server = moto_bucket("bench")
     print(machine_header(), flush=True)
     start_local(2, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = _data(Path(tmp) / "prepared", args.seq_len)
+        data = gpt2_data(Path(tmp) / "prepared", args.seq_len)
         vocab = read_manifest(data).vocab_size
         params = sum(p.numel() for p in __import__("model.gpt", fromlist=["GPT"]).GPT(
             ModelConfig.preset("gpt2-124m", vocab_size=vocab, block_size=args.seq_len)).parameters())

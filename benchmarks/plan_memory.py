@@ -26,14 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import gpt2_data  # noqa: E402
 from cluster import pipeline  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
-from core.layout import RunLayout  # noqa: E402
-from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
 from data_pipeline.manifest import read_manifest  # noqa: E402
-from data_pipeline.prepare import plan as plan_data  # noqa: E402
-from data_pipeline.prepare import prepare  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.flops import machine_header  # noqa: E402
 from model.hardware import GiB  # noqa: E402
@@ -41,14 +38,6 @@ from trainer.plan import activations, count_params, model_states  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _data(folder: Path, seq_len: int) -> Path:
-    cfg = DataConfig(sources=[SourceConfig(type="python-stdlib")], tokenizer=TokenizerConfig(vocab_size=50257),
-                     seq_len=seq_len, overwrite=True, shard_bytes=8_000_000)
-    data_dir = RunLayout.of(folder).data.root
-    key, resolved, _ = plan_data(cfg, data_dir)
-    prepare(cfg, data_dir, 2, key, resolved)
-    return Path(data_dir)
 
 
 def _measure(run_dir: Path, data: Path, preset: str, zero: int, steps: int) -> dict[str, float]:
@@ -78,7 +67,7 @@ def main() -> None:
     start_local(2, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = _data(Path(tmp) / "prepared", args.seq_len)
+        data = gpt2_data(Path(tmp) / "prepared", args.seq_len)
         vocab = read_manifest(data).vocab_size
         for preset in args.presets:
             model = ModelConfig.preset(preset, vocab_size=vocab, block_size=args.seq_len)

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,14 +31,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import free_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "configs" / "shakespeare.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _processes() -> dict[str, psutil.Process]:
@@ -97,7 +92,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--every-s", type=float, default=120)
     args = parser.parse_args()
-    port = _free_port()
+    port = free_port()
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="soak", AWS_SECRET_ACCESS_KEY="soak",
                       AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", DS_ACCELERATOR="cpu",
                       RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="1")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import moto_bucket  # noqa: E402
 from cluster import pipeline  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
@@ -39,11 +39,6 @@ from model.flops import machine_header  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DATA = ["data.tokenizer.vocab_size=2048", "data.seq_len=256", "data.shard_bytes=200000"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(run_dir: str, steps: int) -> list[str]:
@@ -78,16 +73,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    port = _free_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    boto3.client("s3").create_bucket(Bucket="bench")
+    server = moto_bucket("bench")
     print(machine_header())
     start_local(2, log_to_driver=False)
     files = stdlib_files()
