@@ -54,6 +54,7 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo")  # the background thread's own collectives
         self.static = state.layout(engine)
         self.thread: threading.Thread | None = None
+        self.buffers: dict[str, torch.Tensor] = {}  # host copies, reused by every save (one is in flight at most)
         self.copied = threading.Event()  # the save in flight has copied the weights (training may update them)
         self.copied.set()
         self.error: BaseException | None = None
@@ -73,7 +74,7 @@ class Checkpointer:
         self.wait()
         state.link_moments(self.engine)
         # ZeRO-3's module weights are gathered (a collective: here, on the training thread); other stages' are copied
-        full = state.consolidated(self.engine) if self.cfg.train.zero_stage == 3 else None
+        full = state.consolidated(self.engine, self.buffers) if self.cfg.train.zero_stage == 3 else None
         index = state.index(self.static, step, state.adam_step(self.engine)) if self.rank == 0 else None
         self.saved_step = step
         self.copied.clear()
@@ -105,8 +106,8 @@ class Checkpointer:
 
     def _save(self, step: int, full: dict[str, torch.Tensor] | None, index: dict[str, Any] | None) -> None:
         try:
-            snapshot = state.snapshot(self.engine)
-            full = full if full is not None else state.module_weights(self.engine)
+            snapshot = state.snapshot(self.engine, self.buffers)
+            full = full if full is not None else state.module_weights(self.engine, self.buffers)
         finally:
             self.copied.set()
         if self.asynchronous:

@@ -154,16 +154,26 @@ def layout(engine: Any) -> dict[str, Any]:
     return {"world": world, "shapes": shapes, "fragments": fragments}
 
 
-def snapshot(engine: Any) -> dict[str, torch.Tensor]:
-    """This rank's fragments, copied to host memory (after `link_moments`; safe beside a forward and backward, which
-    change none of them)."""
+def host_copy(source: torch.Tensor, buffers: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """`source` copied into the fp32 host buffer kept under `name` (allocated on first use): a save reuses the last
+    one's memory instead of faulting in fresh pages every time."""
+    buffer = buffers.get(name)
+    if buffer is None or buffer.shape != source.shape:
+        buffer = buffers[name] = torch.empty(source.shape, dtype=torch.float32)
+    buffer.copy_(source.detach())
+    return buffer
+
+
+def snapshot(engine: Any, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's fragments, copied into host `buffers` (after `link_moments`; safe beside a forward and backward,
+    which change none of them)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     copies: dict[str, torch.Tensor] = {}
     for i, (name, param) in enumerate(engine.module.named_parameters()):
         if (held := _range(param, i, rank, world, loading=False)) is None:
             continue
         for key, view in _views(engine, param, held[1]).items():
-            copies[tensor_name(name, key)] = view.detach().to("cpu", torch.float32, copy=True)
+            copies[tensor_name(name, key)] = host_copy(view, buffers, tensor_name(name, key))
     return copies
 
 
@@ -260,20 +270,21 @@ def apply(engine: Any, values: dict[str, dict[str, torch.Tensor]], saved: dict[s
     return step
 
 
-def consolidated(engine: Any) -> dict[str, torch.Tensor] | None:
+def consolidated(engine: Any, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """ZeRO-3: the module's weights gathered, in fp32 on rank 0 for the published model (the one gather of a
     checkpoint; every rank must call this)."""
     deepspeed = import_deepspeed()
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        return module_weights(engine)
+        return module_weights(engine, buffers)
 
 
-def module_weights(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The module's own (whole, below ZeRO-3) weights in fp32 on rank 0, for the published model; None elsewhere."""
+def module_weights(engine: Any, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The module's own (whole, below ZeRO-3) weights in fp32 host `buffers` on rank 0, for the published model;
+    None elsewhere."""
     if dist.get_rank() != 0:
         return None
-    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in engine.module.state_dict().items()}
+    return {k: host_copy(v, buffers, f"model/{k}") for k, v in engine.module.state_dict().items()}
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ class Entry:
 
 
 FLUSH_BYTES = 64 << 20
-"""A local file is flushed to disk every this many bytes: the page cache never holds a burst of a whole checkpoint,
-whose write-back would stall every other process of the machine at once (training, on a CPU machine)."""
+"""A local file is flushed to disk every this many bytes and its pages dropped from the page cache: the cache never
+holds a burst of a whole checkpoint, whose write-back (and the reclaim of the memory it fills) would stall every other
+process of the machine at once (training, on a CPU machine)."""
 
 
 class _Hashing:
@@ -63,6 +64,8 @@ class _Hashing:
             if self.fd is not None and self.unflushed >= FLUSH_BYTES:
                 self.out.flush()
                 os.fdatasync(self.fd)
+                if hasattr(os, "posix_fadvise"):  # written and on disk: its pages need not crowd the page cache
+                    os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 self.unflushed = 0
 
 

@@ -72,7 +72,7 @@ def _train(engine: Any, batches: list[torch.Tensor]) -> None:
 def _state(engine: Any) -> dict[str, torch.Tensor]:
     """The fp32 masters and moments of a world-1 engine (its one fragment of each parameter is the whole)."""
     state.link_moments(engine)
-    return state.snapshot(engine)
+    return {k: v.clone() for k, v in state.snapshot(engine, {}).items()}
 
 
 class Gate(Hooks):
