@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import gpt2_data, moto_bucket  # noqa: E402
@@ -51,22 +53,26 @@ def _train(run_dir: str, data: Path, stage: int, steps: int, mode: str) -> dict[
         "train.log_every=1", f"train.eval_every={10**6}", "train.eval_batches=1", f"train.checkpoint_every={every}",
         f"train.checkpoint_async={mode != 'sync'}", "train.time_budget_s=null", "train.micro_batch_size=1",
         "cluster.num_workers=2", "train.precision=auto", f"train.zero_stage={stage}", "train.warmup_steps=5"])
+    cpu = psutil.Process().cpu_times()
     pipeline.run_train(cfg)
+    after = psutil.Process().cpu_times()
     rows = [json.loads(line) for line in files.read_text(cfg.layout.metrics).splitlines() if line]
     tokens = (rows[-1]["tokens"] - rows[0]["tokens"])
     durations = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]
     print(f"  {mode} step seconds (steps 2..{steps}): " + " ".join(f"{d:.1f}" for d in durations), flush=True)
     return {"tokens_per_s": tokens / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]),
-            "blocked_s": sum(r.get("checkpoint_s", 0.0) for r in rows), "precision": rows[-1]["precision"]}
+            "blocked_s": sum(r.get("checkpoint_s", 0.0) for r in rows), "precision": rows[-1]["precision"],
+            # this process: the driver, which mostly waits, and moto's server threads, which take every upload
+            "driver_cpu_s": after.user + after.system - cpu.user - cpu.system}
 
 
-def _resume(run_dir: str, steps: int) -> dict[str, float]:
+def _resume(run_dir: str, steps: int, stage: int) -> dict[str, float]:
     """One more step from the newest checkpoint: the bytes each rank read (the first metrics line after a resume)."""
     cfg = load_config(REPO / "configs" / "shakespeare.yaml", [
         f"run_dir={run_dir}", "model.preset=gpt2-124m", "model.overrides={}", f"train.max_steps={steps + 1}",
         "train.log_every=1", f"train.eval_every={10**6}", "train.eval_batches=1", "train.checkpoint_every=10",
         "train.time_budget_s=null", "train.micro_batch_size=1", "cluster.num_workers=2", "train.precision=auto",
-        "train.zero_stage=1", "train.warmup_steps=5"])
+        f"train.zero_stage={stage}", "train.warmup_steps=5"])
     pipeline.run_train(cfg)
     rows = [json.loads(line) for line in files.read_text(cfg.layout.metrics).splitlines() if line]
     line = next(r for r in rows if "resume_read_bytes" in r)
@@ -102,18 +108,20 @@ def main() -> None:
                     run_dir = f"{tmp}/{mode}-{stage}" if where == "local" else f"s3://bench/{mode}-{stage}"
                     got = _train(run_dir, data, stage, args.steps, mode)
                     ratio = got["tokens_per_s"] / base["tokens_per_s"]
-                    rows.append((stage, where, mode, got["tokens_per_s"], ratio, got["blocked_s"]))
+                    rows.append((stage, where, mode, got["tokens_per_s"], ratio, got["blocked_s"], got["driver_cpu_s"]))
                     print(f"ZeRO-{stage} {where:6} {mode:5}: {got['tokens_per_s']:.1f} tokens/s = {ratio:.3f}× none; "
-                          f"training waited {got['blocked_s']:.1f} s in saves", flush=True)
-        if "local" in args.where and 1 in args.stages:
-            read = _resume(f"{tmp}/async-1", args.steps)
-            print(f"resume at the same world size (2) and ZeRO-1: each rank read ≤ {read['read'] / 1e6:,.0f} MB of "
+                          f"training waited {got['blocked_s']:.1f} s in saves; CPU of this process (driver + moto) "
+                          f"{got['driver_cpu_s']:.0f} s", flush=True)
+        if "local" in args.where and "async" in args.modes:
+            stage = args.stages[0]
+            read = _resume(f"{tmp}/async-{stage}", args.steps, stage)
+            print(f"resume at the same world size (2) and ZeRO-{stage}: each rank read ≤ {read['read'] / 1e6:,.0f} MB of "
                   f"{read['total'] / 1e6:,.0f} MB = {read['read'] / read['total']:.3f} (goal ≤ 0.60)", flush=True)
     server.stop()
-    print("\n| ZeRO | run_dir | checkpoints | tokens/s | vs none | training waited (s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for stage, where, mode, tps, ratio, blocked in rows:
-        print(f"| {stage} | {where} | {mode} every 10 steps | {tps:.1f} | {ratio:.3f} | {blocked:.1f} |")
+    print("\n| ZeRO | run_dir | checkpoints | tokens/s | vs none | training waited (s) | CPU s of driver + moto |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for stage, where, mode, tps, ratio, blocked, cpu in rows:
+        print(f"| {stage} | {where} | {mode} every 10 steps | {tps:.1f} | {ratio:.3f} | {blocked:.1f} | {cpu:.0f} |")
 
 
 if __name__ == "__main__":

@@ -184,15 +184,20 @@ class Worker:
     def evaluate(self) -> tuple[float, float]:
         """Mean val loss over the fixed val set (eval_batches × micro_batch_size blocks, split over the ranks, the same
         set at any world size) and bits per byte."""
-        ids = val_ids(self.val_data.num_samples, self.t.eval_batches * self.t.micro_batch_size, self.rank, self.world)
+        micro, count = self.t.micro_batch_size, self.t.eval_batches * self.t.micro_batch_size
+        ids = val_ids(self.val_data.num_samples, count, self.rank, self.world)
+        # every rank runs as many forwards as the rank with the most ids: under ZeRO-3 each forward gathers the
+        # parameters from every rank, so a rank with fewer ids (or none) runs a padding batch that counts nothing
+        share = len(val_ids(self.val_data.num_samples, count, 0, self.world))
         total = torch.zeros(2)
         self.engine.eval()
         with torch.no_grad():
-            for i in range(0, len(ids), self.t.micro_batch_size):
-                blocks = self.val_data.read_many(ids[i : i + self.t.micro_batch_size])
+            for i in range(0, share, micro):
+                chosen = ids[i : i + micro]
+                blocks = self.val_data.read_many(chosen) if len(chosen) else np.zeros((1, self.manifest.seq_len + 1))
                 batch = torch.from_numpy(blocks.astype(np.int64)).to(self.engine.device)
                 _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
-                total += torch.tensor([loss.float().item() * len(batch), len(batch)])
+                total += torch.tensor([loss.float().item() * len(chosen), len(chosen)])
         dist.all_reduce(total)
         self.engine.train()
         val_loss = (total[0] / total[1]).item()

@@ -64,15 +64,18 @@ TRACKED = ("train.loggers=[tensorboard,wandb,mlflow]", "train.tracking_project=r
 def test_zero_stages_train(prepared: Path, tmp_path: Path, stage: int, precision: str,
                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Every ZeRO stage; bf16 (emulated and slower on an AVX2 CPU, still correct), fp32, and auto (the rule of
-    `model.precision` on this CPU) — each recorded in the metrics. The ZeRO-2 run also logs to W&B and MLflow."""
+    `model.precision` on this CPU) — each recorded in the metrics. The ZeRO-2 run also logs to W&B and MLflow; the
+    ZeRO-3 run validates on one sample (a rank without any joins the forwards: it once waited for ever)."""
     run_dir = _run_dir(prepared, tmp_path, f"zero{stage}")
     tracked = stage == 2
     if tracked:
         monkeypatch.setenv("WANDB_MODE", "offline")
         monkeypatch.setenv("WANDB_SILENT", "true")
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # ZeRO-3 with a validation set of one sample: rank 1 has none, and must still join every forward's gathers
+    uneven = ("train.micro_batch_size=1", "train.global_batch_size=8", "train.eval_batches=1") if stage == 3 else ()
     _train(run_dir, f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=25",
-           "train.checkpoint_every=25", *(TRACKED if tracked else ()))
+           "train.checkpoint_every=25", *(TRACKED if tracked else ()), *uneven)
     metrics = _metrics(run_dir)
     expected = ("bf16" if detect().native_bf16 else "fp32") if precision == "auto" else precision
     assert {m.get("precision") for m in metrics if "loss" in m} == {expected}
