@@ -31,6 +31,7 @@ from benchmarks.common import gpt2_data, moto_bucket  # noqa: E402
 from cluster import pipeline  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
+from core.layout import RunLayout  # noqa: E402
 from core import files  # noqa: E402
 from data_pipeline.manifest import read_manifest  # noqa: E402
 from model.flops import machine_header  # noqa: E402
@@ -46,7 +47,7 @@ def _train(run_dir: str, data: Path, stage: int, steps: int, mode: str) -> dict[
     if "://" in run_dir:
         files.upload_folder(data, f"{run_dir}/data")
     else:
-        shutil.copytree(data, Path(run_dir) / "data")
+        shutil.copytree(data, RunLayout.of(run_dir).data.root)
     every = 10 if mode != "none" else 10**6
     cfg = load_config(REPO / "configs" / "shakespeare.yaml", [
         f"run_dir={run_dir}", "model.preset=gpt2-124m", "model.overrides={}", f"train.max_steps={steps}",

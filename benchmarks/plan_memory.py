@@ -30,6 +30,7 @@ from benchmarks.common import gpt2_data  # noqa: E402
 from cluster import pipeline  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.ray_connect import start_local  # noqa: E402
+from core.layout import RunLayout  # noqa: E402
 from data_pipeline.manifest import read_manifest  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.flops import machine_header  # noqa: E402
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _measure(run_dir: Path, data: Path, preset: str, zero: int, steps: int) -> dict[str, float]:
-    shutil.copytree(data, run_dir / "data")
+    shutil.copytree(data, RunLayout.of(run_dir).data.root)
     cfg = load_config(REPO / "configs" / "shakespeare.yaml", [
         f"run_dir={run_dir}", f"model.preset={preset}", "model.overrides={}", f"train.max_steps={steps}",
         "train.log_every=1", f"train.eval_every={10**6}", "train.eval_batches=1", f"train.checkpoint_every={10**6}",

@@ -1,4 +1,4 @@
-"""The bound on the local cache's downloaded checkpoints (`core.layout.cache_dir()`/checkpoints): least recently used
+"""The bound on the local cache's downloaded checkpoints (`core.layout.cached_checkpoints()`): least recently used
 copies are deleted once the cache holds more than RAYGPT_CACHE_GB (default 20) gigabytes, so that a long run that
 evaluates or samples every checkpoint it publishes cannot fill the disk.
 
@@ -8,13 +8,13 @@ Called by `model.checkpoint.local_checkpoint` after each use; `python -m core.ca
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from core.errors import UserError
-from core.layout import cache_dir
+from core.files import remove
+from core.layout import cached_checkpoints
 
 DEFAULT_GB = 20.0
 
@@ -42,7 +42,7 @@ def used(folder: Path) -> None:
 def prune(keep: Path | None = None, limit: int | None = None) -> list[Path]:
     """Delete the least recently used cached checkpoints until the rest fit in `limit` bytes (RAYGPT_CACHE_GB); never
     `keep` (the copy just used). Returns what was deleted. A copy another process deletes first is skipped."""
-    root = cache_dir() / "checkpoints"
+    root = cached_checkpoints()
     limit = limit_bytes() if limit is None else limit
     if not root.is_dir():
         return []
@@ -60,7 +60,7 @@ def prune(keep: Path | None = None, limit: int | None = None) -> list[Path]:
             break
         if keep is not None and folder.resolve() == keep.resolve():
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        remove(folder)
         total -= size
         removed.append(folder)
     return removed
@@ -69,7 +69,7 @@ def prune(keep: Path | None = None, limit: int | None = None) -> list[Path]:
 if __name__ == "__main__":
     for path in prune(limit=int(float(sys.argv[1]) * 1e9) if len(sys.argv) > 1 else None):
         print(f"removed {path}")
-    root = cache_dir() / "checkpoints"
+    root = cached_checkpoints()
     left = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
     print(f"{len(left)} cached checkpoint(s), {sum(_size(p) for p in left) / 1e9:.2f} GB in {root} "
           f"(limit {limit_bytes() / 1e9:g} GB, RAYGPT_CACHE_GB)")

@@ -60,9 +60,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYGPT_CACHE") or Path.home() / ".cache" / "raygpt")
 
 
+def cached_checkpoints() -> Path:
+    """The folder of the local copies of checkpoints downloaded from object storage (bounded by `core.cache`)."""
+    return cache_dir() / "checkpoints"
+
+
 def cached_checkpoint(key: str) -> Path:
     """The local copy of a checkpoint downloaded from object storage, named by its files' hashes."""
-    return cache_dir() / "checkpoints" / key
+    return cached_checkpoints() / key
 
 
 def step_name(step: int) -> str:
