@@ -305,7 +305,6 @@ def test_a_drained_node_costs_no_step(
     assert len(set(stops)) == 1, logs[-4000:]
     stop = int(stops[0])
     assert 4 <= stop < steps
-    assert len(re.findall(r"\[train\] rank (\d)/2 on node (\w+)", logs)) == 4  # 2 ranks, launched twice
     metrics = _logged(layout)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))  # every step once: none redone, none missing
     assert [m["step"] for m in metrics if "resume_read_bytes" in m] == [stop + 1]
