@@ -194,6 +194,17 @@ def _logged(layout: RunLayout) -> list[dict]:
     return [json.loads(line) for line in files.read_text(layout.metrics).splitlines() if line.strip()]
 
 
+def _succeeded(client: JobSubmissionClient, job_id: str, timeout_s: float = 300) -> str:
+    """The logs of a job once it ended, after checking that it succeeded."""
+    deadline = time.monotonic() + timeout_s
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    return logs
+
+
 def _wait(condition: Callable[[], bool], what: str, client: JobSubmissionClient, job_id: str, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -243,12 +254,7 @@ def test_an_elastic_group_shrinks_when_a_node_is_lost_and_grows_back(
     cluster.add_node(num_cpus=2)  # capacity comes back
     _wait(lambda: [m["world_size"] for m in _logged(layout)][-1:] == [2], "the group grown back to 2", client, job_id)
     print(f"2 workers again after {time.monotonic() - started:.0f}s", flush=True)
-    deadline = time.monotonic() + 300
-    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    logs = client.get_job_logs(job_id)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = _succeeded(client, job_id)
     print(f"finished after {time.monotonic() - started:.0f}s", flush=True)
 
     metrics = _logged(layout)
@@ -291,12 +297,7 @@ def test_a_drained_node_costs_no_step(
                     "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
                     "--reason-message", "spot reclaim", "--deadline-remaining-seconds", "120"],
                    check=True, capture_output=True, timeout=60)
-    deadline = time.monotonic() + 300
-    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    logs = client.get_job_logs(job_id)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = _succeeded(client, job_id)
     cluster.remove_node(node, allow_graceful=False)  # reclaimed
     cluster.add_node(num_cpus=2)  # and replaced, for the tests after this one
     cluster.wait_for_nodes()
