@@ -38,7 +38,7 @@ from core.layout import RunLayout, join
 from model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, checkpoint_parts
 from trainer import checkpoints, liveness, state, tensorfile
 from trainer.faults import Hooks
-from trainer.metrics import upload_metrics
+from trainer.metrics import metrics_length, upload_metrics
 
 STATE_DIR = "state"
 BACKGROUND_NICE = 19
@@ -63,6 +63,8 @@ class Checkpointer:
         """After a resume: the bytes each rank read and the state's total (reported in the first metrics line)."""
         self.written_by = 0
         """After a resume: the world size that wrote the checkpoint."""
+        self.metrics_bytes: int | None = None
+        """Rank 0 of a run on object storage: the metrics mirror's length when the save in flight was taken."""
 
     # -- save ------------------------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
@@ -76,6 +78,7 @@ class Checkpointer:
         # ZeRO-3's module weights are gathered (a collective: here, on the training thread); other stages' are copied
         full = state.consolidated(self.engine, self.buffers) if self.cfg.train.zero_stage == 3 else None
         index = state.index(self.static, step, state.adam_step(self.engine)) if self.rank == 0 else None
+        self.metrics_bytes = metrics_length(self.layout) if self.rank == 0 else None
         self.saved_step = step
         self.copied.clear()
         if not self.asynchronous:
@@ -133,7 +136,7 @@ class Checkpointer:
         if self.rank != 0:
             return
         liveness.check(self.cfg.driver, self.rank, step)  # never commit for a driver that is gone
-        upload_metrics(self.layout)  # the metrics up to this step first: a resume from the commit must find them
+        upload_metrics(self.layout, self.metrics_bytes)  # the metrics to this step first: a resume must find them
         record = checkpoints.commit(self.layout, step, self.cfg.fingerprint, self.world, checkpoints.merge_files(every))
         if self.layout.remote_storage and not self.layout.remote:  # the published model of a local run is local
             with files.atomic_folder(self.layout.model_dir(step), replace=True) as tmp:

@@ -10,8 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+from trainer import preemption
+
+HANDLER_TIMEOUT_S = 60.0
 
 
 class Hooks:
@@ -50,6 +55,7 @@ class InjectedFaults(Hooks):
         if step in (self.faults.get("term_after_step"), self.faults.get("term_twice_after_step")) and last \
                 and self._once("term"):
             os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice (Kubernetes, a spot reclaim) to this worker
+            _handled(preemption.SIGNALLED)
         if (slow := self.faults.get("step_ms")) and rank == 0:
             time.sleep(slow / 1000)
 
@@ -57,8 +63,17 @@ class InjectedFaults(Hooks):
         if step == self.faults.get("kill_in_upload") and rank == 0 and self._once("kill"):
             os.kill(os.getpid(), signal.SIGKILL)
         twice = self.faults.get("term_twice_after_step")
-        if twice is not None and step > twice and rank == world - 1 and self._once("term again"):
+        if twice is not None and step >= twice and rank == world - 1 and self._once("term again"):
             os.kill(os.getpid(), signal.SIGTERM)  # impatient: the second notice ends the process mid-checkpoint
+            _handled(threading.Event())  # never set: the handler ends the process
+
+
+def _handled(done: threading.Event) -> None:
+    """Until the signal just sent has been handled. Python runs handlers on the main thread, which in a Ray worker
+    sits in Ray's task loop and looks at signals only now and then (up to seconds on a loaded machine): without
+    waiting, a fast step could pass before the notice is seen, and the test would not know which step it hit."""
+    if not done.wait(HANDLER_TIMEOUT_S):
+        raise RuntimeError(f"the injected SIGTERM was not handled within {HANDLER_TIMEOUT_S} s")
 
 
 def hooks(faults: dict[str, int]) -> Hooks:

@@ -71,11 +71,20 @@ def read_metrics(text: str) -> list[dict[str, Any]]:
     return [rows[step] for step in sorted(rows)]
 
 
-def upload_metrics(layout: RunLayout) -> None:
+def metrics_length(layout: RunLayout) -> int | None:
+    """Rank 0, between steps: the bytes of whole lines in the local metrics mirror now (None where there is none)."""
+    return layout.metrics_local.stat().st_size if layout.remote and layout.metrics_local.is_file() else None
+
+
+def upload_metrics(layout: RunLayout, length: int | None = None) -> None:
     """Rank 0, for a run on object storage: the local metrics and TensorBoard mirror replace the run's copy (object
-    stores do not append). Called at every checkpoint and at the end."""
+    stores do not append). Called at every checkpoint and at the end. `length` (from `metrics_length`, taken between
+    steps) uploads only that prefix: a checkpoint written in the background must not copy a line being appended."""
     if layout.remote:
-        if layout.metrics_local.is_file():
+        if length is not None:
+            with open(layout.metrics_local, "rb") as f, files.output(layout.metrics) as out:
+                out.write(f.read(length))
+        elif layout.metrics_local.is_file():
             files.upload(layout.metrics_local, layout.metrics)
         if layout.tensorboard_local.is_dir():
             files.upload_folder(layout.tensorboard_local, layout.tensorboard)
