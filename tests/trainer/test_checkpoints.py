@@ -97,3 +97,23 @@ def test_metrics_drop_a_torn_line_and_never_repeat_a_step(tmp_path: Path) -> Non
     continue_metrics(layout, None)
     assert layout.metrics_local.read_text() == ""
     assert [r["step"] for r in read_metrics(rows + rows)] == list(range(1, 7))  # one row per step
+
+
+def test_a_background_save_uploads_the_metrics_as_they_were_when_it_was_taken(s3_bucket: str, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An async checkpoint uploads the run's metrics from its writer thread while the loop appends the next lines: it
+    uploads the length taken at the save (whole lines), never a line being written."""
+    from core import files
+    from trainer.metrics import metrics_length, read_metrics, upload_metrics
+
+    monkeypatch.setenv("RAYGPT_CACHE", str(tmp_path / "cache"))
+    layout = RunLayout.of(f"{s3_bucket}/{tmp_path.name}")
+    layout.metrics_local.parent.mkdir(parents=True, exist_ok=True)
+    layout.metrics_local.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 5)))
+    length = metrics_length(layout)
+    with open(layout.metrics_local, "a") as f:
+        f.write('{"step": 5, "lo')  # the loop, half way through its next line
+    upload_metrics(layout, length)
+    text = files.read_text(layout.metrics)
+    assert text.endswith("\n") and [r["step"] for r in read_metrics(text)] == [1, 2, 3, 4]
+    assert all(json.loads(line) for line in text.splitlines())
