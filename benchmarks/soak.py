@@ -4,13 +4,16 @@ worker SIGKILLed and one node drained on the way. Not part of `make test`.
 
     .venv/bin/python benchmarks/soak.py [--minutes 30] [--every-s 120]
 
-Reports, from a monitor sampling every 15 s: tokens/s per tenth of the run, the steps redone (after the SIGKILL: the
-steps since the last commit; after the drain: none), the bucket's bytes and the local cache's size, and the resident
-memory of every process of the run — the driver (this process), each training worker, the raylets and the GCS —
-from its first sample after the first checkpoint to its last. Goal: no process grows by more than 10%.
+Reports: tokens/s per tenth of the run, the steps redone (after the SIGKILL: the steps since the last commit; after
+the drain: none; read from rank 0's metrics mirror, one line per step, every second), the bucket's bytes and the
+local cache's size, and the resident memory of every process of the run — the driver (`raygpt train`), each training
+worker, the raylets and the GCS — sampled every 15 s. A process's baseline is its first sample after its group's
+first checkpoint (the checkpoint's host buffers are allocated then). Goal: no process grows by more than 10%.
 
 The bucket is moto's S3 server in a separate process (its memory holds the bucket and is not the run's). The kill
 comes at 1/3 of the run, the drain at 2/3; the drained node is then removed and a fresh one added, as a cloud would.
+The run ends as a Kubernetes pod deletion would end it: SIGTERM to the driver, which has the workers commit the
+step they reached.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "configs" / "shakespeare.yaml"
 
 
-def _processes() -> dict[str, psutil.Process]:
-    """The run's processes by role: this driver, the training workers, raylets and the GCS."""
-    found = {"driver": psutil.Process()}
+def _processes(driver: int) -> dict[str, psutil.Process]:
+    """The run's processes by role: the driver (`raygpt train`), the training workers, raylets and the GCS."""
+    found = {"driver": psutil.Process(driver)}
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
             line = " ".join(proc.info["cmdline"] or [])
@@ -54,36 +57,46 @@ def _processes() -> dict[str, psutil.Process]:
 
 
 class Monitor:
-    """Samples every process's RSS and the run's logged steps every `period` seconds on a thread."""
+    """Samples every process's RSS every `period` seconds, and the last step in rank 0's metrics mirror every
+    second, on a thread."""
 
-    def __init__(self, metrics_at: str, period: float = 15.0):
-        from core import files
-
-        self.files, self.metrics_at, self.period = files, metrics_at, period
+    def __init__(self, metrics_local: Path, driver: int, period: float = 15.0):
+        self.metrics_local, self.driver, self.period = metrics_local, driver, period
         self.rss: dict[str, list[tuple[float, float]]] = {}
-        self.steps: list[tuple[float, int]] = []
+        self.first_seen: dict[str, float] = {}
+        self.redone = 0
+        self.last_step = 0
         self.first_checkpoint: float | None = None
         self.stop = threading.Event()
         self.started = time.monotonic()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
+    def _steps(self) -> None:
+        try:
+            lines = self.metrics_local.read_text().splitlines()
+            step = json.loads(lines[-1])["step"] if lines else 0
+        except (OSError, ValueError, KeyError):
+            return
+        self.redone += max(0, self.last_step - step)  # a resume cut the mirror back to its checkpoint's step
+        self.last_step = step
+        if self.first_checkpoint is None and any('"checkpoint_s"' in line for line in lines):
+            self.first_checkpoint = time.monotonic() - self.started
+
     def _loop(self) -> None:
-        while not self.stop.wait(self.period):
+        ticks = 0
+        while not self.stop.wait(1.0):
+            self._steps()
+            ticks += 1
+            if ticks % int(self.period):
+                continue
             now = time.monotonic() - self.started
-            for role, proc in _processes().items():
+            for role, proc in _processes(self.driver).items():
                 try:
                     self.rss.setdefault(role, []).append((now, proc.memory_info().rss / 2**30))
+                    self.first_seen.setdefault(role, now)
                 except psutil.Error:
                     continue
-            try:
-                rows = [json.loads(line) for line in self.files.read_text(self.metrics_at).splitlines() if line]
-            except (OSError, ValueError):
-                rows = []
-            if rows:
-                self.steps.append((now, rows[-1]["step"]))
-                if self.first_checkpoint is None and any("checkpoint_s" in r for r in rows):
-                    self.first_checkpoint = now
 
 
 def main() -> None:
@@ -98,14 +111,12 @@ def main() -> None:
     moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import boto3
-    import ray
     from ray.cluster_utils import Cluster
 
-    from cluster import pipeline
-    from cluster.config import load_config
     from core import files
     from core.layout import RunLayout
     from model.flops import machine_header
+    from trainer.metrics import read_metrics
 
     deadline = time.monotonic() + 30
     while True:
@@ -116,48 +127,58 @@ def main() -> None:
             assert time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.5)
     print(machine_header(), flush=True)
+    cache = Path(tempfile.mkdtemp(prefix="raygpt-soak-cache-"))
+    os.environ["RAYGPT_CACHE"] = str(cache)  # before the nodes start: their workers inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
     run_dir = "s3://soak/run"
-    cache = Path(tempfile.mkdtemp(prefix="raygpt-soak-cache-"))
-    os.environ["RAYGPT_CACHE"] = str(cache)
     seconds = args.minutes * 60
     overrides = [f"run_dir={run_dir}", "model.preset=tiny", "model.overrides={}", "train.max_steps=10000000",
-                 f"train.time_budget_s={seconds}", f"train.checkpoint_every_s={args.every_s}",
-                 "train.checkpoint_every=10000000", "train.eval_every=500", "train.log_every=20",
+                 "train.time_budget_s=null", f"train.checkpoint_every_s={args.every_s}",
+                 "train.checkpoint_every=10000000", "train.eval_every=500", "train.log_every=1",
                  "train.micro_batch_size=8", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
                  "cluster.placement_strategy=SPREAD", "cluster.max_failures=2"]
-    cfg = load_config(SHAKESPEARE, overrides)
-    pipeline.run_prepare(cfg)
+    raygpt = str(Path(sys.executable).parent / "raygpt")
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    subprocess.run([raygpt, "prepare", str(SHAKESPEARE), *overrides], env=env, check=True)
     layout = RunLayout.of(run_dir)
-    monitor = Monitor(str(layout.metrics))
+    # the driver is `raygpt train` in its own process, as a user (or a Kubernetes pod) runs it
+    driver = subprocess.Popen([raygpt, "train", str(SHAKESPEARE), *overrides], env=env, stderr=subprocess.PIPE, text=True)
+    monitor = Monitor(layout.metrics_local, driver.pid)
     events: list[str] = []
 
-    def inject() -> None:  # the SIGKILL at 1/3, the drain at 2/3
-        time.sleep(seconds / 3)
-        victim = next((p for role, p in _processes().items() if role.startswith("worker")), None)
-        if victim is not None:
-            events.append(f"{time.monotonic() - monitor.started:.0f}s: SIGKILL worker pid {victim.pid}")
-            victim.send_signal(signal.SIGKILL)
-        time.sleep(seconds / 3)
-        node = next(iter(cluster.worker_nodes))
-        events.append(f"{time.monotonic() - monitor.started:.0f}s: drain node {node.node_id[:8]}")
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
-                        "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
-                        "soak", "--deadline-remaining-seconds", "120"], check=True, capture_output=True)
-        time.sleep(60)
-        cluster.remove_node(node, allow_graceful=False)
-        cluster.add_node(num_cpus=2)
-        events.append(f"{time.monotonic() - monitor.started:.0f}s: drained node removed, a fresh one added")
+    def event(what: str) -> None:
+        events.append(f"{time.monotonic() - monitor.started:.0f}s: {what}")
+        print(f"[soak] {events[-1]}", flush=True)
 
-    injector = threading.Thread(target=inject, daemon=True)
-    injector.start()
-    pipeline.run_train(cfg)
+    def until(fraction: float) -> None:
+        time.sleep(max(0.0, fraction * seconds - (time.monotonic() - monitor.started)))
+        assert driver.poll() is None, f"the run ended early: {driver.stderr.read() if driver.stderr else ''}"
+
+    until(1 / 3)
+    victim = next((p for role, p in _processes(driver.pid).items() if role.startswith("worker")), None)
+    assert victim is not None, "no training worker found"
+    event(f"SIGKILL worker pid {victim.pid} at step {monitor.last_step}")
+    victim.send_signal(signal.SIGKILL)
+    until(2 / 3)
+    node = next(iter(cluster.worker_nodes))
+    event(f"drain node {node.node_id[:8]} at step {monitor.last_step}")
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
+                    "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                    "soak", "--deadline-remaining-seconds", "120"], check=True, capture_output=True)
+    time.sleep(60)
+    cluster.remove_node(node, allow_graceful=False)
+    cluster.add_node(num_cpus=2)
+    event("drained node removed, a fresh one added")
+    until(1)
+    event(f"SIGTERM to the driver at step {monitor.last_step}")
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=600)
+    event(f"driver exited {driver.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}")
     monitor.stop.set()
     monitor.thread.join()
-    rows = [json.loads(line) for line in files.read_text(layout.metrics).splitlines() if line]
+    rows = read_metrics(files.read_text(layout.metrics))
     bucket = sum(files.files_under(run_dir).values())
     cache_bytes = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     cluster.shutdown()
@@ -165,23 +186,21 @@ def main() -> None:
     files.remove(cache)
 
     print("\nevents: " + "; ".join(events))
-    redone, previous = 0, 0
-    for _, step in monitor.steps:  # a restart goes back to its checkpoint's step: the difference runs again
-        redone += max(0, previous - step)
-        previous = step
-    print(f"steps redone (seen by the monitor every {monitor.period:.0f} s): {redone}")
-    tenth = seconds / 10
+    print(f"steps logged: {len(rows)} (1..{rows[-1]['step']}); steps redone: {monitor.redone}")
+    begin, tenth = rows[0]["wall_time"], (rows[-1]["wall_time"] - rows[0]["wall_time"]) / 10
     print("tokens/s per tenth of the run: " + ", ".join(
         f"{sum(r['tokens_per_sec'] for r in part) / len(part):,.0f}" if (part := [
-            r for r in rows if "tokens_per_sec" in r and i * tenth <= r["elapsed_s"] < (i + 1) * tenth]) else "-"
+            r for r in rows if "tokens_per_sec" in r and i <= (r["wall_time"] - begin) / tenth < i + 1]) else "-"
         for i in range(10)))
-    print(f"bucket: {bucket / 1e6:,.1f} MB; local cache: {cache_bytes / 1e6:,.1f} MB")
-    start = monitor.first_checkpoint or 0.0
-    print("\n| process | RSS after the first checkpoint (GiB) | at its last sample | growth |")
+    print(f"bucket: {bucket / 1e6:,.1f} MB; local cache: {cache_bytes / 1e6:,.1f} MB "
+          f"(RAYGPT_CACHE_GB bound: {os.environ.get('RAYGPT_CACHE_GB', '20')} GB)")
+    print("\n| process | RSS at baseline (GiB) | at its last sample | growth |")
     print("| --- | --- | --- | --- |")
     worst = 0.0
     for role, samples in monitor.rss.items():
-        after = [(t, r) for t, r in samples if t >= start]
+        begins = max(monitor.first_checkpoint or 0.0, monitor.first_seen[role] + 1.25 * args.every_s) \
+            if role.startswith("worker") else (monitor.first_checkpoint or 0.0)
+        after = [(t, r) for t, r in samples if t >= begins and r > 0]  # a dead process (zombie) reads 0
         if len(after) < 2:
             continue
         growth = after[-1][1] / after[0][1] - 1
