@@ -41,19 +41,34 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 
-def _measure(run_dir: Path, data: Path, preset: str, zero: int, steps: int) -> dict[str, float]:
+NULL = {"n_layer": 1, "n_head": 1, "n_embd": 16}
+"""A model with ~no states (the 50,257-row embedding at width 16: 0.8M parameters), run like the others: its peak is
+the runtime's own memory per rank (torch, oneDNN, DeepSpeed, gloo, the data reader), which the plan leaves to the
+device (on a GPU the CUDA context) and which is subtracted from every measurement."""
+NULL_OVERRIDES = "{" + ", ".join(f"{k}: {v}" for k, v in NULL.items()) + "}"
+
+
+def _planned(model: ModelConfig, params: int, largest: int, zero: int, seq_len: int, micro_batch: int) -> float:
+    """The plan's peak per rank on 2 CPU workers: model states, buffers as resident on a CPU, activations."""
+    states = model_states(params, largest, zero, 2, resident=True)
+    return sum(states.values()) + micro_batch * activations(model, seq_len, model.activation_checkpointing)
+
+
+def _measure(run_dir: Path, data: Path, preset: str, zero: int, steps: int, micro_batch: int = 1,
+             overrides: str = "{}") -> dict[str, float]:
+    """Bytes per rank (the larger rank): `peak` = resident peak − resident before the model existed; `after` = after
+    the last step − before."""
     shutil.copytree(data, RunLayout.of(run_dir).data.root)
     cfg = load_config(REPO / "configs" / "shakespeare.yaml", [
-        f"run_dir={run_dir}", f"model.preset={preset}", "model.overrides={}", f"train.max_steps={steps}",
+        f"run_dir={run_dir}", f"model.preset={preset}", f"model.overrides={overrides}", f"train.max_steps={steps}",
         "train.log_every=1", f"train.eval_every={10**6}", "train.eval_batches=1", f"train.checkpoint_every={10**6}",
-        "train.time_budget_s=null", "train.micro_batch_size=1", "cluster.num_workers=2", "train.precision=bf16",
-        f"train.zero_stage={zero}"])
+        "train.time_budget_s=null", f"train.micro_batch_size={micro_batch}", "cluster.num_workers=2",
+        f"train.global_batch_size={2 * micro_batch}", "train.precision=bf16", f"train.zero_stage={zero}"])
     pipeline.run_train(cfg)
     rows = [json.loads(line) for line in cfg.layout.metrics.read_text().splitlines() if line]
     start, last = rows[0]["rss_start_gib"], rows[-1]
-    states = max(now - before for now, before in zip(last["rss_gib"], start))
-    acts = max(peak - now for now, peak in zip(last["rss_gib"], last["rss_peak_gib"]))
-    return {"states": states * GiB, "activations": acts * GiB}
+    return {"peak": max(p - s for p, s in zip(last["rss_peak_gib"], start)) * GiB,
+            "after": max(a - s for a, s in zip(last["rss_gib"], start)) * GiB}
 
 
 def main() -> None:
@@ -62,30 +77,49 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["gpt2-124m", "tiny"])
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--big-batch", type=int, default=8, help="micro-batch of the activation runs (ZeRO-1)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print(machine_header(), flush=True)
     start_local(2, log_to_driver=False)
-    rows = []
+    rows, acts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = gpt2_data(Path(tmp) / "prepared", args.seq_len)
         vocab = read_manifest(data).vocab_size
+        runtime = {}  # per stage: the peak of a model with ~no states (the CPU's counterpart of a CUDA context)
+        null = ModelConfig.preset("tiny", vocab_size=vocab, block_size=args.seq_len, **NULL)
+        null_params, null_largest = count_params(null)
+        for zero in args.stages:
+            got = _measure(Path(tmp) / f"null-{zero}", data, "tiny", zero, args.steps, overrides=NULL_OVERRIDES)
+            runtime[zero] = got["peak"] - _planned(null, null_params, null_largest, zero, args.seq_len, 1)
+            print(f"runtime ZeRO-{zero}: {runtime[zero] / GiB:.3f} GiB per rank", flush=True)
         for preset in args.presets:
             model = ModelConfig.preset(preset, vocab_size=vocab, block_size=args.seq_len)
             params, largest = count_params(model)
-            act = activations(model, args.seq_len, model.activation_checkpointing)
             for zero in args.stages:
                 got = _measure(Path(tmp) / f"{preset}-{zero}", data, preset, zero, args.steps)
-                want = sum(model_states(params, largest, zero, 2).values())
-                rows.append((preset, params, zero, want, got["states"], act, got["activations"]))
-                print(f"{preset} ({params / 1e6:.1f}M) ZeRO-{zero}: states plan {want / GiB:.3f} GiB, measured "
-                      f"{got['states'] / GiB:.3f} GiB ({got['states'] / want:.2f}×); activations plan {act / GiB:.3f}, "
-                      f"measured {got['activations'] / GiB:.3f} GiB", flush=True)
-    print("\n| model | ZeRO | plan: states GiB / rank | measured | measured / plan | plan: activations GiB | measured |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for preset, params, zero, want, got, act, got_act in rows:
-        print(f"| {preset} ({params / 1e6:.0f}M) | {zero} | {want / GiB:.3f} | {got / GiB:.3f} | {got / want:.2f} | "
-              f"{act / GiB:.3f} | {got_act / GiB:.3f} |")
+                want = _planned(model, params, largest, zero, args.seq_len, 1)
+                measured = got["peak"] - runtime[zero]
+                rows.append((preset, params, zero, want, measured, got["peak"], runtime[zero]))
+                print(f"{preset} ({params / 1e6:.1f}M) ZeRO-{zero}: plan {want / GiB:.3f} GiB, measured "
+                      f"{measured / GiB:.3f} GiB ({measured / want:.2f}×)", flush=True)
+            one = next(r for r in rows if r[0] == preset and r[2] == 1)[5] if 1 in args.stages else None
+            if one is not None:
+                big = _measure(Path(tmp) / f"{preset}-1-mb{args.big_batch}", data, preset, 1, args.steps,
+                               micro_batch=args.big_batch)["peak"]
+                per_sequence = (big - one) / (args.big_batch - 1)
+                acts.append((preset, activations(model, args.seq_len, model.activation_checkpointing), per_sequence))
+    print("\n| model | ZeRO | plan: states + buffers + activations GiB / rank | measured peak − runtime | "
+          "measured / plan | (peak, runtime) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for preset, params, zero, want, got, peak, rt in rows:
+        print(f"| {preset} ({params / 1e6:.0f}M) | {zero} | {want / GiB:.3f} | {got / GiB:.3f} | **{got / want:.2f}** | "
+              f"({peak / GiB:.3f}, {rt / GiB:.3f}) |")
+    print(f"\n| model | plan: activations GiB per sequence of {args.seq_len} | measured (ZeRO-1, micro-batch "
+          f"{args.big_batch} − 1, per sequence) | measured / plan |")
+    print("| --- | --- | --- | --- |")
+    for preset, want, got in acts:
+        print(f"| {preset} | {want / GiB:.4f} | {got / GiB:.4f} | {got / want:.2f} |")
 
 
 if __name__ == "__main__":

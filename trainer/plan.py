@@ -13,6 +13,8 @@ GPU-hours at a stated MFU. Every figure is an estimate of the usual kind:
   ZeRO-2 2Ψ + 18Ψ/N; ZeRO-3 18Ψ/N + 4·(largest layer), DeepSpeed's own estimators for stages 2 and 3
   (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_…`; a test checks we agree); offloading the optimizer
   leaves 2Ψ (ZeRO-2) or 2Ψ/N + 4·largest layer (ZeRO-3), offloading parameters too leaves 4·largest layer;
+- buffers the estimators leave out, found by measuring (benchmarks/plan_memory.py, `buffers`): ZeRO 1–3's gradient
+  bucket (2 bytes × `reduce_bucket_size`, 5e8 by default) and ZeRO-3's live parameters (2·min(Ψ, 1e9));
 - activations per sequence of T tokens, bf16, attention through SDPA's flash / memory-efficient kernels (no T×T score
   matrix is kept): per layer 2·T·(4C + 2·C_kv) for the attention block and 2·T·k·H for the MLP (k = 4 for SwiGLU: gate,
   up, activation, product; 2 for GELU), plus 6·T·V for the logits and their fp32 loss; with activation checkpointing
@@ -25,6 +27,7 @@ GPU-hours at a stated MFU. Every figure is an estimate of the usual kind:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from core.errors import UserError
 from model.config import ModelConfig
@@ -54,9 +57,8 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
     return total, max(V * C, qkv, up, down)
 
 
-def model_states(params: int, largest: int, zero: int, gpus: int, offload: str = "none") -> dict[str, float]:
-    """Bytes per GPU of parameters, gradients and optimizer states (see the module docstring)."""
-    p, n, working = float(params), gpus, 4.0 * largest
+def _estimated(p: float, n: int, working: float, zero: int, offload: str) -> dict[str, float]:
+    """DeepSpeed's own estimate (see the module docstring): parameters, gradients, optimizer states."""
     if zero == 3:
         if offload == "optimizer+params":
             return {"params": working, "grads": 0.0, "optimizer": 0.0}
@@ -70,6 +72,36 @@ def model_states(params: int, largest: int, zero: int, gpus: int, offload: str =
     if zero == 1:
         return {"params": 2 * p, "grads": 2 * p, "optimizer": 16 * p / n}
     return {"params": 2 * p, "grads": 2 * p, "optimizer": 16 * p}
+
+
+def buffers(params: int, zero: int, zero_config: dict[str, Any] | None = None, resident: bool = False) -> float:
+    """Bytes per GPU DeepSpeed holds beyond its estimators' model states, with its defaults or `zero_config`'s
+    settings (`train.deepspeed.zero_optimization`): measured by benchmarks/plan_memory.py, which its estimators miss.
+    - ZeRO 1–3 with contiguous gradients (the default): a gradient bucket of `reduce_bucket_size` 16-bit elements
+      (5e8: 0.93 GiB), two with `overlap_comm` at stages 1–2; ZeRO-3 allocates it at start, 1–2 at every backward.
+    - ZeRO-3: the live-parameter cache. With the default `stage3_max_reuse_distance`, a parameter gathered in the
+      forward stays gathered until the backward uses it again, up to `stage3_max_live_parameters` (1e9) elements:
+      the whole model in 16 bits, for any model under a billion parameters.
+    `resident`: the bytes a CPU worker's memory really holds — a bucket's pages never written (beyond the model's
+    gradients) are not resident, while a GPU's allocator counts the whole bucket."""
+    settings = zero_config or {}
+    if zero == 0:
+        return 0.0
+    bucket = 0.0
+    if settings.get("contiguous_gradients", True):
+        elements = float(settings.get("reduce_bucket_size", 5e8))
+        copies = 2 if zero < 3 and settings.get("overlap_comm", False) else 1
+        bucket = copies * 2 * (min(elements, params) if resident else elements)
+    live = 2 * min(float(params), float(settings.get("stage3_max_live_parameters", 1e9))) if zero == 3 else 0.0
+    return bucket + live
+
+
+def model_states(params: int, largest: int, zero: int, gpus: int, offload: str = "none",
+                 zero_config: dict[str, Any] | None = None, resident: bool = False) -> dict[str, float]:
+    """Bytes per GPU of parameters, gradients and optimizer states as DeepSpeed's estimators count them, and the
+    buffers they leave out (`buffers`)."""
+    states = _estimated(float(params), gpus, 4.0 * largest, zero, offload)
+    return {**states, "buffers": buffers(params, zero, zero_config, resident)}
 
 
 def activations(cfg: ModelConfig, seq_len: int, checkpointing: bool) -> float:
@@ -138,7 +170,8 @@ def plan(model: ModelConfig, label: str, t: TrainConfig, global_batch_size: int,
     T = model.block_size
     usable = card.memory * (1 - FRAGMENTATION) - OVERHEAD_BYTES
     act, act_ckpt = activations(model, T, False), activations(model, T, True)
-    rows = [Row(z, o, model_states(params, largest, z, gpus, o), act, act_ckpt, usable)
+    zero_config = t.deepspeed.get("zero_optimization", {})
+    rows = [Row(z, o, model_states(params, largest, z, gpus, o, zero_config), act, act_ckpt, usable)
             for z, o in [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "optimizer"), (3, "optimizer"),
                          (3, "optimizer+params")]]
     offload = "optimizer+params" if t.offload_params else "optimizer" if t.offload_optimizer else "none"
@@ -152,16 +185,16 @@ def plan(model: ModelConfig, label: str, t: TrainConfig, global_batch_size: int,
         f"{card.peak[precision] / 1e12:,.0f} TFLOP/s {precision} dense); usable per GPU {_gib(usable)} GiB",
         f"[plan] activations per sequence: {_gib(act)} GiB, {_gib(act_ckpt)} GiB with activation checkpointing",
         "",
-        "| ZeRO | offload | params GiB | grads GiB | optimizer GiB | states GiB | micro-batch "
+        "| ZeRO | offload | params GiB | grads GiB | optimizer GiB | buffers GiB | states GiB | micro-batch "
         f"{t.micro_batch_size} fits | largest micro-batch | with checkpointing |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         mine = " ←" if (row.zero, row.offload) == (t.zero_stage, offload) else ""
         fits = "yes" if row.fits(t.micro_batch_size, ckpt) else "no"
         lines.append(
             f"| {row.zero}{mine} | {row.offload} | {_gib(row.states['params'])} | {_gib(row.states['grads'])} | "
-            f"{_gib(row.states['optimizer'])} | {_gib(sum(row.states.values()))} | {fits} | "
+            f"{_gib(row.states['optimizer'])} | {_gib(row.states['buffers'])} | {_gib(sum(row.states.values()))} | {fits} | "
             f"{row.largest_micro_batch(False)} | {row.largest_micro_batch(True)} |")
     per_token = flops_per_token(model, T) * (4 / 3 if ckpt else 1)
     rate = throughput(model, gpus, card, precision, mfu, ckpt)  # tokens/s of the whole cluster

@@ -8,8 +8,8 @@ Three ways a notice arrives, each checked between steps and agreed by every rank
   thread, so it is installed through the worker actor's own `execute` — sets a flag. A second SIGTERM ends the
   process at once (the commit record is written last and atomically, so no partial commit remains).
 - **A node drain** (`ray drain-node`, the autoscaler's spot preemption path): Ray Core marks the node draining, Ray
-  Train's PreemptionWatcher (polling `get_draining_nodes`) tells every worker, and `ray.train.get_preemption_info()`
-  — a barrier every rank calls — returns it. Polled every `POLL_S` seconds of rank 0's clock.
+  Train's PreemptionWatcher (polling `get_draining_nodes`) tells every worker; rank 0 looks at its copy every
+  `POLL_S` seconds of its clock and tells the others (`_draining`).
 - **SIGTERM to the driver**: its handler posts a stop request to a named actor (`StopRequests`) that rank 0 polls.
 
 The loop then saves a checkpoint at the current step synchronously, with the reason in its commit record, and returns;
@@ -53,6 +53,7 @@ class StopRequests:
     def request(self, reason: str) -> None:
         self.reason = reason
 
+    @ray.method(enable_task_events=False)  # polled every second by rank 0: the GCS need not keep each call
     def requested(self) -> str | None:
         return self.reason
 
@@ -82,13 +83,13 @@ class Preemption:
             return False
 
     def check(self, poll: bool) -> str | None:
-        """The agreed reason to stop now, or None. `poll` (rank 0's clock, already agreed) also asks Ray about drains
-        and the driver about stop requests."""
+        """The agreed reason to stop now, or None. `poll` (rank 0's clock, already agreed) also has rank 0 look at
+        Ray's drain notice and the driver's stop requests, and tell the others."""
         code = torch.tensor([1 if SIGNALLED.is_set() else 0], dtype=torch.int64)
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
         found = 1 if int(code[0]) else 0
         if poll and not found:
-            if ray.train.get_preemption_info() is not None:  # a barrier: every rank calls it at the same step
+            if _draining():  # every rank reads its own copy; rank 0's counts
                 found = 2
             elif self.stop is not None and self._driver_asks():
                 found = 3
@@ -96,6 +97,20 @@ class Preemption:
             dist.broadcast(agreed, src=0)
             found = int(agreed[0])
         return REASONS[found] if found else None
+
+
+def _draining() -> bool:
+    """Whether Ray Train told this worker that a node of its group is draining. Ray Train's watcher sends the notice
+    to every worker of the group; `ray.train.get_preemption_info()` returns rank 0's copy through a barrier on a Ray
+    actor, a task per rank per call whose events the GCS keeps (polled every second, they grew the GCS by a third in a
+    30-minute soak). Each rank reads its own copy directly and our broadcast of rank 0's agrees on it; where that
+    internal context is missing (another Ray version), the public call (every rank polls, so its barrier holds)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info is not None
+    except (ImportError, AttributeError, RuntimeError):
+        return ray.train.get_preemption_info() is not None
 
 
 def stop_requests(name: str) -> Any:

@@ -16,7 +16,7 @@ from model.config import PRESETS, ModelConfig
 from model.gpt import GPT
 from model.hardware import GPUS
 from tests.conftest import REPO
-from trainer.plan import activations, count_params, model_states, throughput
+from trainer.plan import activations, buffers, count_params, model_states, throughput
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -41,14 +41,30 @@ def test_model_states_equal_deepspeeds_estimators(preset: str) -> None:
         for offload in (False, True):
             _, gpu = estimate_zero2_model_states_mem_needs(total, per_node, nodes, cpu_offload=offload)
             ours = model_states(total, largest, 2, gpus, "optimizer" if offload else "none")
-            assert sum(ours.values()) == pytest.approx(gpu, abs=1)
+            assert sum(ours.values()) - ours["buffers"] == pytest.approx(gpu, abs=1)
         for offload, offload_params in [(False, False), (True, False), (True, True)]:
             _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, per_node, nodes, offload, offload_params)
             mode = "optimizer+params" if offload_params else "optimizer" if offload else "none"
-            assert sum(model_states(total, largest, 3, gpus, mode).values()) == pytest.approx(gpu, abs=1)
+            ours = model_states(total, largest, 3, gpus, mode)
+            assert sum(ours.values()) - ours["buffers"] == pytest.approx(gpu, abs=1)
     # ZeRO-0/1 (no DeepSpeed estimator): 20Ψ whole; ZeRO-1 partitions only the 16Ψ of fp32 states
     assert sum(model_states(total, largest, 0, 8).values()) == 20 * total
-    assert sum(model_states(total, largest, 1, 8).values()) == pytest.approx(4 * total + 2 * total)
+    ours = model_states(total, largest, 1, 8)
+    assert sum(ours.values()) - ours["buffers"] == pytest.approx(4 * total + 2 * total)
+
+
+def test_buffers_are_deepspeeds_gradient_bucket_and_zero3s_live_parameters() -> None:
+    """What the estimators leave out, with DeepSpeed's defaults and with the settings a config overrides: the whole
+    bucket on a GPU, only its written pages on a CPU; ZeRO-3 keeps up to 1e9 gathered parameters."""
+    small, big = 124_000_000, 7_000_000_000
+    assert buffers(small, 0) == 0
+    assert buffers(small, 1) == buffers(small, 2) == 2 * 5e8  # a GPU allocates the whole bucket
+    assert buffers(small, 2, resident=True) == 2 * small  # a CPU holds the pages the gradients wrote
+    assert buffers(small, 2, {"overlap_comm": True}) == 2 * 2 * 5e8
+    assert buffers(small, 3) == 2 * 5e8 + 2 * small  # every parameter stays gathered
+    assert buffers(big, 3) == 2 * 5e8 + 2 * 1e9  # up to stage3_max_live_parameters
+    assert buffers(big, 3, {"reduce_bucket_size": 1e8, "stage3_max_live_parameters": 2e8}) == 2 * 1e8 + 2 * 2e8
+    assert buffers(small, 2, {"contiguous_gradients": False}) == 0
 
 
 def test_activations_follow_the_usual_estimate() -> None:
@@ -89,9 +105,9 @@ def test_raygpt_plan_answers_whether_llama_7b_trains_on_8_h100_with_zero_3() -> 
     assert "| 3 ← | none |" in out and "the configured run (ZeRO-3, offload none, micro-batch 1" in out
     assert out.rstrip().endswith("fits")
     zero3 = next(line for line in out.splitlines() if line.startswith("| 3 ← |"))
-    assert zero3.split("|")[7].strip() == "yes" and int(zero3.split("|")[8]) >= 1
+    assert zero3.split("|")[8].strip() == "yes" and int(zero3.split("|")[9]) >= 1
     zero0 = next(line for line in out.splitlines() if line.startswith("| 0 |"))
-    assert zero0.split("|")[7].strip() == "no"  # 20 bytes per parameter do not fit one H100
+    assert zero0.split("|")[8].strip() == "no"  # 20 bytes per parameter do not fit one H100
     bad = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "configs/cloud_gpu.yaml", "--gpu", "b200"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("raygpt: error: --gpu 'b200': unknown GPU (known: h200")

@@ -270,7 +270,7 @@ def test_preemption_notices_checkpoint_the_step_reached_and_lose_none(
     thread.start()
     with pytest.raises(Interrupted, match=r"^stopped by SIGTERM at step \d+ \(committed\); the same command "
                                           r"resumes there$") as stopped:
-        _train(run_dir, *args, faults={"step_ms": 400})
+        _train(run_dir, *args, faults={"step_ms": 1500})  # 3 steps after step 9: time for the notice (1 s polls)
     thread.join()
     at = int(str(stopped.value).split()[5])
     assert 9 <= at < 12
