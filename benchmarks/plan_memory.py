@@ -1,17 +1,17 @@
 """`raygpt plan`'s memory prediction against measurement: gpt2-124m and the `tiny` preset trained for a few steps on 2
-CPU workers at ZeRO 0, 1, 2 and 3 (bf16 mixed precision with Adam, as the plan assumes), each rank's resident memory
-next to the plan's figure for the same config, in one run.
+CPU workers at ZeRO 0, 1, 2 and 3 (bf16 mixed precision with Adam, as the plan assumes), each rank's peak resident
+memory next to the plan's figure for the same config, in one run.
 
     .venv/bin/python benchmarks/plan_memory.py [--steps 4] [--presets gpt2-124m tiny] [--seq-len 128]
 
-Measured per rank (the larger of the two), from the metrics lines (`rss_start_gib`, `rss_gib`, `rss_peak_gib`):
-- model states = resident memory after the last step − before the model was built (the interpreter, torch, Ray and
-  DeepSpeed): parameters, gradients and optimizer states, plus what the allocator keeps of freed activations;
-- activations = peak − after the last step (what a step holds beyond the states; the allocator's leftovers make it
-  an underestimate).
-On a GPU the figure would be `torch.cuda.max_memory_allocated` (the `gpu_peak_gib` metric). Target: states within ±20%
-of the plan. Data: the Python standard library with a 50,257-token BPE (gpt2-124m's 124M parameters), seq_len 128,
-micro-batch 1.
+Measured per rank (the larger of the two), from the metrics lines (`rss_start_gib`, `rss_peak_gib`): peak resident
+memory − resident memory before the model was built − the runtime's own memory, which is the peak of the same run
+with a model of ~no states (`NULL`, per ZeRO stage: torch's and oneDNN's kernels, DeepSpeed, gloo, the data reader;
+on a GPU its counterpart is the CUDA context, which the plan counts apart). Plan: model states + buffers as a CPU
+holds them (`trainer.plan.buffers(resident=True)`) + one sequence's activations. Target: within ±20%.
+Activations per sequence are measured apart, as the difference of the ZeRO-1 peaks at micro-batch 8 and 1, / 7.
+On a GPU the figure would be `torch.cuda.max_memory_allocated` (the `gpu_peak_gib` metric). Data: the Python standard
+library with a 50,257-token BPE (gpt2-124m's 124M parameters), seq_len 128.
 """
 
 from __future__ import annotations

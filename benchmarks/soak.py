@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "configs" / "shakespeare.yaml"
 
 
-def _processes(driver: int) -> dict[str, psutil.Process]:
-    """The run's processes by role: the driver (`raygpt train`), the training workers, raylets and the GCS."""
+def _processes(driver: int, gcs_port: str = "") -> dict[str, psutil.Process]:
+    """The run's processes by role: the driver (`raygpt train`), the training workers, raylets and the GCS (of the
+    cluster whose GCS listens on `gcs_port`, not another Ray on the machine)."""
     found = {"driver": psutil.Process(driver)}
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
@@ -49,6 +50,8 @@ def _processes(driver: int) -> dict[str, psutil.Process]:
             continue
         if "RayTrainWorker" in line or proc.info["name"] == "ray::RayTrainWorker":
             found[f"worker pid {proc.pid}"] = proc
+        elif gcs_port not in line:
+            continue
         elif "raylet" in (proc.info["name"] or ""):
             found[f"raylet pid {proc.pid}"] = proc
         elif "gcs_server" in (proc.info["name"] or ""):
@@ -60,8 +63,8 @@ class Monitor:
     """Samples every process's RSS every `period` seconds, and the last step in rank 0's metrics mirror every
     second, on a thread."""
 
-    def __init__(self, metrics_local: Path, driver: int, period: float = 15.0):
-        self.metrics_local, self.driver, self.period = metrics_local, driver, period
+    def __init__(self, metrics_local: Path, driver: int, gcs_port: str, period: float = 15.0):
+        self.metrics_local, self.driver, self.gcs_port, self.period = metrics_local, driver, gcs_port, period
         self.rss: dict[str, list[tuple[float, float]]] = {}
         self.first_seen: dict[str, float] = {}
         self.redone = 0
@@ -91,7 +94,7 @@ class Monitor:
             if ticks % int(self.period):
                 continue
             now = time.monotonic() - self.started
-            for role, proc in _processes(self.driver).items():
+            for role, proc in _processes(self.driver, self.gcs_port).items():
                 try:
                     self.rss.setdefault(role, []).append((now, proc.memory_info().rss / 2**30))
                     self.first_seen.setdefault(role, now)
@@ -145,7 +148,7 @@ def main() -> None:
     layout = RunLayout.of(run_dir)
     # the driver is `raygpt train` in its own process, as a user (or a Kubernetes pod) runs it
     driver = subprocess.Popen([raygpt, "train", str(SHAKESPEARE), *overrides], env=env, stderr=subprocess.PIPE, text=True)
-    monitor = Monitor(layout.metrics_local, driver.pid)
+    monitor = Monitor(layout.metrics_local, driver.pid, cluster.address.rsplit(":", 1)[1])
     events: list[str] = []
 
     def event(what: str) -> None:
@@ -198,8 +201,8 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     worst = 0.0
     for role, samples in monitor.rss.items():
-        begins = max(monitor.first_checkpoint or 0.0, monitor.first_seen[role] + 1.25 * args.every_s) \
-            if role.startswith("worker") else (monitor.first_checkpoint or 0.0)
+        # a process started later (a restarted worker, a new node's raylet) from its own group's first checkpoint
+        begins = max(monitor.first_checkpoint or 0.0, monitor.first_seen[role] + 1.25 * args.every_s)
         after = [(t, r) for t, r in samples if t >= begins and r > 0]  # a dead process (zombie) reads 0
         if len(after) < 2:
             continue

@@ -168,7 +168,7 @@ class Worker:
             source = np.zeros((1, self.manifest.seq_len + 1), dtype=np.int64) if padding else blocks.astype(np.int64)
             batch = torch.from_numpy(source).to(self.engine.device)
             t1 = time.perf_counter()
-            _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
+            loss = self.engine(batch[:, :-1], targets=batch[:, 1:])[1]  # the (B, T, V) logits go now, not after the backward
             t2 = time.perf_counter()
             self.engine.backward(loss * weight)  # the gradient all-reduce / reduce-scatter at the accumulation boundary
             t3 = time.perf_counter()

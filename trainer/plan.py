@@ -17,7 +17,9 @@ GPU-hours at a stated MFU. Every figure is an estimate of the usual kind:
   bucket (2 bytes × `reduce_bucket_size`, 5e8 by default) and ZeRO-3's live parameters (2·min(Ψ, 1e9));
 - activations per sequence of T tokens, bf16, attention through SDPA's flash / memory-efficient kernels (no T×T score
   matrix is kept): per layer 2·T·(4C + 2·C_kv) for the attention block and 2·T·k·H for the MLP (k = 4 for SwiGLU: gate,
-  up, activation, product; 2 for GELU), plus 6·T·V for the logits and their fp32 loss; with activation checkpointing
+  up, activation, product; 2 for GELU), plus 12·T·V for the logits and their fp32 loss at the backward's peak
+  (the log-softmax the loss keeps, its gradient and the gradient it passes on: 4 bytes each; measured, see
+  benchmarks/plan_memory.py); with activation checkpointing
   each layer keeps its 2·T·C input and one layer at a time holds its full activations;
 - reserved: 1 GiB of CUDA context and 10% of the card for fragmentation and communication buffers;
 - time: FLOPs per token 6·N + 12·L·C·T (model/flops.py) at `--mfu` of the GPU's dense bf16/fp16 peak; activation
@@ -108,7 +110,7 @@ def activations(cfg: ModelConfig, seq_len: int, checkpointing: bool) -> float:
     """Bytes of activations kept for the backward pass of one sequence of `seq_len` tokens (bf16)."""
     T, C, kv = seq_len, cfg.n_embd, cfg.kv_heads * cfg.head_size
     layer = 2 * T * (4 * C + 2 * kv) + 2 * T * (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden_size
-    logits = 6 * T * cfg.vocab_size
+    logits = 12 * T * cfg.vocab_size  # fp32 log-softmax kept (4), at the backward its gradient in and out (4 + 4)
     if checkpointing:
         return cfg.n_layer * 2 * T * C + layer + logits
     return cfg.n_layer * layer + logits
