@@ -12,6 +12,14 @@ holds them (`trainer.plan.buffers(resident=True)`) + one sequence's activations.
 Activations per sequence are measured apart, as the difference of the ZeRO-1 peaks at micro-batch 8 and 1, / 7.
 On a GPU the figure would be `torch.cuda.max_memory_allocated` (the `gpu_peak_gib` metric). Data: the Python standard
 library with a 50,257-token BPE (gpt2-124m's 124M parameters), seq_len 128.
+
+Each configuration is measured twice, on two local Rays (`--malloc`):
+- `live`: the workers' glibc malloc serves every block of ≥ 64 KiB with its own mmap (`MALLOC_MMAP_THRESHOLD_`), so a
+  freed tensor leaves resident memory at once and the peak RSS is the peak of the bytes alive — the CPU's counterpart
+  of `max_memory_allocated`, and what the plan predicts.
+- `default`: glibc's own settings, as a user runs. Its threshold rises to the largest block freed (up to 32 MiB), so
+  most tensors come from heaps that keep freed memory: RSS is the live bytes plus what the allocator retains (the
+  CPU's counterpart of `memory_reserved`), and it creeps up from step to step.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,6 +56,9 @@ NULL = {"n_layer": 1, "n_head": 1, "n_embd": 16}
 the runtime's own memory per rank (torch, oneDNN, DeepSpeed, gloo, the data reader), which the plan leaves to the
 device (on a GPU the CUDA context) and which is subtracted from every measurement."""
 NULL_OVERRIDES = "{" + ", ".join(f"{k}: {v}" for k, v in NULL.items()) + "}"
+
+MALLOC = {"live": {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}, "default": {}}
+"""The workers' malloc settings per measurement mode (see the module docstring)."""
 
 
 def _planned(model: ModelConfig, params: int, largest: int, zero: int, seq_len: int, micro_batch: int) -> float:
@@ -78,43 +91,56 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--big-batch", type=int, default=8, help="micro-batch of the activation runs (ZeRO-1)")
+    parser.add_argument("--malloc", nargs="+", choices=list(MALLOC), default=list(MALLOC))
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print(machine_header(), flush=True)
-    start_local(2, log_to_driver=False)
-    rows, acts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = gpt2_data(Path(tmp) / "prepared", args.seq_len)
-        vocab = read_manifest(data).vocab_size
-        runtime = {}  # per stage: the peak of a model with ~no states (the CPU's counterpart of a CUDA context)
-        null = ModelConfig.preset("tiny", vocab_size=vocab, block_size=args.seq_len, **NULL)
-        null_params, null_largest = count_params(null)
+        for mode in args.malloc:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+            os.environ.update(MALLOC[mode])  # before Ray starts: its workers inherit the raylet's environment
+            ray.shutdown()  # (the one that prepared the data)
+            start_local(2, log_to_driver=False)
+            print(f"\n## malloc: {mode}", flush=True)
+            _table(args, data, Path(tmp) / mode)
+            ray.shutdown()
+
+
+def _table(args: argparse.Namespace, data: Path, tmp: Path) -> None:
+    """Measure every preset and stage on the running Ray and print the tables."""
+    rows, acts = [], []
+    vocab = read_manifest(data).vocab_size
+    runtime = {}  # per stage: the peak of a model with ~no states (the CPU's counterpart of a CUDA context)
+    null = ModelConfig.preset("tiny", vocab_size=vocab, block_size=args.seq_len, **NULL)
+    null_params, null_largest = count_params(null)
+    for zero in args.stages:
+        got = _measure(Path(tmp) / f"null-{zero}", data, "tiny", zero, args.steps, overrides=NULL_OVERRIDES)
+        runtime[zero] = got["peak"] - _planned(null, null_params, null_largest, zero, args.seq_len, 1)
+        print(f"runtime ZeRO-{zero}: {runtime[zero] / GiB:.3f} GiB per rank", flush=True)
+    for preset in args.presets:
+        model = ModelConfig.preset(preset, vocab_size=vocab, block_size=args.seq_len)
+        params, largest = count_params(model)
         for zero in args.stages:
-            got = _measure(Path(tmp) / f"null-{zero}", data, "tiny", zero, args.steps, overrides=NULL_OVERRIDES)
-            runtime[zero] = got["peak"] - _planned(null, null_params, null_largest, zero, args.seq_len, 1)
-            print(f"runtime ZeRO-{zero}: {runtime[zero] / GiB:.3f} GiB per rank", flush=True)
-        for preset in args.presets:
-            model = ModelConfig.preset(preset, vocab_size=vocab, block_size=args.seq_len)
-            params, largest = count_params(model)
-            for zero in args.stages:
-                got = _measure(Path(tmp) / f"{preset}-{zero}", data, preset, zero, args.steps)
-                want = _planned(model, params, largest, zero, args.seq_len, 1)
-                measured = got["peak"] - runtime[zero]
-                rows.append((preset, params, zero, want, measured, got["peak"], runtime[zero]))
-                print(f"{preset} ({params / 1e6:.1f}M) ZeRO-{zero}: plan {want / GiB:.3f} GiB, measured "
-                      f"{measured / GiB:.3f} GiB ({measured / want:.2f}×)", flush=True)
-            one = next(r for r in rows if r[0] == preset and r[2] == 1)[5] if 1 in args.stages else None
-            if one is not None:
-                big = _measure(Path(tmp) / f"{preset}-1-mb{args.big_batch}", data, preset, 1, args.steps,
-                               micro_batch=args.big_batch)["peak"]
-                per_sequence = (big - one) / (args.big_batch - 1)
-                acts.append((preset, activations(model, args.seq_len, model.activation_checkpointing), per_sequence))
-    print("\n| model | ZeRO | plan: states + buffers + activations GiB / rank | measured peak − runtime | "
-          "measured / plan | (peak, runtime) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for preset, params, zero, want, got, peak, rt in rows:
-        print(f"| {preset} ({params / 1e6:.0f}M) | {zero} | {want / GiB:.3f} | {got / GiB:.3f} | **{got / want:.2f}** | "
-              f"({peak / GiB:.3f}, {rt / GiB:.3f}) |")
+            got = _measure(Path(tmp) / f"{preset}-{zero}", data, preset, zero, args.steps)
+            want = _planned(model, params, largest, zero, args.seq_len, 1)
+            states = sum(model_states(params, largest, zero, 2, resident=True).values())
+            measured = got["peak"] - runtime[zero]
+            rows.append((preset, params, zero, states, want, measured, got["peak"], runtime[zero]))
+            print(f"{preset} ({params / 1e6:.1f}M) ZeRO-{zero}: plan {want / GiB:.3f} GiB, measured "
+                  f"{measured / GiB:.3f} GiB ({measured / want:.2f}×)", flush=True)
+        one = next(r for r in rows if r[0] == preset and r[2] == 1)[6] if 1 in args.stages else None
+        if one is not None:
+            big = _measure(Path(tmp) / f"{preset}-1-mb{args.big_batch}", data, preset, 1, args.steps,
+                           micro_batch=args.big_batch)["peak"]
+            per_sequence = (big - one) / (args.big_batch - 1)
+            acts.append((preset, activations(model, args.seq_len, model.activation_checkpointing), per_sequence))
+    print("\n| model | ZeRO | plan GiB / rank: states + buffers | + activations | measured peak − runtime | "
+          "measured / states + buffers | measured / plan | (peak, runtime) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for preset, params, zero, states, want, got, peak, rt in rows:
+        print(f"| {preset} ({params / 1e6:.0f}M) | {zero} | {states / GiB:.3f} | {want / GiB:.3f} | {got / GiB:.3f} | "
+              f"**{got / states:.2f}** | **{got / want:.2f}** | ({peak / GiB:.3f}, {rt / GiB:.3f}) |")
     print(f"\n| model | plan: activations GiB per sequence of {args.seq_len} | measured (ZeRO-1, micro-batch "
           f"{args.big_batch} − 1, per sequence) | measured / plan |")
     print("| --- | --- | --- | --- |")

@@ -9,6 +9,7 @@ the drain: none; read from rank 0's metrics mirror, one line per step, every sec
 local cache's size, and the resident memory of every process of the run — the driver (`raygpt train`), each training
 worker, the raylets and the GCS — sampled every 15 s. A process's baseline is its first sample after its group's
 first checkpoint (the checkpoint's host buffers are allocated then). Goal: no process grows by more than 10%.
+The cluster bounds the task events its GCS keeps, as infra/ does (`cluster.ray_connect.TASK_EVENTS_KEPT`).
 
 The bucket is moto's S3 server in a separate process (its memory holds the bucket and is not the run's). The kill
 comes at 1/3 of the run, the drain at 2/3; the drained node is then removed and a fresh one added, as a cloud would.
@@ -34,14 +35,15 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import free_port  # noqa: E402
+from cluster.ray_connect import TASK_EVENTS_KEPT  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "configs" / "shakespeare.yaml"
 
 
-def _processes(driver: int, gcs_port: str = "") -> dict[str, psutil.Process]:
+def _processes(driver: int, session: str = "") -> dict[str, psutil.Process]:
     """The run's processes by role: the driver (`raygpt train`), the training workers, raylets and the GCS (of the
-    cluster whose GCS listens on `gcs_port`, not another Ray on the machine)."""
+    cluster of Ray session `session`, whose name both command lines carry; not another Ray on the machine)."""
     found = {"driver": psutil.Process(driver)}
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
@@ -50,7 +52,7 @@ def _processes(driver: int, gcs_port: str = "") -> dict[str, psutil.Process]:
             continue
         if "RayTrainWorker" in line or proc.info["name"] == "ray::RayTrainWorker":
             found[f"worker pid {proc.pid}"] = proc
-        elif gcs_port not in line:
+        elif session not in line:
             continue
         elif "raylet" in (proc.info["name"] or ""):
             found[f"raylet pid {proc.pid}"] = proc
@@ -63,8 +65,8 @@ class Monitor:
     """Samples every process's RSS every `period` seconds, and the last step in rank 0's metrics mirror every
     second, on a thread."""
 
-    def __init__(self, metrics_local: Path, driver: int, gcs_port: str, period: float = 15.0):
-        self.metrics_local, self.driver, self.gcs_port, self.period = metrics_local, driver, gcs_port, period
+    def __init__(self, metrics_local: Path, driver: int, session: str, period: float = 15.0):
+        self.metrics_local, self.driver, self.session, self.period = metrics_local, driver, session, period
         self.rss: dict[str, list[tuple[float, float]]] = {}
         self.first_seen: dict[str, float] = {}
         self.redone = 0
@@ -94,7 +96,7 @@ class Monitor:
             if ticks % int(self.period):
                 continue
             now = time.monotonic() - self.started
-            for role, proc in _processes(self.driver, self.gcs_port).items():
+            for role, proc in _processes(self.driver, self.session).items():
                 try:
                     self.rss.setdefault(role, []).append((now, proc.memory_info().rss / 2**30))
                     self.first_seen.setdefault(role, now)
@@ -110,7 +112,9 @@ def main() -> None:
     port = free_port()
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="soak", AWS_SECRET_ACCESS_KEY="soak",
                       AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", DS_ACCELERATOR="cpu",
-                      RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="1")
+                      RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="1",
+                      # as infra/ starts a cluster's head: the GCS keeps a bounded number of tasks' events
+                      RAY_task_events_max_num_task_in_gcs=str(TASK_EVENTS_KEPT))
     moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import boto3
@@ -148,7 +152,7 @@ def main() -> None:
     layout = RunLayout.of(run_dir)
     # the driver is `raygpt train` in its own process, as a user (or a Kubernetes pod) runs it
     driver = subprocess.Popen([raygpt, "train", str(SHAKESPEARE), *overrides], env=env, stderr=subprocess.PIPE, text=True)
-    monitor = Monitor(layout.metrics_local, driver.pid, cluster.address.rsplit(":", 1)[1])
+    monitor = Monitor(layout.metrics_local, driver.pid, cluster.head_node.session_name)
     events: list[str] = []
 
     def event(what: str) -> None:
@@ -197,8 +201,8 @@ def main() -> None:
         for i in range(10)))
     print(f"bucket: {bucket / 1e6:,.1f} MB; local cache: {cache_bytes / 1e6:,.1f} MB "
           f"(RAYGPT_CACHE_GB bound: {os.environ.get('RAYGPT_CACHE_GB', '20')} GB)")
-    print("\n| process | RSS at baseline (GiB) | at its last sample | growth |")
-    print("| --- | --- | --- | --- |")
+    print("\n| process | RSS at baseline (GiB) | at its last sample | growth | MB at each fifth after baseline |")
+    print("| --- | --- | --- | --- | --- |")
     worst = 0.0
     for role, samples in monitor.rss.items():
         # a process started later (a restarted worker, a new node's raylet) from its own group's first checkpoint
@@ -208,7 +212,8 @@ def main() -> None:
             continue
         growth = after[-1][1] / after[0][1] - 1
         worst = max(worst, growth)
-        print(f"| {role} | {after[0][1]:.3f} | {after[-1][1]:.3f} | {growth:+.1%} |")
+        path = " ".join(f"{after[min(len(after) - 1, k * len(after) // 5)][1] * 1024:.0f}" for k in range(1, 6))
+        print(f"| {role} | {after[0][1]:.3f} | {after[-1][1]:.3f} | {growth:+.1%} | {path} |")
     print(f"\nlargest growth {worst:+.1%} (goal ≤ +10%)")
 
 

@@ -16,6 +16,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from cluster.cli import _parser
 from cluster.config import load_config
+from cluster.ray_connect import TASK_EVENTS_KEPT
 from tests.conftest import REPO
 
 INFRA = REPO / "infra"
@@ -38,6 +39,7 @@ def test_cluster_launcher_yaml_passes_ray_validation(cloud: str) -> None:
     assert not re.search(r"(aws_secret_access_key|AKIA[0-9A-Z]{16}|private_key|BEGIN [A-Z ]*PRIVATE KEY)", text)
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "RAY_AUTH_MODE=token" in start
+    assert f"RAY_task_events_max_num_task_in_gcs={TASK_EVENTS_KEPT} " in start  # a bounded GCS on long runs
     assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
     assert config["initialization_commands"] == [] and "/mnt/raygpt" not in str(config["docker"])  # no NFS needed
     [spot] = [t["node_config"] for name, t in gpu_types.items() if "spot" in name]  # for elastic runs
@@ -69,6 +71,8 @@ def test_kuberay_manifests(name: str) -> None:
     assert spec["rayVersion"] == ray.__version__
     assert {c["image"] for c in _containers(spec)} == {IMAGE}
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    [head] = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    assert {"name": "RAY_task_events_max_num_task_in_gcs", "value": str(TASK_EVENTS_KEPT)} in head["env"]
     pods = [spec["headGroupSpec"]["template"]["spec"], *[g["template"]["spec"] for g in spec["workerGroupSpecs"]]]
     assert all(p["serviceAccountName"] == "raygpt" for p in pods)  # bucket access by workload identity
     assert not [v for p in pods for v in p.get("volumes", []) if "persistentVolumeClaim" in v]  # no shared volume
