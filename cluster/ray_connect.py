@@ -24,10 +24,10 @@ class ResourceError(UserError):
 
 TASK_EVENTS_KEPT = 1000
 """How many tasks' events a GCS keeps (Ray's `task_events_max_num_task_in_gcs`, default 100,000) on the Rays raygpt
-starts: here, and in infra/ through the head's environment (`RAY_task_events_max_num_task_in_gcs`). Each costs the GCS ~3.3 KB
-(measured: +66 MB for 20,000 actor calls), and a training run makes tasks for as long as it runs: Ray Train checks every
-worker's health every 2 s, so 64 workers reach Ray's default in under two hours, ~330 MB. The cap only shortens the
-task history that the dashboard and `ray list tasks` show; logs and errors are kept apart."""
+starts: here, and in infra/ through the head's environment (`RAY_task_events_max_num_task_in_gcs`). Each costs the
+GCS ~3.3 KB (measured: +66 MB for 20,000 actor calls), and a training run makes tasks for as long as it runs: Ray
+Train checks every worker's health every 2 s, so 64 workers reach Ray's default in under two hours, ~330 MB. The cap
+only shortens the task history that the dashboard and `ray list tasks` show; the workers' logs are kept apart."""
 
 LOCAL_SYSTEM_CONFIG = {
     "task_events_max_num_task_in_gcs": TASK_EVENTS_KEPT,
