@@ -109,29 +109,29 @@ def main() -> None:
 
 def _table(args: argparse.Namespace, data: Path, tmp: Path) -> None:
     """Measure every preset and stage on the running Ray and print the tables."""
-    rows, acts = [], []
+    rows, acts, peaks = [], [], {}
     vocab = read_manifest(data).vocab_size
     runtime = {}  # per stage: the peak of a model with ~no states (the CPU's counterpart of a CUDA context)
     null = ModelConfig.preset("tiny", vocab_size=vocab, block_size=args.seq_len, **NULL)
     null_params, null_largest = count_params(null)
     for zero in args.stages:
-        got = _measure(Path(tmp) / f"null-{zero}", data, "tiny", zero, args.steps, overrides=NULL_OVERRIDES)
+        got = _measure(tmp / f"null-{zero}", data, "tiny", zero, args.steps, overrides=NULL_OVERRIDES)
         runtime[zero] = got["peak"] - _planned(null, null_params, null_largest, zero, args.seq_len, 1)
         print(f"runtime ZeRO-{zero}: {runtime[zero] / GiB:.3f} GiB per rank", flush=True)
     for preset in args.presets:
         model = ModelConfig.preset(preset, vocab_size=vocab, block_size=args.seq_len)
         params, largest = count_params(model)
         for zero in args.stages:
-            got = _measure(Path(tmp) / f"{preset}-{zero}", data, preset, zero, args.steps)
+            got = _measure(tmp / f"{preset}-{zero}", data, preset, zero, args.steps)
             want = _planned(model, params, largest, zero, args.seq_len, 1)
             states = sum(model_states(params, largest, zero, 2, resident=True).values())
-            measured = got["peak"] - runtime[zero]
+            measured, peaks[preset, zero] = got["peak"] - runtime[zero], got["peak"]
             rows.append((preset, params, zero, states, want, measured, got["peak"], runtime[zero]))
             print(f"{preset} ({params / 1e6:.1f}M) ZeRO-{zero}: plan {want / GiB:.3f} GiB, measured "
                   f"{measured / GiB:.3f} GiB ({measured / want:.2f}×)", flush=True)
-        one = next(r for r in rows if r[0] == preset and r[2] == 1)[6] if 1 in args.stages else None
-        if one is not None:
-            big = _measure(Path(tmp) / f"{preset}-1-mb{args.big_batch}", data, preset, 1, args.steps,
+        if (preset, 1) in peaks:
+            one = peaks[preset, 1]
+            big = _measure(tmp / f"{preset}-1-mb{args.big_batch}", data, preset, 1, args.steps,
                            micro_batch=args.big_batch)["peak"]
             per_sequence = (big - one) / (args.big_batch - 1)
             acts.append((preset, activations(model, args.seq_len, model.activation_checkpointing), per_sequence))
