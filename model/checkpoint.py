@@ -32,7 +32,7 @@ from core.errors import RunFileError, UserError
 from core.files import atomic_folder, fingerprint, read_json, sha256
 from core.layout import Location, RunLayout, cached_checkpoint, is_uri, join
 from model.flops import matmul_params
-from model.gpt import GPT, ModelConfig
+from model.gpt import GPT, ModelConfig, position_tables
 
 if TYPE_CHECKING:
     from model.precision import Choice
@@ -267,11 +267,20 @@ def load_checkpoint(folder: Location, device: str | torch.device = "cpu") -> Che
     if record is not None:  # written by `raygpt quantize` (model/quantize.py)
         from model.quantize import QuantizeError, build_quantized, load_quantized_state
 
-        model = build_quantized(GPT(cfg), record)
+        # Ours are built without their float weights (meta), then given memory for what the file holds: loading a
+        # 4-bit model never holds its fp32 size. (Not `assign=True`: the kernels need the aligned memory of our own
+        # allocations, not the file's.) bitsandbytes' modules need real float weights to be built.
+        bnb = str(record.get("method", "")).startswith("bnb")
+        with torch.device("cpu" if bnb else "meta"):
+            skeleton = GPT(cfg)
+        model = build_quantized(skeleton, record)
+        model = model if bnb else model.to_empty(device="cpu")
         try:
             load_quantized_state(model, state, record)
         except (QuantizeError, RuntimeError) as e:
             raise CheckpointError(f"{folder / WEIGHTS}: {str(e).splitlines()[0]}") from None
+        for name, table in position_tables(cfg).items():
+            setattr(model, name, table)
         return Checkpoint(folder, model.to(device).eval(), cfg, tokenizer, meta)
     model = GPT(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -172,18 +172,25 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def position_tables(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The fixed position buffers, computed rather than saved: sinusoidal `pe` (block, C) or rope's `rope_cos` /
+    `rope_sin`; none for learned positions."""
+    if cfg.pos_encoding == "sinusoidal":
+        return {"pe": sinusoidal_table(cfg.block_size, cfg.n_embd)}
+    if cfg.pos_encoding == "rope":
+        cos, sin = rope_tables(cfg.block_size, cfg.head_size, cfg.rope_theta)
+        return {"rope_cos": cos, "rope_sin": sin}
+    return {}
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
-        if cfg.pos_encoding == "sinusoidal":
-            self.register_buffer("pe", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
-        if cfg.pos_encoding == "rope":
-            cos, sin = rope_tables(cfg.block_size, cfg.head_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        for name, table in position_tables(cfg).items():
+            self.register_buffer(name, table, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = norm_layer(cfg)

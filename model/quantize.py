@@ -8,19 +8,15 @@ method, and the token embedding / output head to int8 per row in every method (w
 int8 tensor). Norms, biases and learned positions stay fp32.
 
 Formats (safetensors, loaded back by `model.checkpoint.load_checkpoint`, so generate/eval/export-free paths all work):
-- int8: per-output-channel symmetric int8 + fp32 scale. On x86 CPUs the matmul is PyTorch's fbgemm dynamic int8
-  kernel (activations quantized per call); elsewhere the weight is dequantized on the fly.
+- int8: per-output-channel symmetric int8 + fp32 scale.
 - int4-rtn / gptq / awq: asymmetric 4-bit codes, two per byte, with an fp16 scale and uint8 zero point per group of
-  `group_size` input columns; awq adds a per-input-channel scale. On a CPU with native bf16 (`model.precision`:
-  AVX512_BF16 / AMX) the matmul is PyTorch's packed int4 kernel (`_weight_int4pack_mm_for_cpu`, the one torchao's
-  CPU int4 layout calls) with bf16 activations (with fp32 activations it falls back to a reference loop ~20x slower
-  than an fp32 matmul). Where bf16 is emulated (AVX2) that kernel runs 1.3-2.3x slower than an fp32 matmul (measured
-  with the capability forced to AVX2), so there the weight is dequantized once to fp32 on first use and kept: decode
-  runs at fp32 speed and the checkpoint stays 4-bit. Group sizes the kernel does not take (not 32/64/128/256, or
-  out_features not a multiple of 16) dequantize the weight on the fly. On a CUDA GPU (bf16 activations, set by
-  `set_activation_dtype` when `model.checkpoint.load_for_inference` puts a quantized checkpoint there) the matmul is
-  PyTorch's tinygemm int4 kernel, checked against the dequantized weight when first used (`model.quantize_kernels`).
+  `group_size` input columns; awq adds a per-input-channel scale.
 - bnb-int8 / bnb-nf4: bitsandbytes `Linear8bitLt` / `Linear4bit` modules and their own state-dict layout.
+
+Each layer keeps only its codes and scales in memory and picks a weight-only kernel on its first call (PyTorch's
+int8 / int4 CPU kernels with bf16 activations on any x86 CPU, tinygemm int4 on a CUDA GPU, else dequantizing per call;
+`model.quantize_kernels`). On a GPU the activations are bf16, set by `set_activation_dtype` when
+`model.checkpoint.load_for_inference` puts a quantized checkpoint there.
 
 This module swaps quantized modules into a GPT and loads them back; the pieces live beside it: codes, layers and
 kernels in `model.quantize_kernels`, GPTQ/AWQ in `model.quantize_calibrate`, bitsandbytes in `model.quantize_bnb`.

@@ -4,15 +4,20 @@ by `model.quantize_calibrate` (GPTQ/AWQ produce the codes).
 
     python -c "from model.quantize_kernels import rtn_int4; import torch; print(rtn_int4(torch.randn(4, 64), 32)[0])"
 
-Kernels (see `model.quantize` for the formats), chosen per layer on its first call (`QuantLinear.kernel`):
-- int8: PyTorch's fbgemm dynamic int8 matmul for fp32 activations on x86 CPUs; elsewhere (bf16/fp16 activations, a
-  GPU) the weight is dequantized in the activations' dtype on each call.
-- 4-bit on a CPU: the packed int4 CPU kernel where bf16 is native, a cached dense fp32 weight where bf16 is emulated.
+Kernels (see `model.quantize` for the formats), chosen per layer on its first call (`QuantLinear.kernel`). No dense
+copy of a quantized weight is ever kept: memory stays 8 or 4 bits per weight on every device.
+- On a CPU, PyTorch's weight-only kernels, with the activations rounded to bf16 for the call (their fp32 and fp16
+  paths are reference loops, 5-20x slower than an fp32 matmul; their bf16 paths are vectorised for AVX2 and AVX-512
+  alike, bf16 being only a storage format there): int8 `_weight_int8pack_mm` (per-row scales, the kernel torchao's
+  int8 weight-only layout calls on CPU) and 4-bit `_weight_int4pack_mm_for_cpu` (torchao's CPU int4 layout). A
+  4-bit layer the int4 kernel does not take (group size not 32/64/128/256, out_features not a multiple of 16)
+  dequantizes its weight per call. The kernels' time grows linearly with the rows of a call; at 256 rows (a prefill)
+  they still beat dequantizing per call, and stay within 1.5x of a dense matmul (benchmarks/quantize_speed.py).
 - 4-bit on a CUDA GPU with bf16 activations (compute capability ≥ 8.0): PyTorch's tinygemm kernel
   (`_weight_int4pack_mm`, the one torchao's int4 weight-only layout and gpt-fast call). Its output is checked once
   against the dequantized weight when the layer first packs; a mismatch or an error falls back to dequantizing
   on each call with one warning, so an untested GPU/torch combination is slow rather than wrong.
-- Anything else: the weight dequantized on the fly.
+- Anything else (int8 on a GPU: PyTorch has no CUDA int8 weight-only kernel): the weight dequantized per call.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.precision import inference_dtype
 
 
 # ----------------------------------------------------------------------------------------------- integer codes
@@ -89,7 +93,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.kernel: str | None = None  # which kernel forward uses (see the module docstring), chosen on the first
         self._kernel_for: tuple[torch.device, torch.dtype] | None = None  # call with these activations
-        self._packed: Any = None  # that kernel's weight (fbgemm int8 / int4pack / dense fp32), built on first use
+        self._packed: Any = None  # that kernel's extra tensors (int8: bf16 scales; int4: packed codes), built once
 
     @classmethod
     def from_linear(
@@ -126,13 +130,11 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def _choose_kernel(self, x: torch.Tensor) -> str:
-        if self.bits == 8:
-            return "fbgemm-int8" if _fbgemm_ok(x) else "dequantize"
-        if _dense_fp32_ok(x):
-            return "dense-fp32"
-        if _int4pack_ok(self, x):
-            return "int4pack-cpu"
-        if _int4pack_cuda_ok(self, x):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            if self.bits == 8:
+                return "int8pack-cpu"
+            return "int4pack-cpu" if _int4pack_ok(self, x) else "dequantize"
+        if self.bits == 4 and _int4pack_cuda_ok(self, x):
             return "int4pack-cuda"
         return "dequantize"
 
@@ -140,18 +142,18 @@ class QuantLinear(nn.Module):
         if self._kernel_for != (x.device, x.dtype):
             self.kernel, self._kernel_for = self._choose_kernel(x), (x.device, x.dtype)
             self._packed = self._pack(x)
-        if self.kernel == "dense-fp32":  # no native bf16 on this CPU: a dense fp32 weight beats the int4 kernel
-            return F.linear(x, self._packed, self.bias)
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         rows = x.reshape(-1, self.in_features)  # (N, in)
-        if self.kernel == "fbgemm-int8":
-            y = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        if self.kernel in ("int4pack-cpu", "int4pack-cuda"):
-            y = self._int4_mm(rows, self._packed).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_codes(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kernel == "dequantize":
+            return F.linear(x, self.dequantized_codes(x.dtype), bias)  # this call's weight, freed after it
+        if self.kernel == "int8pack-cpu":
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self._packed)
+        else:
+            y = self._int4_mm(rows, self._packed)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (N, out) bf16 → (..., out)
+        return y if bias is None else y + bias
 
     def _int4_mm(self, rows: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """(N, in) → (N, out) bf16 through the chosen int4 kernel and its packed weight."""
@@ -160,14 +162,12 @@ class QuantLinear(nn.Module):
         return op(rows.to(torch.bfloat16).contiguous(), weight, self.group_size, scales_zeros)
 
     def _pack(self, x: torch.Tensor) -> Any:
-        """The chosen kernel's weight. The CUDA int4 kernel is checked against the dequantized weight first."""
-        if self.kernel == "dense-fp32":
-            return self.dequantized()  # the input scale folded in: no per-call division
-        if self.kernel == "fbgemm-int8":
-            qw = torch._make_per_channel_quantized_tensor(
-                self.qweight, self.scales.double(), torch.zeros_like(self.scales, dtype=torch.long), 0
-            )
-            return torch.ops.quantized.linear_prepack(qw, self.bias)
+        """The chosen kernel's extra tensors: int8's bf16 scales (the codes are used as they are), int4's packed codes
+        and grids. The CUDA int4 kernel is checked against the dequantized weight first."""
+        if self.kernel == "int8pack-cpu":
+            if self.qweight.data_ptr() % 64:  # the kernel's vector loads crash on codes not 16-byte aligned (a view
+                self.qweight = self.qweight.clone()  # into a file's memory, a slice); a clone is allocator-aligned
+            return self.scales.to(torch.bfloat16)
         if self.kernel == "int4pack-cpu":
             return self._int4pack(cuda=False)
         if self.kernel == "int4pack-cuda":
@@ -241,15 +241,6 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _dense_fp32_ok(x: torch.Tensor) -> bool:
-    """fp32 activations on a CPU where bf16 is emulated (the packed int4 kernel needs bf16 to be fast)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and inference_dtype("cpu") == torch.float32
-
-
-def _fbgemm_ok(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 class QuantEmbedding(nn.Module):
