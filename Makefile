@@ -21,13 +21,17 @@ sandbox:
 	    || echo "note: could not install bubblewrap (apt-get install bubblewrap); code tasks will be refused"; \
 	fi
 
+# llama-cpp-python (the `llamacpp` extra) compiles llama.cpp from its sdist: portable AVX2 code rather than this CPU's
+# (pip caches the wheel it builds, and a cache may move between machines of one kind), without the vision library.
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 # Torch first (the CPU wheel), then DeepSpeed built against it, then the project in editable mode.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt --no-build-isolation deepspeed==0.19.8
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install --quiet -c constraints.txt -e '.[dev,llamacpp]'
 	$(BIN)/python -m evaluation.lm_eval_plugin install  # lets plain `lm_eval --model raygpt` find our model
 	touch $(STAMP)
 

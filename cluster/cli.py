@@ -10,6 +10,7 @@
     raygpt jobs     list|status|logs|stop [JOB_ID] --address http://HOST:8265
     raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --compile]
     raygpt export   CHECKPOINT --out DIR             Hugging Face format (Llama or GPT-2)
+    raygpt export   CHECKPOINT --format gguf --quant q8_0 --out F.gguf   llama.cpp / Ollama
     raygpt report   RUN_DIR                          RUN_DIR/report.md + plots (also at the end of `run`)
     raygpt import   HF_DIR --out CKPT                a Hugging Face Llama / GPT-2 checkpoint → raygpt (model.init_from)
     raygpt config   show CONFIG [overrides] | schema [SECTION]   the resolved recipe / every key's type, default, doc
@@ -117,8 +118,11 @@ def _parser() -> argparse.ArgumentParser:
         "export", help="write a checkpoint in Hugging Face format (full precision, or quantized bnb-int8 / bnb-nf4)"
     )
     exp.add_argument("checkpoint", help="a checkpoint folder, or a checkpoint URI (s3:// / gs://)")
-    exp.add_argument("--out", required=True, help="output folder (new or empty; never the checkpoint)")
-    exp.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    exp.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                     help="hf: a Hugging Face folder (transformers, vLLM); gguf: one file for llama.cpp / Ollama")
+    exp.add_argument("--quant", help="gguf only: f32, f16 (default), q8_0, q4_0 or q4_k_m")
+    exp.add_argument("--out", required=True, help="output folder (hf: new or empty; never the checkpoint) or .gguf file")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 
 
@@ -187,9 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             stream_text(args.checkpoint, opts.prompt, opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p,
                         args.seed, device=args.device, precision=args.precision, compile=args.compile)
         elif args.command == "export":
-            from model.export import export
+            from model.export import ExportError, export
 
-            print(f"exported to {export(args.checkpoint, args.out, force=args.force)}")
+            if args.format == "gguf":
+                from model.export_gguf import export_gguf
+
+                print(f"exported to {export_gguf(args.checkpoint, Path(args.out), args.quant or 'f16', args.force)}")
+            elif args.quant:
+                raise ExportError("--quant is for --format gguf; quantize for transformers with `raygpt quantize`")
+            else:
+                print(f"exported to {export(args.checkpoint, args.out, force=args.force)}")
         elif args.command == "report":
             from cluster.report import write_report
 

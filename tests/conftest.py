@@ -122,7 +122,7 @@ def tokenizer_file(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) 
 def perturbed_model(arch: str, **overrides: object) -> GPT:
     """A small model whose norms and biases are not at their init values, so export mistakes show."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64, **{**ARCHS[arch], **overrides})
+    cfg = ModelConfig(**{**dict(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64), **ARCHS[arch], **overrides})
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
