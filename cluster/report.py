@@ -83,12 +83,18 @@ def _quantization_plot(report: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [report["full_precision"], *report["methods"]]
+    rows = [report["full_precision"], *report["methods"], *report.get("gguf", [])]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sizes = [r["size_bytes"] / 1e6 for r in rows]
     deltas = [r.get("delta_bpb_pct") or 0.0 for r in rows]
     speeds = [r.get("decode_vs_fp32", 1.0) for r in rows]
-    points = ax.scatter(sizes, deltas, c=speeds, cmap="viridis", s=80, edgecolors="black")
+    low, high = min(speeds), max(speeds)
+    points = None
+    for marker, gguf in (("o", False), ("s", True)):  # raygpt's checkpoints round, llama.cpp's GGUF files square
+        chosen = [i for i, r in enumerate(rows) if r["method"].startswith("gguf-") == gguf]
+        if chosen:
+            points = ax.scatter([sizes[i] for i in chosen], [deltas[i] for i in chosen], c=[speeds[i] for i in chosen],
+                                cmap="viridis", vmin=low, vmax=high, s=80, marker=marker, edgecolors="black")
     for r, size, delta in zip(rows, sizes, deltas):
         ax.annotate(r["method"], (size, delta), textcoords="offset points", xytext=(6, 4), fontsize=9)
     fig.colorbar(points, ax=ax, label="decode speed vs fp32 (×)")
@@ -102,13 +108,17 @@ def _quantization_plot(report: dict[str, Any]) -> bytes:
 
 
 def _quantization_table(report: dict[str, Any]) -> str:
-    lines = ["| method | size (MB) | × fp32 size | val bpb | Δ bpb | KL vs fp32 | top-1 agree | decode × fp32 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in [report["full_precision"], *report["methods"]]:
+    lines = ["| method | size (MB) | × fp32 size | resident MiB | bpb | Δ bpb | KL vs fp32 | top-1 agree | decode × fp32 "
+             "| kernel |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in [report["full_precision"], *report["methods"], *report.get("gguf", [])]:
         delta = "" if r.get("delta_bpb_pct") is None else f"{r['delta_bpb_pct']:+.2f}%"
-        lines.append(f"| {r['method']} | {r['size_bytes'] / 1e6:.1f} | {r['size_vs_fp32']:.3f} | {r['val_bpb']:.4f} | "
-                     f"{delta} | {r['kl_vs_fp32']:.5f} | {100 * r['top1_agreement']:.1f}% | "
-                     f"{r['decode_vs_fp32']:.2f} |")
+        bpb = r.get("blocks_bpb", r.get("val_bpb"))
+        resident = "-" if r.get("resident_bytes") is None else f"{r['resident_bytes'] / 2**20:.0f}"
+        lines.append(f"| {r['method']} | {r['size_bytes'] / 1e6:.1f} | {r['size_vs_fp32']:.3f} | {resident} | "
+                     f"{bpb:.4f} | {delta} | {r['kl_vs_fp32']:.5f} | {100 * r['top1_agreement']:.1f}% | "
+                     f"{r['decode_vs_fp32']:.2f} | {r.get('kernel', '-')} |")
+    if report.get("gguf"):
+        lines.append("\nGGUF rows (llama.cpp): bits per byte on the KL blocks, not the whole val split.")
     return "\n".join(lines)
 
 

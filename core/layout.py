@@ -19,6 +19,7 @@ run directory is built (a test greps the code base for any other).
       metrics.jsonl, tb/        rank 0 of training (trainer/loop.py)
       eval/results.json, eval/report.md                 raygpt eval (evaluation/run.py)
       quantized/<method>/, quantized/report.{json,md}   raygpt quantize (evaluation/quantize.py)
+      quantized/gguf/model-<type>.gguf                 raygpt quantize (evaluation/quantize_gguf.py)
       sample.txt                the sample stage of raygpt run (model/sample.py)
 
 RUN_DIR may be a local folder or an object-storage URI (s3://bucket/run, gs://bucket/run; `core.files` reads
@@ -261,6 +262,14 @@ class RunLayout:
 
     def quantized_hf_local(self, method: str) -> Path:
         return self.quantized_local(method) / "hf"
+
+    def quantized_gguf(self, quant: str) -> Location:
+        """The checkpoint exported for llama.cpp with one GGUF type (evaluation/quantize_gguf.py)."""
+        return join(self.quantized_dir, "gguf", f"model-{quant}.gguf")
+
+    def quantized_gguf_local(self, quant: str) -> Path:
+        """Where that file is written: `quantized_gguf(quant)`, or for a run on object storage under `scratch`."""
+        return self.scratch / "quantized" / "gguf" / f"model-{quant}.gguf"
 
     def method_report(self, method: str) -> Location:
         """The row of one quantized checkpoint, beside its weights."""

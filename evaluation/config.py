@@ -113,6 +113,9 @@ class QuantizeConfig(Section):
     """Val blocks on which each method's next-token distributions are compared with full precision's (KL, top-1)."""
     eval_tasks: bool = True
     """Also run the eval section's lm-eval tasks on every quantized checkpoint (intrinsic metrics always run)."""
+    gguf: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]] = []
+    """GGUF files to export for llama.cpp / Ollama (RUN_DIR/quantized/gguf/model-<type>.gguf) and measure in
+    llama.cpp (size, bits per byte, KL vs fp32, decode tokens/s) as rows of the report; needs llama-cpp-python."""
     num_cpus: float = Field(default=1.0, gt=0)
     """CPUs reserved by each quantization task."""
     num_gpus: float = Field(default=0.0, ge=0)

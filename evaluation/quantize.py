@@ -164,25 +164,60 @@ def output_fidelity(models: dict[str, Any], data_dir: str, blocks: int) -> dict[
     return {name: {"kl_vs_fp32": kl / n, "top1_agreement": same / n} for name, (kl, same, n) in sums.items()}
 
 
-def _phase2(folders: dict[str, str], new_tokens: int, data_dir: str, blocks: int, use_gpu: bool) -> dict[str, Any]:
+def resident_bytes() -> int:
+    """This process's resident memory, after returning glibc's freed pages to the OS (so that what a model load
+    freed is not counted as the model)."""
+    import ctypes
+    import gc
+    import os
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _phase2(folders: dict[str, str], new_tokens: int, data_dir: str, blocks: int, use_gpu: bool,
+            gguf: list[str], layout: RunLayout, threads: int) -> dict[str, Any]:
     """One task: output fidelity, then decode speeds (so nothing else competes for the cores while timing), on the
-    task's GPU when it reserved one. Fidelity compares fp32 activations (the reference is exact); decoding is timed
-    in the precision inference runs in there (`model.checkpoint.load_for_inference`: bf16 on a GPU, fp32 on a CPU)."""
+    task's GPU when it reserved one, then the GGUF files in llama.cpp. Fidelity compares fp32 activations (the
+    reference is exact); decoding is timed in the precision inference runs in there
+    (`model.checkpoint.load_for_inference`: bf16 on a GPU, fp32 on a CPU). Each model's resident memory is this
+    process's growth while loading it; the kernels are those its quantized layers chose while decoding."""
     from model.checkpoint import load_for_inference
+    from model.quantize_bnb import bitsandbytes
+    from model.quantize_kernels import QuantLinear
+
+    if any(name.startswith("bnb") for name in folders):
+        bitsandbytes()  # imported before any model is measured: code is not model memory
+    memory: dict[str, int] = {}
 
     def load_all(precision: str) -> tuple[dict[str, Any], str]:
-        loaded = {name: load_for_inference(folder, use_gpu, precision) for name, folder in folders.items()}
+        loaded = {}
+        for name, folder in folders.items():
+            before = resident_bytes()
+            loaded[name] = load_for_inference(folder, use_gpu, precision)
+            memory[name] = resident_bytes() - before
         return {name: ckpt.model for name, (ckpt, _) in loaded.items()}, next(iter(loaded.values()))[1].precision
 
     models, _ = load_all("fp32")
+    resident = dict(memory)
     fidelity = output_fidelity(models, data_dir, blocks)
     device = str(next(models[FULL].parameters()).device)
     precision = "fp32"  # on a CPU inference runs in fp32 anyway: the same models are timed
     if device != "cpu":
         del models  # one set of models on the GPU at a time
         models, precision = load_all("auto")
-    return {"fidelity": fidelity, "speeds": decode_speeds(models, new_tokens), "decode_device": device,
-            "decode_precision": precision}
+    speeds = decode_speeds(models, new_tokens)
+    kernels = {name: sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear) and m.kernel})
+               for name, model in models.items()}
+    del models
+    rows = []
+    if gguf:
+        from evaluation.quantize_gguf import gguf_rows
+
+        rows = gguf_rows(folders[FULL], gguf, layout, first_blocks(data_dir, "val", blocks), new_tokens, threads)
+    return {"fidelity": fidelity, "speeds": speeds, "decode_device": device, "decode_precision": precision,
+            "resident_bytes": resident, "kernels": kernels, "gguf": rows}
 
 
 def _bpb(result: dict[str, Any]) -> float | None:
@@ -192,21 +227,32 @@ def _bpb(result: dict[str, Any]) -> float | None:
 
 
 def comparison_table(report: dict[str, Any]) -> str:
+    """The report's table: every method and GGUF file against full precision."""
     lines = [
-        "| method | bits | group | size vs fp32 | size vs bf16 | val bpb | Δ bpb | KL vs fp32 | top-1 same | decode tok/s "
-        "| vs fp32 | calibration s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | bits | group | size vs fp32 | resident MiB | val bpb | Δ bpb | KL vs fp32 | top-1 same | decode tok/s "
+        "| vs fp32 | kernel | calibration s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in [report["full_precision"], *report["methods"]]:
-        bpb = f"{r['val_bpb']:.4f}" if r["val_bpb"] is not None else "-"
-        delta = f"{r['delta_bpb_pct']:+.2f}%" if r.get("delta_bpb_pct") is not None else "-"
-        kl = f"{r['kl_vs_fp32']:.5f}" if r.get("kl_vs_fp32") is not None else "-"
-        top1 = f"{r['top1_agreement']:.2%}" if r.get("top1_agreement") is not None else "-"
+
+    def cell(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in [report["full_precision"], *report["methods"], *report.get("gguf", [])]:
+        gguf = r["method"].startswith("gguf-")
+        resident = r.get("resident_bytes")
         lines.append(
-            f"| {r['method']} | {r['bits']} | {r['group_size'] or '-'} | {r['size_vs_fp32']:.3f} | {r['size_vs_bf16']:.3f} "
-            f"| {bpb} | {delta} | {kl} | {top1} | {r['decode_tokens_per_s']:.1f} | {r['decode_vs_fp32']:.2f} "
-            f"| {r['calibration_s']} |"
+            f"| {r['method']} | {r['bits']} | {r['group_size'] or '-'} | {r['size_vs_fp32']:.3f} "
+            f"| {cell(resident / 2**20 if resident is not None else None, '.0f')} "
+            f"| {cell(r.get('blocks_bpb') if gguf else r.get('val_bpb'), '.4f')}{' †' if gguf else ''} "
+            f"| {cell(r.get('delta_bpb_pct'), '+.2f')}{'%' if r.get('delta_bpb_pct') is not None else ''} "
+            f"| {cell(r.get('kl_vs_fp32'), '.5f')} | {cell(r.get('top1_agreement'), '.2%')} "
+            f"| {r['decode_tokens_per_s']:.1f} | {r['decode_vs_fp32']:.2f} | {r.get('kernel', '-')} "
+            f"| {r.get('calibration_s', '-')} |"
         )
+    if report.get("gguf"):
+        first = report["gguf"][0]
+        lines.append(f"\n† GGUF rows: llama.cpp's bits per byte on the val blocks KL is measured on (fp32 on the same "
+                     f"blocks: {first['blocks_bpb_fp32']:.4f}); Δ, KL and decode speed measured in llama.cpp.")
     return "\n".join(lines)
 
 
@@ -228,6 +274,12 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
     if "quantization" in meta:
         raise QuantizeError(f"quantize.checkpoint: {checkpoint} is already quantized ({meta['quantization']['method']})")
     _check_data(data_dir, model_cfg.vocab_size, bool(CALIBRATED & set(cfg.methods)))
+    if cfg.gguf:
+        from evaluation.quantize_gguf import require_binding
+        from model.export import architecture
+
+        require_binding()
+        architecture(model_cfg)  # a model GGUF has no family for is refused before any task starts
     key = _fingerprint(cfg, eval_cfg, checkpoint)
     if (report := files.completed(layout.quantize_report, key)) is not None:
         print(f"[quantize] {layout.quantize_report} is complete for this config and checkpoint; skipping", flush=True)
@@ -251,7 +303,7 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
     phase2 = ray.get(
         ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(_phase2).remote(
             {m: r["checkpoint"] for m, r in results.items()}, cfg.decode_tokens, str(data_dir), cfg.fidelity_blocks,
-            cfg.num_gpus > 0,
+            cfg.num_gpus > 0, list(cfg.gguf), layout, max(1, int(cfg.num_cpus)),
         )
     )
     speeds, fidelity = phase2["speeds"], phase2["fidelity"]
@@ -266,14 +318,20 @@ def run_quantize(cfg: QuantizeConfig, eval_cfg: EvalConfig, layout: RunLayout) -
         row["val_bpb"] = _bpb(r)
         row["delta_bpb_pct"] = (100 * (row["val_bpb"] / _bpb(full) - 1)) if row["val_bpb"] and method != FULL else None
         row.update(fidelity.get(method, {"kl_vs_fp32": None, "top1_agreement": None}))
+        row["resident_bytes"] = phase2["resident_bytes"][method]
+        row["kernel"] = ", ".join((["bitsandbytes"] if method.startswith("bnb") else []) + phase2["kernels"][method]
+                                  ) or "dense"
         row["decode_tokens_per_s"] = speeds[method]
         row["decode_vs_fp32"] = speeds[method] / speeds[FULL]
         row["eval"] = r["eval"]
         rows.append(row)
         if method != FULL:
             files.write_json(layout.method_report(method), row)
+    for row in phase2["gguf"]:
+        row["size_vs_fp32"] = row["size_bytes"] / full["size_bytes"]
+        row["decode_vs_fp32"] = row["decode_tokens_per_s"] / speeds[FULL]
     report = {"fingerprint": key, "checkpoint": str(checkpoint), "config": cfg.dump_as_written(),
-              "full_precision": rows[0], "methods": rows[1:]}
+              "full_precision": rows[0], "methods": rows[1:], "gguf": phase2["gguf"]}
     table = comparison_table(report)
     every_metric = report_table({"checkpoints": [r["eval"] for r in rows]})
     calibrated = [r["calibration_device"] for m, r in results.items() if m in CALIBRATED]

@@ -267,16 +267,16 @@ def load_checkpoint(folder: Location, device: str | torch.device = "cpu") -> Che
     if record is not None:  # written by `raygpt quantize` (model/quantize.py)
         from model.quantize import QuantizeError, build_quantized, load_quantized_state
 
-        # Ours are built without their float weights (meta), then given memory for what the file holds: loading a
-        # 4-bit model never holds its fp32 size. (Not `assign=True`: the kernels need the aligned memory of our own
-        # allocations, not the file's.) bitsandbytes' modules need real float weights to be built.
+        # Ours are built without any weights (meta) and take the file's tensors, copied once out of its mapping into
+        # our allocator's aligned memory (the kernels need it): loading a 4-bit model never holds its fp32 size.
+        # bitsandbytes' modules need real float weights to be built.
         bnb = str(record.get("method", "")).startswith("bnb")
         with torch.device("cpu" if bnb else "meta"):
-            skeleton = GPT(cfg)
-        model = build_quantized(skeleton, record)
-        model = model if bnb else model.to_empty(device="cpu")
+            model = build_quantized(GPT(cfg), record)
+        if not bnb:
+            state = {name: tensor.clone() for name, tensor in state.items()}
         try:
-            load_quantized_state(model, state, record)
+            load_quantized_state(model, state, record, assign=not bnb)
         except (QuantizeError, RuntimeError) as e:
             raise CheckpointError(f"{folder / WEIGHTS}: {str(e).splitlines()[0]}") from None
         for name, table in position_tables(cfg).items():

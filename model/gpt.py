@@ -187,8 +187,15 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
+        # Under `torch.device("meta")` (a skeleton that model.checkpoint loads a quantized file into) nothing is drawn:
+        # the tables are given empty, since nn.Embedding's own init on meta imports ~70 MiB of PyTorch's decompositions
+        skeleton = torch.empty(0).device.type == "meta"
+
+        def table(rows: int) -> nn.Embedding:
+            return nn.Embedding(rows, cfg.n_embd, _weight=torch.empty(rows, cfg.n_embd) if skeleton else None)
+
+        self.wte = table(cfg.vocab_size)
+        self.wpe = table(cfg.block_size) if cfg.pos_encoding == "learned" else None
         for name, table in position_tables(cfg).items():
             self.register_buffer(name, table, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
@@ -197,7 +204,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init)
+        if not skeleton:
+            self.apply(self._init)
 
     def _init(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2·n_layer)."""

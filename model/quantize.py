@@ -117,8 +117,9 @@ def build_quantized(model: GPT, record: dict[str, Any]) -> GPT:
     return model
 
 
-def load_quantized_state(model: GPT, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-    """Load a quantized state dict; bitsandbytes NF4 weights are rebuilt from their packed data and stats."""
+def load_quantized_state(model: GPT, state: dict[str, torch.Tensor], record: dict[str, Any], assign: bool = False) -> None:
+    """Load a quantized state dict; bitsandbytes NF4 weights are rebuilt from their packed data and stats. `assign`:
+    the model is a meta skeleton and takes `state`'s tensors themselves."""
     if record["method"] == "bnb-nf4":
         bnb = bitsandbytes()
 
@@ -128,7 +129,7 @@ def load_quantized_state(model: GPT, state: dict[str, torch.Tensor], record: dic
             weight = bnb.nn.Params4bit.from_prequantized(state.pop(f"{name}.weight"), stats, requires_grad=False,
                                                          device="cpu")
             getattr(parent, attr).weight = weight
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in missing if not (record["method"] == "bnb-nf4" and k.endswith(".weight") and "blocks." in k)]
     if missing or unexpected:
         raise QuantizeError(f"quantized weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -29,7 +29,8 @@ def _run_dir(trained_run: Path, tmp_path: Path) -> Path:
 
 def test_quantize_end_to_end(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = _run_dir(trained_run, tmp_path)
-    args = ["quantize", SHAKESPEARE, f"run_dir={run_dir}", "quantize.methods=[int8,gptq,bnb-nf4]", *QUICK]
+    args = ["quantize", SHAKESPEARE, f"run_dir={run_dir}", "quantize.methods=[int8,gptq,bnb-nf4]",
+            "quantize.gguf=[q8_0,q4_k_m]", *QUICK]
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "report.md").write_text("# Evaluation\n\n## Quantization\n\nwritten by raygpt eval\n")
     assert main(args) == 0
@@ -48,11 +49,22 @@ def test_quantize_end_to_end(trained_run: Path, tmp_path: Path, capsys: pytest.C
     assert methods["gptq"]["calibration_s"] > 0 and methods["int8"]["bits"] == 8
     assert {row["calibration_device"] for row in methods.values()} == {"cpu"}  # quantize.num_gpus 0
     assert {(row["decode_device"], row["decode_precision"]) for row in methods.values()} == {("cpu", "fp32")}
+    kernels = {name: row["kernel"] for name, row in methods.items()}
+    assert kernels == {"int8": "int8pack-cpu", "gptq": "int4pack-cpu, int8pack-cpu", "bnb-nf4": "bitsandbytes, int8pack-cpu"}
+    assert full["kernel"] == "dense" and all(row["resident_bytes"] >= 0 for row in [full, *methods.values()])
+    gguf = {r["method"]: r for r in report["gguf"]}  # exported and measured in llama.cpp
+    assert set(gguf) == {"gguf-q8_0", "gguf-q4_k_m"}
+    for quant, row in gguf.items():
+        assert row["file"] == str(run_dir / "quantized" / "gguf" / f"model-{quant[5:]}.gguf")
+        assert Path(row["file"]).stat().st_size == row["size_bytes"] and row["size_vs_fp32"] < 0.5
+        assert 0 < row["kl_vs_fp32"] < 0.5 and row["decode_tokens_per_s"] > 0 and row["kernel"] == "llama.cpp"
+    assert abs(gguf["gguf-q8_0"]["delta_bpb_pct"]) < 1 and abs(gguf["gguf-q4_k_m"]["delta_bpb_pct"]) < 10
     assert methods["bnb-nf4"]["transformers"] == str(run_dir / "quantized" / "bnb-nf4" / "hf")
     assert methods["gptq"]["transformers"] is None  # raygpt's own packed format
     markdown = (run_dir / "quantized" / "report.md").read_text()
     assert markdown.startswith("# Quantization\n") and "| gptq | 4 | 32 |" in markdown and "Every metric" in markdown
     assert "GPTQ/AWQ calibrated on cpu; decoding timed on cpu in fp32." in markdown
+    assert "| gguf-q8_0 | 8.5 | 32 |" in markdown and "† GGUF rows: llama.cpp's bits per byte" in markdown
     assert (run_dir / "eval" / "report.md").read_text().endswith("written by raygpt eval\n")  # eval's file is eval's
     out = capsys.readouterr().out
     assert "| gptq | 4 | 32 |" in out and "[quantize] methods 4/4 (100%) " in out  # one progress line per method
@@ -70,6 +82,7 @@ def test_quantize_errors(trained_run: Path, tmp_path: Path, tokenizer_file: Path
     cases = [
         ([f"quantize.checkpoint={other}"], "has vocab_size 300 but the data"),
         (["quantize.methods=[int3]"], "quantize.methods[0]: Input should be"),
+        (["quantize.gguf=[q5_x]"], "quantize.gguf[0]: Input should be"),
         ([f"quantize.checkpoint={tmp_path}/none"], "quantize.checkpoint: "),
     ]
     for overrides, message in cases:
