@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/quantize_speed.py [--presets gpt2-124m llama-1b] [--tokens 32] [--batches 1 8]
         [--agreement-run runs/demo]        # greedy agreement with fp32 on a trained run's quantized checkpoints
+        [--keep /tmp/qs]                   # keep the checkpoints, and reuse them on the next run
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/python ...  # AVX2 figures
 
 For each preset a randomly initialised model (speed and memory do not depend on the weights) is saved in fp32 and
@@ -17,10 +18,7 @@ checkpoint and its `quantized/<method>` checkpoints (4 val prompts × 32 tokens)
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,13 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 METHODS = ["fp32", "int8", "int4-rtn", "gptq", "awq"]
 TARGETS = {"int8": (0.55, 1.3), "int4-rtn": (0.35, 1.5), "gptq": (0.35, 1.5), "awq": (0.35, 1.5)}
 """Method → (largest model memory vs fp32, smallest batch-1 decode speed vs fp32)."""
-
-
-def resident_bytes() -> int:
-    """This process's resident memory after returning glibc's free pages to the OS."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def synthetic_tokenizer(vocab_size: int, path: Path) -> Path:
@@ -69,7 +60,7 @@ def make(preset: str, folder: Path) -> None:
 
     torch.manual_seed(0)
     model = GPT(ModelConfig.preset(preset)).eval()
-    tokenizer = synthetic_tokenizer(model.cfg.vocab_size, folder / "tokenizer.json")
+    tokenizer = synthetic_tokenizer(model.cfg.vocab_size, folder / "synthetic-bpe.json")
     save_checkpoint(model, folder / "fp32", tokenizer)
     del model
     calibration = torch.randint(0, 256, (16, 128), generator=torch.Generator().manual_seed(1))
@@ -88,8 +79,8 @@ def measure(folder: Path, tokens: int, batches: list[int]) -> dict[str, Any]:
 
     from model.checkpoint import load_checkpoint
     from model.generate import generate_tokens
-    from model.quantize import quantize_model  # noqa: F401  # what loading a quantized checkpoint imports, counted
-    from model.quantize_kernels import QuantLinear  # in the baseline: it is code, not the model
+    from evaluation.quantize import resident_bytes  # what loading a quantized checkpoint imports is in the baseline:
+    from model.quantize_kernels import QuantLinear  # it is code, not the model
 
     baseline = resident_bytes()
     model = load_checkpoint(folder).model
@@ -113,18 +104,20 @@ def agreement(run_dir: Path, new_tokens: int = 32) -> dict[str, float]:
     """Child: per quantized method of a trained run, the share of greedy tokens equal to fp32's (4 val prompts)."""
     import torch
 
+    from core.layout import RunLayout
     from data_pipeline.manifest import read_manifest
     from model.checkpoint import load_checkpoint
     from model.generate import generate
 
-    data = run_dir / "data"
+    layout = RunLayout.of(run_dir)
+    data = layout.data.root
     blocks = read_manifest(data).blocks(data, "val")
     prompts = torch.stack([torch.from_numpy(b[:32].astype("int64")) for _, b in zip(range(4), blocks)])
     with torch.no_grad():
-        want = generate(load_checkpoint(run_dir / "checkpoint").model, prompts, new_tokens)[:, 32:]
+        want = generate(load_checkpoint(layout.checkpoint).model, prompts, new_tokens)[:, 32:]
         shares = {}
         for method in METHODS[1:]:
-            folder = run_dir / "quantized" / method
+            folder = Path(layout.quantized(method))
             if (folder / "config.json").is_file():
                 got = generate(load_checkpoint(folder).model, prompts, new_tokens)[:, 32:]
                 shares[method] = (got == want).float().mean().item()
@@ -145,6 +138,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--agreement-run", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the checkpoints in this folder and reuse them when run again (e.g. for a forced-ISA run)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -167,8 +162,11 @@ def main() -> None:
     misses = []
     for preset in args.presets:
         with tempfile.TemporaryDirectory() as tmp:
-            child(["--child", "make", preset, tmp])
-            rows = {m: child(["--child", "measure", str(Path(tmp) / m), "--tokens", str(args.tokens),
+            work = args.keep / preset if args.keep else Path(tmp)
+            if not (work / METHODS[-1] / "config.json").is_file():
+                work.mkdir(parents=True, exist_ok=True)
+                child(["--child", "make", preset, str(work)])
+            rows = {m: child(["--child", "measure", str(work / m), "--tokens", str(args.tokens),
                               "--batches", *batches]) for m in METHODS}
         base = rows["fp32"]
         for method, row in rows.items():

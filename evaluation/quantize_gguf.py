@@ -73,7 +73,7 @@ def gguf_rows(checkpoint: str, quants: list[str], layout: RunLayout, ids: Any, n
         size = path.stat().st_size
         rows.append({
             "method": f"gguf-{quant}", "bits": BITS[quant], "group_size": 32 if quant in ("q8_0", "q4_0") else None,
-            "file": str(path), "size_bytes": size, "bits_per_weight": 8 * size / params,
+            "file": str(layout.quantized_gguf(quant)), "size_bytes": size, "bits_per_weight": 8 * size / params,
             "blocks_bpb": bpb, "blocks_bpb_fp32": fp32_bpb, "delta_bpb_pct": 100 * (bpb / fp32_bpb - 1),
             "kl_vs_fp32": F.kl_div(theirs, reference, log_target=True, reduction="sum").item() / targets.numel(),
             "top1_agreement": (theirs.argmax(-1) == reference.argmax(-1)).float().mean().item(),

@@ -32,7 +32,7 @@ from core.errors import RunFileError, UserError
 from core.files import atomic_folder, fingerprint, read_json, sha256
 from core.layout import Location, RunLayout, cached_checkpoint, is_uri, join
 from model.flops import matmul_params
-from model.gpt import GPT, ModelConfig, position_tables
+from model.gpt import GPT, ModelConfig
 
 if TYPE_CHECKING:
     from model.precision import Choice
@@ -279,8 +279,6 @@ def load_checkpoint(folder: Location, device: str | torch.device = "cpu") -> Che
             load_quantized_state(model, state, record, assign=not bnb)
         except (QuantizeError, RuntimeError) as e:
             raise CheckpointError(f"{folder / WEIGHTS}: {str(e).splitlines()[0]}") from None
-        for name, table in position_tables(cfg).items():
-            setattr(model, name, table)
         return Checkpoint(folder, model.to(device).eval(), cfg, tokenizer, meta)
     model = GPT(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import files
 from model.checkpoint import load_checkpoint
 from model.export import ExportError, architecture
 from model.gpt import GPT, sinusoidal_table
@@ -43,8 +45,9 @@ BLOCK = 32
 
 
 def export_gguf(checkpoint: str | Path, out: Path, quant: str = "f16", force: bool = False) -> Path:
-    """Write `checkpoint` as one GGUF file at `out`: written beside it under a temporary name and renamed when
-    complete, so `out` is either the old file (or nothing) or the whole new one."""
+    """Write `checkpoint` as one GGUF file at `out`: built in a temporary folder beside it, then written through
+    `core.files.output` (a temporary name renamed when complete), so `out` is the old file (or nothing) or the new
+    one, never half of it."""
     if quant not in QUANTS:
         raise ExportError(f"unknown --quant {quant!r} (known: {', '.join(QUANTS)})")
     out = Path(out)
@@ -65,7 +68,8 @@ def export_gguf(checkpoint: str | Path, out: Path, quant: str = "f16", force: bo
         _write(written, loaded, arch, tensors, types, "f16" if quant == "q4_k_m" else quant)
         if quant == "q4_k_m":
             written = _llama_cpp_quantize(written, Path(tmp) / "model.gguf", 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-        os.replace(written, out)
+        with open(written, "rb") as source, files.output(out) as target:  # renamed into place once complete
+            shutil.copyfileobj(source, target, 16 << 20)
     return out
 
 

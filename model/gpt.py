@@ -189,6 +189,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         # Under `torch.device("meta")` (a skeleton that model.checkpoint loads a quantized file into) nothing is drawn:
         # the tables are given empty, since nn.Embedding's own init on meta imports ~70 MiB of PyTorch's decompositions
+        # (as float64 math on meta does: the position tables below are computed on the CPU)
         skeleton = torch.empty(0).device.type == "meta"
 
         def table(rows: int) -> nn.Embedding:
@@ -196,7 +197,9 @@ class GPT(nn.Module):
 
         self.wte = table(cfg.vocab_size)
         self.wpe = table(cfg.block_size) if cfg.pos_encoding == "learned" else None
-        for name, table in position_tables(cfg).items():
+        with torch.device("cpu"):  # computed, never loaded: real even in a meta skeleton (model.checkpoint)
+            tables = position_tables(cfg)
+        for name, table in tables.items():
             self.register_buffer(name, table, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))

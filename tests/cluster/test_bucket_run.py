@@ -34,7 +34,7 @@ from tests.conftest import BASE, REPO, S3_PORT, SHAKESPEARE
 TINY = ["data.tokenizer.vocab_size=512", "data.seq_len=64", "data.shard_bytes=400000", *BASE,
         "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=4", "train.precision=fp32",
         "cluster.num_workers=1", "cluster.cpus_per_worker=1", "eval.tasks=[]", "eval.max_tokens=2000",
-        "quantize.methods=[int8]", "quantize.eval_tasks=false", "quantize.decode_tokens=8",
+        "quantize.methods=[int8]", "quantize.gguf=[q8_0]", "quantize.eval_tasks=false", "quantize.decode_tokens=8",
         "sample.max_new_tokens=8"]
 CORPUS, TEXT = "s3://raygpt-test/inputs/input.txt", "s3://raygpt-test/inputs/text.txt"
 INPUTS = [f"data.sources=[{{path: {CORPUS}, split_by: paragraph}}]", f"eval.texts={{bucket_text: {TEXT}}}"]
@@ -90,7 +90,8 @@ def test_every_stage_writes_only_to_the_bucket(bucket_run: BucketRun, capsys: py
     names = set(objects)
     for expected in ("config.yaml", "data/manifest.json", "data/tokenizer.json", "checkpoint", "train.done.json",
                      "metrics.jsonl", "eval/results.json", "eval/report.md", "quantized/report.json",
-                     "quantized/report.md", "quantized/int8/model.safetensors", "sample.txt", "report.md",
+                     "quantized/report.md", "quantized/int8/model.safetensors", "quantized/gguf/model-q8_0.gguf",
+                     "sample.txt", "report.md",
                      "report/loss.png", "report/quantization.png",
                      "checkpoints/step-000004/commit.json", "checkpoints/step-000004/model/model.safetensors"):
         assert expected in names, expected

@@ -43,7 +43,7 @@ def test_report_card_of_a_trained_run(trained_run: Path, tmp_path: Path, capsys:
     (quantized / "report.json").write_text(json.dumps({"full_precision": row, "methods": [int8]}))
     assert main(["report", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
-    assert "| int8 | 5.6 | 0.254 | 2.4444 | +0.02% | 0.00060 | 95.4% | 1.10 |" in report
+    assert "| int8 | 5.6 | 0.254 | - | 2.4444 | +0.02% | 0.00060 | 95.4% | 1.10 | - |" in report
     assert report.count("Not run yet.") == 1 and _png_size(run_dir / "report" / "quantization.png")[0] > 500
 
 

@@ -19,6 +19,8 @@ from model.export_gguf import export_gguf
 from model.generate import generate
 from tests.conftest import perturbed_model
 
+pytestmark = pytest.mark.kernels  # compares with raygpt's generation: CI reruns it with the ISA forced to AVX2
+
 
 @contextmanager
 def llama(path: Path, n_ctx: int) -> Iterator[object]:
