@@ -11,8 +11,9 @@ copy of a quantized weight is ever kept: memory stays 8 or 4 bits per weight on 
   alike, bf16 being only a storage format there): int8 `_weight_int8pack_mm` (per-row scales, the kernel torchao's
   int8 weight-only layout calls on CPU) and 4-bit `_weight_int4pack_mm_for_cpu` (torchao's CPU int4 layout). A
   4-bit layer the int4 kernel does not take (group size not 32/64/128/256, out_features not a multiple of 16)
-  dequantizes its weight per call. The kernels' time grows linearly with the rows of a call; at 256 rows (a prefill)
-  they still beat dequantizing per call, and stay within 1.5x of a dense matmul (benchmarks/quantize_speed.py).
+  dequantizes its weight per call. The kernels' time grows linearly with the rows of a call: at 256 rows (a prefill,
+  an evaluation batch) they still beat dequantizing per call, but take 1.4-1.7x a dense fp32 matmul's time with AVX2
+  (0.9-1.2x with AVX-512), measured per layer at 768->3072 and 2048->8192 (README, Quantization).
 - 4-bit on a CUDA GPU with bf16 activations (compute capability ≥ 8.0): PyTorch's tinygemm kernel
   (`_weight_int4pack_mm`, the one torchao's int4 weight-only layout and gpt-fast call). Its output is checked once
   against the dequantized weight when the layer first packs; a mismatch or an error falls back to dequantizing
@@ -149,7 +150,7 @@ class QuantLinear(nn.Module):
         if self.kernel == "dequantize":
             return F.linear(x, self.dequantized_codes(x.dtype), bias)  # this call's weight, freed after it
         if self.kernel == "int8pack-cpu":
-            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self._packed)
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.qweight, self._packed)
         else:
             y = self._int4_mm(rows, self._packed)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (N, out) bf16 → (..., out)
