@@ -7,12 +7,12 @@ report comparing them with full precision (RUN_DIR/quantized/report.json and rep
 Each task reserves `quantize.num_gpus`; with a GPU, GPTQ/AWQ calibrate on it, evaluation runs on it and phase 2 times
 decoding there in bf16 (`model.checkpoint.load_for_inference`).
 
-Phase 1 (parallel tasks): quantize (timing the calibration), save (bnb-int8 / bnb-nf4 also in transformers' format,
-in <method>/hf), and evaluate each checkpoint with the `eval`
-section (bits per byte on the val shards and texts; its lm-eval tasks too when `quantize.eval_tasks`); the
-full-precision checkpoint is evaluated the same way. Phase 2 (one task, so timings do not compete for cores): each
-method's KL divergence from full precision's next-token distributions on val blocks, then decode tokens/s of full
-precision and every method, measured alternately.
+Phase 1 (parallel tasks): quantize (timing the calibration), save (also in a format transformers loads, in
+<method>/hf: bitsandbytes' for bnb-*, compressed-tensors' for the others, which vLLM serves), and evaluate each
+checkpoint with the `eval` section (bits per byte on the val shards and texts; its lm-eval tasks too when
+`quantize.eval_tasks`); the full-precision checkpoint is evaluated the same way. Phase 2 (one task, so timings do
+not compete for cores): each method's KL divergence from full precision's next-token distributions on val blocks,
+then decode tokens/s of full precision and every method, measured alternately.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def quantize_and_evaluate(
     """One method (or FULL): quantize, save to RUN_DIR/quantized/<method>, evaluate (runs in a Ray task)."""
     from model.checkpoint import load_checkpoint, local_checkpoint, save_checkpoint
 
-    from model.export import BNB_CONFIGS, ExportError, export
+    from model.export import ExportError, export
 
     folder, record, seconds, transformers_dir = local_checkpoint(checkpoint), None, 0.0, None
     location: Location = checkpoint
@@ -84,12 +84,11 @@ def quantize_and_evaluate(
         extra = {"step": loaded.step, "eot_token": loaded.eot_token, "quantization": record}
         folder = save_checkpoint(loaded.model, layout.quantized_local(method), loaded.tokenizer_file, extra=extra,
                                  replace=True)
-        if method in BNB_CONFIGS:  # a standard format: also written as transformers loads it
-            try:
-                export(folder, layout.quantized_hf_local(method), force=True, inside=True)  # the stage owns both
-                transformers_dir = str(layout.quantized_hf(method))
-            except ExportError as e:
-                transformers_dir = f"not exported: {e}"
+        try:  # also in a standard format, as transformers (and vLLM, for compressed-tensors) load it
+            export(folder, layout.quantized_hf_local(method), force=True, inside=True)  # the stage owns both
+            transformers_dir = str(layout.quantized_hf(method))
+        except ExportError as e:
+            transformers_dir = f"not exported: {e}"
         location = layout.quantized(method)
         if layout.remote:  # built locally, then uploaded whole; the report written after it is the stage's record
             files.remove(location)

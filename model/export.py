@@ -11,9 +11,10 @@ Anything else has no Hugging Face equivalent and is refused with one line saying
 model's bos/eos/pad token (config.json, generation_config.json), so `generate` stops at it. `model/hf_import.py` is
 the other direction.
 
-Quantized checkpoints: bnb-int8 / bnb-nf4 (bitsandbytes, a format transformers loads) export to the same model with
-`quantization_config` in config.json; `raygpt quantize` writes that export to RUN_DIR/quantized/<method>/hf. The
-int8 / int4-rtn / gptq / awq checkpoints are raygpt's own packed layout and are refused.
+Quantized checkpoints export with `quantization_config` in config.json, and `raygpt quantize` writes that export to
+RUN_DIR/quantized/<method>/hf: bnb-int8 / bnb-nf4 in bitsandbytes' layout (transformers, CUDA or CPU); int8 /
+int4-rtn / gptq / awq as compressed-tensors `pack-quantized` (transformers and vLLM; Llama family only,
+`model.export_compressed`).
 """
 
 from __future__ import annotations
@@ -172,25 +173,29 @@ def check_out(source: str | Path, out: str | Path, force: bool, what: str = "the
 
 def export(checkpoint: str | Path, out: str | Path, force: bool = False, inside: bool = False) -> Path:
     """Write config.json, model.safetensors and tokenizer files for transformers; temp folder, then rename.
-    Full-precision checkpoints and bitsandbytes-quantized ones (bnb-int8, bnb-nf4) can be exported. An existing
+    Full-precision checkpoints and quantized ones (see the module docstring) can be exported. An existing
     non-empty `out` is replaced only with `force`; `out` may never be or contain the checkpoint. A checkpoint on
     object storage is fetched into the local cache first (`model.checkpoint.local_checkpoint`)."""
     checkpoint = local_checkpoint(checkpoint)
     check_out(checkpoint, out, force, inside=inside)
     method = read_meta(checkpoint).get("quantization", {}).get("method")
-    if method is not None and method not in BNB_CONFIGS:
-        raise ExportError(
-            f"{checkpoint}: a quantized checkpoint ({method}) in raygpt's own packed format, which transformers cannot "
-            f"load; export the full-precision checkpoint or a {' / '.join(BNB_CONFIGS)} one"
-        )
     loaded = load_checkpoint(checkpoint)
-    architecture(loaded.config)  # refuse models without a Hugging Face equivalent before any work
+    family = architecture(loaded.config)  # refuse models without a Hugging Face equivalent before any work
+    if method is not None and method not in BNB_CONFIGS and family != "llama":
+        raise ExportError(
+            f"{checkpoint}: a {method} checkpoint of the GPT-2 family; transformers' GPT-2 uses Conv1D layers, which "
+            "compressed-tensors does not quantize (export the full-precision checkpoint, or GGUF: --format gguf)"
+        )
     out = Path(out)
     with atomic_folder(out, replace=True) as tmp:  # check_out allowed replacing it
         if method is None:
             to_hf(loaded.model, loaded.eot_id).eval().save_pretrained(tmp, safe_serialization=True)
-        else:
+        elif method in BNB_CONFIGS:
             _save_bnb(loaded.model, method, tmp, loaded.eot_id)
+        else:
+            from model.export_compressed import save_compressed  # compressed-tensors: only for these checkpoints
+
+            save_compressed(loaded.model, tmp, loaded.eot_id)
         hf_tokenizer(loaded.tokenizer_file, loaded.eot_token).save_pretrained(tmp)
     return out
 

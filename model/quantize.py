@@ -10,7 +10,9 @@ int8 tensor). Norms, biases and learned positions stay fp32.
 Formats (safetensors, loaded back by `model.checkpoint.load_checkpoint`, so generate/eval/export-free paths all work):
 - int8: per-output-channel symmetric int8 + fp32 scale.
 - int4-rtn / gptq / awq: asymmetric 4-bit codes, two per byte, with an fp16 scale and uint8 zero point per group of
-  `group_size` input columns; awq adds a per-input-channel scale.
+  `group_size` input columns. AWQ's per-input-channel scales are folded into the norms and linears before the scaled
+  layers (`model.quantize_calibrate.awq_fold`), so its layers are plain 4-bit ones; AWQ checkpoints written before
+  that keep an `input_scale` per layer, which still loads and runs (not exported).
 - bnb-int8 / bnb-nf4: bitsandbytes `Linear8bitLt` / `Linear4bit` modules and their own state-dict layout.
 
 Each layer keeps only its codes and scales in memory and picks a weight-only kernel on its first call (PyTorch's

@@ -50,18 +50,19 @@ def calibrate(
             block(x, rope, None, 0)
         for h in hooks:
             h.remove()
+        prefix = f"blocks.{i}."
+        rows = {name[len(prefix) :]: torch.cat(s["rows"]) for name, s in stats.items()}  # block-relative names
+        if method == "awq":
+            awq_fold(block, model.cfg, rows, group_size)
         for name, parent, attr in names:
             linear, s = getattr(parent, attr), stats[name]
             gs = group_size_for(linear.in_features, group_size)
             if method == "gptq":
                 codes = gptq(linear.weight.float(), 2 * s["H"] / s["n"], gs, act_order, damp)
-                setattr(parent, attr, QuantLinear.from_linear(linear, 4, gs, codes=codes))
             else:
-                rows = torch.cat(s["rows"])
-                scale = awq_scale(linear.weight.float(), rows, gs)
-                codes = rtn_int4(awq_clip(linear.weight.float() * scale, rows / scale, gs), gs)
-                setattr(parent, attr, QuantLinear.from_linear(linear, 4, gs, codes=codes, input_scale=scale))
-            record["modules"][name] = {"group_size": gs, "input_scale": method == "awq"}
+                codes = rtn_int4(awq_clip(linear.weight.float(), rows[name[len(prefix) :]], gs), gs)
+            setattr(parent, attr, QuantLinear.from_linear(linear, 4, gs, codes=codes))
+            record["modules"][name] = {"group_size": gs, "input_scale": False}
         xs = [block(x, rope, None, 0) for x in xs]
 
 
@@ -106,6 +107,44 @@ def gptq(
             Err1[:, i] = err
         w[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return codes[:, torch.argsort(perm)], scale, zero
+
+
+@torch.no_grad()
+def awq_fold(block: nn.Module, cfg: Any, rows: dict[str, torch.Tensor], group_size: int) -> None:
+    """AWQ's per-input-channel scales s, folded in as AutoAWQ does, so that the quantized model is a plain 4-bit one
+    that other programs load (`model.export_compressed`): the linears reading one input are scaled by s together
+    (W·s, one search over their stacked rows) and the layer that produces that input is divided by s. Four places:
+    norm1 → qkv; norm2 → up (+ gate); v → proj (only without grouped-query attention: several heads read one v row);
+    up → down (only with SwiGLU: silu(gate)·up is linear in up, gelu(up) is not). A linear with no producer to fold
+    into keeps s = 1 and gets only the clipping half (`awq_clip`). `rows` (block-relative name → calibration input
+    rows) are divided by s in place of the inputs they now stand for."""
+    attn, mlp = block.attn, block.mlp
+    nh, nkv, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
+
+    def divide(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor) -> None:
+        shape = s if weight.dim() == 1 else s[:, None]  # a norm's weight, or the producing rows of a linear
+        weight.div_(shape.to(weight.dtype))
+        if bias is not None:
+            bias.div_(s.to(bias.dtype))
+
+    v = slice((nh + nkv) * hs, (nh + 2 * nkv) * hs)  # qkv's v rows
+    norm1_bias, norm2_bias = getattr(block.norm1, "bias", None), getattr(block.norm2, "bias", None)  # RMSNorm: none
+    plan: list[tuple[list[str], Any]] = [(["attn.qkv"], lambda s: divide(block.norm1.weight, norm1_bias, s))]
+    if nkv == nh:
+        v_bias = None if attn.qkv.bias is None else attn.qkv.bias[v]
+        plan.append((["attn.proj"], lambda s: divide(attn.qkv.weight[v], v_bias, s)))
+    ups = ["mlp.up", "mlp.gate"] if mlp.gate is not None else ["mlp.up"]
+    plan.append((ups, lambda s: divide(block.norm2.weight, norm2_bias, s)))
+    if mlp.gate is not None:
+        plan.append((["mlp.down"], lambda s: divide(mlp.up.weight, mlp.up.bias, s)))
+    for names, fold in plan:
+        linears = [getattr(attn if n.startswith("attn.") else mlp, n.split(".")[1]) for n in names]
+        gs = group_size_for(linears[0].in_features, group_size)
+        s = awq_scale(torch.cat([linear.weight.float() for linear in linears]), rows[names[0]], gs)
+        fold(s)
+        for name, linear in zip(names, linears):
+            linear.weight.mul_(s.to(linear.weight.dtype))
+            rows[name] = rows[name] / s
 
 
 def awq_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 20) -> torch.Tensor:

@@ -60,7 +60,7 @@ def test_quantize_end_to_end(trained_run: Path, tmp_path: Path, capsys: pytest.C
         assert 0 < row["kl_vs_fp32"] < 0.5 and row["decode_tokens_per_s"] > 0 and row["kernel"] == "llama.cpp"
     assert abs(gguf["gguf-q8_0"]["delta_bpb_pct"]) < 1 and abs(gguf["gguf-q4_k_m"]["delta_bpb_pct"]) < 10
     assert methods["bnb-nf4"]["transformers"] == str(run_dir / "quantized" / "bnb-nf4" / "hf")
-    assert methods["gptq"]["transformers"] is None  # raygpt's own packed format
+    assert methods["gptq"]["transformers"] == str(run_dir / "quantized" / "gptq" / "hf")  # compressed-tensors
     markdown = (run_dir / "quantized" / "report.md").read_text()
     assert markdown.startswith("# Quantization\n") and "| gptq | 4 | 32 |" in markdown and "Every metric" in markdown
     assert "GPTQ/AWQ calibrated on cpu; decoding timed on cpu in fp32." in markdown

@@ -13,7 +13,7 @@ import torch
 from evaluation.quantize import first_blocks
 from model import quantize_kernels as quantize_module
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.export import ExportError, export
+from model.export import export
 from model.generate import generate
 from model.gpt import GPT, ModelConfig
 from model.quantize import METHODS, QuantizeError, quantize_model
@@ -247,8 +247,6 @@ def test_bad_quantize_input(trained_run: Path, tmp_path: Path) -> None:
         quantize_model(model, "gptq", calibration=None)
     record = quantize_model(model, "int8")
     folder = save_checkpoint(model, tmp_path / "q", tokenizer, extra={"quantization": record})
-    with pytest.raises(ExportError, match="a quantized checkpoint"):
-        export(folder, tmp_path / "hf")
     config = json.loads((folder / "config.json").read_text())
     config["quantization"] |= {"method": "int4-rtn", "bits": 4}  # the weights no longer match the record
     config["quantization"]["modules"] = {k: {"group_size": 32, "input_scale": False} for k in config["quantization"]["modules"]}
