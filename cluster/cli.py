@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     exp = commands.add_parser(
-        "export", help="write a checkpoint in Hugging Face format (full precision, or quantized bnb-int8 / bnb-nf4)"
+        "export", help="write a checkpoint in Hugging Face format (full precision, bitsandbytes, or compressed-tensors for int8/4-bit)"
     )
     exp.add_argument("checkpoint", help="a checkpoint folder, or a checkpoint URI (s3:// / gs://)")
     exp.add_argument("--format", choices=["hf", "gguf"], default="hf",

@@ -95,8 +95,9 @@ class QuantizeConfig(Section):
     """`raygpt quantize`: which post-training quantization methods to run on the final checkpoint, and how."""
 
     methods: list[QuantMethod] = list(QUANT_METHODS)  # type: ignore[valid-type]
-    """Methods to run, each in its own Ray task: int8 (per-channel weights, dynamic int8 activations on x86 CPUs),
-    int4-rtn (4-bit round-to-nearest), gptq, awq (4-bit, calibrated), bnb-int8 / bnb-nf4 (bitsandbytes)."""
+    """Methods to run, each in its own Ray task: int8 (per-channel weights), int4-rtn (4-bit round-to-nearest), gptq,
+    awq (4-bit, calibrated), bnb-int8 / bnb-nf4 (bitsandbytes). Each is also exported for transformers (and vLLM:
+    compressed-tensors for int8 / 4-bit) in RUN_DIR/quantized/<method>/hf."""
     checkpoint: str = ""
     """The full-precision checkpoint to quantize; empty means RUN_DIR/checkpoint."""
     group_size: int = Field(default=128, ge=2)

@@ -76,10 +76,22 @@ def test_compressed_tensors_export_loads_in_transformers_with_raygpts_weights_an
     assert config["quant_method"] == "compressed-tensors" and parsed.format == "pack-quantized"
     assert parsed.ignore == ["lm_head"] and weights.num_bits == (8 if method == "int8" else 4)
     assert weights.symmetric == (method == "int8") and weights.group_size == (None if method == "int8" else 32)
+    bits, groups = (8, 1) if method == "int8" else (4, 2)  # in_features 64 (the MLP's down: 256), groups of 32
     with safe_open(hf_dir / "model.safetensors", "pt") as f:
         keys = set(f.keys())
+        layers = [key.removesuffix(".weight_packed") for key in keys if key.endswith(".weight_packed")]
+        assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down per block
+        for layer in layers:  # the shapes and dtypes of the parameters vLLM's WNA16 scheme loads them into
+            out, width = f.get_tensor(f"{layer}.weight_shape").tolist()
+            assert f.get_tensor(f"{layer}.weight_shape").dtype == torch.int64
+            assert f.get_slice(f"{layer}.weight_packed").get_shape() == [out, width * bits // 32]
+            g = groups * width // 64 if method != "int8" else 1
+            assert f.get_slice(f"{layer}.weight_scale").get_shape() == [out, g]
+            if method != "int8":
+                assert f.get_tensor(f"{layer}.weight_zero_point").dtype == torch.int32
+                assert f.get_slice(f"{layer}.weight_zero_point").get_shape() == [-(-out * bits // 32), g]
         packed = f.get_tensor("model.layers.0.self_attn.q_proj.weight_packed")
-    assert packed.dtype == torch.int32 and packed.shape == (64, 64 * (8 if method == "int8" else 4) // 32)
+    assert packed.dtype == torch.int32 and packed.shape == (64, 64 * bits // 32)
     assert "model.layers.0.mlp.down_proj.weight" not in keys and "model.layers.0.mlp.down_proj.weight_scale" in keys
     assert ("model.layers.1.self_attn.v_proj.weight_zero_point" in keys) == (method != "int8")
 
