@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from core.chat import CHAT_TOKENS
 from core.config import Section
 from core.errors import UserError
 
@@ -120,8 +121,10 @@ class TokenizerConfig(Section):
     """Vocabulary size of the trained tokenizer, special tokens included."""
     min_frequency: int = Field(default=2, ge=1)
     """Merges of pairs seen fewer times than this are not learned."""
-    special_tokens: list[str] = ["<|endoftext|>"]
-    """Special tokens added to the vocabulary first (ids 0, 1, ...)."""
+    special_tokens: list[str] = ["<|endoftext|>", *CHAT_TOKENS]
+    """Special tokens added to the vocabulary first (ids 0, 1, ...). The default reserves ChatML's turn tokens
+    <|im_start|> / <|im_end|> beside end-of-text, so every checkpoint of the run carries the ChatML chat template
+    (`core.chat`) that fine-tuning, `/v1/chat/completions` and the exports use."""
     eot_token: str = "<|endoftext|>"
     """End-of-text token that separates packed documents; must be a special token of the tokenizer."""
     sample_bytes: int = Field(default=50_000_000, ge=1)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from core import cache, files
+from core.chat import default_template
 from core.config import problem_line
 from core.errors import RunFileError, UserError
 from core.files import atomic_folder, fingerprint, read_json, sha256
@@ -77,6 +78,13 @@ class Checkpoint:
     @property
     def quantization(self) -> dict[str, Any] | None:
         return self.meta.get("quantization")
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template: the checkpoint's own (config.json `chat_template`, e.g. an imported model's),
+        else ChatML when its tokenizer has ChatML's turn tokens (`core.chat`), else None (a base model's tokenizer
+        without them: no chat)."""
+        return self.meta.get("chat_template") or default_template(self.tokenizer)
 
 
 DEFAULT_EOT = "<|endoftext|>"

@@ -8,8 +8,9 @@ Mappings (faithful: the exported model computes the same function):
   learned | sinusoidal + layernorm + gelu, MHA    → GPT2LMHeadModel (a sinusoidal table becomes wpe's weights;
                                                     bias=false exports zero biases)
 Anything else has no Hugging Face equivalent and is refused with one line saying why. The end-of-text token is the
-model's bos/eos/pad token (config.json, generation_config.json), so `generate` stops at it. `model/hf_import.py` is
-the other direction.
+model's bos/eos/pad token (config.json, generation_config.json), so `generate` stops at it. The checkpoint's chat
+template goes into tokenizer_config.json (`chat_template`: `apply_chat_template` formats as raygpt does), and with
+ChatML the end-of-turn token is a second eos id. `model/hf_import.py` is the other direction.
 
 Quantized checkpoints export with `quantization_config` in config.json, and `raygpt quantize` writes that export to
 RUN_DIR/quantized/<method>/hf: bnb-int8 / bnb-nf4 in bitsandbytes' layout (transformers, CUDA or CPU); int8 /
@@ -28,6 +29,7 @@ from transformers import (
     GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
+from core.chat import CHATML, END
 from core.errors import UserError
 from core.files import atomic_folder
 from model.checkpoint import load_checkpoint, local_checkpoint, read_meta
@@ -119,12 +121,29 @@ def to_hf(model: GPT, eot_id: int | None = None) -> torch.nn.Module:
     return hf
 
 
-def hf_tokenizer(tokenizer_file: Path, eot_token: str) -> PreTrainedTokenizerFast:
+def hf_tokenizer(tokenizer_file: Path, eot_token: str, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer of a checkpoint: end-of-text as bos/eos, and its chat template, which
+    `save_hf_tokenizer` writes into tokenizer_config.json so that `apply_chat_template` formats as raygpt does."""
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
     if tokenizer.convert_tokens_to_ids(eot_token) is not None:
         tokenizer.eos_token = eot_token
         tokenizer.bos_token = eot_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def save_hf_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+    """tokenizer.json and tokenizer_config.json, the chat template inside the latter (transformers 5 would otherwise
+    write it to chat_template.jinja, which older transformers and other readers of tokenizer_config.json miss)."""
+    tokenizer.save_pretrained(folder, save_jinja_files=False)
+
+
+def stop_ids(tokenizer: Any, eot_id: int | None, chat_template: str | None) -> list[int]:
+    """The ids generation stops at: end-of-text, and with ChatML the end of a turn (`core.chat.END`)."""
+    ids = [] if eot_id is None else [eot_id]
+    end = tokenizer.token_to_id(END) if chat_template == CHATML else None
+    return ids + ([end] if end is not None and end not in ids else [])
 
 
 BNB_CONFIGS: dict[str, dict[str, Any]] = {
@@ -196,7 +215,13 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False, inside:
             from model.export_compressed import save_compressed  # compressed-tensors: only for these checkpoints
 
             save_compressed(loaded.model, tmp, loaded.eot_id)
-        hf_tokenizer(loaded.tokenizer_file, loaded.eot_token).save_pretrained(tmp)
+        template = loaded.chat_template
+        stops = stop_ids(loaded.tokenizer, loaded.eot_id, template)
+        if len(stops) > 1:  # a chat model's `generate` also ends at the end of its turn
+            config = GenerationConfig.from_pretrained(tmp)
+            config.eos_token_id = stops
+            config.save_pretrained(tmp)
+        save_hf_tokenizer(hf_tokenizer(loaded.tokenizer_file, loaded.eot_token, template), tmp)
     return out
 
 

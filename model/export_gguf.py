@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from core import files
+from core.chat import END
 from model.checkpoint import load_checkpoint
 from model.config import GGUF_QUANTS
 from model.export import ExportError, architecture
@@ -164,6 +165,10 @@ def _tokenizer(writer: Any, loaded: Any) -> None:
     writer.add_eos_token_id(eot)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
+    if (template := loaded.chat_template) is not None:  # llama.cpp's chat formatting reads it (ChatML by name)
+        writer.add_chat_template(template)
+        if END in vocab:  # a turn ends generation in llama.cpp's chat
+            writer.add_eot_token_id(vocab[END])
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -198,5 +198,18 @@ def import_hf(folder: str | Path, out: str | Path, force: bool = False) -> Path:
         raise HFImportError(f"{folder}: not a folder (a transformers model folder is needed)")
     check_out(folder, out, force, "the source folder")
     model, tokenizer_file, eot = from_hf(folder)
-    return save_checkpoint(model, out, tokenizer_file, {"eot_token": eot, "step": 0, "imported_from": str(folder)},
-                           replace=True)
+    meta = {"eot_token": eot, "step": 0, "imported_from": str(folder)}
+    if (template := chat_template_of(Path(folder))) is not None:
+        meta["chat_template"] = template
+    return save_checkpoint(model, out, tokenizer_file, meta, replace=True)
+
+
+def chat_template_of(folder: Path) -> str | None:
+    """A transformers folder's chat template: chat_template.jinja (transformers 5) or tokenizer_config.json's
+    `chat_template` (a string; named templates are not taken)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "tokenizer_config.json").is_file():
+        template = files.read_json(folder / "tokenizer_config.json", "tokenizer config").get("chat_template")
+        return template if isinstance(template, str) else None
+    return None

@@ -347,7 +347,7 @@ def test_too_little_data_loops_and_a_small_vocabulary_are_refused(tmp_path: Path
                                               r"data.seq_len \+ 1 = 100,001", err), err
     assert not (tmp_path / "run" / "data" / "manifest.json").exists()
     assert main(["prepare", str(config), "data.tokenizer.vocab_size=64"]) == 2
-    assert "vocab_size 64 is below byte-level BPE's 257" in capsys.readouterr().err
+    assert "vocab_size 64 is below byte-level BPE's 259" in capsys.readouterr().err
 
 
 def test_a_source_that_yields_nothing_is_one_line_and_nothing_is_written(

@@ -95,7 +95,7 @@ def test_the_export_stops_generate_at_end_of_text(arch: str, tmp_path: Path, tok
     config = json.loads((out / "config.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())
     assert config["eos_token_id"] == config["bos_token_id"] == eot
-    assert generation["eos_token_id"] == generation["pad_token_id"] == eot
+    assert generation["pad_token_id"] == eot and generation["eos_token_id"] == [eot, 2]  # 2: <|im_end|>, a turn's end
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     prompt = torch.tensor([[5, 6, 7, 8]])
     generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
