@@ -74,7 +74,8 @@ def main() -> None:
     from ray import serve
 
     from cluster.ray_connect import start_local
-    from cluster.serve import resolve_target, start, stop
+    from cluster.serve import start, stop
+    from cluster.serve_launch import resolve_target
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             from cluster.console import quiet_console
             from cluster.ray_connect import ray_session
-            from cluster.serve import resolve_target, serve_forever
+            from cluster.serve_launch import resolve_target, serve_forever
 
             flags = [f"serve.{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v is not None]
             if args.replicas is not None:

@@ -1,4 +1,5 @@
-"""`raygpt serve`: a checkpoint behind an OpenAI-compatible completions API on Ray Serve, with continuous batching.
+"""`raygpt serve`: a checkpoint behind an OpenAI-compatible completions and chat API on Ray Serve, with continuous
+batching.
 
     raygpt serve runs/demo                                   # http://127.0.0.1:8000/v1, the run's final checkpoint
     raygpt serve runs/demo serve.checkpoint=quantized/int8 --port 8001 --replicas 2
@@ -7,14 +8,19 @@
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.completions.create(model="demo", prompt="def fib(n):", max_tokens=64, temperature=0)
+    client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], stream=True)
 
 Routes: `GET /healthz`, `GET /v1/models`, `POST /v1/completions` (prompt: a string, a list of strings, or token
-ids; max_tokens, temperature, top_p, stop, seed, stream as server-sent events; fields we do not implement are
-ignored). Each replica runs one `model.batching.Engine` on a thread: the requests of all its clients decode together,
+ids; max_tokens, temperature, top_p, stop, seed, n, stream as server-sent events, logprobs (top 0-5) and echo, which
+with max_tokens 0 returns the prompt's log-probabilities, as lm-eval's `local-completions` asks), `POST
+/v1/chat/completions` (messages formatted with the checkpoint's chat template, `core.chat`; the reply ends at the end
+of the turn; refused with OpenAI's error JSON when the checkpoint has no template). Fields we do not implement are
+ignored. Each replica runs one `model.batching.Engine` on a thread: the requests of all its clients decode together,
 joining and leaving the batch as they come and finish; a client that disconnects mid-stream is dropped from the batch.
 A bad request is answered with OpenAI's error JSON and a 4xx status, never a crash. Ray Serve scales the replicas
-between serve.min_replicas and serve.max_replicas. The request format, the text streaming and the bridge to the
-engine's thread are in cluster/serve_api.py.
+between serve.min_replicas and serve.max_replicas. The request formats, log-probabilities, the text streaming and the
+bridge to the engine's thread are in cluster/serve_api.py; what to serve and the checks before starting, in
+cluster/serve_launch.py.
 """
 
 
@@ -23,23 +29,24 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any, NamedTuple
+from dataclasses import replace
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from cluster.config import ClusterConfig, ServeConfig
-from cluster.serve_api import MAX_STOP, MAX_STOP_CHARS, BadRequest, CompletionRequest, EngineLoop, TextStream, validation_message
+from cluster.config import ServeConfig
+from cluster.serve_api import (
+    MAX_STOP, MAX_STOP_CHARS, BadRequest, ChatRequest, CompletionRequest, EngineLoop, TextStream, chat_prompt,
+    choice_chunk, logprobs_json, validation_message,
+)
+from core.chat import END
 from core.errors import UserError
-from core.layout import RunLayout, join
 
 APP = "raygpt"
 api = FastAPI(title="raygpt", docs_url=None, redoc_url=None, openapi_url=None)  # no schema route: nothing unkeyed
@@ -57,6 +64,9 @@ class CompletionServer:
 
         loaded, _ = load_for_inference(checkpoint, None, precision)  # the replica's GPU when it reserved one
         self.model, self.tokenizer, self.eot = loaded.model, loaded.tokenizer, loaded.eot_id
+        self.template, self.max_batch = loaded.chat_template, max_batch
+        end = self.tokenizer.token_to_id(END)
+        self.chat_stops = (end,) if end is not None else ()  # a reply ends at the end of its turn (or end-of-text)
         self.name, self.key_sha256, self.created = model_name, api_key_sha256, int(time.time())
         self.context, self.max_prompts = loaded.config.block_size, max_prompts
         self.engine = EngineLoop(Engine(self.model, max_batch=max_batch, eos_id=self.eot))
@@ -84,36 +94,52 @@ class CompletionServer:
         if (denied := self._auth(request)) is not None:
             return denied
         try:
-            body, prompts = await self._parse(request)
-            from model.batching import Request as Generation
-
+            body = await self._body(request, CompletionRequest)
+            prompts = self._prompts(body)
             limit = body.max_tokens if body.max_tokens is not None else 16
-            if not 1 <= limit <= self.context:
-                raise BadRequest(400, f"max_tokens must be between 1 and the model's context ({self.context}), "
-                                      f"not {limit}", "max_tokens")
-            temperature = float(body.temperature)
-            generations = [Generation(ids, limit, temperature, top_p=float(body.top_p) if body.top_p < 1 else None,
-                                      seed=body.seed) for ids in prompts]
-            for index, generation in enumerate(generations):
-                try:
-                    self.engine.engine.validate(generation)
-                except ValueError as e:
-                    raise BadRequest(400, f"prompt{f'[{index}]' if len(prompts) > 1 else ''}: {e}", "prompt",
-                                     "context_length_exceeded" if "context" in str(e) else None) from None
+            if body.echo and body.stream:
+                raise BadRequest(400, "echo: not available with stream", "echo")
+            if not (body.echo if limit == 0 else 1 <= limit <= self.context):
+                raise BadRequest(400, f"max_tokens must be between 1 and the model's context ({self.context}) (0 only "
+                                      f"with echo), not {limit}", "max_tokens")
+            generations = self._generations(body, prompts, limit, (), body.logprobs)
         except BadRequest as e:
             return e.response()
-        stop = body.stops
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.name}
         if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._stream(generations, stop, meta, usage), media_type="text/event-stream")
-        choices = await asyncio.gather(*(self._complete(g, stop) for g in generations))
-        usage_out = sum(c.pop("tokens") for c in choices)
-        usage_in = sum(len(g.prompt) for g in generations)
-        for index, choice in enumerate(choices):
+            return StreamingResponse(self._stream(generations, body, meta, chat=False), media_type="text/event-stream")
+        choices = await asyncio.gather(*(self._complete(g, body.stops) for g in generations))
+        k = body.logprobs
+        for index, (choice, generation) in enumerate(zip(choices, generations)):
             choice["index"] = index
-        return {**meta, "object": "text_completion", "choices": choices,
-                "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out, "total_tokens": usage_in + usage_out}}
+            ids, entries = choice.pop("ids"), choice.pop("entries")
+            if body.echo:
+                choice["text"] = self.tokenizer.decode(generation.prompt) + choice["text"]
+                if k is not None:
+                    ids, entries = generation.prompt + ids, await self._prompt_logprobs(generation.prompt, k) + entries
+            choice["logprobs"] = None if k is None else logprobs_json(self.tokenizer, ids, entries, k)
+        return {**meta, "object": "text_completion", "choices": choices, "usage": self._usage(prompts, choices, body.n)}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        """A conversation formatted with the checkpoint's chat template; the reply ends at the end of the turn."""
+        if (denied := self._auth(request)) is not None:
+            return denied
+        try:
+            body = await self._body(request, ChatRequest)
+            text = chat_prompt(self.template, body.messages)
+            prompt = self.tokenizer.encode(text, add_special_tokens=False).ids
+            limit = body.max_completion_tokens or body.max_tokens or max(1, self.context - len(prompt))
+            generations = self._generations(body, [prompt], limit, self.chat_stops, None)
+        except BadRequest as e:
+            return e.response()
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.name}
+        if body.stream:
+            return StreamingResponse(self._stream(generations, body, meta, chat=True), media_type="text/event-stream")
+        choices = await asyncio.gather(*(self._complete(g, body.stops) for g in generations))
+        out = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
+                "finish_reason": c["finish_reason"], "tokens": c["tokens"]} for i, c in enumerate(choices)]
+        return {**meta, "object": "chat.completion", "choices": out, "usage": self._usage([prompt], out, body.n)}
 
     # ------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> JSONResponse | None:
@@ -124,7 +150,8 @@ class CompletionServer:
             return None
         return BadRequest(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key").response()
 
-    async def _parse(self, request: Request) -> tuple[CompletionRequest, list[list[int]]]:
+    async def _body(self, request: Request, kind: type[Any]) -> Any:
+        """The request's JSON as `kind` (CompletionRequest, ChatRequest), checked: model, stop strings, n."""
         try:
             raw = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -132,7 +159,7 @@ class CompletionServer:
         if not isinstance(raw, dict):
             raise BadRequest(400, "the body must be a JSON object")
         try:
-            body = CompletionRequest.model_validate(raw)
+            body = kind.model_validate(raw)
         except ValidationError as e:
             message, param = validation_message(e)
             raise BadRequest(400, message, param) from None
@@ -142,6 +169,12 @@ class CompletionServer:
         if len(body.stops) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in body.stops):
             raise BadRequest(400, f"stop: at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters",
                              "stop")
+        if body.n > self.max_batch:
+            raise BadRequest(400, f"n: at most {self.max_batch} choices (serve.max_batch), not {body.n}", "n")
+        return body
+
+    def _prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """The prompt(s) as token ids."""
         if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int):
             if len(body.prompt) > self.max_prompts:
                 raise BadRequest(400, f"prompt: at most {self.max_prompts} prompts per request (serve.max_prompts), "
@@ -161,11 +194,55 @@ class CompletionServer:
             prompts = [list(p) for p in prompt]  # type: ignore[union-attr]
         if not prompts or any(not p for p in prompts):
             raise BadRequest(400, "prompt: must not be empty", "prompt")
-        return body, prompts
+        return prompts
 
-    async def _tokens(self, generation: Any, text: TextStream) -> AsyncIterator[tuple[str, str | None]]:
+    def _generations(self, body: Any, prompts: list[list[int]], limit: int, stop_ids: tuple[int, ...],
+                     logprobs: int | None) -> list[Any]:
+        """`n` engine requests per prompt (choice j seeded with seed + j), each checked against the model."""
+        from model.batching import Request as Generation
+
+        top_p = float(body.top_p) if body.top_p < 1 else None
+        generations = [Generation(ids, max(limit, 1), float(body.temperature), top_p=top_p, stop_ids=stop_ids,
+                                  seed=None if body.seed is None else body.seed + j, logprobs=logprobs)
+                       for ids in prompts for j in range(body.n)]
+        for index, generation in enumerate(generations):
+            try:
+                self.engine.engine.validate(generation)
+            except ValueError as e:
+                where = f"[{index // body.n}]" if len(prompts) > 1 else ""
+                raise BadRequest(400, f"prompt{where}: {e}", "prompt",
+                                 "context_length_exceeded" if "context" in str(e) else None) from None
+        if limit == 0:  # echo only: nothing is generated
+            generations = [replace(g, max_new_tokens=0) for g in generations]
+        return generations
+
+    @staticmethod
+    def _usage(prompts: list[list[int]], choices: list[dict[str, Any]], n: int) -> dict[str, int]:
+        made, read = sum(c.pop("tokens") for c in choices), sum(len(p) for p in prompts)
+        return {"prompt_tokens": read, "completion_tokens": made, "total_tokens": read + made}
+
+    async def _prompt_logprobs(self, ids: list[int], k: int) -> list[Any]:
+        """`echo`'s log-probabilities of the prompt's tokens, each given the ones before (the first has none): one
+        forward pass, off the event loop."""
+        import torch
+
+        from model.batching import token_logprobs
+
+        def run() -> list[Any]:
+            with torch.inference_mode():
+                device = next(self.model.parameters()).device
+                logits, _ = self.model(torch.tensor([ids], device=device))  # (1, T, V)
+            return [None, *token_logprobs(logits[0, :-1], torch.tensor(ids[1:]), k)]
+
+        return await asyncio.to_thread(run)
+
+    async def _tokens(self, generation: Any, text: TextStream, events: list[Any] | None = None,
+                      ) -> AsyncIterator[tuple[str, str | None]]:
         """(new text, finish reason or None) as the engine decodes; the sequence is dropped from the batch if the
-        caller goes away (a disconnected client) or a stop string ends it."""
+        caller goes away (a disconnected client) or a stop string ends it. Each token's event goes to `events`."""
+        if generation.max_new_tokens == 0:  # echo only
+            yield "", "length"
+            return
         id, queue = self.engine.submit(generation)
         try:
             while True:
@@ -173,6 +250,8 @@ class CompletionServer:
                 if event.finish == "error":
                     raise RuntimeError("the decoding step of this request failed (see the server's log)")
                 finish = event.finish
+                if events is not None and event.token is not None:
+                    events.append(event)
                 piece = ""
                 if event.token is not None and event.token != self.eot:
                     piece = text.add(event.token)
@@ -186,17 +265,22 @@ class CompletionServer:
             self.engine.cancel(id)  # a no-op when it finished
 
     async def _complete(self, generation: Any, stop: list[str]) -> dict[str, Any]:
-        text, pieces, finish = TextStream(self.tokenizer, stop), [], "length"
-        async for piece, reason in self._tokens(generation, text):
+        """One choice: its text, finish reason, generated token ids with their (log p, top) entries (every token the
+        model chose, the one that ended it included, as OpenAI's logprobs list them) and token count."""
+        text, pieces, finish, events = TextStream(self.tokenizer, stop), [], "length", []
+        async for piece, reason in self._tokens(generation, text, events):
             pieces.append(piece)
             finish = reason or finish
-        return {"text": "".join(pieces), "logprobs": None, "finish_reason": finish, "tokens": len(text.ids)}
+        return {"text": "".join(pieces), "logprobs": None, "finish_reason": finish, "tokens": len(events),
+                "ids": [e.token for e in events], "entries": [(e.logprob, e.top) for e in events]}
 
-    async def _stream(self, generations: list[Any], stop: list[str], meta: dict[str, Any], usage: bool,
-                      ) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per piece of text of each prompt (by index), its last with finish_reason;
-        with `usage`, a final chunk of token counts."""
+    async def _stream(self, generations: list[Any], body: Any, meta: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per piece of text of each choice (by index), its last with finish_reason (chat:
+        a first chunk per choice with the assistant role); with stream_options.include_usage, a last chunk of token
+        counts."""
         queue: asyncio.Queue = asyncio.Queue()
+        stop, usage = body.stops, bool((body.stream_options or {}).get("include_usage"))
+        kind = "chat.completion.chunk" if chat else "text_completion"
         texts = [TextStream(self.tokenizer, stop) for _ in generations]
 
         async def pump(index: int, generation: Any) -> None:
@@ -206,6 +290,10 @@ class CompletionServer:
 
         tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
         try:
+            if chat:
+                roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(len(generations))]
+                yield f"data: {json.dumps({**meta, 'object': kind, 'choices': roles})}\n\n"
             running = len(tasks)
             while running:
                 item = await queue.get()
@@ -214,53 +302,17 @@ class CompletionServer:
                     continue
                 index, piece, finish = item
                 if piece or finish:
-                    choice = {"text": piece, "index": index, "logprobs": None, "finish_reason": finish}
-                    yield f"data: {json.dumps({**meta, 'object': 'text_completion', 'choices': [choice]})}\n\n"
+                    choice = choice_chunk(chat, index, piece, finish)
+                    yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
             if usage:
-                made, read = sum(len(t.ids) for t in texts), sum(len(g.prompt) for g in generations)
+                made = sum(len(t.ids) for t in texts)
+                read = sum(len(g.prompt) for g in generations[:: body.n])  # each prompt once, as OpenAI counts
                 counts = {"prompt_tokens": read, "completion_tokens": made, "total_tokens": read + made}
-                yield f"data: {json.dumps({**meta, 'object': 'text_completion', 'choices': [], 'usage': counts})}\n\n"
+                yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': counts})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for task in tasks:  # the client went away: its sequences leave the batch
                 task.cancel()
-
-
-class Target(NamedTuple):
-    """What `raygpt serve TARGET [serve.key=value ...]` serves, and how."""
-
-    checkpoint: str
-    serve: ServeConfig
-    cluster: ClusterConfig
-    model_name: str
-    log_file: Path
-    """where the console's filtered lines go (the run's console.log, or a temp file for a bare checkpoint)"""
-
-
-def resolve_target(target: str, overrides: list[str]) -> Target:
-    """A local run directory (its config.yaml's serve and cluster sections; its final checkpoint or serve.checkpoint)
-    or a checkpoint folder, local or a URI (default sections)."""
-    from cluster.config import load_config, load_serve_config
-    from model.checkpoint import CONFIG
-    from model.checkpoint import load_config as checkpoint_config
-
-    bad = [o for o in overrides if not o.startswith("serve.")]
-    if bad:
-        raise UserError(f"{bad[0]}: only serve.* keys can be set here (e.g. serve.max_batch=8)")
-    layout = RunLayout.of(target)
-    if not layout.remote and Path(layout.config).is_file():
-        run = load_config(layout.config, overrides)
-        cfg = run.serve
-        checkpoint = str(join(layout.run_dir, cfg.checkpoint) if cfg.checkpoint else layout.checkpoint)  # as moved
-        checkpoint_config(checkpoint)  # a missing or broken checkpoint: one line here, not a replica's traceback
-        return Target(checkpoint, cfg, run.cluster, cfg.model_name or run.name, layout.console_log)
-    if (Path(target) / CONFIG).is_file() or "://" in target:  # a checkpoint (a URI: checked when it loads)
-        cfg = load_serve_config(overrides)
-        if cfg.checkpoint:
-            raise UserError("serve.checkpoint: only for a run directory; give the checkpoint folder itself")
-        name = cfg.model_name or Path(target.rstrip("/")).name
-        return Target(target, cfg, ClusterConfig(), name, Path(tempfile.gettempdir()) / "raygpt-serve.log")
-    raise UserError(f"{target}: neither a run directory (no config.yaml) nor a checkpoint (no {CONFIG})")
 
 
 def start(checkpoint: str, cfg: ServeConfig, model_name: str) -> str:
@@ -294,69 +346,5 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def check_listen(cfg: ServeConfig, cluster: ClusterConfig) -> None:
-    """Before anything starts: a host other than loopback needs the API key (or serve.allow_public), and a local
-    server's port must be free. Ray Serve binds its proxy with SO_REUSEPORT, so a second server on a busy port would
-    silently share it (clients' requests split between two models); a plain bind here fails instead. On a cluster
-    (an address is set) the proxy listens on the head node, not here: only the key rule applies."""
-    import socket
-
-    if cfg.host not in LOOPBACK and not os.environ.get(cfg.api_key_env) and not cfg.allow_public:
-        raise UserError(f"serve.host {cfg.host} listens beyond this machine without an API key: set {cfg.api_key_env}, "
-                        "or serve.allow_public=true to serve to anyone who can reach it")
-    if cluster.address or os.environ.get("RAY_ADDRESS"):
-        return
-    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((cfg.host, cfg.port))
-        except OSError as e:
-            raise UserError(f"serve.port {cfg.port} on {cfg.host} is in use ({_holder(cfg)}); stop it or choose "
-                            f"another --port ({e.strerror})") from None
-
-
-def _holder(cfg: ServeConfig) -> str:
-    """What answers on the port: a raygpt server names its model (when its key is not needed), else a process."""
-    import urllib.request
-
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else "::1" if cfg.host == "::" else cfg.host
-    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.port}/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            health = json.loads(answer.read(4096))
-    except (OSError, ValueError):
-        return "by another process"
-    if isinstance(health, dict) and "model" in health:
-        return f"raygpt serve of {health['model']!r} answers there"
-    return "a keyed raygpt server answers there" if health == {"status": "ok"} else "by another process"
-
-
 def stop() -> None:
     serve.delete(APP)
-
-
-def serve_forever(target: Target) -> None:
-    """`raygpt serve`: connect to Ray, deploy, print where, and keep serving until Ctrl-C / SIGTERM (e.g. `raygpt jobs
-    stop`), then take the app down (Serve apps outlive their driver on a cluster)."""
-    import signal
-
-    from cluster import ray_connect
-
-    check_listen(target.serve, target.cluster)
-    ray_connect.connect(target.cluster)
-    ray_connect.require_gpus("serve.num_gpus", target.serve.num_gpus)
-    url = start(target.checkpoint, target.serve, target.model_name)
-    keyed = " (API key required)" if os.environ.get(target.serve.api_key_env) else ""
-    print(f"[serve] {target.model_name} ({target.checkpoint}) at {url}{keyed}; "
-          f"{target.serve.min_replicas}-{target.serve.max_replicas} replica(s); Ctrl-C stops", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    try:
-        done.wait()
-    finally:
-        stop()
-        print("[serve] stopped", flush=True)

@@ -39,6 +39,10 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     """seeds this request's own sampling generator (unseeded: from torch's global one)"""
+    stop_ids: tuple[int, ...] = ()
+    """ids that end it besides the engine's eos_id (a chat turn's end); finish "stop", the id is the event's token"""
+    logprobs: int | None = None
+    """with a number k (0..20), each event carries its token's log-probability and the k most likely tokens'"""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class Event:
     id: int
     token: int | None
     finish: str | None = None
+    logprob: float | None = None
+    """log p(token) under the model's distribution (before temperature and top-p), with `Request.logprobs`"""
+    top: tuple[tuple[int, float], ...] = ()
+    """the `Request.logprobs` most likely (id, log-probability) pairs there, most likely first"""
 
 
 @dataclass
@@ -62,6 +70,15 @@ class _Sequence:
     last: int = -1  # its newest token, not yet in the cache
     made: int = 0
     finished: str | None = None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """Per row of logits (N, V): log p(tokens[i]) and the k most likely (id, log p), in fp32 (what the completions
+    API's `logprobs` reports; also the prompt's, for `echo`)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    chosen = logp.gather(1, tokens[:, None].to(logp.device))[:, 0].tolist()
+    values, ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 class Engine:
@@ -169,13 +186,16 @@ class Engine:
             filtered = filter_logits(logits.float()[None] / request.temperature, request.top_k, request.top_p)
             token = int(torch.multinomial(filtered.softmax(-1), 1, generator=sequence.generator))
         sequence.last, sequence.made = token, sequence.made + 1
-        if token == self.eos_id:
+        if token == self.eos_id or token in request.stop_ids:
             sequence.finished = "stop"
         elif sequence.made >= sequence.limit:
             sequence.finished = "length"
         if sequence.finished:
             self.finished[sequence.finished] += 1
-        return Event(sequence.id, token, sequence.finished)
+        if request.logprobs is None:
+            return Event(sequence.id, token, sequence.finished)
+        logprob, top = token_logprobs(logits[None], torch.tensor([token]), request.logprobs)[0]
+        return Event(sequence.id, token, sequence.finished, logprob, top)
 
     def _leave(self) -> None:
         """Finished sequences leave; the last running row moves into each freed row (its cache copied over)."""

@@ -128,13 +128,15 @@ def _health(server: str) -> dict:
         ({"prompt": "", "max_tokens": 5}, 400, "prompt: must not be empty"),
         ({"prompt": [], "max_tokens": 5}, 400, "prompt: must not be empty"),
         ({"prompt": "ROMEO " * 200}, 400, "may have at most 63"),
-        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be between 1 and the model's context (64), not 0"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be between 1 and the model's context (64) (0 only with echo), not 0"),
         ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens must be between 1"),
         ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens: Input should be a valid integer"),
         ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
         ({"prompt": 5}, 400, "prompt"),
         ({"prompt": "x", "top_p": 0}, 400, "top_p"),
-        ({"prompt": "x", "n": 2}, 400, "n: Input should be less than or equal to 1"),
+        ({"prompt": "x", "n": 9}, 400, "n: at most 8 choices (serve.max_batch), not 9"),
+        ({"prompt": "x", "logprobs": 6}, 400, "logprobs: Input should be less than or equal to 5"),
+        ({"prompt": "x", "echo": True, "stream": True}, 400, "echo: not available with stream"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: at most 4"),
         ({"prompt": "x", "stop": ["x" * 20_000] * 4}, 400, "stop: at most 4 non-empty strings of at most 256"),
         ({"prompt": "x", "seed": 2**64}, 400, "seed: Input should be less than"),
@@ -257,3 +259,106 @@ def test_the_banner_names_the_address_clients_use() -> None:
 
     assert _url_host("0.0.0.0") == ray.util.get_node_ip_address() != "127.0.0.1"
     assert _url_host("127.0.0.1") == "127.0.0.1" and _url_host("::1") == "[::1]"
+
+
+def test_logprobs_echo_and_n_as_lm_evals_local_completions_asks(client: openai.OpenAI, trained_run: Path) -> None:
+    from evaluation.lm import RaygptLM
+
+    lm = RaygptLM(str(trained_run / "checkpoint"), dtype="float32")
+    ids = lm.tok_encode("ROMEO:\nWhat say you, my lord?")
+    echoed = client.completions.create(model="shakespeare", prompt=ids, max_tokens=0, echo=True, logprobs=3)
+    [choice] = echoed.choices
+    logprobs = choice.logprobs
+    assert choice.text == lm.tok_decode(ids) and logprobs.token_logprobs[0] is None and len(logprobs.tokens) == len(ids)
+    assert all(len(top) <= 3 for top in logprobs.top_logprobs[1:]) and logprobs.text_offset[:2] == [0, len(logprobs.tokens[0])]
+    [(ours, _)] = lm._loglikelihood_tokens([(("", ""), ids[:1], ids[1:])])  # raygpt's own loglikelihood
+    assert sum(logprobs.token_logprobs[1:]) == pytest.approx(ours, abs=1e-4)
+    for token_lp, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:]):
+        assert token_lp <= max(top.values()) + 1e-6
+    greedy = client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=6, temperature=0, logprobs=2)
+    lps = greedy.choices[0].logprobs  # each greedy token is its step's most likely one
+    assert len(lps.tokens) == 6 and all(lp == pytest.approx(max(top.values())) for lp, top in zip(lps.token_logprobs, lps.top_logprobs))
+    many = client.completions.create(model="shakespeare", prompt=["ROMEO:", "KING"], max_tokens=8, temperature=1.0, seed=3, n=3)
+    assert [c.index for c in many.choices] == list(range(6)) and len({c.text for c in many.choices[:3]}) > 1
+    again = client.completions.create(model="shakespeare", prompt=["ROMEO:", "KING"], max_tokens=8, temperature=1.0, seed=3, n=3)
+    assert [c.text for c in again.choices] == [c.text for c in many.choices]  # choice j samples with seed + j
+    assert many.usage.prompt_tokens == len(lm.tok_encode("ROMEO:")) + len(lm.tok_encode("KING"))
+
+
+def test_chat_completions_through_the_openai_client_streaming_and_not(client: openai.OpenAI, server: str) -> None:
+    messages = [{"role": "system", "content": "You are a player."}, {"role": "user", "content": "Speak, ROMEO."}]
+    done = client.chat.completions.create(model="shakespeare", messages=messages, max_tokens=12, temperature=0)
+    [choice] = done.choices
+    assert done.object == "chat.completion" and choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert done.usage.completion_tokens <= 12 and done.usage.prompt_tokens > 10
+    chunks = list(client.chat.completions.create(model="shakespeare", messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    for bad, message in (([{"role": "robot", "content": "hi"}], "messages[0].role: 'robot' is not one of"),
+                         ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
+                          "messages[1]: an empty assistant turn"), ([], "messages: List should have at least 1 item")):
+        answer = httpx.post(f"{server}/chat/completions", json={"messages": bad}, headers={"Authorization": f"Bearer {KEY}"})
+        assert answer.status_code == 400 and message in answer.json()["error"]["message"]
+
+
+def _short_tasks(shared_data: Path, folder: Path) -> tuple[dict, dict]:
+    """Two lm-eval tasks on Shakespeare lines short enough for the 64-token test model: multiple choice (scored by
+    loglikelihood) and generation."""
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
+    lines = [line for line in text.splitlines()[-4000:] if 20 < len(line) < 40][:6]  # the end: val-like lines
+    rows = [{"prompt": line[:12], "choices": [line[12:], lines[(i + 1) % 6][12:], " and so"], "target": line[12:]}
+            for i, line in enumerate(lines)]
+    data = folder / "lines.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+              "doc_to_text": "{{prompt}}", "doc_to_target": 0}
+    choice = {**common, "task": "lines_mc", "output_type": "multiple_choice", "doc_to_choice": "{{choices}}",
+              "metric_list": [{"metric": "acc"}]}
+    generate = {**common, "task": "lines_gen", "output_type": "generate_until", "doc_to_target": "{{target}}",
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
+                "metric_list": [{"metric": "exact_match"}]}
+    return choice, generate
+
+
+def test_lm_evals_own_api_clients_against_the_server(server: str, trained_run: Path, shared_data: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's `local-completions` scores a loglikelihood task through /v1/completions (echo + logprobs) as
+    `lm_eval --model raygpt` does, within 1e-3; `local-chat-completions` runs a generation task with the chat
+    template through /v1/chat/completions."""
+    import lm_eval
+
+    from evaluation.lm import RaygptLM
+    from model.export import export
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    hf_dir = export(trained_run / "checkpoint", tmp_path / "hf")  # the tokenizer lm-eval encodes with
+    choice, generate = _short_tasks(shared_data, tmp_path)
+    args = f"base_url={server}/completions,model=shakespeare,tokenizer={hf_dir},tokenizer_backend=huggingface,max_retries=1"
+    served = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=[choice], bootstrap_iters=0,
+                                     log_samples=True)
+    ours = lm_eval.simple_evaluate(model=RaygptLM(str(trained_run / "checkpoint"), dtype="float32"), tasks=[choice],
+                                   bootstrap_iters=0, log_samples=True)
+    pairs = [(a[0][0], b[0][0]) for sa, sb in zip(served["samples"]["lines_mc"], ours["samples"]["lines_mc"])
+             for a, b in zip(sa["resps"], sb["resps"])]
+    assert len(pairs) == 18 and all(a == pytest.approx(b, abs=1e-3) for a, b in pairs)
+    assert served["results"]["lines_mc"]["acc,none"] == ours["results"]["lines_mc"]["acc,none"]
+    chat_args = f"base_url={server}/chat/completions,model=shakespeare,tokenizer_backend=None,max_retries=1"
+    chatted = lm_eval.simple_evaluate(model="local-chat-completions", model_args=chat_args, tasks=[generate],
+                                      apply_chat_template=True, bootstrap_iters=0, log_samples=True)
+    samples = chatted["samples"]["lines_gen"]
+    assert len(samples) == 6 and all(isinstance(s["resps"][0][0], str) for s in samples)
+    for sample in samples:  # lm-eval sent each document as a conversation; the server applied the chat template
+        assert json.loads(sample["arguments"][0][0][0]) == [{"role": "user", "content": sample["doc"]["prompt"]}]
+
+
+def test_a_chat_request_to_a_model_without_a_template_is_refused_in_openais_format() -> None:
+    from cluster.serve_api import BadRequest, chat_prompt
+    from core.chat import CHATML
+
+    with pytest.raises(BadRequest) as refused:
+        chat_prompt(None, [{"role": "user", "content": "hi"}])  # what the server answers for such a checkpoint
+    body = json.loads(refused.value.response().body)["error"]
+    assert refused.value.status == 400 and body["code"] == "no_chat_template" and "use /v1/completions" in body["message"]
+    assert chat_prompt(CHATML, [{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
