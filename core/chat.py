@@ -72,8 +72,16 @@ def _environment() -> Any:
     return env
 
 
-def render(template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
+def render(template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
+           continue_final_message: bool = False) -> str:
     """The conversation as the text the model reads; with `add_generation_prompt`, ending where the assistant's
-    reply begins."""
+    reply begins; with `continue_final_message`, ending right after the last message's content (a reply to go on
+    with: its end-of-turn is cut, as transformers' option of that name does)."""
     compiled = _environment().from_string(template)
-    return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+    text = compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+    if continue_final_message:
+        final = str(messages[-1]["content"]).strip()
+        if final not in text:
+            raise ChatError("continue_final_message: the template does not show the last message's content as given")
+        text = text[: text.rindex(final) + len(final)]
+    return text

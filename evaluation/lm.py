@@ -22,6 +22,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator
 
+from core.chat import ChatError, check_messages, render
 from core.progress import Progress
 from model.batching import Engine, Request
 from model.checkpoint import load_for_inference
@@ -53,6 +54,7 @@ class RaygptLM(TemplateLM):
         self.dtype = choice.precision
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
+        self.template = loaded.chat_template
         self._eot = loaded.eot_id
         self.checkpoint = str(checkpoint)
         self.step = loaded.step
@@ -72,6 +74,25 @@ class RaygptLM(TemplateLM):
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    # ---------------------------------------------------------------- chat (`--apply_chat_template`)
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm-eval keys its request cache by: the checkpoint (its tokenizer and chat template)."""
+        return self.checkpoint
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's few-shot conversation as the checkpoint's chat template formats it (`core.chat`), as the hf
+        backend does with the tokenizer's: ending at the assistant's turn, or, when lm-eval prefills the reply,
+        right after the prefill."""
+        if self.template is None:
+            raise ChatError(f"{self.checkpoint}: no chat template (its tokenizer has no <|im_start|>/<|im_end|>); "
+                            "run without --apply_chat_template")
+        messages = check_messages(chat_history, allow_empty_last=True)
+        return render(self.template, messages, add_generation_prompt, continue_final_message=not add_generation_prompt)
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()

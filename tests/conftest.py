@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import socket
@@ -153,3 +155,22 @@ def trained_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
                  "train.precision=fp32", "cluster.num_workers=1", "cluster.cpus_per_worker=1"]
     pipeline.run_train(load_config(SHAKESPEARE, [f"run_dir={run_dir}", *BASE, *overrides]))
     return run_dir
+
+
+def short_lm_eval_tasks(shared_data: Path, folder: Path) -> tuple[dict, dict]:
+    """Two lm-eval tasks on Shakespeare lines short enough for the 64-token test model: multiple choice (scored by
+    loglikelihood) and generation."""
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
+    lines = [line for line in text.splitlines()[-4000:] if 20 < len(line) < 40][:6]  # the end: val-like lines
+    rows = [{"prompt": line[:12], "choices": [line[12:], lines[(i + 1) % 6][12:], " and so"], "target": line[12:]}
+            for i, line in enumerate(lines)]
+    data = folder / "lines.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+              "doc_to_text": "{{prompt}}", "doc_to_target": 0}
+    choice = {**common, "task": "lines_mc", "output_type": "multiple_choice", "doc_to_choice": "{{choices}}",
+              "metric_list": [{"metric": "acc"}]}
+    generate = {**common, "task": "lines_gen", "output_type": "generate_until", "doc_to_target": "{{target}}",
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
+                "metric_list": [{"metric": "exact_match"}]}
+    return choice, generate

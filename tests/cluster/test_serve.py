@@ -24,7 +24,7 @@ from cluster.cli import main
 from cluster.config import ServeConfig
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.generate import generate_tokens
-from tests.conftest import REPO
+from tests.conftest import REPO, short_lm_eval_tasks
 
 pytestmark = pytest.mark.kernels  # CI runs these again with the CPU ISA forced to AVX2
 
@@ -303,25 +303,6 @@ def test_chat_completions_through_the_openai_client_streaming_and_not(client: op
         assert answer.status_code == 400 and message in answer.json()["error"]["message"]
 
 
-def _short_tasks(shared_data: Path, folder: Path) -> tuple[dict, dict]:
-    """Two lm-eval tasks on Shakespeare lines short enough for the 64-token test model: multiple choice (scored by
-    loglikelihood) and generation."""
-    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
-    lines = [line for line in text.splitlines()[-4000:] if 20 < len(line) < 40][:6]  # the end: val-like lines
-    rows = [{"prompt": line[:12], "choices": [line[12:], lines[(i + 1) % 6][12:], " and so"], "target": line[12:]}
-            for i, line in enumerate(lines)]
-    data = folder / "lines.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
-              "doc_to_text": "{{prompt}}", "doc_to_target": 0}
-    choice = {**common, "task": "lines_mc", "output_type": "multiple_choice", "doc_to_choice": "{{choices}}",
-              "metric_list": [{"metric": "acc"}]}
-    generate = {**common, "task": "lines_gen", "output_type": "generate_until", "doc_to_target": "{{target}}",
-                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
-                "metric_list": [{"metric": "exact_match"}]}
-    return choice, generate
-
-
 def test_lm_evals_own_api_clients_against_the_server(server: str, trained_run: Path, shared_data: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """lm-eval's `local-completions` scores a loglikelihood task through /v1/completions (echo + logprobs) as
@@ -334,7 +315,7 @@ def test_lm_evals_own_api_clients_against_the_server(server: str, trained_run: P
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     hf_dir = export(trained_run / "checkpoint", tmp_path / "hf")  # the tokenizer lm-eval encodes with
-    choice, generate = _short_tasks(shared_data, tmp_path)
+    choice, generate = short_lm_eval_tasks(shared_data, tmp_path)
     args = f"base_url={server}/completions,model=shakespeare,tokenizer={hf_dir},tokenizer_backend=huggingface,max_retries=1"
     served = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=[choice], bootstrap_iters=0,
                                      log_samples=True)

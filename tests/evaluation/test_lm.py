@@ -225,3 +225,24 @@ def test_the_mmlu_group_runs_offline_with_each_subject_on_its_own_rows(shared_da
         assert member["num_fewshot"] == 5 and member["fewshot_split"] == "dev" and member["test_split"] == "test"
         sizes[member["task"]] = len(rows)
     assert sum(sizes.values()) == 14042 and sizes["mmlu_abstract_algebra"] == 100 and sizes["mmlu_anatomy"] == 135
+
+
+def test_apply_chat_template_formats_lm_evals_requests_with_the_checkpoints_template(
+    lm: RaygptLM, shared_data: Path, tmp_path: Path
+) -> None:
+    """`lm_eval --model raygpt --apply_chat_template` (simple_evaluate's option of that name): each generation request
+    is the conversation as the checkpoint's ChatML formats it, ending at the assistant's turn; a prefilled reply ends
+    right after the prefill, as transformers' continue_final_message does."""
+    from core.chat import CHATML, render
+    from tests.conftest import short_lm_eval_tasks
+
+    _, generate = short_lm_eval_tasks(shared_data, tmp_path)
+    run = lm_eval.simple_evaluate(model=lm, tasks=[generate], apply_chat_template=True, limit=2, bootstrap_iters=0,
+                                  log_samples=True)
+    for sample in run["samples"]["lines_gen"]:
+        user = {"role": "user", "content": sample["doc"]["prompt"]}
+        assert sample["arguments"][0][0] == render(CHATML, [user], add_generation_prompt=True)
+    prefilled = lm.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well,"}],
+                                       add_generation_prompt=False)
+    assert prefilled == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nWell,"
+    assert lm.chat_template(True) == CHATML and lm.chat_template(False) is None
