@@ -118,7 +118,7 @@ class CompletionServer:
                 if k is not None:
                     ids, entries = generation.prompt + ids, await self._prompt_logprobs(generation.prompt, k) + entries
             choice["logprobs"] = None if k is None else logprobs_json(self.tokenizer, ids, entries, k)
-        return {**meta, "object": "text_completion", "choices": choices, "usage": self._usage(prompts, choices, body.n)}
+        return {**meta, "object": "text_completion", "choices": choices, "usage": self._usage(prompts, choices)}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
@@ -139,7 +139,7 @@ class CompletionServer:
         choices = await asyncio.gather(*(self._complete(g, body.stops) for g in generations))
         out = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
                 "finish_reason": c["finish_reason"], "tokens": c["tokens"]} for i, c in enumerate(choices)]
-        return {**meta, "object": "chat.completion", "choices": out, "usage": self._usage([prompt], out, body.n)}
+        return {**meta, "object": "chat.completion", "choices": out, "usage": self._usage([prompt], out)}
 
     # ------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> JSONResponse | None:
@@ -217,7 +217,8 @@ class CompletionServer:
         return generations
 
     @staticmethod
-    def _usage(prompts: list[list[int]], choices: list[dict[str, Any]], n: int) -> dict[str, int]:
+    def _usage(prompts: list[list[int]], choices: list[dict[str, Any]]) -> dict[str, int]:
+        """Token counts: each prompt once (whatever `n`), every generated token (the one that ended a choice too)."""
         made, read = sum(c.pop("tokens") for c in choices), sum(len(p) for p in prompts)
         return {"prompt_tokens": read, "completion_tokens": made, "total_tokens": read + made}
 
@@ -253,7 +254,7 @@ class CompletionServer:
                 if events is not None and event.token is not None:
                     events.append(event)
                 piece = ""
-                if event.token is not None and event.token != self.eot:
+                if event.token is not None and event.token != self.eot and event.token not in generation.stop_ids:
                     piece = text.add(event.token)
                 if text.stopped:
                     finish = "stop"
@@ -282,9 +283,10 @@ class CompletionServer:
         stop, usage = body.stops, bool((body.stream_options or {}).get("include_usage"))
         kind = "chat.completion.chunk" if chat else "text_completion"
         texts = [TextStream(self.tokenizer, stop) for _ in generations]
+        made: list[list[Any]] = [[] for _ in generations]  # each choice's token events (counted as non-streaming does)
 
         async def pump(index: int, generation: Any) -> None:
-            async for piece, finish in self._tokens(generation, texts[index]):
+            async for piece, finish in self._tokens(generation, texts[index], made[index]):
                 await queue.put((index, piece, finish))
             await queue.put(None)
 
@@ -305,9 +307,9 @@ class CompletionServer:
                     choice = choice_chunk(chat, index, piece, finish)
                     yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
             if usage:
-                made = sum(len(t.ids) for t in texts)
+                generated = sum(len(events) for events in made)
                 read = sum(len(g.prompt) for g in generations[:: body.n])  # each prompt once, as OpenAI counts
-                counts = {"prompt_tokens": read, "completion_tokens": made, "total_tokens": read + made}
+                counts = {"prompt_tokens": read, "completion_tokens": generated, "total_tokens": read + generated}
                 yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': counts})}\n\n"
             yield "data: [DONE]\n\n"
         finally:

@@ -42,7 +42,7 @@ class Request:
     stop_ids: tuple[int, ...] = ()
     """ids that end it besides the engine's eos_id (a chat turn's end); finish "stop", the id is the event's token"""
     logprobs: int | None = None
-    """with a number k (0..20), each event carries its token's log-probability and the k most likely tokens'"""
+    """with a number k, each event carries its token's log-probability and the k most likely tokens'"""
 
 
 @dataclass(frozen=True)
