@@ -129,3 +129,23 @@ def test_compressed_export_refusals_are_one_line_and_write_nothing(tokenizer_fil
     with pytest.raises(ExportError, match="quantize the checkpoint again") as error:
         export(old, tmp_path / "out")
     assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_layers_with_different_group_sizes_are_named_per_scheme(tokenizer_file: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group 128 fits the 256-wide down projection but not the 64-wide others (whole rows there): two schemes, each
+    naming its layers, and transformers still computes raygpt's function."""
+    from transformers import AutoModelForCausalLM
+
+    model = perturbed_model("llama")
+    record = quantize_model(model, "int4-rtn", group_size=128)
+    folder = save_checkpoint(model, tmp_path / "ckpt", tokenizer_file, extra={"quantization": record})
+    hf_dir = export(folder, tmp_path / "hf")
+    groups = json.loads((hf_dir / "config.json").read_text())["quantization_config"]["config_groups"]
+    sizes = {g["weights"]["group_size"]: g["targets"] for g in groups.values()}
+    assert set(sizes) == {64, 128} and sizes[128] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(QuantLinear, "_choose_kernel", lambda self, x: "dequantize")
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(hf_dir, device_map="cpu").eval()(ids).logits
+        torch.testing.assert_close(theirs, load_checkpoint(folder).model(ids)[0], rtol=1e-5, atol=1e-5)
