@@ -42,7 +42,8 @@ def default_template(vocab: Mapping[str, int] | Any) -> str | None:
 
 def check_messages(messages: Sequence[Mapping[str, Any]], allow_empty_last: bool = False) -> list[dict[str, str]]:
     """The conversation as plain {role, content} dicts, or a ChatError naming the first bad message. Every message
-    needs a known role and string content; an assistant turn may not be empty (nothing to learn or show)."""
+    needs a known role and string content (OpenAI's list of text parts is joined); an assistant turn may not be empty
+    (nothing to learn or show), except a last one a caller prefills (`allow_empty_last`)."""
     if not messages:
         raise ChatError("messages: the conversation is empty")
     out = []
@@ -52,8 +53,10 @@ def check_messages(messages: Sequence[Mapping[str, Any]], allow_empty_last: bool
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ChatError(f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}")
+        if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
+            content = "".join(str(part.get("text", "")) for part in content)  # OpenAI's content parts, text only
         if not isinstance(content, str):
-            raise ChatError(f"messages[{i}].content: must be a string")
+            raise ChatError(f"messages[{i}].content: must be a string (or text parts)")
         if role == "assistant" and not content.strip() and not (allow_empty_last and i == len(messages) - 1):
             raise ChatError(f"messages[{i}]: an empty assistant turn")
         out.append({"role": role, "content": content})

@@ -21,7 +21,8 @@ def test_chatml_renders_each_turn_and_the_generation_prompt() -> None:
     ([], "messages: the conversation is empty"),
     ([{"role": "robot", "content": "hi"}], "messages[0].role: 'robot' is not one of system, user, assistant"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "messages[1]: an empty assistant turn"),
-    ([{"role": "user", "content": 3}], "messages[0].content: must be a string"),
+    ([{"role": "user", "content": 3}], "messages[0].content: must be a string (or text parts)"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content: must be a string (or text parts)"),
     (["hi"], "messages[0]: a message is an object with role and content"),
 ])
 def test_bad_conversations_are_one_line(messages: list, problem: str) -> None:
@@ -34,3 +35,5 @@ def test_a_tokenizer_with_chatmls_tokens_carries_chatml() -> None:
     assert default_template({"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}) == CHATML
     assert default_template({"<|endoftext|>": 0}) is None
     assert check_messages(CONVERSATION) == CONVERSATION
+    parts = [{"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]}]
+    assert check_messages(parts) == [{"role": "user", "content": "2+2?"}]  # OpenAI's content parts, text only
