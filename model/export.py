@@ -32,7 +32,7 @@ from transformers import (
 from core.chat import CHATML, END
 from core.errors import UserError
 from core.files import atomic_folder
-from model.checkpoint import load_checkpoint, local_checkpoint, read_meta
+from model.checkpoint import load_checkpoint, load_config, local_checkpoint, read_meta
 from model.gpt import GPT, ModelConfig
 
 
@@ -198,13 +198,13 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False, inside:
     checkpoint = local_checkpoint(checkpoint)
     check_out(checkpoint, out, force, inside=inside)
     method = read_meta(checkpoint).get("quantization", {}).get("method")
-    loaded = load_checkpoint(checkpoint)
-    family = architecture(loaded.config)  # refuse models without a Hugging Face equivalent before any work
+    family = architecture(load_config(checkpoint))  # refuse models without a Hugging Face equivalent before any work
     if method is not None and method not in BNB_CONFIGS and family != "llama":
         raise ExportError(
             f"{checkpoint}: a {method} checkpoint of the GPT-2 family; transformers' GPT-2 uses Conv1D layers, which "
             "compressed-tensors does not quantize (export the full-precision checkpoint, or GGUF: --format gguf)"
         )
+    loaded = load_checkpoint(checkpoint)
     out = Path(out)
     with atomic_folder(out, replace=True) as tmp:  # check_out allowed replacing it
         if method is None:
