@@ -45,7 +45,7 @@ from cluster.serve_api import (
     MAX_STOP, MAX_STOP_CHARS, BadRequest, ChatRequest, CompletionRequest, EngineLoop, TextStream, chat_prompt,
     choice_chunk, logprobs_json, validation_message,
 )
-from core.chat import END
+from core.chat import stop_ids
 from core.errors import UserError
 
 APP = "raygpt"
@@ -65,8 +65,7 @@ class CompletionServer:
         loaded, _ = load_for_inference(checkpoint, None, precision)  # the replica's GPU when it reserved one
         self.model, self.tokenizer, self.eot = loaded.model, loaded.tokenizer, loaded.eot_id
         self.template, self.max_batch = loaded.chat_template, max_batch
-        end = self.tokenizer.token_to_id(END)
-        self.chat_stops = (end,) if end is not None else ()  # a reply ends at the end of its turn (or end-of-text)
+        self.chat_stops = tuple(stop_ids(self.tokenizer, None, self.template))  # a reply ends with its turn (or text)
         self.name, self.key_sha256, self.created = model_name, api_key_sha256, int(time.time())
         self.context, self.max_prompts = loaded.config.block_size, max_prompts
         self.engine = EngineLoop(Engine(self.model, max_batch=max_batch, eos_id=self.eot))
@@ -109,16 +108,19 @@ class CompletionServer:
         if body.stream:
             return StreamingResponse(self._stream(generations, body, meta, chat=False), media_type="text/event-stream")
         choices = await asyncio.gather(*(self._complete(g, body.stops) for g in generations))
+        usage = self._usage(prompts, sum(c.pop("tokens") for c in choices))
         k = body.logprobs
+        echoed = ([await self._prompt_logprobs(p, k) for p in prompts] if body.echo and k is not None
+                  else [])  # once per prompt, whatever `n`
         for index, (choice, generation) in enumerate(zip(choices, generations)):
             choice["index"] = index
             ids, entries = choice.pop("ids"), choice.pop("entries")
             if body.echo:
                 choice["text"] = self.tokenizer.decode(generation.prompt) + choice["text"]
-                if k is not None:
-                    ids, entries = generation.prompt + ids, await self._prompt_logprobs(generation.prompt, k) + entries
+                if echoed:
+                    ids, entries = generation.prompt + ids, echoed[index // body.n] + entries
             choice["logprobs"] = None if k is None else logprobs_json(self.tokenizer, ids, entries, k)
-        return {**meta, "object": "text_completion", "choices": choices, "usage": self._usage(prompts, choices)}
+        return {**meta, "object": "text_completion", "choices": choices, "usage": usage}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
@@ -138,8 +140,9 @@ class CompletionServer:
             return StreamingResponse(self._stream(generations, body, meta, chat=True), media_type="text/event-stream")
         choices = await asyncio.gather(*(self._complete(g, body.stops) for g in generations))
         out = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
-                "finish_reason": c["finish_reason"], "tokens": c["tokens"]} for i, c in enumerate(choices)]
-        return {**meta, "object": "chat.completion", "choices": out, "usage": self._usage([prompt], out)}
+                "finish_reason": c["finish_reason"]} for i, c in enumerate(choices)]
+        usage = self._usage([prompt], sum(c["tokens"] for c in choices))
+        return {**meta, "object": "chat.completion", "choices": out, "usage": usage}
 
     # ------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> JSONResponse | None:
@@ -196,13 +199,13 @@ class CompletionServer:
             raise BadRequest(400, "prompt: must not be empty", "prompt")
         return prompts
 
-    def _generations(self, body: Any, prompts: list[list[int]], limit: int, stop_ids: tuple[int, ...],
+    def _generations(self, body: Any, prompts: list[list[int]], limit: int, stops: tuple[int, ...],
                      logprobs: int | None) -> list[Any]:
         """`n` engine requests per prompt (choice j seeded with seed + j), each checked against the model."""
         from model.batching import Request as Generation
 
         top_p = float(body.top_p) if body.top_p < 1 else None
-        generations = [Generation(ids, max(limit, 1), float(body.temperature), top_p=top_p, stop_ids=stop_ids,
+        generations = [Generation(ids, max(limit, 1), float(body.temperature), top_p=top_p, stop_ids=stops,
                                   seed=None if body.seed is None else body.seed + j, logprobs=logprobs)
                        for ids in prompts for j in range(body.n)]
         for index, generation in enumerate(generations):
@@ -217,10 +220,10 @@ class CompletionServer:
         return generations
 
     @staticmethod
-    def _usage(prompts: list[list[int]], choices: list[dict[str, Any]]) -> dict[str, int]:
+    def _usage(prompts: list[list[int]], generated: int) -> dict[str, int]:
         """Token counts: each prompt once (whatever `n`), every generated token (the one that ended a choice too)."""
-        made, read = sum(c.pop("tokens") for c in choices), sum(len(p) for p in prompts)
-        return {"prompt_tokens": read, "completion_tokens": made, "total_tokens": read + made}
+        read = sum(len(p) for p in prompts)
+        return {"prompt_tokens": read, "completion_tokens": generated, "total_tokens": read + generated}
 
     async def _prompt_logprobs(self, ids: list[int], k: int) -> list[Any]:
         """`echo`'s log-probabilities of the prompt's tokens, each given the ones before (the first has none): one
@@ -307,9 +310,8 @@ class CompletionServer:
                     choice = choice_chunk(chat, index, piece, finish)
                     yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
             if usage:
-                generated = sum(len(events) for events in made)
-                read = sum(len(g.prompt) for g in generations[:: body.n])  # each prompt once, as OpenAI counts
-                counts = {"prompt_tokens": read, "completion_tokens": generated, "total_tokens": read + generated}
+                prompts = [g.prompt for g in generations[:: body.n]]  # n choices per prompt, in order
+                counts = self._usage(prompts, sum(len(events) for events in made))
                 yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': counts})}\n\n"
             yield "data: [DONE]\n\n"
         finally:

@@ -40,6 +40,14 @@ def default_template(vocab: Mapping[str, int] | Any) -> str | None:
     return CHATML if all(has(token) for token in CHAT_TOKENS) else None
 
 
+def stop_ids(tokenizer: Any, eot_id: int | None, template: str | None) -> list[int]:
+    """The ids a reply stops at: end-of-text, and with ChatML the end of a turn (`END`). `tokenizer`: anything with
+    `token_to_id`."""
+    ids = [] if eot_id is None else [eot_id]
+    end = tokenizer.token_to_id(END) if template == CHATML else None
+    return ids + ([end] if end is not None and end not in ids else [])
+
+
 def check_messages(messages: Sequence[Mapping[str, Any]], allow_empty_last: bool = False) -> list[dict[str, str]]:
     """The conversation as plain {role, content} dicts, or a ChatError naming the first bad message. Every message
     needs a known role and string content (OpenAI's list of text parts is joined); an assistant turn may not be empty

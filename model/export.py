@@ -29,7 +29,7 @@ from transformers import (
     GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
-from core.chat import CHATML, END
+from core.chat import stop_ids
 from core.errors import UserError
 from core.files import atomic_folder
 from model.checkpoint import load_checkpoint, load_config, local_checkpoint, read_meta
@@ -137,13 +137,6 @@ def save_hf_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     """tokenizer.json and tokenizer_config.json, the chat template inside the latter (transformers 5 would otherwise
     write it to chat_template.jinja, which older transformers and other readers of tokenizer_config.json miss)."""
     tokenizer.save_pretrained(folder, save_jinja_files=False)
-
-
-def stop_ids(tokenizer: Any, eot_id: int | None, chat_template: str | None) -> list[int]:
-    """The ids generation stops at: end-of-text, and with ChatML the end of a turn (`core.chat.END`)."""
-    ids = [] if eot_id is None else [eot_id]
-    end = tokenizer.token_to_id(END) if chat_template == CHATML else None
-    return ids + ([end] if end is not None and end not in ids else [])
 
 
 BNB_CONFIGS: dict[str, dict[str, Any]] = {

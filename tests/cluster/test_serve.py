@@ -273,6 +273,9 @@ def test_logprobs_echo_and_n_as_lm_evals_local_completions_asks(client: openai.O
     assert all(len(top) <= 3 for top in logprobs.top_logprobs[1:]) and logprobs.text_offset[:2] == [0, len(logprobs.tokens[0])]
     [(ours, _)] = lm._loglikelihood_tokens([(("", ""), ids[:1], ids[1:])])  # raygpt's own loglikelihood
     assert sum(logprobs.token_logprobs[1:]) == pytest.approx(ours, abs=1e-4)
+    twice = client.completions.create(model="shakespeare", prompt=[ids, ids[:5]], max_tokens=0, echo=True, logprobs=3, n=2)
+    assert [c.logprobs.token_logprobs for c in twice.choices[:2]] == [logprobs.token_logprobs] * 2  # each prompt's own
+    assert len(twice.choices[2].logprobs.tokens) == 5 and twice.usage.prompt_tokens == len(ids) + 5
     for token_lp, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:]):
         assert token_lp <= max(top.values()) + 1e-6
     greedy = client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=6, temperature=0, logprobs=2)

@@ -105,7 +105,9 @@ def test_compressed_tensors_export_loads_in_transformers_with_raygpts_weights_an
             theirs = hf(ids).logits  # the default route decompresses on the first forward
             attn = hf.model.layers[0].self_attn
             for mine, their in ((w_q, attn.q_proj), (w_k, attn.k_proj), (w_v, attn.v_proj)):
-                assert torch.equal(their.weight, mine)  # compressed-tensors' dequantization is ours, bit for bit
+                # compressed-tensors' dequantization is ours bit for bit: (q - zero) · scale, the same elementwise
+                # IEEE operations on both sides (no reduction, so no kernel or ISA can order them differently)
+                assert torch.equal(their.weight, mine)
             assert ((theirs - close).norm() / close.norm()).item() < 0.03
         monkeypatch.setattr(QuantLinear, "_choose_kernel", lambda self, x: "dequantize")  # fp32 weight-only matmul
         same = load_checkpoint(folder).model(ids)[0]  # a fresh model: layers choose their kernel on the first call
