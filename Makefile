@@ -8,7 +8,7 @@ STAMP := $(VENV)/.raygpt-installed
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test test-avx2 install sandbox clean
+.PHONY: demo demo-chat test test-avx2 install sandbox clean
 
 install: $(STAMP) sandbox
 
@@ -37,6 +37,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP) sandbox
 	$(BIN)/raygpt run configs/demo.yaml
+
+# The demo's base model fine-tuned into a GSM8K assistant, evaluated before and after (~10 minutes on 2 cores).
+demo-chat: $(STAMP) sandbox
+	$(BIN)/raygpt run configs/demo_chat.yaml
 
 test: $(STAMP) sandbox
 	$(BIN)/python -m pytest tests

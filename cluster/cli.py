@@ -2,10 +2,11 @@
 
     raygpt prepare  CONFIG [section.key=value ...]   corpus → tokenizer + shards in RUN_DIR/data
     raygpt train    CONFIG [section.key=value ...]   shards → checkpoints (Ray Train + DeepSpeed), resumes
+    raygpt finetune CONFIG [section.key=value ...]   conversations → the base model fine-tuned (RUN_DIR/finetune)
     raygpt eval     CONFIG [section.key=value ...]   checkpoints → RUN_DIR/eval/{results.json,report.md}
     raygpt quantize CONFIG [section.key=value ...]   int8 / 4-bit / bitsandbytes checkpoints + report vs full precision
     raygpt sample   CONFIG [section.key=value ...]   the final checkpoint continues sample.prompt → RUN_DIR/sample.txt
-    raygpt run      CONFIG [section.key=value ...]   the main job: prepare → train → eval → quantize → sample
+    raygpt run      CONFIG [section.key=value ...]   the main job: prepare → train → [finetune →] eval → quantize → sample
     raygpt submit   --address http://HOST:8265 [--no-wait] -- SUBCOMMAND ARGS...   as a Ray job; exits with its status
     raygpt jobs     list|status|logs|stop [JOB_ID] --address http://HOST:8265
     raygpt generate CHECKPOINT --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --compile]
@@ -50,10 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("prepare", "corpus → tokenizer + webdataset shards in RUN_DIR/data"),
         ("train", "shards → checkpoints with Ray Train + DeepSpeed (resumes from the newest checkpoint)"),
+        ("finetune", "the finetune section: conversations → the base model trained on its assistant tokens"),
         ("eval", "bits per byte, perplexity and lm-evaluation-harness tasks of the checkpoints"),
         ("quantize", "post-training int8 / 4-bit quantization of the checkpoint, evaluated against full precision"),
         ("sample", "the final checkpoint continues sample.prompt → RUN_DIR/sample.txt"),
-        ("run", "the main job: prepare → train → eval → quantize → sample"),
+        ("run", "the main job: prepare → train → [finetune →] eval → quantize → sample"),
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")

@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, model_validator
 from core.config import ClusterConfig, Section, problem_line
 from core.errors import UserError, one_line, shown
 from core.files import RECORD_LIMIT
-from core.layout import Location, RunLayout
+from core.layout import Location, RunLayout, join
 from data_pipeline.config import DataConfig
 from evaluation.config import EvalConfig, QuantizeConfig
 from model.config import PRESETS, ModelConfig, ModelSection, SampleConfig
@@ -73,6 +73,31 @@ class ServeConfig(Section):
         return self
 
 
+class FinetuneConfig(Section):
+    """Supervised fine-tuning after pretraining (`raygpt finetune CONFIG`, a stage of `raygpt run`): conversations
+    prepared with the base model's tokenizer into RUN_DIR/finetune/data, and the base model trained on their
+    assistant tokens into RUN_DIR/finetune (its own checkpoints, metrics and config.yaml, with the resume, elastic and
+    fingerprint rules of pretraining). With this section, `eval` compares the base and the fine-tuned checkpoints, and
+    `quantize` and `sample` work on the fine-tuned one (RUN_DIR/finetune/quantized, RUN_DIR/finetune/sample.txt)."""
+
+    data: DataConfig
+    """The conversations: sources with `format: chat` (their tokenizer is the base model's; seq_len at most its
+    context)."""
+    train: TrainConfig = TrainConfig()
+    """Optimization of the fine-tuning run (its own lr, steps, batch; typically a lower lr than pretraining)."""
+    init_from: str | None = None
+    """The base model: a raygpt checkpoint folder (a run's `checkpoint`, or one written by `raygpt import HF_DIR`);
+    None: this run's own final checkpoint (RUN_DIR/checkpoint)."""
+
+    @model_validator(mode="after")
+    def _chat_data(self) -> FinetuneConfig:
+        if not self.data.chat:
+            raise ValueError("finetune.data.sources: fine-tuning reads conversations; give its sources format: chat")
+        if self.data.tokenizer.path is not None:
+            raise ValueError("finetune.data.tokenizer.path: the tokenizer is the base model's (finetune.init_from)")
+        return self
+
+
 class RunConfig(Section):
     """The root of a raygpt run: every stage reads its section from here."""
 
@@ -97,6 +122,8 @@ class RunConfig(Section):
     """A generated sample at the end of `raygpt run`."""
     serve: ServeConfig = ServeConfig()
     """The OpenAI-compatible HTTP API of `raygpt serve`."""
+    finetune: FinetuneConfig | None = None
+    """Supervised fine-tuning of the pretrained model on conversations (None: none)."""
     cluster: ClusterConfig = ClusterConfig()
     """Ray connection and resources."""
 
@@ -106,17 +133,22 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        t, c = self.train, self.cluster
-        if c.worker_range[1] > self.global_batch_size:
-            raise ValueError(f"cluster.num_workers {c.worker_range[1]} exceeds train.global_batch_size "
-                             f"{self.global_batch_size}: a worker would have no sample")
-        if t.precision == "fp16" and not c.use_gpu:
-            raise ValueError("train.precision fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU")
-        if t.offload_optimizer and t.zero_stage < 2:
-            raise ValueError("train.offload_optimizer needs train.zero_stage 2 or 3")
-        if t.offload_params and t.zero_stage != 3:
-            raise ValueError("train.offload_params needs train.zero_stage 3")
+        for key, t in (("train", self.train), *((("finetune.train", self.finetune.train),) if self.finetune else ())):
+            self._consistent_train(key, t)
         return self
+
+    def _consistent_train(self, key: str, t: TrainConfig) -> None:
+        c = self.cluster
+        batch = t.resolved_global_batch(c.worker_range[1])
+        if c.worker_range[1] > batch:
+            raise ValueError(f"cluster.num_workers {c.worker_range[1]} exceeds {key}.global_batch_size {batch}: a "
+                             "worker would have no sample")
+        if t.precision == "fp16" and not c.use_gpu:
+            raise ValueError(f"{key}.precision fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU")
+        if t.offload_optimizer and t.zero_stage < 2:
+            raise ValueError(f"{key}.offload_optimizer needs {key}.zero_stage 2 or 3")
+        if t.offload_params and t.zero_stage != 3:
+            raise ValueError(f"{key}.offload_params needs {key}.zero_stage 3")
 
     @property
     def global_batch_size(self) -> int:
@@ -142,6 +174,38 @@ class RunConfig(Section):
     def data_dir(self) -> Location:
         return self.layout.data.root
 
+
+    def finetune_run(self) -> RunConfig:
+        """The fine-tuning run as a run of its own (RUN_DIR/finetune): the finetune section's data and train, the base
+        checkpoint as model.init_from, its tokenizer for the data; every other section as this run's."""
+        if self.finetune is None:
+            raise ConfigError("the recipe has no finetune section")
+        ft = self.finetune
+        base = ft.init_from or str(self.layout.checkpoint)
+        tokenizer = ft.data.tokenizer.model_copy(update={"path": str(join(base, "tokenizer.json"))})
+        storage = None if self.cluster.storage_path is None else str(join(self.cluster.storage_path, FINETUNE))
+        run = self.model_copy(update={
+            "name": f"{self.name}.{FINETUNE}", "run_dir": str(join(self.run_dir, FINETUNE)),
+            "data": ft.data.model_copy(update={"tokenizer": tokenizer}), "model": ModelSection(init_from=base),
+            "train": ft.train, "finetune": None,
+            "cluster": self.cluster.model_copy(update={"storage_path": storage}),
+        })
+        # the `${VAR}` values as written: finetune.data / finetune.train are this run's data / train
+        moved = {"data", "train", "model", "finetune", "name", "run_dir"}
+        written = {path: text for path, text in self._from_env.items() if path[0] not in moved}
+        written |= {path[1:]: text for path, text in self._from_env.items()
+                    if path[:1] == ("finetune",) and len(path) > 2 and path[1] in ("data", "train")}
+        run.remember_env(written)
+        return run
+
+    @property
+    def final(self) -> RunConfig:
+        """The run whose checkpoint is the result: the fine-tuning run when there is one, else this run."""
+        return self.finetune_run() if self.finetune is not None else self
+
+
+FINETUNE = "finetune"
+"""The fine-tuning run's folder inside RUN_DIR (and inside cluster.storage_path)."""
 
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

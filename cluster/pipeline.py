@@ -1,5 +1,5 @@
 """The stages of a raygpt run and the main job that chains them: `raygpt run CONFIG`
-(prepare → train → eval → quantize → sample).
+(prepare → train → finetune → eval → quantize → sample; finetune only with a `finetune:` section).
 
     raygpt run configs/demo.yaml
 
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cluster.config import RunConfig, save_resolved
+from cluster.config import ConfigError, RunConfig, save_resolved
 from cluster.ray_connect import connect, require_gpus
 from core import files
 from core.errors import StageFailed, user_error
@@ -58,27 +58,68 @@ def run_train(cfg: RunConfig) -> Any:
                        _begin(cfg, "cluster.use_gpu"), cfg.data.phases())
 
 
+def run_finetune(cfg: RunConfig) -> Any:
+    """The `finetune:` section: conversations → shards with a loss mask in RUN_DIR/finetune/data, then the base model
+    trained on them into RUN_DIR/finetune (a run of its own: `RunConfig.finetune_run`). None without the section."""
+    if cfg.finetune is None:
+        print("[finetune] no finetune section in the recipe; nothing to do", flush=True)
+        return None
+    run = with_chat_tokens(cfg.finetune_run())
+    run_prepare(run)
+    return run_train(run)
+
+
+def with_chat_tokens(run: RunConfig) -> RunConfig:
+    """The fine-tuning run as it is, or — when its base tokenizer lacks ChatML's turn tokens — preparing its data
+    with the base tokenizer plus those tokens (written to RUN_DIR/finetune/tokenizer.chat.json); the workers then
+    give them rows at the mean embedding (`model.vocab`) and the run's fingerprint records them."""
+    from tokenizers import Tokenizer
+
+    from model.vocab import extend_tokenizer, missing_chat_tokens
+
+    path = run.data.tokenizer.path
+    assert path is not None  # set by finetune_run
+    if not files.is_file(path):
+        raise ConfigError(f"finetune: no base model tokenizer at {path} (train the base model first, or set "
+                          "finetune.init_from to a checkpoint folder)")
+    base = Tokenizer.from_str(files.read_text(path))
+    if not (missing := missing_chat_tokens(base)):
+        return run
+    extended = run.layout.extended_tokenizer
+    files.atomic_write(extended, extend_tokenizer(base, missing).to_str())
+    print(f"[finetune] the base tokenizer has no {' / '.join(missing)}: added as new tokens ({extended})", flush=True)
+    tokenizer = run.data.tokenizer.model_copy(update={"path": str(extended)})
+    return run.model_copy(update={"data": run.data.model_copy(update={"tokenizer": tokenizer})})
+
+
 def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
-    """Checkpoints → RUN_DIR/eval/results.json + report.md (`evaluation.run.run_eval`)."""
+    """Checkpoints → RUN_DIR/eval/results.json + report.md (`evaluation.run.run_eval`); with a finetune section and no
+    eval.checkpoints, the base and the fine-tuned checkpoints side by side."""
     _begin(cfg, "eval.num_gpus")()
-    return run_eval(cfg.eval, cfg.layout)
+    eval_cfg = cfg.eval
+    if cfg.finetune is not None and not eval_cfg.checkpoints:
+        base = cfg.finetune.init_from or str(cfg.layout.checkpoint)
+        eval_cfg = eval_cfg.model_copy(update={"checkpoints": [base, str(cfg.final.layout.checkpoint)]})
+    return run_eval(eval_cfg, cfg.layout)
 
 
 def run_quantization(cfg: RunConfig) -> dict[str, Any]:
-    """The checkpoint → RUN_DIR/quantized/<method>/ + report vs full precision (`evaluation.quantize.run_quantize`)."""
+    """The final checkpoint (the fine-tuned one when there is one) → FINAL_RUN/quantized/<method>/ + report vs full
+    precision (`evaluation.quantize.run_quantize`)."""
     _begin(cfg, "quantize.num_gpus")()
-    return run_quantize(cfg.quantize, cfg.eval, cfg.layout)
+    return run_quantize(cfg.quantize, cfg.eval, cfg.final.layout)
 
 
 def run_sample(cfg: RunConfig) -> str:
-    """The final checkpoint's continuation of `sample.prompt` → RUN_DIR/sample.txt (`model.sample.sample_stage`)."""
+    """The final checkpoint's continuation of `sample.prompt` → FINAL_RUN/sample.txt (`model.sample.sample_stage`)."""
     _begin(cfg, "cluster.use_gpu", 1 if cfg.cluster.use_gpu else 0)()  # the sample task's GPU
-    return sample_stage(cfg.layout.checkpoint, cfg.sample, cfg.layout.sample, cfg.cluster.use_gpu)
+    final = cfg.final.layout
+    return sample_stage(final.checkpoint, cfg.sample, final.sample, cfg.cluster.use_gpu)
 
 
 STAGES: dict[str, Callable[[RunConfig], Any]] = {
-    "prepare": run_prepare, "train": run_train, "eval": run_evaluation, "quantize": run_quantization,
-    "sample": run_sample,
+    "prepare": run_prepare, "train": run_train, "finetune": run_finetune, "eval": run_evaluation,
+    "quantize": run_quantization, "sample": run_sample,
 }
 
 
@@ -90,7 +131,8 @@ def run_stage(cfg: RunConfig, name: str) -> Any:
     except Exception as e:
         if user_error(e) is not None:
             raise
-        raise StageFailed(name, last_step(cfg) if name == "train" else None) from e
+        step = last_step(cfg) if name == "train" else last_step(cfg.final) if name == "finetune" else None
+        raise StageFailed(name, step) from e
 
 
 def last_step(cfg: RunConfig) -> int | None:
@@ -120,6 +162,13 @@ def run(cfg: RunConfig) -> None:
     print("\n".join(f"[run] {line}" for line in summary(cfg, results, seconds, report)), flush=True)
 
 
+def _finetune_figure(run: RunConfig) -> str:
+    """The fine-tuning run's last validation loss (over assistant tokens)."""
+    metrics = read_metrics(files.read_text(run.layout.metrics)) if files.is_file(run.layout.metrics) else []
+    last_val = next((m for m in reversed(metrics) if "val_loss" in m), {})
+    return f"step {last_val.get('step', '?')}, val loss {last_val.get('val_loss', float('nan')):.3f} (assistant tokens)"
+
+
 def summary(cfg: RunConfig, results: dict[str, Any], seconds: dict[str, float], report: Any) -> list[str]:
     """The table `raygpt run` ends with: stage, seconds, the key figure, where its output is."""
     layout = cfg.layout
@@ -131,11 +180,13 @@ def summary(cfg: RunConfig, results: dict[str, Any], seconds: dict[str, float], 
         "train": f"step {last_val.get('step', '?')}, val {last_val.get('val_bpb', float('nan')):.3f} bits/byte",
         "eval": ", ".join(f"{name} {m['bits_per_byte']:.3f} bpb" for name, m in
                           (evaluation or {"checkpoints": [{"intrinsic": {}}]})["checkpoints"][0]["intrinsic"].items()),
+        "finetune": "" if cfg.finetune is None else _finetune_figure(cfg.final),
         "quantize": ", ".join(r["method"] for r in (quantized or {}).get("methods", [])),
         "sample": f"{len(results.get('sample') or '')} characters",
     }
-    where = {"prepare": layout.data.root, "train": layout.checkpoint, "eval": layout.eval_report,
-             "quantize": layout.quantize_report_md, "sample": layout.sample}
+    final = cfg.final.layout
+    where = {"prepare": layout.data.root, "train": layout.checkpoint, "finetune": final.checkpoint if cfg.finetune else "",
+             "eval": layout.eval_report, "quantize": final.quantize_report_md, "sample": final.sample}
     rows = [("stage", "seconds", "result", "output")]
     rows += [(name, f"{seconds[name]:.1f}", figures[name], str(where[name])) for name in STAGES]
     rows.append(("report", "", "loss, throughput, eval, quantization", str(report)))

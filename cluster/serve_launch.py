@@ -29,8 +29,8 @@ class Target(NamedTuple):
 
 
 def resolve_target(target: str, overrides: list[str]) -> Target:
-    """A local run directory (its config.yaml's serve and cluster sections; its final checkpoint or serve.checkpoint)
-    or a checkpoint folder, local or a URI (default sections)."""
+    """A local run directory (its config.yaml's serve and cluster sections; its final checkpoint — with a finetune
+    section the fine-tuned one — or serve.checkpoint) or a checkpoint folder, local or a URI (default sections)."""
     from cluster.config import load_config, load_serve_config
     from model.checkpoint import CONFIG
     from model.checkpoint import load_config as checkpoint_config
@@ -42,7 +42,11 @@ def resolve_target(target: str, overrides: list[str]) -> Target:
     if not layout.remote and Path(layout.config).is_file():
         run = load_config(layout.config, overrides)
         cfg = run.serve
-        checkpoint = str(join(layout.run_dir, cfg.checkpoint) if cfg.checkpoint else layout.checkpoint)  # as moved
+        from cluster.config import FINETUNE
+
+        # a fine-tuned run serves the fine-tuned model (RUN_DIR/finetune, wherever RUN_DIR is now)
+        final = RunLayout.of(join(layout.run_dir, FINETUNE)) if run.finetune is not None else layout
+        checkpoint = str(join(layout.run_dir, cfg.checkpoint) if cfg.checkpoint else final.checkpoint)  # as moved
         checkpoint_config(checkpoint)  # a missing or broken checkpoint: one line here, not a replica's traceback
         return Target(checkpoint, cfg, run.cluster, cfg.model_name or run.name, layout.console_log)
     if (Path(target) / CONFIG).is_file() or "://" in target:  # a checkpoint (a URI: checked when it loads)

@@ -13,6 +13,7 @@ conversation identically (tested against `apply_chat_template`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,6 +68,8 @@ def check_messages(messages: Sequence[Mapping[str, Any]], allow_empty_last: bool
             raise ChatError(f"messages[{i}].content: must be a string (or text parts)")
         if role == "assistant" and not content.strip() and not (allow_empty_last and i == len(messages) - 1):
             raise ChatError(f"messages[{i}]: an empty assistant turn")
+        if any(token in content for token in CHAT_TOKENS):  # it would end the turn early or start a forged one
+            raise ChatError(f"messages[{i}].content: holds a chat special token ({' or '.join(CHAT_TOKENS)})")
         out.append({"role": role, "content": content})
     return out
 
@@ -96,3 +99,12 @@ def render(template: str, messages: Sequence[Mapping[str, Any]], add_generation_
             raise ChatError("continue_final_message: the template does not show the last message's content as given")
         text = text[: text.rindex(final) + len(final)]
     return text
+
+
+_ASSISTANT_TURN = re.compile(re.escape(f"{START}assistant\n") + r"(.*?)" + re.escape(END), re.DOTALL)
+
+
+def assistant_spans(text: str) -> list[tuple[int, int]]:
+    """[start, end) character spans of a ChatML text that a fine-tuned model learns to write: each assistant turn's
+    content and its end-of-turn token (content holds no chat token: `check_messages`)."""
+    return [(m.start(1), m.end()) for m in _ASSISTANT_TURN.finditer(text)]

@@ -200,6 +200,12 @@ class RunLayout:
         return self._at("train.done.json")
 
     @property
+    def extended_tokenizer(self) -> Location:
+        """A fine-tuning run whose base tokenizer lacks the chat tokens: that tokenizer with them added, which its
+        data is prepared with (`cluster.pipeline.run_finetune`, `model.vocab`)."""
+        return self._at("tokenizer.chat.json")
+
+    @property
     def metrics(self) -> Location:
         return self._at("metrics.jsonl")
 

@@ -37,6 +37,23 @@ class SourceConfig(Section):
     """Text files only: one document per file, per blank-line-separated paragraph, or per line."""
     text_field: str = "text"
     """JSONL / Parquet / Hugging Face sources: the field holding the document text."""
+    format: Literal["text", "chat"] = "text"
+    """'chat': JSONL / Parquet / Hugging Face records are conversations for supervised fine-tuning, each rendered
+    with ChatML (`core.chat`) and trained on its assistant tokens only (`data_pipeline.chat_data`): a list of
+    {role, content} in `messages_field`, else Alpaca's instruction / input / output (the three fields below)."""
+    messages_field: str = "messages"
+    """Chat sources: the field holding the list of {role, content} messages."""
+    instruction_field: str = "instruction"
+    """Chat sources without messages: the field holding the user's request (Alpaca's `instruction`; GSM8K's
+    `question`)."""
+    user_template: str | None = None
+    """Chat sources without messages: the user turn written from the record's fields with Python's `str.format`, e.g.
+    'Question: {question}\nAnswer:' (the prompt lm-eval's gsm8k task puts in the user turn); None: the instruction
+    field, and the input field after a blank line."""
+    input_field: str = "input"
+    """Chat sources without messages: an optional field appended to the request after a blank line (Alpaca)."""
+    output_field: str = "output"
+    """Chat sources without messages: the field holding the assistant's reply (Alpaca's `output`; GSM8K's `answer`)."""
     extensions: list[str] = [".txt", ".md", ".rst", ".py"]
     """Text sources given as a directory: the file extensions taken from it (recursively)."""
     hf_config: str | None = None
@@ -56,6 +73,8 @@ class SourceConfig(Section):
     def _path_given(self) -> SourceConfig:
         if self.type != "python-stdlib" and not self.path:
             raise ValueError("path is required for this source type")
+        if self.format == "chat" and self.type in ("text", "python-stdlib"):
+            raise ValueError(f"format chat reads records (jsonl, parquet, hf), not a {self.type} source")
         return self
 
     def default_name(self) -> str:
@@ -163,6 +182,9 @@ class DataConfig(Section):
     batch_bytes: int = Field(default=8_000_000, ge=1024)
     """Text that one prepare task holds at a time (one batch of documents): with the CPUs, it bounds prepare's memory
     (about 10 × batch_bytes per task, whatever the corpus size). Does not change the output."""
+    chat_overlong: Literal["truncate", "drop"] = "truncate"
+    """Chat data: a conversation longer than seq_len + 1 tokens is cut there ('truncate', trained on the assistant
+    tokens that fit) or left out ('drop'); either way counted in the manifest's `chat` totals."""
     overwrite: bool = False
     """Re-prepare even when RUN_DIR/data holds a finished manifest of the same config (or of another config)."""
     mixture: list[MixturePhase] | None = None
@@ -173,6 +195,9 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _mixture_names_sources(self) -> DataConfig:
         names = self.source_names()
+        if len({s.format for s in self.sources}) > 1:
+            raise ValueError("sources mix format chat and text: chat data (trained on a loss mask) is prepared on its "
+                             "own, in a data section of its own (e.g. finetune.data)")
         weighted = [s.weight is not None for s in self.sources]
         if any(weighted) and not all(weighted):
             raise ValueError("give a weight to every source or to none (sources without one: "
@@ -205,6 +230,11 @@ class DataConfig(Section):
                 name = f"{base}-{n}"
             names.append(name)
         return names
+
+    @property
+    def chat(self) -> bool:
+        """Conversations with a loss mask (every source has format chat)."""
+        return self.sources[0].format == "chat"
 
     def phases(self) -> list[tuple[int | None, dict[str, float]]] | None:
         """The mixture as (last step or None, weights by source name) phases; None: every block drawn alike."""

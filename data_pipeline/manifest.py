@@ -99,6 +99,16 @@ class Manifest(BaseModel):
     eot_token: str
     splits: dict[str, SplitEntry]
     sources: list[SourceEntry]
+    loss_mask: bool = False
+    """Chat data (`data_pipeline.chat_data`): each block is (2, seq_len + 1), token ids over a loss mask (1 where the
+    token is trained on); packed conversations end with end-of-text. Each split's `chat` totals count them."""
+    sample_key: str = "input_ids.npy"
+    """The tar member of each block."""
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """(seq_len + 1,), or (2, seq_len + 1) with a loss mask."""
+        return (2, self.seq_len + 1) if self.loss_mask else (self.seq_len + 1,)
 
     def source_ranges(self, split: str) -> dict[str, tuple[int, int]]:
         """Source name → (its first sample id, its number of samples) in a split, in the order of `sources`: the
@@ -131,11 +141,13 @@ class Manifest(BaseModel):
         return (s.doc_tokens + s.documents) / max(s.text_bytes, 1)
 
     def blocks(self, data_dir: Location, split: str, source: str | None = None) -> Iterator[np.ndarray]:
-        """Every block of a split (or of one source's part of it) once, in shard order (consecutive blocks of a shard
-        are consecutive in its stream); each shard's sha256 is checked as it is read."""
+        """Every block's token ids (seq_len + 1,) of a split (or of one source's part of it) once, in shard order
+        (consecutive blocks of a shard are consecutive in its stream; chat blocks without their mask); each shard's
+        sha256 is checked as it is read."""
         for path, shard in self.shard_paths(data_dir, split):
             if source is None or shard.source == source:
-                yield from shard_blocks(path, shard.sha256)
+                for block in shard_blocks(path, shard.sha256, self.sample_key):
+                    yield block[0] if self.loss_mask else block
 
     def verify(self, data_dir: Location, hashes: bool = True) -> None:
         """Every shard and block index exists with the listed size (and sha256); each split has at least one."""
@@ -174,14 +186,14 @@ class _Hashed:
         return chunk
 
 
-def shard_blocks(path: Location, sha256: str | None = None) -> Iterator[np.ndarray]:
+def shard_blocks(path: Location, sha256: str | None = None, key: str = "input_ids.npy") -> Iterator[np.ndarray]:
     """Blocks of one tar, in order, streamed (a local file or an object: never read whole) and decoded by
     webdataset's own tar iterator. With `sha256`, the bytes are hashed on the way and a shard that differs from the
     manifest fails with one line once it has been read."""
     with files.open_read(path) as raw:
         stream = _Hashed(raw)
         for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
-            yield np.load(io.BytesIO(sample["input_ids.npy"]), allow_pickle=False)
+            yield np.load(io.BytesIO(sample[key]), allow_pickle=False)
         while stream.read(1 << 20):  # the tar's end padding
             pass
     if sha256 is not None and stream.digest.hexdigest() != sha256:

@@ -32,12 +32,13 @@ import ray
 from tokenizers import Tokenizer
 
 from core import files
-from core.layout import DataLayout, Location, join
+from core.layout import Location, join
 from data_pipeline.clean import DROP, HASH, NBYTES, REPLACED, TEXT, clean_batch, unit_interval
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.dedup import band_collisions, band_rows, duplicate_reasons
-from data_pipeline.pack import in_sample, is_val, tar_bytes_per_block
-from data_pipeline.shards import ShardWriter
+from data_pipeline.pack import in_sample, is_val
+from data_pipeline.chat_data import ChatOut
+from data_pipeline.shards import SplitWriter
 from data_pipeline.units import Unit, read_unit
 
 WORK = "_work"
@@ -283,57 +284,25 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class _SplitOut:
-    """One split of one unit: token ids carried over between batches, cut into blocks, written to tars of at most
-    `shard_bytes` (consecutive numbers `shard-UUUUUU-PPPP`)."""
+class _TextOut(SplitWriter):
+    """A split of a text unit: documents joined by EOT into one token stream, cut into blocks of block_len; the ids
+    left over are carried to the next batch (and dropped at the end as `tail_tokens`)."""
 
-    def __init__(self, data_dir: Location, split: str, unit: Unit, block_len: int, dtype: np.dtype, shard_bytes: int):
-        self.data_dir, self.split, self.unit, self.block_len, self.dtype = data_dir, split, unit, block_len, dtype
-        self.per_tar = max(1, shard_bytes // tar_bytes_per_block(block_len, dtype))
-        self.carry = np.zeros(0, dtype=dtype)
-        self.writer: ShardWriter | None = None
-        self.shards: list[dict[str, Any]] = []
-        self.totals = {"documents": 0, "doc_tokens": 0, "text_bytes": 0, "sequences": 0, "tokens": 0}
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.carry = np.zeros(0, dtype=self.dtype)
 
-    def add(self, docs: list[list[int]], text_bytes: int, eot: int) -> None:
+    def add(self, docs: list[Any], text_bytes: int, eot: int) -> None:
         self.totals["documents"] += len(docs)
-        self.totals["doc_tokens"] += sum(len(d) for d in docs)
+        self.totals["doc_tokens"] += sum(len(d.ids) for d in docs)
         self.totals["text_bytes"] += text_bytes
-        parts = [self.carry] + [np.asarray(d + [eot], dtype=self.dtype) for d in docs]
-        stream = np.concatenate(parts)
+        stream = np.concatenate([self.carry] + [np.asarray(d.ids + [eot], dtype=self.dtype) for d in docs])
         n = len(stream) // self.block_len
         self.carry = stream[n * self.block_len:].copy()
-        blocks = stream[: n * self.block_len].reshape(n, self.block_len)
-        while len(blocks):
-            if self.writer is None:
-                number = len(self.shards)
-                self.file = DataLayout.shard_name(self.split, self.unit.id, number)
-                self.writer = ShardWriter(join(self.data_dir, self.file), f"{self.split}-{self.unit.id:06d}-{number:04d}",
-                                          self.block_len, self.dtype)
-            room = self.per_tar - self.writer.blocks
-            self.writer.write(blocks[:room])
-            blocks = blocks[room:]
-            if self.writer.blocks == self.per_tar:
-                self._close()
+        self.write_blocks(stream[: n * self.block_len].reshape(n, self.block_len))
 
-    def _close(self) -> None:
-        assert self.writer is not None
-        blocks = self.writer.blocks
-        digest, size, index = self.writer.close()
-        self.shards.append({"file": self.file, "sequences": blocks, "tokens": blocks * self.block_len, "bytes": size,
-                            "sha256": digest, "index_sha256": index})
-        self.totals["sequences"] += blocks
-        self.totals["tokens"] += blocks * self.block_len
-        self.writer = None
-
-    def finish(self) -> dict[str, Any]:
-        if self.writer is not None:
-            self._close()
-        return {**self.totals, "tail_tokens": len(self.carry), "shards": self.shards}
-
-    def abandon(self) -> None:
-        if self.writer is not None:
-            self.writer.abandon()
+    def tail(self) -> dict[str, Any]:
+        return {"tail_tokens": len(self.carry)}
 
 
 def write_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Location, dups: list[dict[str, Any]],
@@ -351,8 +320,11 @@ def write_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Locatio
     order = np.argsort(drop_pos)
     drop_pos, drop_code = drop_pos[order], drop_code[order]
     dropped = {reason: {split: [0, 0] for split in ("train", "val")} for reason in REASONS}
-    outs = {split: _SplitOut(data_dir, split, unit, cfg.seq_len + 1, np.dtype(dtype), cfg.shard_bytes)
-            for split in ("train", "val")}
+    chat = src.format == "chat"
+    outs: dict[str, Any] = {
+        split: ChatOut(*where, overlong=cfg.chat_overlong, end_of_text=eot) if chat else _TextOut(*where)
+        for split in ("train", "val")
+        for where in [(data_dir, split, unit.id, cfg.seq_len + 1, np.dtype(dtype), cfg.shard_bytes)]}
     position = 0
     try:
         for batch in read_unit(unit, src, cfg.clean.invalid_utf8, cfg.batch_bytes):
@@ -370,8 +342,11 @@ def write_unit(unit: Unit, src: SourceConfig, cfg: DataConfig, data_dir: Locatio
                     dropped[reason][split][1] += int(nbytes[mine].sum())
                 keep = np.flatnonzero(in_split & (batch[DROP] == "") & (code < 0))
                 for part in _slices(keep, nbytes, _ENCODE_BYTES):
-                    encodings = tokenizer.encode_batch_fast(batch[TEXT][part].tolist(), add_special_tokens=False)
-                    outs[split].add([e.ids for e in encodings], int(nbytes[part].sum()), eot)
+                    texts = batch[TEXT][part].tolist()
+                    # chat: the loss mask needs each token's characters (offsets), which the fast path skips
+                    encode = tokenizer.encode_batch if chat else tokenizer.encode_batch_fast
+                    encodings = encode(texts, add_special_tokens=False)
+                    outs[split].add(list(zip(encodings, texts)) if chat else encodings, int(nbytes[part].sum()), eot)
                     del encodings
             position += n
         splits = {split: out.finish() for split, out in outs.items()}

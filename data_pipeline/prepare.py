@@ -36,6 +36,7 @@ from tokenizers import Tokenizer
 from core import files
 from core.files import fingerprint, sha256
 from core.layout import SPLITS, DataLayout, Location, is_uri, join
+from data_pipeline.chat_data import COUNTS as CHAT_COUNTS, ChatOut
 from data_pipeline.clean import DROP, SOURCE
 from data_pipeline.config import DataConfig, DataError
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, finished, parse
@@ -75,8 +76,8 @@ def plan(cfg: DataConfig, data_dir: Location) -> tuple[str, list[SourceFiles], M
         load_tokenizer(cfg.tokenizer.path)  # a bad file fails now
     resolved = resolve_sources(cfg.sources)
     for r, src in zip(resolved, cfg.sources):
-        if r.type in ("jsonl", "parquet") and r.files:
-            check_field(r.type, r.files[0], src.text_field)
+        if (r.type in ("jsonl", "parquet") or src.format == "chat") and (r.files or r.type == "hf"):
+            check_field(r.type, r.files[0] if r.files else src.path, src)
     key = data_fingerprint(cfg, resolved)
     existing = finished(data_dir)
     if existing is None or cfg.overwrite:
@@ -301,6 +302,8 @@ def _manifest(
             "shards": [{**shard, "source": names[w[SOURCE]]} for w in rows for shard in w["shards"]],
             **{k: sum(int(w[k]) for w in rows) for k in totals},
         }
+        if cfg.chat:  # conversations: kept, cut, left out, and the tokens trained on (data_pipeline.chat_data)
+            splits[split]["chat"] = {k: sum(int(w["chat"][k]) for w in rows) for k in CHAT_COUNTS}
     per_source = [
         {
             "name": names[r.index],
@@ -326,7 +329,8 @@ def _manifest(
         "eot_id": eot,
         "eot_token": cfg.tokenizer.eot_token,
         "tokenizer": DataLayout.TOKENIZER,
-        "sample_key": "input_ids.npy",
+        "sample_key": ChatOut.sample_key if cfg.chat else "input_ids.npy",
+        "loss_mask": cfg.chat,
         "splits": splits,
         "sources": per_source,
         "documents": {
@@ -355,6 +359,11 @@ def _summary(manifest: dict[str, Any], seconds: float) -> None:
     drops = ", ".join(f"{k} {v['documents']:,} ({_mb(v['bytes'])})" for k, v in manifest["dropped"].items())
     _log(f"dropped: {drops or 'none'}; UTF-8 repaired in {manifest['utf8_replaced_documents']:,} documents")
     for name, split in manifest["splits"].items():
+        if chat := split.get("chat"):
+            _log(f"{name} conversations: {chat['conversations']:,} read, {chat['truncated']:,} truncated and "
+                 f"{chat['dropped_overlong']:,} dropped for exceeding a block, {chat['no_assistant_tokens']:,} skipped "
+                 f"with no assistant token to train on; {chat['assistant_tokens']:,} tokens trained on, "
+                 f"{chat['padding_tokens']:,} padding")
         _log(
             f"{name}: {len(split['shards'])} shard(s), {split['sequences']:,} sequences of {manifest['block_len']}, "
             f"{split['tokens']:,} tokens ({split['tail_tokens']:,} tail tokens dropped)"

@@ -17,8 +17,10 @@ from typing import NamedTuple
 import numpy as np
 import webdataset as wds
 
+from typing import Any
+
 from core import files
-from core.layout import Location
+from core.layout import DataLayout, Location, join
 from data_pipeline.pack import tar_bytes_per_block
 
 
@@ -66,16 +68,18 @@ class ShardWriter:
     """One tar written a batch of blocks at a time (a unit's blocks are never all in memory): deterministic bytes, the
     tar hashed and its block index built as it is written, published atomically by `close` (`core.files.output`)."""
 
-    def __init__(self, path: Location, key_prefix: str, block_len: int, dtype: np.dtype) -> None:
-        self.path, self.key_prefix, self.blocks = path, key_prefix, 0
-        self.stride = tar_bytes_per_block(block_len, dtype)
+    def __init__(self, path: Location, key_prefix: str, block_len: int, dtype: np.dtype, sample_key: str = "input_ids.npy",
+                 rows: int = 1) -> None:
+        """`rows`: 1 for token blocks (block_len,), 2 for chat blocks (2, block_len) of ids and loss mask."""
+        self.path, self.key_prefix, self.blocks, self.sample_key = path, key_prefix, 0, sample_key
+        self.stride = tar_bytes_per_block(rows * block_len, dtype)
         self._stack = contextlib.ExitStack()
         self._sink = _Hashing(self._stack.enter_context(files.output(path)), self.stride)
         self._tar = self._stack.enter_context(wds.TarWriter(self._sink, user="raygpt", group="raygpt", mtime=0))
 
     def write(self, blocks: np.ndarray) -> None:
         for block in blocks:
-            self._tar.write({"__key__": f"{self.key_prefix}-{self.blocks:07d}", "input_ids.npy": block})
+            self._tar.write({"__key__": f"{self.key_prefix}-{self.blocks:07d}", self.sample_key: block})
             self.blocks += 1
 
     def close(self) -> WrittenShard:
@@ -90,6 +94,59 @@ class ShardWriter:
     def abandon(self) -> None:
         """Drop a tar that is not finished (nothing is published)."""
         self._stack.__exit__(RuntimeError, RuntimeError("abandoned"), None)
+
+
+class SplitWriter:
+    """One split of one unit's blocks, written to tars of at most `shard_bytes` (consecutive numbers
+    `shard-UUUUUU-PPPP`); the block-making (`add`) is the subclass's: token streams (`data_pipeline.passes`) or
+    packed conversations (`data_pipeline.chat_data`)."""
+
+    sample_key, rows = "input_ids.npy", 1
+
+    def __init__(self, data_dir: Location, split: str, unit: int, block_len: int, dtype: np.dtype, shard_bytes: int):
+        self.data_dir, self.split, self.unit, self.block_len, self.dtype = data_dir, split, unit, block_len, dtype
+        self.per_tar = max(1, shard_bytes // tar_bytes_per_block(self.rows * block_len, dtype))
+        self.writer: ShardWriter | None = None
+        self.shards: list[dict[str, Any]] = []
+        self.totals = {"documents": 0, "doc_tokens": 0, "text_bytes": 0, "sequences": 0, "tokens": 0}
+
+    def write_blocks(self, blocks: np.ndarray) -> None:
+        """Append blocks (n, block_len) — (n, 2, block_len) for chat — opening a new tar whenever one is full."""
+        while len(blocks):
+            if self.writer is None:
+                number = len(self.shards)
+                self.file = DataLayout.shard_name(self.split, self.unit, number)
+                self.writer = ShardWriter(join(self.data_dir, self.file), f"{self.split}-{self.unit:06d}-{number:04d}",
+                                          self.block_len, self.dtype, self.sample_key, self.rows)
+            room = self.per_tar - self.writer.blocks
+            self.writer.write(blocks[:room])
+            blocks = blocks[room:]
+            if self.writer.blocks == self.per_tar:
+                self._close()
+
+    def _close(self) -> None:
+        assert self.writer is not None
+        blocks = self.writer.blocks
+        digest, size, index = self.writer.close()
+        self.shards.append({"file": self.file, "sequences": blocks, "tokens": blocks * self.block_len, "bytes": size,
+                            "sha256": digest, "index_sha256": index})
+        self.totals["sequences"] += blocks
+        self.totals["tokens"] += blocks * self.block_len
+        self.writer = None
+
+    def tail(self) -> dict[str, Any]:
+        """Called once at the end, before the last tar closes: write what is pending; → the subclass's counts."""
+        return {"tail_tokens": 0}
+
+    def finish(self) -> dict[str, Any]:
+        rest = self.tail()
+        if self.writer is not None:
+            self._close()
+        return {**self.totals, **rest, "shards": self.shards}
+
+    def abandon(self) -> None:
+        if self.writer is not None:
+            self.writer.abandon()
 
 
 def write_shard(path: Location, blocks: np.ndarray, key_prefix: str) -> WrittenShard:

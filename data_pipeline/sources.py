@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
+from data_pipeline.chat_data import chat_columns
 from data_pipeline.config import DataError, SourceConfig
 
 TEXT_EXTENSIONS = {".txt", ".md", ".rst", ".py", ".text", ".markdown", ".c", ".h", ".js", ".ts", ".java", ".rs", ".go"}
@@ -166,9 +167,12 @@ def resolve(index: int, src: SourceConfig) -> SourceFiles:
     return resolved
 
 
-def check_field(kind: str, path: str, text_field: str) -> None:
-    """Fail early, with the file named, when the text field is absent from the first record."""
-    if _is_uri(path):
+def check_field(kind: str, path: str, src: SourceConfig) -> None:
+    """Fail early, with the file named, when the text field (a chat source: its conversation fields) is absent from
+    the first record, or a chat source is not made of records."""
+    if src.format == "chat" and kind not in ("jsonl", "parquet", "hf"):
+        raise DataError(f"{path}: format chat reads JSONL, Parquet or Hugging Face records, not {kind} files")
+    if _is_uri(path) or kind == "hf":
         return
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -192,8 +196,14 @@ def check_field(kind: str, path: str, text_field: str) -> None:
         except json.JSONDecodeError:
             raise DataError(f"{path}: the first line is not a JSON object (type jsonl expects one object per line)")
         names = list(record) if isinstance(record, dict) else []
-    if text_field not in names:
-        raise DataError(f"{path}: no text field {text_field!r} (fields: {', '.join(names)}); set the source's text_field")
+    if src.format == "chat":
+        try:
+            chat_columns(src, names)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+    elif src.text_field not in names:
+        raise DataError(f"{path}: no text field {src.text_field!r} (fields: {', '.join(names)}); set the source's "
+                        "text_field")
 
 
 def _first_line(stream: Any, limit: int = 1 << 24) -> bytes:

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from core import files
+from core.chat import ChatError
 from core.errors import one_line
 from core.layout import is_uri
+from data_pipeline.chat_data import chat_columns, chat_text
 from data_pipeline.clean import NBYTES, documents_batch, field_batch
 from data_pipeline.config import DataError, SourceConfig
 from data_pipeline.sources import COMPRESSED_EXTENSIONS, SourceFiles
@@ -157,11 +159,28 @@ def _pieces(unit: Unit, src: SourceConfig, invalid_utf8: str, batch_bytes: int) 
             split_by = "file" if src.type == "python-stdlib" or src.path == "python-stdlib" else src.split_by
             yield documents_batch({"bytes": [files.read_bytes(piece.path)]}, unit.source, split_by, invalid_utf8)
         elif unit.kind == "jsonl":
-            yield from _record_batches(unit, _jsonl_records(piece), src.text_field, batch_bytes)
+            where = piece.path + (f" (the lines from byte {piece.start:,})" if piece.start else "")
+            yield from _record_batches(unit, _jsonl_records(piece), _text_of(src, where), batch_bytes)
         elif unit.kind == "parquet":
-            yield from _parquet_batches(unit, piece, src.text_field, batch_bytes)
+            yield from _parquet_batches(unit, piece, src, batch_bytes)
         else:
-            yield from _record_batches(unit, _hf_records(piece, src), src.text_field, batch_bytes)
+            where = f"{src.path} (part {piece.start} from {piece.end})"
+            yield from _record_batches(unit, _hf_records(piece, src), _text_of(src, where), batch_bytes)
+
+
+def _text_of(src: SourceConfig, where: str) -> Callable[[Any, int], Any]:
+    """record, its number in the piece → the document: the text field's value, or for a chat source the rendered
+    conversation (a bad one — unknown role, empty assistant turn — is one error naming the file and record)."""
+    if src.format != "chat":
+        return lambda record, n: record.get(src.text_field) if isinstance(record, dict) else None
+
+    def rendered(record: Any, n: int) -> str:
+        try:
+            return chat_text(record, src)
+        except ChatError as e:
+            raise DataError(f"{where}: record {n + 1:,}: {e}") from None
+
+    return rendered
 
 
 def rebatch(batches: Iterator[dict[str, np.ndarray]], batch_bytes: int) -> Iterator[dict[str, np.ndarray]]:
@@ -184,20 +203,20 @@ def rebatch(batches: Iterator[dict[str, np.ndarray]], batch_bytes: int) -> Itera
         yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
 
 
-def _record_batches(unit: Unit, records: Iterator[Any], text_field: str, batch_bytes: int
+def _record_batches(unit: Unit, records: Iterator[Any], text_of: Callable[[Any, int], Any], batch_bytes: int
                     ) -> Iterator[dict[str, np.ndarray]]:
     """Records (dicts, or None for a line that is not an object) → field_batch rows, about batch_bytes at a time."""
     values: list[Any] = []
     size = 0
-    for record in records:
-        value = record.get(text_field) if isinstance(record, dict) else None
+    for n, record in enumerate(records):
+        value = text_of(record, n)
         values.append(value)
         size += len(value) if isinstance(value, str) else 0
         if size >= batch_bytes:
-            yield field_batch({text_field: values}, unit.source, text_field)
+            yield field_batch({"text": values}, unit.source, "text")
             values, size = [], 0
     if values:
-        yield field_batch({text_field: values}, unit.source, text_field)
+        yield field_batch({"text": values}, unit.source, "text")
 
 
 def _lines(stream: Any, first: int) -> Iterator[tuple[int, bytes]]:
@@ -255,20 +274,33 @@ def _jsonl_records(piece: Piece) -> Iterator[dict[str, Any] | None]:
         raise DataError(f"{piece.path}: corrupt or truncated at {at()} of its text ({one_line(e)})") from None
 
 
-def _parquet_batches(unit: Unit, piece: Piece, text_field: str, batch_bytes: int) -> Iterator[dict[str, np.ndarray]]:
-    """Row groups [start, end) of a Parquet file, only the text column, a row group at a time (in batches)."""
+def _parquet_batches(unit: Unit, piece: Piece, src: SourceConfig, batch_bytes: int) -> Iterator[dict[str, np.ndarray]]:
+    """Row groups [start, end) of a Parquet file, only the text column (a chat source: its conversation columns), a
+    row group at a time (in batches)."""
     import pyarrow.parquet as pq
 
+    text_field, text_of = src.text_field, _text_of(src, piece.path)
     with files.open_random(piece.path) as f:
         parquet = pq.ParquetFile(f)
-        if text_field not in parquet.schema_arrow.names:
-            raise DataError(f"{piece.path}: no text field {text_field!r} (fields: {', '.join(parquet.schema_arrow.names)})")
+        names = parquet.schema_arrow.names
+        if src.format == "chat":
+            try:
+                columns = chat_columns(src, names)
+            except DataError as e:
+                raise DataError(f"{piece.path}: {e}") from None
+        elif text_field in names:
+            columns = [text_field]
+        else:
+            raise DataError(f"{piece.path}: no text field {text_field!r} (fields: {', '.join(names)})")
+        done = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))  # record numbers in the file
         for g in range(piece.start, piece.end):
             meta = parquet.metadata.row_group(g)
             rows = max(1, int(meta.num_rows * batch_bytes / max(meta.total_byte_size, 1)))
             try:
-                for batch in parquet.iter_batches(batch_size=rows, row_groups=[g], columns=[text_field]):
-                    yield field_batch({text_field: batch.column(0).to_pylist()}, unit.source, text_field)
+                for batch in parquet.iter_batches(batch_size=rows, row_groups=[g], columns=columns):
+                    values = [text_of(record, done + n) for n, record in enumerate(batch.to_pylist())]
+                    done += len(values)
+                    yield field_batch({"text": values}, unit.source, "text")
             except DataError:
                 raise
             except Exception as e:
@@ -293,7 +325,9 @@ def _load_hf(src: SourceConfig) -> Any:
         except Exception as e:
             raise DataError(f"cannot load Hugging Face dataset {src.path!r}: {one_line(e)}") from None
     columns = loaded.column_names
-    if columns is not None and src.text_field not in columns:
+    if columns is not None and src.format == "chat":
+        chat_columns(src, columns)
+    elif columns is not None and src.text_field not in columns:
         raise DataError(f"{src.path}: no text field {src.text_field!r} (columns: {', '.join(columns)})")
     return loaded
 
@@ -303,9 +337,9 @@ def _hf_records(piece: Piece, src: SourceConfig) -> Iterator[dict[str, Any]]:
 
     loaded = _load_hf(src)
     if isinstance(loaded, datasets.Dataset):
-        column = loaded.select_columns([src.text_field]).with_format("arrow")
+        wanted = chat_columns(src, loaded.column_names) if src.format == "chat" else [src.text_field]
+        column = loaded.select_columns(wanted).with_format("arrow")
         for a in range(piece.start, piece.end, 1024):
-            for value in column[a:min(piece.end, a + 1024)].column(0).to_pylist():
-                yield {src.text_field: value}
+            yield from column[a:min(piece.end, a + 1024)].to_pylist()
     else:
         yield from loaded.shard(num_shards=piece.end, index=piece.start)

@@ -56,6 +56,10 @@ class EvalConfig(Section):
     """Sequences per forward pass (loglikelihood and intrinsic windows)."""
     max_gen_toks: int | None = Field(default=None, ge=1)
     """Cap on generated tokens for generation tasks (overrides the tasks' own max_gen_toks); None keeps them."""
+    apply_chat_template: bool = False
+    """lm-eval's `--apply_chat_template`: every request is formatted as a conversation with the checkpoint's chat
+    template (`core.chat`; a user turn, the reply generated or scored as the assistant's), for fine-tuned chat
+    models. A checkpoint without a template is refused with one line."""
     allow_code_execution: bool = False
     """Run model-written code for code tasks (lm-eval's `unsafe_code` tasks: humaneval*, mbpp*, ...). Off: those tasks
     are skipped with a message. On: each program runs in its own sandbox (`eval.sandbox`), never in the evaluating

@@ -22,7 +22,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator
 
-from core.chat import ChatError, check_messages, render
+from core.chat import ChatError, check_messages, render, stop_ids
 from core.progress import Progress
 from model.batching import Engine, Request
 from model.checkpoint import load_for_inference
@@ -56,6 +56,7 @@ class RaygptLM(TemplateLM):
         self.tokenizer = loaded.tokenizer
         self.template = loaded.chat_template
         self._eot = loaded.eot_id
+        self._stops = stop_ids(self.tokenizer, self._eot, self.template)  # a chat reply also ends at its turn's end
         self.checkpoint = str(checkpoint)
         self.step = loaded.step
         self._device = torch.device(device)
@@ -167,14 +168,15 @@ class RaygptLM(TemplateLM):
                 outputs[index] = self._finish(req, "", until, progress)
                 continue
             temperature = float(kwargs.get("temperature", 0.0)) if sample else 0.0
-            running[engine.add(Request(prompt, new_tokens, temperature, seed=self.seed))] = (index, until, [])
+            request = Request(prompt, new_tokens, temperature, seed=self.seed, stop_ids=tuple(self._stops))
+            running[engine.add(request)] = (index, until, [])
         while not engine.idle:
             for event in engine.step():
                 if event.id not in running:  # cut at a stop string already; this is its "cancelled"
                     continue
                 index, until, ids = running[event.id]
                 done = event.finish is not None
-                if event.token is not None and event.token != self.eot_token_id:
+                if event.token is not None and event.token not in self._stops:
                     ids.append(event.token)
                     if until and any(stop in self.tok_decode(ids[-64:]) for stop in until) and not done:
                         engine.cancel(event.id)

@@ -30,6 +30,16 @@ def _headline(task_results: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in task_results.items() if isinstance(v, (int, float)) and "_stderr" not in k and k not in ("alias", "sample_len")}
 
 
+def answer_format_share(samples: list[dict[str, Any]]) -> float | None:
+    """The share of generations from which a task's `strict-match` filter extracts an answer (GSM8K: a reply ending in
+    `#### <number>`): whether a model answers in the task's format at all, apart from whether it is right. None
+    for a task without that filter."""
+    strict = [s for s in samples if s.get("filter") == "strict-match"]
+    if not strict:
+        return None
+    return sum(str(s["filtered_resps"][0]) != "[invalid]" for s in strict) / len(strict)
+
+
 def run_tasks(lm: Any, cfg: EvalConfig, work_dir: Path) -> dict[str, Any]:
     """The lm-eval tasks of `cfg` on one model (an lm-eval `LM`): {"skipped", "tasks", "lm_eval"}. Code tasks run
     their programs in the sandbox (`evaluation.tasks.code_execution`)."""
@@ -45,11 +55,15 @@ def run_tasks(lm: Any, cfg: EvalConfig, work_dir: Path) -> dict[str, Any]:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[built(s, manager) for s in specs], task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
             gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
-            bootstrap_iters=1000, log_samples=False, confirm_run_unsafe_code=cfg.allow_code_execution,
+            bootstrap_iters=1000, log_samples=True, confirm_run_unsafe_code=cfg.allow_code_execution,
+            apply_chat_template=cfg.apply_chat_template,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed,
         )
     out["tasks"] = {task: _headline(r) for task, r in results["results"].items()}
+    for task, samples in results.get("samples", {}).items():
+        if (share := answer_format_share(samples)) is not None and task in out["tasks"]:
+            out["tasks"][task]["format_share,strict-match"] = share
     out["groups"] = {group: list(members) for group, members in results.get("group_subtasks", {}).items()}
     out["lm_eval"] = {
         "results": results["results"], "versions": results.get("versions", {}),

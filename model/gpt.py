@@ -106,7 +106,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-        start: int | torch.Tensor,
+        start: int | torch.Tensor, doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hs = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_size
@@ -119,7 +119,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
         S = k.shape[2]
-        if isinstance(start, torch.Tensor):  # row b's one token sees its own prefix only: positions ≤ start[b]
+        if doc_mask is not None:  # packed documents: causal within each, nothing across (B, 1, T, T)
+            mask, causal = doc_mask, False
+        elif isinstance(start, torch.Tensor):  # row b's one token sees its own prefix only: positions ≤ start[b]
             mask = (torch.arange(S, device=x.device) <= start[:, None])[:, None, None, :]  # (B, 1, 1, S)
             causal = False
         elif T == S:  # no cached prefix: plain causal attention
@@ -166,9 +168,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-        start: int | torch.Tensor,
+        start: int | torch.Tensor, doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, cache, start)
+        x = x + self.attn(self.norm1(x), rope, cache, start, doc_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -229,15 +231,17 @@ class GPT(nn.Module):
         return n
 
     def embed(
-        self, idx: torch.Tensor, start: int | torch.Tensor = 0
+        self, idx: torch.Tensor, start: int | torch.Tensor = 0, positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """idx (B, T) at positions start..start+T → the input of the first block (B, T, C) and the rope tables the
-        blocks rotate with ((T, hs), or (B, 1, 1, hs) for per-row positions; None unless rope). A tensor `start` (B,)
-        gives each row its own position (batched decoding, T = 1). Also used by GPTQ/AWQ calibration."""
+        blocks rotate with ((T, hs), or (B, 1, T', hs) for per-row positions; None unless rope). A tensor `start` (B,)
+        gives each row its own position (batched decoding, T = 1); `positions` (B, T) gives every token its own
+        (packed documents, each from 0). Also used by GPTQ/AWQ calibration."""
         B, T = idx.shape
-        per_row = isinstance(start, torch.Tensor)
-        positions: slice | torch.Tensor
-        if isinstance(start, torch.Tensor):
+        per_row = isinstance(start, torch.Tensor) or positions is not None
+        if positions is not None:
+            last = T - 1  # a document's positions never exceed the block's
+        elif isinstance(start, torch.Tensor):
             if T != 1:
                 raise ValueError(f"per-row positions decode one token per row, not {T}")
             # under torch.compile the caller keeps positions in range: reading them here would sync and break the graph
@@ -254,8 +258,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         rope = None
         if self.cfg.pos_encoding == "rope":
-            cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)  # (T, hs) | (B, 1, hs)
-            rope = (cos[:, None], sin[:, None]) if per_row else (cos, sin)  # per row: (B, 1, 1, hs)
+            cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)  # (T | B, 1 | B, T, hs)
+            rope = (cos[:, None], sin[:, None]) if per_row else (cos, sin)  # per row: (B, 1, 1 | T, hs)
         return x, rope
 
     def forward(
@@ -264,18 +268,33 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         start: int | torch.Tensor = 0,
+        segments: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids at positions start..start+T → logits (B, T, V) and, given targets (B, T), the mean
-        cross-entropy. With a cache, keys/values of earlier positions come from it and these are added to it; a
-        tensor `start` (B,) decodes one token per row, row b at position start[b] over its own cached prefix."""
-        x, rope = self.embed(idx, start)  # (B, T, C)
+        """idx (B, T) token ids at positions start..start+T → logits (B, T, V) and, given targets (B, T), the
+        cross-entropy over the targets that are not -1: their mean, or with reduction="sum" their sum. With a cache,
+        keys/values of earlier positions come from it and these are added to it; a tensor `start` (B,) decodes one
+        token per row, row b at position start[b] over its own cached prefix. `segments` (B, T), nondecreasing
+        document numbers of packed documents (training): a token attends only to earlier tokens of its own document
+        and positions restart at each document, so each is seen as if it were alone (as at inference)."""
+        doc_mask = positions = None
+        if segments is not None:
+            T = idx.shape[1]
+            here = torch.arange(T, device=idx.device)  # (T,)
+            doc_mask = (segments[:, :, None] == segments[:, None, :]) & (here[:, None] >= here[None, :])  # (B, T, T)
+            doc_mask = doc_mask[:, None]  # (B, 1, T, T)
+            begins = torch.ones_like(segments, dtype=torch.bool)
+            begins[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): a document's first token
+            positions = here - torch.where(begins, here, 0).cummax(dim=1).values  # (B, T): from 0 in each document
+        x, rope = self.embed(idx, start, positions)  # (B, T, C)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, cache, start, use_reentrant=False)
+                x = checkpoint(block, x, rope, cache, start, doc_mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache, start)
+                x = block(x, rope, cache, start, doc_mask)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=reduction)
         return logits, loss

@@ -13,10 +13,11 @@ from typing import TextIO
 import torch
 
 from core import files
+from core.chat import stop_ids
 from core.layout import Location
 from model.checkpoint import load_for_inference
 from model.config import SampleConfig
-from model.generate import generate, generate_tokens
+from model.generate import generate_tokens
 
 
 def stream_text(
@@ -43,8 +44,9 @@ def stream_text(
     out.write(prompt)
     new: list[int] = []
     shown = ""
+    stops = stop_ids(tokenizer, eot, loaded.chat_template)
     for token in generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eot, seed, compile):
-        if token.item() == eot:
+        if token.item() in stops:
             break
         new.append(int(token.item()))
         text = tokenizer.decode(new)
@@ -61,9 +63,15 @@ def _sample(checkpoint: str, cfg: SampleConfig) -> str:
     loaded, _ = load_for_inference(checkpoint)  # the task's GPU when it reserved one
     ids = loaded.tokenizer.encode(cfg.prompt, add_special_tokens=False).ids or [loaded.eot_id]
     prompt_ids = torch.tensor([ids[-(loaded.config.block_size - 1) :]], device=next(loaded.model.parameters()).device)
-    out = generate(loaded.model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                   top_p=cfg.top_p, eos_id=loaded.eot_id, seed=cfg.seed, compile=cfg.compile)
-    return loaded.tokenizer.decode(out[0].cpu().tolist(), skip_special_tokens=True)
+    stops = stop_ids(loaded.tokenizer, loaded.eot_id, loaded.chat_template)  # a chat model's reply ends its turn
+    new: list[int] = []
+    for token in generate_tokens(loaded.model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_k=cfg.top_k, top_p=cfg.top_p, eos_id=loaded.eot_id, seed=cfg.seed,
+                                 compile=cfg.compile):
+        if int(token[0]) in stops:
+            break
+        new.append(int(token[0]))
+    return loaded.tokenizer.decode(prompt_ids[0].cpu().tolist() + new, skip_special_tokens=True)
 
 
 def sample_stage(checkpoint: Location, cfg: SampleConfig, out: Location, use_gpu: bool) -> str:

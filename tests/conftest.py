@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import os
+import random
 import shutil
 import socket
 from collections.abc import Iterator
@@ -174,3 +175,27 @@ def short_lm_eval_tasks(shared_data: Path, folder: Path) -> tuple[dict, dict]:
                 "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
                 "metric_list": [{"metric": "exact_match"}]}
     return choice, generate
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """`n` short arithmetic conversations, in both record shapes a chat source reads: OpenAI `messages` (some with a
+    system turn, some two exchanges long) and Alpaca's instruction / input / output."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    for i in range(n):
+        a, b = rng.randrange(2, 50), rng.randrange(2, 50)
+        question, answer = f"What is {a} plus {b}?", f"{a} + {b} = {a + b}\n#### {a + b}"
+        if i % 3 == 0:
+            rows.append({"instruction": "Add the numbers.", "input": f"{a} and {b}", "output": answer})
+            continue
+        messages = [{"role": "system", "content": "Be brief."}] if i % 3 == 1 else []
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if i % 5 == 0:
+            messages += [{"role": "user", "content": "And doubled?"}, {"role": "assistant", "content": f"#### {2 * (a + b)}"}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -158,7 +158,8 @@ class SampleReader:
     def __init__(self, data_dir: Location, split: str, manifest: Manifest | None = None):
         manifest = manifest or read_manifest(data_dir)
         self.dtype = np.dtype(manifest.dtype)
-        self.block_len = manifest.seq_len + 1
+        self.shape = manifest.block_shape  # (seq_len + 1,), or (2, seq_len + 1): ids over the loss mask
+        self.block_len = int(np.prod(self.shape))  # values per block
         self.stride = tar_bytes_per_block(self.block_len, self.dtype)
         self.shards: list[_Shard] = []
         first = 0
@@ -170,7 +171,7 @@ class SampleReader:
         self._starts = np.array([s.first for s in self.shards])
         # the exact .npy header the shard writer puts before every block's tokens (same dtype and shape every time)
         npy = io.BytesIO()
-        np.save(npy, np.zeros(self.block_len, self.dtype), allow_pickle=False)
+        np.save(npy, np.zeros(self.shape, self.dtype), allow_pickle=False)
         self._npy_header = npy.getvalue()[: npy.tell() - self.block_len * self.dtype.itemsize]
         self._files: dict[int, Any] = {}
         self._digests: dict[int, bytes] = {}
@@ -195,7 +196,7 @@ class SampleReader:
             return self._digests[shard]
 
     def read(self, sample: int) -> np.ndarray:
-        """One block (seq_len + 1,), checked against the shard's block index."""
+        """One block (seq_len + 1,) — chat data (2, seq_len + 1) — checked against the shard's block index."""
         if not 0 <= sample < self.num_samples:
             raise IndexError(f"sample {sample} outside 0..{self.num_samples - 1}")
         shard = int(np.searchsorted(self._starts, sample, side="right")) - 1
@@ -204,7 +205,7 @@ class SampleReader:
         return self._decode(raw, shard, index)
 
     def read_many(self, samples: np.ndarray) -> np.ndarray:
-        """(len(samples), seq_len + 1) blocks in the given order, read in parallel."""
+        """(len(samples), *block shape) blocks in the given order, read in parallel."""
         return np.stack(list(self._pool.map(self.read, (int(s) for s in samples))))
 
     def _decode(self, raw: bytes, shard: int, index: int) -> np.ndarray:
@@ -213,8 +214,9 @@ class SampleReader:
         if len(raw) != self.stride or block_digest(raw) != want:
             raise DataError(f"corrupt shard {where}: its bytes differ from the shard's block index")
         if raw[512 : 512 + len(self._npy_header)] != self._npy_header:
-            raise DataError(f"corrupt shard {where}: not a .npy of {self.block_len} {self.dtype} tokens")
-        return np.frombuffer(raw, self.dtype, count=self.block_len, offset=512 + len(self._npy_header))
+            raise DataError(f"corrupt shard {where}: not a .npy of {self.shape} {self.dtype} tokens")
+        block = np.frombuffer(raw, self.dtype, count=self.block_len, offset=512 + len(self._npy_header))
+        return block.reshape(self.shape)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -233,7 +235,7 @@ class StepData:
 
     step: int
     ids: np.ndarray  # (samples of this rank,)
-    micro_batches: list[np.ndarray]  # accum × (≤ m, seq_len + 1); empty ones are padding
+    micro_batches: list[np.ndarray]  # accum × (≤ m, seq_len + 1), chat (≤ m, 2, seq_len + 1); empty ones are padding
     weights: list[float]  # accum
 
 

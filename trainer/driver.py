@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from core import files
 from core.config import ClusterConfig
 from core.errors import RunFileError, UserError
-from core.layout import Location, RunLayout
+from core.layout import Location, RunLayout, is_uri, join
 from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest, read_manifest
 from model.checkpoint import published_step, weights_stamp
@@ -180,6 +180,32 @@ def train(worker: WorkerConfig, cluster: ClusterConfig) -> Any:
         ray.kill(stop)
 
 
+def added_tokens(init_from: str, layout: RunLayout, manifest: Manifest, base_vocab: int) -> dict[int, str]:
+    """id → token of the tokens the prepared data's tokenizer adds to the base checkpoint's (its chat tokens:
+    `model.vocab`), which the workers give rows at the mean embedding; data of another tokenizer is one line."""
+    from tokenizers import Tokenizer
+
+    from model.vocab import added_ids
+
+    base = Tokenizer.from_str(files.read_text(join(init_from, "tokenizer.json")))
+    try:
+        added = added_ids(base, Tokenizer.from_str(files.read_text(layout.data.tokenizer)))
+    except ValueError:
+        added = {}
+    if not added or base_vocab + len(added) != manifest.vocab_size:
+        raise DataError(f"model.init_from {init_from} has {base_vocab} tokens, the prepared data "
+                        f"{manifest.vocab_size}: prepare it with that tokenizer (data.tokenizer.path: "
+                        f"{init_from}/tokenizer.json)")
+    print(f"[train] extending {init_from}'s vocabulary of {base_vocab} with {', '.join(added.values())} (ids "
+          f"{min(added)}-{max(added)}; their rows start at the mean embedding)", flush=True)
+    return added
+
+
+def absolute(location: str | None) -> str | None:
+    """A local path made absolute (workers do not share the driver's working directory); URIs as they are."""
+    return location if location is None or is_uri(location) else str(Path(location).resolve())
+
+
 def kept_global_batch(layout: RunLayout, resolved: int) -> int:
     """With train.global_batch_size unset, a resume keeps the global batch its run recorded (micro × the largest
     group of the run that wrote it) rather than refusing a run that only changed cluster.num_workers; said in one
@@ -201,10 +227,10 @@ def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterCon
     records the run's config. Returns Ray Train's Result (None when skipped)."""
     manifest = check_data(layout.data.root)
     model_cfg = model.resolve(vocab_size=manifest.vocab_size, block_size=manifest.seq_len)
+    added: dict[int, str] = {}
     if model.init_from is not None and model_cfg.vocab_size != manifest.vocab_size:
-        raise DataError(f"model.init_from {model.init_from} has {model_cfg.vocab_size} tokens, the prepared data "
-                        f"{manifest.vocab_size}: prepare it with that tokenizer (data.tokenizer.path: "
-                        f"{model.init_from}/tokenizer.json)")
+        added = added_tokens(model.init_from, layout, manifest, model_cfg.vocab_size)
+        model_cfg = model_cfg.model_copy(update={"vocab_size": manifest.vocab_size})  # the base's rows + the new ones
     check_model(manifest, model_cfg)
     if train_cfg.global_batch_size is None and train_cfg.resume:
         global_batch_size = kept_global_batch(layout, global_batch_size)
@@ -214,6 +240,8 @@ def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterCon
         run_fp["data.mixture"] = [[until, weights] for until, weights in mixture]
     if model.init_from is not None:
         run_fp["model.init_from"] = files.fingerprint(weights_stamp(model.init_from))  # other base weights: another run
+    if added:  # the base's vocabulary extended (new rows start at the mean embedding): recorded, so a change is refused
+        run_fp["model.init_from.added_tokens"] = {str(i): token for i, token in added.items()}
     done_key = files.fingerprint({"run": run_fp, "max_steps": train_cfg.max_steps, "time_budget_s": train_cfg.time_budget_s})
     if train_cfg.resume:
         if files.completed(layout.train_done, done_key) and published_step(layout.checkpoint) is not None:
@@ -228,7 +256,7 @@ def train_stage(train_cfg: TrainConfig, model: ModelSection, cluster: ClusterCon
     begin()
     worker = WorkerConfig(train=train_cfg, model=model_cfg, layout=layout, seed=seed, global_batch_size=global_batch_size,
                           use_gpu=cluster.use_gpu, eot_token=manifest.eot_token, fingerprint=run_fp,
-                          init_from=model.init_from, tracking_env=tracking_env(), driver=liveness.identity(),
+                          init_from=absolute(model.init_from), tracking_env=tracking_env(), driver=liveness.identity(),
                           mixture=mixture)
     result = train(worker, cluster)
     step = published_step(layout.checkpoint)

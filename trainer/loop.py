@@ -26,11 +26,12 @@ import torch.distributed as dist
 from core import files
 from core.layout import RunLayout
 from core.progress import progress_line
-from data_pipeline.manifest import read_manifest
+from data_pipeline.manifest import Manifest, read_manifest
 from model.checkpoint import load_checkpoint
 from model.flops import checked_mfu, flops_per_token, peak_flops
 from model.gpt import GPT, ModelConfig
 from model.precision import Choice, choose, detect
+from model.vocab import grow_embeddings
 from trainer import faults, liveness, preemption
 from trainer.checkpointer import Checkpointer
 from trainer.config import TrainConfig, deepspeed_config, lr_at
@@ -124,8 +125,11 @@ class Worker:
         self.rss_at_start: float | None = memory()[0]  # before the model exists: what `raygpt plan` does not count
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = GPT(cfg.model)
-        if cfg.init_from is not None:  # continued pretraining: the base checkpoint's weights (same architecture)
-            model.load_state_dict(load_checkpoint(cfg.init_from).model.state_dict())
+        if cfg.init_from is not None:  # continued pretraining / fine-tuning: the base checkpoint's weights
+            base = load_checkpoint(cfg.init_from).model.state_dict()
+            if base["wte.weight"].shape[0] < cfg.model.vocab_size:  # chat tokens added to its vocabulary
+                base = grow_embeddings(base, cfg.model.vocab_size)
+            model.load_state_dict(base)
             log_rank0(f"[train] initialized from {cfg.init_from}")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -157,18 +161,27 @@ class Worker:
     # -- one step ----------------------------------------------------------------------------------------------------
     def train_step(self, data: StepData) -> tuple[torch.Tensor, np.ndarray]:
         """Forward, backward and (at the accumulation boundary) the optimizer step over this rank's micro-batches, each
-        loss weighted so the step's gradient is the global batch's mean (`StepData`); returns the mean loss of this
-        rank's samples and the time of each phase."""
+        loss weighted so the step's gradient is the global batch's mean (`StepData`) — with a loss mask (chat data),
+        the mean over the global batch's trained tokens, counted on every rank and summed (one all-reduce), so the
+        same at any world size. Returns this rank's (loss sum, count: samples or trained tokens) and the time of each
+        phase."""
         torch.manual_seed(step_seed(self.cfg.seed, data.step, self.rank))
         phases = np.zeros(len(PHASES))
-        total, samples = torch.zeros(()), 0
-        for blocks, weight in zip(data.micro_batches, data.weights):
+        totals = torch.zeros(2)
+        masked = self.manifest.loss_mask
+        if masked:  # the trained tokens of the whole global batch
+            trained = torch.tensor(float(sum(int(b[:, 1, 1:].sum()) for b in data.micro_batches if len(b))))
+            dist.all_reduce(trained)
+            data_weights = [self.world * self.accum / max(trained.item(), 1.0)] * len(data.micro_batches)
+        else:
+            data_weights = data.weights
+        for blocks, weight in zip(data.micro_batches, data_weights):
             t0 = time.perf_counter()
             padding = len(blocks) == 0  # an empty slot: every rank must take part in every accumulation step
-            source = np.zeros((1, self.manifest.seq_len + 1), dtype=np.int64) if padding else blocks.astype(np.int64)
-            batch = torch.from_numpy(source).to(self.engine.device)
+            inputs, targets, extra = model_batch(np.zeros((1, *self.manifest.block_shape)) if padding else blocks,
+                                                 self.manifest, self.engine.device)
             t1 = time.perf_counter()
-            loss = self.engine(batch[:, :-1], targets=batch[:, 1:])[1]  # the (B, T, V) logits go now, not after the backward
+            loss = self.engine(inputs, targets=targets, **extra)[1]  # the (B, T, V) logits go now, not after the backward
             t2 = time.perf_counter()
             self.engine.backward(loss * weight)  # the gradient all-reduce / reduce-scatter at the accumulation boundary
             t3 = time.perf_counter()
@@ -176,10 +189,10 @@ class Worker:
             self.engine.step()  # optimizer on this rank's partition, then the parameter all-gather (ZeRO ≥ 1)
             phases += np.array([t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3])
             if not padding:
-                total += loss.detach().float().cpu() * len(blocks)
-                samples += len(blocks)
+                count = float((targets >= 0).sum()) if masked else float(len(blocks))
+                totals += torch.stack([loss.detach().float().cpu() * (1.0 if masked else count), torch.tensor(count)])
         self.step = data.step + 1
-        return total / max(samples, 1), phases
+        return totals, phases
 
     def evaluate(self) -> tuple[float, float]:
         """Mean val loss over the fixed val set (eval_batches × micro_batch_size blocks, split over the ranks, the same
@@ -190,14 +203,16 @@ class Worker:
         # parameters from every rank, so a rank with fewer ids (or none) runs a padding batch that counts nothing
         share = len(val_ids(self.val_data.num_samples, count, 0, self.world))
         total = torch.zeros(2)
+        masked = self.manifest.loss_mask  # the mean over the trained tokens, as in training
         self.engine.eval()
         with torch.no_grad():
             for i in range(0, share, micro):
                 chosen = ids[i : i + micro]
-                blocks = self.val_data.read_many(chosen) if len(chosen) else np.zeros((1, self.manifest.seq_len + 1))
-                batch = torch.from_numpy(blocks.astype(np.int64)).to(self.engine.device)
-                _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
-                total += torch.tensor([loss.float().item() * len(chosen), len(chosen)])
+                blocks = self.val_data.read_many(chosen) if len(chosen) else np.zeros((1, *self.manifest.block_shape))
+                inputs, targets, extra = model_batch(blocks, self.manifest, self.engine.device)
+                _, loss = self.engine(inputs, targets=targets, **extra)
+                n = float((targets >= 0).sum()) if masked and len(chosen) else float(len(chosen))
+                total += torch.tensor([loss.float().item() * (1.0 if masked else n), n])
         dist.all_reduce(total)
         self.engine.train()
         val_loss = (total[0] / total[1]).item()
@@ -254,8 +269,8 @@ class Worker:
                  started: float) -> dict[str, Any]:
         tokens_per_step = self.cfg.global_batch_size * self.manifest.seq_len
         tps = tokens_per_step * steps / window
-        loss_value = torch.stack([loss * len(data.ids), torch.tensor(float(len(data.ids)))])
-        dist.all_reduce(loss_value)  # the mean over the global batch's samples
+        loss_value = loss.clone()
+        dist.all_reduce(loss_value)  # the mean over the global batch's samples (chat: its trained tokens)
         every: list[Any] = [None] * self.world
         dist.all_gather_object(every, (sample_digests(data), memory(), self.rss_at_start))
         self.rss_at_start = None  # (reported once, in the first line)
@@ -271,6 +286,8 @@ class Worker:
             "precision": self.precision.precision,
             "world_size": self.world,
             "data_digest": batch_digest([digests for digests, _, _ in every]),
+            # chat data: the tokens the step's loss is averaged over (assistant tokens of the global batch)
+            **({"loss_tokens": int(loss_value[1].item())} if self.manifest.loss_mask else {}),
             # every rank's resident memory now and at its peak (GiB); in the first line also before the model existed
             "rss_gib": [rss for _, (rss, _), _ in every],
             "rss_peak_gib": [peak for _, (_, peak), _ in every],
@@ -345,6 +362,23 @@ class Worker:
         data_iter.close()  # stops the read-ahead thread before its readers close
         self.close_logs()
         return stopped if self.step < t.max_steps else None  # a notice at the last step stops nothing
+
+
+def model_batch(blocks: np.ndarray, manifest: Manifest, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Blocks → (inputs (B, T), targets (B, T), the model's other arguments). Chat blocks (B, 2, T + 1): targets are
+    -1 where the mask is 0, the loss is summed (the caller divides by the global count), and the packed
+    conversations are kept apart by `segments` (a new one after each end-of-text)."""
+    if not manifest.loss_mask:
+        batch = torch.from_numpy(blocks.astype(np.int64)).to(device)
+        return batch[:, :-1], batch[:, 1:], {}
+    ids, mask = blocks[:, 0].astype(np.int64), blocks[:, 1] != 0
+    inputs = ids[:, :-1]
+    ended = inputs == manifest.eot_id
+    segments = np.cumsum(ended, axis=1) - ended  # (B, T): end-of-texts before each token; an end-of-text is its document's
+    targets = np.where(mask[:, 1:], ids[:, 1:], -1)
+    return (torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device),
+            {"segments": torch.from_numpy(segments).to(device), "reduction": "sum"})
 
 
 def train_loop_per_worker(config: dict[str, WorkerConfig]) -> dict[str, Any] | None:

@@ -41,6 +41,7 @@ def test_eval_end_to_end(trained_run: Path, shared_data: Path, capsys: pytest.Ca
     for run in (first, other):
         assert {"gsm8k", "wikitext"} <= set(run["tasks"]) and "humaneval" in run["skipped"]
         assert 0 <= run["tasks"]["gsm8k"]["exact_match,strict-match"] <= 1
+        assert 0 <= run["tasks"]["gsm8k"]["format_share,strict-match"] <= 1  # replies in `#### <number>` form
         assert run["lm_eval"]["n-shot"]["gsm8k"] == 5 and run["lm_eval"]["versions"]["gsm8k"] == 3.0
         assert run["lm_eval"]["n-samples"]["gsm8k"]["effective"] == 4
         assert run["lm_eval"]["datasets"]["gsm8k"]["dataset_path"] == "json"
@@ -57,6 +58,17 @@ def test_eval_end_to_end(trained_run: Path, shared_data: Path, capsys: pytest.Ca
     assert main(["eval", SHAKESPEARE, *_overrides(trained_run, shared_data), checkpoints]) == 0
     assert "skipping" in capsys.readouterr().out
     assert (trained_run / "eval" / "results.json").stat().st_mtime_ns == before
+
+
+def test_format_share_counts_the_replies_strict_match_could_read() -> None:
+    """`format_share,strict-match`: of a task's strict-match samples, those whose filtered reply is not lm-eval's
+    "[invalid]"; other filters' samples do not count, and a task without the filter has none."""
+    from evaluation.run import answer_format_share
+
+    samples = [{"filter": "strict-match", "filtered_resps": [r]} for r in ("42", "[invalid]", "7", "[invalid]")]
+    samples += [{"filter": "flexible-extract", "filtered_resps": ["1"]}] * 3
+    assert answer_format_share(samples) == 0.5
+    assert answer_format_share([{"filter": "none", "filtered_resps": ["x"]}]) is None
 
 
 def test_code_tasks_run_in_the_sandbox_inside_ray_tasks(trained_run: Path, tmp_path: Path) -> None:

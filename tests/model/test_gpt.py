@@ -85,6 +85,30 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_packed_documents_are_seen_as_if_alone(name: str) -> None:
+    """`segments`: three documents packed in one row give each document's logits of a forward on it alone (attention
+    inside the document, positions from 0: learned, sinusoidal and rope alike), also under activation checkpointing;
+    reduction="sum" with -1 targets sums exactly the kept tokens' losses, and an all -1 batch sums to 0 (not NaN)."""
+    torch.manual_seed(0)
+    model = GPT(_small(**VARIANTS[name], activation_checkpointing=True)).eval()
+    docs = [torch.randint(0, 97, (1, n)) for n in (7, 12, 9)]
+    packed = torch.cat(docs, dim=1)  # (1, 28)
+    segments = torch.cat([torch.full((1, len(d[0])), i) for i, d in enumerate(docs)], dim=1)
+    with torch.no_grad():
+        together = model(packed, segments=segments)[0]
+        alone = torch.cat([model(d)[0] for d in docs], dim=1)
+    assert (together - alone).abs().max() < 1e-5
+    model.train()  # dropout 0: the same function, through activation checkpointing
+    assert (model(packed, segments=segments)[0] - alone).abs().max() < 1e-5
+    targets = torch.where(torch.rand(1, 28) < 0.5, packed, -1)
+    logits, total = model(packed, targets=targets, segments=segments, reduction="sum")
+    kept = targets[0] >= 0
+    manual = torch.nn.functional.cross_entropy(logits[0][kept], targets[0][kept], reduction="sum")
+    assert torch.allclose(total, manual, rtol=1e-5)
+    assert model(packed, targets=torch.full_like(packed, -1), reduction="sum")[1].item() == 0.0
+
+
 def test_init_scales_residual_projections_and_ties_embeddings() -> None:
     torch.manual_seed(0)
     model = GPT(_small(n_layer=8, n_embd=256, n_head=4))

@@ -209,7 +209,9 @@ def test_the_worker_parts_run_on_their_own(gloo: None, tmp_path: Path) -> None:
     steps = rank_steps(worker.train_data, worker.sources.order, 0, 5, 2, rank=0, world=1)
     first = next(steps)
     assert [len(b) for b in first.micro_batches] == [2, 2, 1] and first.weights == pytest.approx([1.2, 1.2, 0.6])
-    losses = [worker.train_step(first)[0].item()] + [worker.train_step(next(steps))[0].item() for _ in range(29)]
+    totals = [worker.train_step(first)[0]] + [worker.train_step(next(steps))[0] for _ in range(29)]
+    assert [int(t[1]) for t in totals] == [5] * 30  # (loss summed over the rank's samples, samples)
+    losses = [(t[0] / t[1]).item() for t in totals]
     assert worker.step == 30 and sum(losses[-5:]) < sum(losses[:5]) - 1.0  # it learns the hand-made blocks
     val_loss, val_bpb = worker.evaluate()
     assert 0 < val_loss < losses[0] and val_bpb > 0
