@@ -65,7 +65,7 @@ def _mb(n: float) -> str:
 def data_fingerprint(cfg: DataConfig, resolved: list[SourceFiles]) -> str:
     """What the prepared bytes depend on: every output-changing config field, the tokenizer file's content, and each
     local source file's path, size and mtime (a changed corpus is new data)."""
-    tokenizer = sha256(Path(cfg.tokenizer.path)) if cfg.tokenizer.path else None
+    tokenizer = sha256(cfg.tokenizer.path) if cfg.tokenizer.path else None
     return fingerprint({"config": cfg.output_hash(), "tokenizer": tokenizer, "sources": [r.stamps for r in resolved]})
 
 

@@ -45,11 +45,13 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    path = Path(path)
-    if not path.is_file():
+    """A tokenizer.json: a local file, or an object (s3:// / gs://, e.g. a fine-tuning base checkpoint in a bucket)."""
+    from core import files
+
+    if not files.is_file(path):
         raise TokenizerError(f"tokenizer file not found: {path}")
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(files.read_text(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
 

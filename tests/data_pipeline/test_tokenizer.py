@@ -42,3 +42,14 @@ def test_bad_tokenizer_files(tmp_path) -> None:
     tokenizer = train_tokenizer(iter(CORPUS), TokenizerConfig(vocab_size=300, special_tokens=["<s>"], eot_token="<s>"))
     with pytest.raises(TokenizerError, match="no end-of-text token"):
         eot_id(tokenizer, "<|endoftext|>")
+
+
+def test_a_tokenizer_loads_from_a_bucket(s3_bucket: str, tokenizer_file) -> None:
+    """data.tokenizer.path may be an object (a fine-tuning run's base checkpoint in a bucket)."""
+    from core import files
+
+    uri = f"{s3_bucket}/tokenizer-test/tokenizer.json"
+    files.atomic_write(uri, tokenizer_file.read_text())
+    assert load_tokenizer(uri).to_str() == load_tokenizer(tokenizer_file).to_str()
+    with pytest.raises(TokenizerError, match=f"^tokenizer file not found: {s3_bucket}/tokenizer-test/none.json$"):
+        load_tokenizer(f"{s3_bucket}/tokenizer-test/none.json")
