@@ -298,7 +298,8 @@ def _parquet_batches(unit: Unit, piece: Piece, src: SourceConfig, batch_bytes: i
             rows = max(1, int(meta.num_rows * batch_bytes / max(meta.total_byte_size, 1)))
             try:
                 for batch in parquet.iter_batches(batch_size=rows, row_groups=[g], columns=columns):
-                    values = [text_of(record, done + n) for n, record in enumerate(batch.to_pylist())]
+                    values = ([text_of(record, done + n) for n, record in enumerate(batch.to_pylist())]
+                              if src.format == "chat" else batch.column(0).to_pylist())  # text: one column, as is
                     done += len(values)
                     yield field_batch({"text": values}, unit.source, "text")
             except DataError:
