@@ -175,13 +175,19 @@ class RunConfig(Section):
         return self.layout.data.root
 
 
+    @property
+    def finetune_base(self) -> str:
+        """The model fine-tuning starts from: finetune.init_from, else this run's final checkpoint."""
+        if self.finetune is None:
+            raise ConfigError("the recipe has no finetune section")
+        return self.finetune.init_from or str(self.layout.checkpoint)
+
     def finetune_run(self) -> RunConfig:
         """The fine-tuning run as a run of its own (RUN_DIR/finetune): the finetune section's data and train, the base
         checkpoint as model.init_from, its tokenizer for the data; every other section as this run's."""
         if self.finetune is None:
             raise ConfigError("the recipe has no finetune section")
-        ft = self.finetune
-        base = ft.init_from or str(self.layout.checkpoint)
+        ft, base = self.finetune, self.finetune_base
         tokenizer = ft.data.tokenizer.model_copy(update={"path": str(join(base, "tokenizer.json"))})
         storage = None if self.cluster.storage_path is None else str(join(self.cluster.storage_path, FINETUNE))
         run = self.model_copy(update={

@@ -17,6 +17,7 @@ from typing import Any
 from cluster.config import ConfigError, RunConfig, save_resolved
 from cluster.ray_connect import connect, require_gpus
 from core import files
+from core.layout import RunLayout
 from core.errors import StageFailed, user_error
 from data_pipeline.manifest import Manifest
 from data_pipeline.prepare import prepare_stage
@@ -98,8 +99,7 @@ def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
     _begin(cfg, "eval.num_gpus")()
     eval_cfg = cfg.eval
     if cfg.finetune is not None and not eval_cfg.checkpoints:
-        base = cfg.finetune.init_from or str(cfg.layout.checkpoint)
-        eval_cfg = eval_cfg.model_copy(update={"checkpoints": [base, str(cfg.final.layout.checkpoint)]})
+        eval_cfg = eval_cfg.model_copy(update={"checkpoints": [cfg.finetune_base, str(cfg.final.layout.checkpoint)]})
     return run_eval(eval_cfg, cfg.layout)
 
 
@@ -162,18 +162,22 @@ def run(cfg: RunConfig) -> None:
     print("\n".join(f"[run] {line}" for line in summary(cfg, results, seconds, report)), flush=True)
 
 
+def _last_validation(layout: RunLayout) -> dict[str, Any]:
+    """The run's last metrics line with a validation result ({} before the first)."""
+    metrics = read_metrics(files.read_text(layout.metrics)) if files.is_file(layout.metrics) else []
+    return next((m for m in reversed(metrics) if "val_loss" in m), {})
+
+
 def _finetune_figure(run: RunConfig) -> str:
     """The fine-tuning run's last validation loss (over assistant tokens)."""
-    metrics = read_metrics(files.read_text(run.layout.metrics)) if files.is_file(run.layout.metrics) else []
-    last_val = next((m for m in reversed(metrics) if "val_loss" in m), {})
+    last_val = _last_validation(run.layout)
     return f"step {last_val.get('step', '?')}, val loss {last_val.get('val_loss', float('nan')):.3f} (assistant tokens)"
 
 
 def summary(cfg: RunConfig, results: dict[str, Any], seconds: dict[str, float], report: Any) -> list[str]:
     """The table `raygpt run` ends with: stage, seconds, the key figure, where its output is."""
     layout = cfg.layout
-    metrics = read_metrics(files.read_text(layout.metrics)) if files.is_file(layout.metrics) else []
-    last_val = next((m for m in reversed(metrics) if "val_bpb" in m), {})
+    last_val = _last_validation(layout)
     manifest, evaluation, quantized = results.get("prepare"), results.get("eval"), results.get("quantize")
     figures = {
         "prepare": f"{sum(s.tokens for s in manifest.splits['train'].shards):,} train tokens" if manifest else "",
